@@ -1,0 +1,28 @@
+# The two set-up commands of the README:
+#   make demo   -- create .venv, install, run the main job
+#   make test   -- create .venv, install, run the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/ctrefine make-data --out $(DEMO_DIR)/data --num-patients 16 --seed 0
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) -m pytest -q bench --benchmark-json=bench/results-cpu.json
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,112 @@
+"""``ctrefine <command>``: the only module that knows every stage. Heavy imports happen lazily inside
+each command so ``ctrefine --help`` is instant.
+
+Every command turns a bad input into one line on stderr (``ctrefine: error: ...``) and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class CLIError(Exception):
+    """An error for the user: printed as one line, exit status 2."""
+
+
+def _cmd_make_data(a) -> int:
+    from .data.dataset import make_dataset, summarize
+
+    if a.num_patients < 1:
+        raise CLIError("--num-patients must be >= 1")
+    if a.xray_size < 8 or a.size < 8:
+        raise CLIError("--size and --xray-size must be >= 8")
+    make_dataset(a.out, a.num_patients, seed=a.seed, size=a.size, xray_size=a.xray_size, geometry=a.geometry,
+                 workers=a.workers, progress=not a.quiet)
+    print(summarize(a.out))
+    return 0
+
+
+def _cmd_prepare(a) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .data.dataset import make_splits
+    from .data.io import DataError, read_json, write_json
+    from .data.ingest import ingest_ct
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done, failed = [], 0
+    existing = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "meta.json").exists())
+    start = len(existing)
+    for i, path in enumerate(tqdm(a.ct, desc="ingest", unit="ct", disable=a.quiet)):
+        name = f"patient_{start + i:04d}"
+        try:
+            ingest_ct(path, out, name, size=a.size, xray_size=a.xray_size, geometry=a.geometry)
+            done.append(name)
+        except DataError as exc:
+            print(f"ctrefine: error: {exc}", file=sys.stderr)
+            failed += 1
+    header = out / "dataset.json"
+    if done and not header.exists():
+        write_json(header, {"version": 1, "source": "ingested", "size": a.size, "xray_size": a.xray_size,
+                            "fov_mm": 320.0, "geometry": {"kind": a.geometry}})
+    split_path = out / "splits.json"
+    if done:
+        if split_path.exists():  # never re-split: new patients are held out as test data
+            splits = read_json(split_path)
+            splits["test"] = sorted(set(splits["test"]) | set(done))
+        else:
+            splits = make_splits(existing + done, seed=0)
+        write_json(split_path, splits)
+    print(f"ingested {len(done)} CT(s) into {out}" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("make-data", help="generate synthetic chest phantoms and their dual-view DRRs",
+                       description="Generate procedural chest CT phantoms (HU, 2x the target resolution), render PA and "
+                                   "lateral DRRs from them, and write one folder per patient plus a fixed split file. "
+                                   "Resumable: finished patients are skipped.")
+    m.add_argument("--out", required=True, help="dataset directory to create or resume")
+    m.add_argument("--num-patients", type=int, required=True, help="number of patients")
+    m.add_argument("--seed", type=int, default=0, help="dataset seed (patient i's phantom depends only on seed and i)")
+    m.add_argument("--size", type=int, default=64, help="target volume side in voxels (default 64)")
+    m.add_argument("--xray-size", type=int, default=128, help="radiograph side in pixels (default 128)")
+    m.add_argument("--geometry", choices=("cone", "parallel"), default="cone", help="beam geometry (default cone)")
+    m.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_cmd_make_data)
+
+    r = sub.add_parser("prepare", help="ingest real CTs (NIfTI files or DICOM folders) into a dataset",
+                       description="Reorient each CT to the canonical orientation, resample to isotropic voxels over the "
+                                   "field of view centred on the body, render DRRs, and write the dataset layout. A bad "
+                                   "file is reported on one line and skipped; the exit status is 1 if any failed.")
+    r.add_argument("--ct", nargs="+", required=True, help="NIfTI files and/or DICOM series folders")
+    r.add_argument("--out", required=True, help="dataset directory")
+    r.add_argument("--size", type=int, default=64, help="target volume side in voxels (default 64)")
+    r.add_argument("--xray-size", type=int, default=128, help="radiograph side in pixels (default 128)")
+    r.add_argument("--geometry", choices=("cone", "parallel"), default="cone")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_cmd_prepare)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"ctrefine: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ctrefine: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The on-disk dataset (one folder per patient + one split file) and its torch Dataset.
+
+Layout of a dataset directory::
+
+    DIR/dataset.json            generation parameters (size, xray_size, geometry, fov, version)
+    DIR/splits.json             {"train": [...], "val": [...], "test": [...]} by patient, written once
+    DIR/patient_0000/ct.nii.gz  ground truth on the target grid, HU, canonical affine
+    DIR/patient_0000/xray_pa.nii.gz, xray_lateral.nii.gz   line-integral radiographs (see data.io)
+    DIR/patient_0000/meta.json  seed / source file, geometry, spacing, version
+
+A patient folder is built under a temporary name and renamed when complete, so an interrupted run
+never leaves a half patient, and a rerun skips every finished one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
+from .io import DataError, load_nifti, read_json, save_nifti, write_json, xray_affine
+from .phantoms import chest_phantom, downsample_area
+from .projector import Geometry, render_drrs
+
+FORMAT_VERSION = 1
+SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train; >=1 val and >=1 test once N >= 3
+
+
+def patient_name(index: int) -> str:
+    return f"patient_{index:04d}"
+
+
+def patient_seed(dataset_seed: int, index: int) -> int:
+    """Per-patient seed: independent of how many patients are generated or in what order."""
+    return int(np.random.SeedSequence([dataset_seed, index]).generate_state(1)[0])
+
+
+def render_patient(hu_render: np.ndarray, size: int, xray_size: int, geometry: Geometry, fov: float):
+    """High-resolution HU volume -> (ground truth HU on the ``size`` grid, DRRs ``(2, S, S)``).
+
+    DRRs come from the high-resolution volume so they carry detail the target grid lacks; the
+    ground truth is the area average (physical partial-volume) on the target grid.
+    """
+    n = hu_render.shape[0]
+    if n % size:
+        raise ValueError(f"render grid {n} is not a multiple of the target size {size}")
+    with torch.no_grad():
+        drr = render_drrs(torch.from_numpy(np.ascontiguousarray(hu_render))[None, None], fov, xray_size, geometry)
+    return downsample_area(hu_render, n // size), drr[0, :, 0].numpy()
+
+
+def write_patient(root: Path, name: str, ct_hu: np.ndarray, xrays: np.ndarray, meta: dict,
+                  affine: np.ndarray | None = None) -> Path:
+    """Write one patient folder atomically (temporary folder, then rename)."""
+    root = Path(root)
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        size = ct_hu.shape[0]
+        fov = meta["fov_mm"]
+        save_nifti(tmp / "ct.nii.gz", ct_hu, canonical_affine(size, fov / size) if affine is None else affine)
+        px = fov / xrays.shape[-1]
+        save_nifti(tmp / "xray_pa.nii.gz", xrays[0], xray_affine(px))
+        save_nifti(tmp / "xray_lateral.nii.gz", xrays[1], xray_affine(px))
+        write_json(tmp / "meta.json", meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "meta.json").exists()
+
+
+def _make_one(args) -> str:
+    """Worker: generate, render and write one phantom patient (skips a finished one)."""
+    root, index, dataset_seed, size, xray_size, geometry, fov, render_factor = args
+    torch.set_num_threads(1)  # one patient per core; the pool provides the parallelism
+    name = patient_name(index)
+    if is_complete(Path(root) / name):
+        return name
+    seed = patient_seed(dataset_seed, index)
+    hu = chest_phantom(seed, size * render_factor, fov)
+    ct, xrays = render_patient(hu, size, xray_size, geometry, fov)
+    meta = {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size, "xray_size": xray_size,
+            "render_size": size * render_factor, "fov_mm": fov, "spacing_mm": fov / size,
+            "geometry": geometry.as_dict(), "xray_units": "line integral of mu (dimensionless)"}
+    write_patient(Path(root), name, ct, xrays, meta)
+    return name
+
+
+def make_splits(names: list[str], seed: int) -> dict:
+    """Deterministic split by patient: ~10 % val, ~10 % test (at least one each when N >= 3)."""
+    names = sorted(names)
+    n = len(names)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(SPLIT_FRACTIONS["val"] * n)) if n >= 3 else 0
+    n_test = max(1, round(SPLIT_FRACTIONS["test"] * n)) if n >= 3 else 0
+    pick = [names[i] for i in perm]
+    return {"val": sorted(pick[:n_val]), "test": sorted(pick[n_val:n_val + n_test]),
+            "train": sorted(pick[n_val + n_test:])}
+
+
+def ensure_dataset_header(root: Path, params: dict) -> None:
+    """Create dataset.json, or check that an existing dataset was made with the same parameters."""
+    path = root / "dataset.json"
+    if path.exists():
+        old = read_json(path)
+        diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+        if diff:
+            k, (a, b) = next(iter(diff.items()))
+            raise DataError(f"{root}: existing dataset has {k}={a!r}, asked for {b!r}; use a new --out")
+    else:
+        write_json(path, params)
+
+
+def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_size: int = 128,
+                 geometry: str = "cone", workers: int | None = None, fov: float = FOV_MM,
+                 render_factor: int = 2, progress: bool = True) -> dict:
+    """Generate ``num_patients`` phantom patients under ``out`` (resumable); returns the splits."""
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    geo = Geometry(geometry)
+    ensure_dataset_header(root, {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size,
+                                 "xray_size": xray_size, "fov_mm": fov, "geometry": geo.as_dict(),
+                                 "render_factor": render_factor, "num_patients": num_patients})
+    jobs = [(str(root), i, seed, size, xray_size, geo, fov, render_factor) for i in range(num_patients)]
+    todo = [j for j in jobs if not is_complete(root / patient_name(j[1]))]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    bar = tqdm(total=num_patients, initial=num_patients - len(todo), desc="patients", unit="pt", disable=not progress)
+    if workers == 1:
+        for j in todo:
+            _make_one(j)
+            bar.update()
+    else:
+        with get_context("spawn").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_make_one, todo):
+                bar.update()
+    bar.close()
+    split_path = root / "splits.json"
+    if not split_path.exists():  # written once, never recomputed
+        write_json(split_path, make_splits([patient_name(i) for i in range(num_patients)], seed))
+    return read_json(split_path)
+
+
+def summarize(root) -> str:
+    """Human-readable summary of a dataset directory."""
+    root = Path(root)
+    hdr = read_json(root / "dataset.json")
+    splits = read_json(root / "splits.json")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p))
+    lines = [f"dataset {root}: {len(names)} patients, target {hdr['size']}^3 over {hdr['fov_mm']:.0f} mm "
+             f"({hdr['fov_mm'] / hdr['size']:.2f} mm voxels), radiographs {hdr['xray_size']}^2, "
+             f"geometry {hdr['geometry']['kind']}",
+             "splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())]
+    if names:
+        ct, aff = load_nifti(root / names[0] / "ct.nii.gz")
+        fr = {k: float(np.mean(m)) for k, m in (("lung", (ct < -500) & (ct > -950)), ("bone", ct > 300))}
+        lines.append(f"{names[0]}: HU range [{ct.min():.0f}, {ct.max():.0f}], lung fraction {fr['lung']:.3f}, "
+                     f"bone fraction {fr['bone']:.4f}, spacing {abs(aff[0, 2]):.2f} mm")
+    return "\n".join(lines)
+
+
+class CTDataset(torch.utils.data.Dataset):
+    """Patients of one split: ``xrays (2, 1, S, S)`` normalised, ``ct (1, D, H, W)`` in model space.
+
+    Everything is small (64^3 float32 = 1 MiB a patient), so items are cached after the first read.
+    """
+
+    def __init__(self, root, split: str = "train", cache: bool = True):
+        self.root = Path(root)
+        split_path = self.root / "splits.json"
+        if not split_path.exists():
+            raise DataError(f"{self.root}: no splits.json (not a ctrefine dataset, or generation never finished)")
+        splits = read_json(split_path)
+        if split not in splits:
+            raise DataError(f"{split_path}: no split named {split!r} (have {sorted(splits)})")
+        self.names = list(splits[split])
+        self.split = split
+        self._cache: dict[int, dict] = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, i: int) -> dict:
+        folder = self.root / self.names[i]
+        ct, affine = load_nifti(folder / "ct.nii.gz")
+        xr = np.stack([load_nifti(folder / f"xray_{v}.nii.gz")[0] for v in ("pa", "lateral")])
+        return {"ct": hu_to_model(torch.from_numpy(ct))[None],
+                "xrays": normalize_xray(torch.from_numpy(xr))[:, None],
+                "affine": torch.from_numpy(affine), "name": self.names[i]}
+
+    def __getitem__(self, i: int) -> dict:
+        if self._cache is None:
+            return self.load(i)
+        if i not in self._cache:
+            self._cache[i] = self.load(i)
+        return self._cache[i]

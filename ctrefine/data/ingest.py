@@ -1,0 +1,122 @@
+"""Ingest users' real CTs into the same on-disk layout as the phantoms.
+
+One resampling step maps any input -- NIfTI in any orientation and voxel spacing, or a DICOM series
+folder -- onto the canonical grid: world-aligned ('I','P','L') axes, isotropic voxels, cubic field of
+view centred on the body. Chaining "reorient, then resample, then crop" would interpolate more than
+once; composing the affines and sampling once (trilinear, after a Gaussian anti-alias prefilter when
+the input is finer than the output) does not. DRRs are rendered from this 2x render grid (the same
+resolution phantoms use), and the ground truth is its area average on the target grid, exactly as
+for phantoms, so real and synthetic patients are interchangeable downstream.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ..conventions import FOV_MM, HU_MIN, canonical_affine
+from .dataset import FORMAT_VERSION, render_patient, write_patient
+from .io import DataError, load_nifti
+from .projector import Geometry
+
+BODY_THRESHOLD_HU = -500.0  # above this: patient (and table); below: air / lung excluded from centring
+
+
+def load_dicom_series(folder) -> tuple[np.ndarray, np.ndarray]:
+    """Read a DICOM CT series folder -> (HU array indexed (col, row, slice), voxel->RAS affine)."""
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(f"{folder}: reading DICOM needs pydicom (pip install 'ctrefine[dicom]')") from None
+    slices = []
+    for f in sorted(Path(folder).iterdir()):
+        if not f.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(str(f))
+        except Exception:
+            continue  # DICOMDIR, thumbnails, stray files
+        if "ImagePositionPatient" in ds and "PixelData" in ds:
+            slices.append(ds)
+    if len(slices) < 2:
+        raise DataError(f"{folder}: no DICOM series with at least 2 slices found")
+    iop = np.array(slices[0].ImageOrientationPatient, float)
+    row_cos, col_cos = iop[:3], iop[3:]
+    normal = np.cross(row_cos, col_cos)
+    slices.sort(key=lambda s: float(np.dot(normal, np.array(s.ImagePositionPatient, float))))
+    pos = np.array([s.ImagePositionPatient for s in slices], float)
+    step = np.diff(pos, axis=0)
+    if np.ptp(np.linalg.norm(step, axis=1)) > 1e-2 * np.linalg.norm(step, axis=1).mean():
+        raise DataError(f"{folder}: DICOM slices are not evenly spaced")
+    vol = np.stack([s.pixel_array.astype(np.float32) * float(getattr(s, "RescaleSlope", 1))
+                    + float(getattr(s, "RescaleIntercept", 0)) for s in slices], axis=-1)  # (row, col, slice)
+    vol = vol.transpose(1, 0, 2)  # (col, row, slice): col follows the row cosine
+    dr, dc = (float(x) for x in slices[0].PixelSpacing)  # (between rows, between columns)
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * dc
+    lps[:3, 1] = col_cos * dr
+    lps[:3, 2] = step.mean(axis=0)
+    lps[:3, 3] = pos[0]
+    return vol, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+
+
+def load_ct(path) -> tuple[np.ndarray, np.ndarray]:
+    """Load and validate a CT (NIfTI file or DICOM folder) -> (HU float32 3D, voxel->RAS affine)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    data, affine = load_dicom_series(path) if path.is_dir() else load_nifti(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3 or min(data.shape) < 8:
+        raise DataError(f"{path}: expected a 3D CT volume, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{path}: contains NaN or Inf values")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise DataError(f"{path}: degenerate affine (no valid voxel spacing / orientation)")
+    lo, hi = np.percentile(data, [1, 99.5])
+    if lo > -500 or hi < 100 or hi > 5000:
+        raise DataError(f"{path}: does not look like a CT in HU (1st..99.5th percentile {lo:.0f}..{hi:.0f})")
+    return data, affine
+
+
+def body_center_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Centroid of the body (voxels above -500 HU) in RAS mm; the volume centre if none."""
+    idx = np.argwhere(data > BODY_THRESHOLD_HU)
+    c = idx.mean(axis=0) if len(idx) else (np.array(data.shape) - 1) / 2.0
+    return affine[:3, :3] @ c + affine[:3, 3]
+
+
+def resample_canonical(data: np.ndarray, affine: np.ndarray, n: int, fov: float = FOV_MM,
+                       center_ras=None) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a CT onto an ``n^3`` canonical grid over ``fov`` mm centred on ``center_ras``.
+
+    Returns (HU array, its affine). Outside the input is air (-1000 HU).
+    """
+    center = body_center_ras(data, affine) if center_ras is None else np.asarray(center_ras, float)
+    out_aff = canonical_affine(n, fov / n, center)
+    m = np.linalg.inv(affine) @ out_aff  # output voxel -> input voxel
+    in_spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    # Output voxel size measured in input voxels along each input axis -> anti-alias sigma.
+    ratio = (fov / n) / in_spacing
+    sigma = np.maximum(0.0, (ratio - 1.0) / 2.0)
+    src = ndimage.gaussian_filter(data, sigma) if np.any(sigma > 0) else data
+    out = ndimage.affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=(n, n, n), order=1,
+                                   cval=HU_MIN, prefilter=False)
+    return out.astype(np.float32), out_aff
+
+
+def ingest_ct(path, out_root, name: str, size: int = 64, xray_size: int = 128, geometry: str = "cone",
+              fov: float = FOV_MM, render_factor: int = 2) -> Path:
+    """Ingest one CT into ``out_root/name`` (patient folder, written atomically)."""
+    data, affine = load_ct(path)
+    center = body_center_ras(data, affine)
+    hu_render, _ = resample_canonical(data, affine, size * render_factor, fov, center)
+    geo = Geometry(geometry)
+    ct, xrays = render_patient(hu_render, size, xray_size, geo, fov)
+    meta = {"version": FORMAT_VERSION, "source": "ingested", "input": str(Path(path).resolve()), "size": size,
+            "xray_size": xray_size, "render_size": size * render_factor, "fov_mm": fov, "spacing_mm": fov / size,
+            "geometry": geo.as_dict(), "center_ras_mm": [float(x) for x in center],
+            "xray_units": "line integral of mu (dimensionless)"}
+    return write_patient(Path(out_root), name, ct, xrays, meta, affine=canonical_affine(size, fov / size, center))

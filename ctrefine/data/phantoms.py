@@ -1,0 +1,305 @@
+"""Procedural chest CT phantoms in HU, deterministic per seed.
+
+Why: no CT dataset can be downloaded here, and the refiner only has something to learn if the
+ground truth holds fine structure that a coarse reconstruction misses -- ribs 1-3 target voxels
+thick, branching lung vessels, small nodules, vertebral cortex and the spinal canal. Every patient
+draws its own body size, fat layer, lung shape, breathing depth (diaphragm height), heart and aorta
+position, rib spacing and slope, vessel trees, nodules, a small rotation, and optionally a scanner
+table.
+
+The volume is generated at the *render* resolution (default 128^3, 2x the 64^3 target) over a fixed
+cubic field of view (:data:`ctrefine.conventions.FOV_MM`, 320 mm -> 2.5 mm voxels at 128^3, 5 mm at
+64^3). Radiographs are rendered from this volume; the ground truth is its area average on the target
+grid (:func:`downsample_area`).
+
+Axes follow the package convention (D sup->inf, H ant->post, W right->left). Internally shapes are
+described in millimetres in a *patient frame* centred on the volume; a small rigid rotation maps
+it to the array frame. Thin tubular structures are drawn as anti-aliased capsules (partial-volume
+occupancy), so sub-voxel vessels still appear with reduced contrast, as in a real CT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from ..conventions import FOV_MM
+
+# Typical tissue values (HU).
+AIR, FAT, SOFT, BLOOD, LIVER, LUNG = -1000.0, -100.0, 40.0, 45.0, 60.0, -850.0
+CSF, DISC, CANCELLOUS, CORTICAL = 15.0, 90.0, 230.0, 950.0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A cubic voxel grid: ``n`` voxels per side over ``fov`` mm, centred on the origin."""
+
+    n: int
+    fov: float = FOV_MM
+
+    @property
+    def spacing(self) -> float:
+        return self.fov / self.n
+
+    def centers(self) -> np.ndarray:
+        return (-self.fov / 2 + (np.arange(self.n) + 0.5) * self.spacing).astype(np.float32)
+
+    def index_of(self, mm: np.ndarray) -> np.ndarray:
+        return (np.asarray(mm) + self.fov / 2) / self.spacing - 0.5
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    """Small random rigid rotation: up to +-5 deg about the body axis (D), +-2 deg tilt about W and H."""
+    yaw, pitch, roll = np.deg2rad(rng.uniform(-5, 5)), np.deg2rad(rng.uniform(-2, 2)), np.deg2rad(rng.uniform(-2, 2))
+    # Axes order (d, h, w). Rotation about d mixes h and w, about w mixes d and h, about h mixes d and w.
+    rd = np.array([[1, 0, 0], [0, np.cos(yaw), -np.sin(yaw)], [0, np.sin(yaw), np.cos(yaw)]])
+    rw = np.array([[np.cos(pitch), -np.sin(pitch), 0], [np.sin(pitch), np.cos(pitch), 0], [0, 0, 1]])
+    rh = np.array([[np.cos(roll), 0, -np.sin(roll)], [0, 1, 0], [np.sin(roll), 0, np.cos(roll)]])
+    return (rd @ rw @ rh).astype(np.float64)
+
+
+class _Canvas:
+    """The HU volume being painted plus the patient-frame coordinate arrays and capsule rasteriser."""
+
+    def __init__(self, grid: Grid, rot: np.ndarray):
+        self.grid = grid
+        self.rot = rot  # patient = rot @ array-frame
+        c = grid.centers()
+        d, h, w = np.meshgrid(c, c, c, indexing="ij")
+        world = np.stack([d, h, w])  # (3, n, n, n)
+        pat = np.tensordot(rot.astype(np.float32), world, axes=1)
+        self.d, self.h, self.w = pat[0], pat[1], pat[2]
+        self.vol = np.full((grid.n,) * 3, AIR, np.float32)
+
+    def fill(self, mask: np.ndarray, value) -> None:
+        self.vol[mask] = value if np.isscalar(value) else value[mask]
+
+    def capsule_occupancy(self, p0: np.ndarray, p1: np.ndarray, radius: np.ndarray) -> np.ndarray:
+        """Max partial-volume occupancy in [0, 1] of a set of capsules (segments with radii), patient mm."""
+        g = self.grid
+        occ = np.zeros_like(self.vol)
+        p0w = np.asarray(p0, np.float64) @ self.rot  # patient -> array frame (rot is orthonormal)
+        p1w = np.asarray(p1, np.float64) @ self.rot
+        c = g.centers()
+        for a, b, r in zip(p0w, p1w, np.asarray(radius, np.float64)):
+            pad = r + g.spacing
+            lo = np.floor(g.index_of(np.minimum(a, b) - pad)).astype(int).clip(0, g.n)
+            hi = np.ceil(g.index_of(np.maximum(a, b) + pad)).astype(int).clip(0, g.n)
+            if np.any(hi - lo <= 0):
+                continue
+            zd, zh, zw = np.meshgrid(c[lo[0]:hi[0]], c[lo[1]:hi[1]], c[lo[2]:hi[2]], indexing="ij")
+            ab = b - a
+            t = ((zd - a[0]) * ab[0] + (zh - a[1]) * ab[1] + (zw - a[2]) * ab[2]) / max(float(ab @ ab), 1e-9)
+            t = np.clip(t, 0.0, 1.0)
+            dist = np.sqrt((zd - a[0] - t * ab[0]) ** 2 + (zh - a[1] - t * ab[1]) ** 2 + (zw - a[2] - t * ab[2]) ** 2)
+            o = np.clip((r - dist) / g.spacing + 0.5, 0.0, 1.0).astype(np.float32)
+            sl = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+            np.maximum(occ[sl], o, out=occ[sl])
+        return occ
+
+    def blend(self, occ: np.ndarray, value, where: np.ndarray | None = None) -> None:
+        if where is not None:
+            occ = occ * where
+        self.vol += occ * (value - self.vol)
+
+
+def _polyline(points: np.ndarray, radius) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pts = np.asarray(points, np.float64)
+    r = np.broadcast_to(np.asarray(radius, np.float64), (len(pts) - 1,))
+    return pts[:-1], pts[1:], r
+
+
+def _vessel_tree(rng, root, direction, length, radius, depth, out):
+    """Recursive bifurcating tree; appends (p0, p1, r) segments to ``out``."""
+    if depth == 0 or radius < 0.6:
+        return
+    direction = direction / np.linalg.norm(direction)
+    # Slightly curved branch: two sub-segments with a small random bend.
+    mid = root + direction * length * 0.5 + rng.normal(0, 0.08 * length, 3)
+    end = mid + direction * length * 0.5 + rng.normal(0, 0.08 * length, 3)
+    out.append((root, mid, radius))
+    out.append((mid, end, radius * 0.93))
+    for _ in range(2):
+        axis = rng.normal(size=3)
+        axis -= axis @ direction * direction
+        axis /= np.linalg.norm(axis) + 1e-9
+        ang = np.deg2rad(rng.uniform(20, 45))
+        new_dir = np.cos(ang) * direction + np.sin(ang) * axis
+        _vessel_tree(rng, end, new_dir, length * rng.uniform(0.68, 0.82), radius * rng.uniform(0.66, 0.78), depth - 1, out)
+
+
+def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool | None = None) -> np.ndarray:
+    """One chest CT phantom, ``(size, size, size)`` float32 in HU, array axes (D, H, W).
+
+    Deterministic in ``seed``. ``size`` is the render resolution (2x the training target by default).
+    ``table`` forces the scanner table on/off; ``None`` draws it (50 %).
+    """
+    rng = np.random.default_rng(seed)
+    grid = Grid(size, fov)
+    cv = _Canvas(grid, _rotation(rng))
+    d, h, w = cv.d, cv.h, cv.w
+
+    # ---- body outline, subcutaneous fat, soft tissue --------------------------------------------
+    bw, bh = rng.uniform(128, 150), rng.uniform(88, 112)  # lateral / AP semi-axes (mm)
+    taper = 1.0 - 0.08 * np.clip((-d - 60) / 100, 0, 1)  # slightly narrower towards the neck
+    body_r = (w / (bw * taper)) ** 2 + (h / bh) ** 2
+    fat_t = rng.uniform(6, 20)
+    inner_r = (w / (bw * taper - fat_t)) ** 2 + (h / (bh - fat_t * 0.8)) ** 2
+    cv.fill(body_r <= 1, FAT)
+    muscle = inner_r <= 1
+    cv.fill(muscle, SOFT + rng.normal(0, 3))
+
+    if table if table is not None else rng.random() < 0.5:
+        top = bh + rng.uniform(3, 10)
+        shell = (h >= top) & (h < top + 12) & (np.abs(w) < 0.55 * fov)
+        core = (h >= top + 2) & (h < top + 10)
+        cv.fill(shell, 250.0)
+        cv.fill(shell & core, -750.0)
+
+    # ---- diaphragm and abdomen -----------------------------------------------------------------
+    breath = rng.uniform(30, 85)  # deeper inspiration -> lower diaphragm (larger d)
+    apex = -fov / 2 + rng.uniform(25, 45)
+    dome_r = breath + rng.uniform(-4, 4) - 12.0  # right dome sits higher (liver)
+    dome_l = breath + rng.uniform(-4, 4)
+
+    def dome(center_w, top_d):
+        r2 = ((w - center_w) / 85.0) ** 2 + ((h - 5) / 95.0) ** 2
+        return top_d + 55.0 * np.clip(r2, 0, 1.5)
+
+    dia = np.where(w < 0, dome(-60, dome_r), dome(60, dome_l))
+    abdomen = muscle & (d > dia)
+    liver = abdomen & (w < 30 + 0.2 * (d - dome_r)) & (((w + 40) / 110) ** 2 + ((h + 5) / 85) ** 2 < 1)
+    cv.fill(abdomen, SOFT)
+    cv.fill(liver, LIVER)
+    stomach = (((d - dome_l - 25) / 30) ** 2 + ((h + 10) / 35) ** 2 + ((w - 65) / 35) ** 2) < 1
+    cv.fill(stomach & abdomen & (d < dome_l + 30), -900.0)
+    cv.fill(stomach & abdomen & (d >= dome_l + 30), 20.0)
+
+    # ---- lungs with parenchymal texture ---------------------------------------------------------
+    lungs = np.zeros(d.shape, bool)
+    for side in (-1, 1):
+        cw = side * rng.uniform(58, 72)
+        aw, ah = rng.uniform(42, 55), rng.uniform(62, 80)
+        grow = np.sqrt(np.clip((d - apex) / 70.0, 0, 1))  # narrow apex
+        shape = ((w - cw) / (aw * grow + 1e-3)) ** 2 + ((h - 8) / (ah * grow + 1e-3)) ** 2
+        lungs |= (shape <= 1) & (d > apex) & (d < dia) & muscle
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, d.shape).astype(np.float32), 1.2)
+    texture *= 35.0 / (texture.std() + 1e-6)
+    cv.fill(lungs, LUNG + texture)
+
+    # ---- heart and aorta -----------------------------------------------------------------------
+    hd, hh, hw = dome_l - rng.uniform(35, 50), rng.uniform(-35, -20), rng.uniform(10, 30)
+    ang = np.deg2rad(rng.uniform(20, 40))
+    u = (w - hw) * np.cos(ang) + (h - hh) * np.sin(ang)
+    v = -(w - hw) * np.sin(ang) + (h - hh) * np.cos(ang)
+    heart = ((d - hd) / rng.uniform(45, 55)) ** 2 + (u / rng.uniform(55, 68)) ** 2 + (v / rng.uniform(42, 50)) ** 2 < 1
+    cv.fill(heart & muscle, BLOOD)
+    lungs &= ~heart
+    ar = rng.uniform(11, 15)
+    arch_d = apex + rng.uniform(45, 60)
+    aorta_pts = np.array([
+        [hd - 30, -15, 8], [arch_d + 25, -18, 5], [arch_d, -5, 10], [arch_d + 3, 22, 22],
+        [arch_d + 30, 38, 24], [dome_l + 10, 42, 20], [fov / 2, 45, 15],
+    ])
+    cv.blend(cv.capsule_occupancy(*_polyline(aorta_pts, ar)), BLOOD, where=muscle)
+    lungs &= cv.vol < -300  # the aorta displaces lung
+
+    # ---- lung vessel trees and nodules ---------------------------------------------------------
+    segs = []
+    for side in (-1, 1):
+        hilum = np.array([hd - 45 + rng.uniform(-8, 8), 5 + rng.uniform(-5, 5), side * rng.uniform(28, 38)])
+        for direction in ([-1.0, 0.1, side * 0.5], [0.9, 0.2, side * 0.5], [0.1, -0.3, side * 1.0],
+                          [0.2, 0.8, side * 0.6], [-0.6, -0.5, side * 0.6], [0.6, -0.1, side * 0.9]):
+            _vessel_tree(rng, hilum, np.array(direction) + rng.normal(0, 0.15, 3), rng.uniform(26, 36),
+                         rng.uniform(3.5, 5.0), 7, segs)
+    p0, p1, r = (np.array(x) for x in zip(*segs))
+    cv.blend(cv.capsule_occupancy(p0, p1, r), BLOOD, where=lungs)
+
+    lung_idx = np.argwhere(ndimage.binary_erosion(lungs, iterations=3))
+    centers_mm = grid.centers()
+    for _ in range(rng.integers(1, 5)):
+        if len(lung_idx) == 0:
+            break
+        i = lung_idx[rng.integers(len(lung_idx))]
+        c_arr = centers_mm[i]
+        c_pat = cv.rot @ c_arr
+        rad = rng.uniform(3, 10)
+        hu = 300.0 if rng.random() < 0.15 else rng.uniform(20, 60)  # some nodules are calcified
+        dist = np.sqrt((d - c_pat[0]) ** 2 + (h - c_pat[1]) ** 2 + (w - c_pat[2]) ** 2)
+        occ = np.clip((rad - dist) / grid.spacing + 0.5, 0, 1).astype(np.float32)
+        cv.blend(occ, hu)
+
+    # ---- spine ---------------------------------------------------------------------------------
+    vr = rng.uniform(16, 21)
+    hs = bh - fat_t - rng.uniform(35, 45) - vr * 0.5
+    ring = np.sqrt(h.__sub__(hs) ** 2 + w ** 2)
+    height, disc_t = rng.uniform(20, 25), rng.uniform(5, 7)
+    phase = rng.uniform(0, height + disc_t)
+    pos = np.mod(d - phase, height + disc_t)
+    in_body = pos < height
+    cv.fill((ring < vr) & ~in_body, DISC)
+    cv.fill((ring < vr) & in_body, CANCELLOUS + rng.normal(0, 20))
+    cv.fill((ring < vr) & (ring >= vr - 2.5) & in_body, CORTICAL)
+    cv.fill((ring < vr) & in_body & ((pos < 1.6) | (pos > height - 1.6)), CORTICAL)  # end plates
+    canal_h = hs + vr + 10
+    canal = np.sqrt((h - canal_h) ** 2 + w ** 2)
+    cv.fill((canal < 14) & (canal >= 8) & in_body, 750.0)  # posterior arch
+    cv.fill(canal < 8, CSF)
+    n_vert = int(np.ceil(fov / (height + disc_t))) + 2
+    proc0, proc1, proc_r = [], [], []
+    for k in range(-1, n_vert):
+        zc = phase + k * (height + disc_t) + height / 2 - fov / 2 - (height + disc_t)
+        proc0.append([zc, canal_h + 12, 0]); proc1.append([zc + 18, canal_h + 38, 0]); proc_r.append(4.0)  # spinous
+        for s in (-1, 1):
+            proc0.append([zc, canal_h, s * 10]); proc1.append([zc - 3, canal_h - 2, s * 34]); proc_r.append(4.5)  # transverse
+    cv.blend(cv.capsule_occupancy(np.array(proc0), np.array(proc1), np.array(proc_r)), 700.0, where=muscle)
+
+    # ---- ribs, costal cartilage, sternum, clavicles, scapulae ----------------------------------------
+    spacing = rng.uniform(21, 26)
+    drop = rng.uniform(30, 55)
+    ew, eh = bw - fat_t - rng.uniform(8, 14), bh - fat_t - rng.uniform(8, 14)
+    rib0, rib1, rib_r, cart0, cart1, cart_r = [], [], [], [], [], []
+    for k in range(12):
+        d0 = apex + 8 + k * spacing
+        t_end = np.pi * (0.92 if k < 7 else (0.75 if k < 10 else 0.5))
+        rr = rng.uniform(3.0, 5.0)
+        for side in (-1, 1):
+            th = np.linspace(0.30, t_end, 18)
+            pts = np.stack([
+                d0 + drop * (th - th[0]) / (np.pi * 0.9 - th[0]) + rng.normal(0, 0.8, len(th)),
+                eh * np.cos(th) + 2,
+                side * ew * np.sin(th) * np.clip(0.6 + 0.4 * th, 0, 1),
+            ], 1)
+            a, b, r = _polyline(pts, rr)
+            rib0.append(a); rib1.append(b); rib_r.append(r)
+            if k < 7:  # cartilage to the sternum
+                end = pts[-1]
+                tgt = np.array([end[0] + 8, -bh + fat_t + 10, side * 14])
+                cart0.append(end[None]); cart1.append(tgt[None]); cart_r.append(np.array([rr]))
+    cv.blend(cv.capsule_occupancy(np.concatenate(cart0), np.concatenate(cart1), np.concatenate(cart_r)), 150.0)
+    rib_occ = cv.capsule_occupancy(np.concatenate(rib0), np.concatenate(rib1), np.concatenate(rib_r))
+    cv.blend(rib_occ, rng.uniform(650, 900))
+
+    sternum = (np.abs(w) < 16) & (h > -bh + fat_t + 2) & (h < -bh + fat_t + 14) & (d > apex + 5) & (d < dome_l - 15)
+    cv.fill(sternum, 450.0)
+    clav0, clav1, clav_r = [], [], []
+    for s in (-1, 1):
+        a, b, r = _polyline(np.array([[apex - 2, -bh + fat_t + 14, s * 16], [apex - 12, -bh + fat_t + 6, s * 70],
+                                      [apex - 18, -10, s * (bw - 18)]]), 7.0)
+        clav0.append(a); clav1.append(b); clav_r.append(r)
+    cv.blend(cv.capsule_occupancy(np.concatenate(clav0), np.concatenate(clav1), np.concatenate(clav_r)), 800.0, where=muscle)
+    for s in (-1, 1):
+        scap = (((d - apex - 45) / 65) ** 2 + ((w - s * 85) / 45) ** 2 < 1) & (np.abs(h - (bh - fat_t - 14 - 0.15 * np.abs(w - s * 85))) < 3.5)
+        cv.fill(scap & muscle, 700.0)
+
+    return cv.vol
+
+
+def downsample_area(vol: np.ndarray, factor: int) -> np.ndarray:
+    """Area (box) average of a cubic volume by an integer factor: the ground truth on the target grid."""
+    if factor == 1:
+        return vol.astype(np.float32, copy=False)
+    n = vol.shape[0] // factor
+    v = vol[: n * factor, : n * factor, : n * factor]
+    return v.reshape(n, factor, n, factor, n, factor).mean(axis=(1, 3, 5)).astype(np.float32)

@@ -1,0 +1,47 @@
+"""ctrefine: dual-view X-ray -> CT reconstruction with a detail-refinement stage.
+
+Packaging notes
+---------------
+* ``torch`` is pinned exactly (``==2.13.0``): on the project's machines that version resolves to a
+  local CPU wheel, while any range admitting a newer release pulls several GB of CUDA packages.
+* The top-level folder ``kernels/`` (Triton kernels only) is installed as ``ctrefine.kernels``:
+  a top-level import package named ``kernels`` would collide with an unrelated PyPI package.
+"""
+from setuptools import setup
+
+VERSION = "0.1.0"
+
+setup(
+    name="ctrefine",
+    version=VERSION,
+    description="Two-stage CT reconstruction from dual-view radiographs with a detail refinement network",
+    python_requires=">=3.10",
+    packages=[
+        "ctrefine",
+        "ctrefine.data",
+        "ctrefine.models",
+        "ctrefine.losses",
+        "ctrefine.kernels",
+    ],
+    package_dir={"ctrefine.kernels": "kernels"},
+    install_requires=[
+        "torch==2.13.0",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "nibabel>=5.0",
+        "triton>=3.0",
+        "deepspeed>=0.16",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "onnxscript>=0.1",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "pillow>=9.0",
+        "scikit-image>=0.21",
+    ],
+    extras_require={
+        "dicom": ["pydicom>=2.4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pydicom>=2.4"],
+    },
+    entry_points={"console_scripts": ["ctrefine=ctrefine.cli:main"]},
+)
