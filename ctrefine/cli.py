@@ -64,6 +64,24 @@ def _cmd_prepare(a) -> int:
     return 1 if failed else 0
 
 
+def _cmd_info(a) -> int:
+    from .config import build_models, load_config, resolve
+
+    cfg = load_config(a.config) if a.config else resolve()
+    base, refiner = build_models(cfg)
+    m = cfg["model"]
+    print(f"config: {a.config or 'defaults'} -- volume {m['volume_size']}^3, radiographs {m['xray_size']}^2")
+    for name, model in (("base (BaseReconstructor)", base), ("refiner (DetailRefinementNetwork)", refiner)):
+        n = sum(p.numel() for p in model.parameters())
+        print(f"  {name:36s} {n:>12,d} parameters ({n / 1e6:.2f}M)")
+        if a.verbose:
+            for child_name, child in model.named_children():
+                k = sum(p.numel() for p in child.parameters())
+                if k:
+                    print(f"      {child_name:32s} {k:>12,d}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--geometry", choices=("cone", "parallel"), default="cone")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_cmd_prepare)
+
+    i = sub.add_parser("info", help="print the parameter counts of the models of a config",
+                       description="Build the base and refiner described by a config preset and print their sizes.")
+    i.add_argument("--config", default=None, help="JSON preset (default: built-in defaults = configs/full.json sizes)")
+    i.add_argument("--verbose", "-v", action="store_true", help="also list each sub-module")
+    i.set_defaults(func=_cmd_info)
     return p
 
 

@@ -1,0 +1,105 @@
+"""Stage 2: the DetailRefinementNetwork (coarse CT + the same X-rays -> refined CT).
+
+    refined = clamp(coarse + residual, 0, 1)
+
+The residual comes from a small 3D U-Net fed with three things:
+
+1. the coarse volume itself;
+2. :class:`HighPassBranch` -- its fixed 3D Laplacian (``ctrefine.stencil``: 7-point, replicate
+   padding; the same operator as the gradient loss and the Triton kernel), i.e. where the coarse
+   volume already has edges;
+3. :class:`XrayDetailGuidance` -- detail cues from each radiograph (the image and its 2D Laplacian),
+   encoded in 2D, lifted along each view's ray axis and fused across views, i.e. where the radiographs
+   say edges are that the coarse volume lacks.
+
+:class:`~ctrefine.models.blocks.FrequencyAttention` blocks at full and half resolution re-weight
+frequency bands (magnitude only, phase preserved). The last convolution is zero-initialised, so an
+untrained refiner returns the coarse volume bit-for-bit: training starts from the base's answer and
+can only move away from it when that lowers the loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..stencil import laplacian2d, laplacian3d
+from .blocks import FrequencyAttention, ResBlock, conv_norm_act, fuse_views
+
+HIGHPASS_GAIN = 4.0  # Laplacian of a [0, 1] volume is small (|L| << 1 in soft tissue); scale it to O(1) inputs
+
+
+class HighPassBranch(nn.Module):
+    """Fixed 3D Laplacian of the coarse volume (no parameters): where edges already are."""
+
+    def forward(self, coarse: torch.Tensor) -> torch.Tensor:
+        return HIGHPASS_GAIN * laplacian3d(coarse)
+
+
+class XrayDetailGuidance(nn.Module):
+    """Per-view 2D detail encoders, lifted along each view's rays and fused across views."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.enc = nn.ModuleDict({v: nn.Sequential(conv_norm_act(2, channels, 2), conv_norm_act(channels, channels, 2),
+                                                   ResBlock(channels, dim=2)) for v in ("pa", "lateral")})
+        self.fuse = conv_norm_act(3 * channels, channels, dim=3, k=1)
+
+    def cues(self, img: torch.Tensor) -> torch.Tensor:
+        """The image and its 2D high-pass (edges of ribs, vessels, nodules)."""
+        return torch.cat([img, HIGHPASS_GAIN * laplacian2d(img)], dim=1)
+
+    def forward(self, xrays: torch.Tensor, volume_size: int) -> torch.Tensor:
+        feats = []
+        for i, v in enumerate(("pa", "lateral")):
+            f = self.enc[v](self.cues(xrays[:, i]))
+            if f.shape[-1] != volume_size:
+                f = F.adaptive_avg_pool2d(f, volume_size)
+            feats.append(f)
+        return self.fuse(fuse_views(*feats))
+
+
+class DetailRefinementNetwork(nn.Module):
+    """``(coarse (B,1,V,V,V), xrays (B,2,1,S,S)) -> refined (B,1,V,V,V)`` in [0, 1]."""
+
+    def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
+                 freq_bins: int = 16, mid_blocks: int = 4):
+        super().__init__()
+        if volume_size % 4:
+            raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
+        h, v = hidden_channels, volume_size
+        c0, c1, c2 = h // 2, h, 2 * h
+        self.volume_size = v
+        self.highpass = HighPassBranch()
+        self.guidance = XrayDetailGuidance(guidance_channels)
+        self.stem = conv_norm_act(2 + guidance_channels, c0, 3)
+        self.enc0 = nn.Sequential(ResBlock(c0), FrequencyAttention(c0, (v, v, v), freq_bins))
+        self.down1 = conv_norm_act(c0, c1, 3, stride=2)
+        self.enc1 = nn.Sequential(ResBlock(c1), FrequencyAttention(c1, (v // 2,) * 3, freq_bins))
+        self.down2 = conv_norm_act(c1, c2, 3, stride=2)
+        self.mid = nn.Sequential(*[ResBlock(c2) for _ in range(mid_blocks)])
+        self.up1 = conv_norm_act(c2, c1, 3)
+        self.dec1 = nn.Sequential(conv_norm_act(2 * c1, c1, 3), ResBlock(c1))
+        self.up0 = conv_norm_act(c1, c0, 3)
+        self.dec0 = nn.Sequential(conv_norm_act(2 * c0, c0, 3), ResBlock(c0))
+        self.head = nn.Conv3d(c0, 1, 3, padding=1)
+        nn.init.zeros_(self.head.weight)  # identity start: residual == 0 exactly
+        nn.init.zeros_(self.head.bias)
+
+    def residual(self, coarse: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
+        g = self.guidance(xrays, self.volume_size)
+        x0 = self.enc0(self.stem(torch.cat([coarse, self.highpass(coarse), g], dim=1)))
+        x1 = self.enc1(self.down1(x0))
+        x = self.mid(self.down2(x1))
+        x = self.up1(F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False))
+        x = self.dec1(torch.cat([x, x1], dim=1))
+        x = self.up0(F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False))
+        x = self.dec0(torch.cat([x, x0], dim=1))
+        return self.head(x)
+
+    def forward(self, coarse: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
+        if coarse.dim() != 5 or coarse.shape[1] != 1 or coarse.shape[-1] != self.volume_size:
+            raise ValueError(f"expected coarse (B, 1, {self.volume_size}^3), got {tuple(coarse.shape)}")
+        if xrays.dim() != 5 or xrays.shape[1:3] != (2, 1):
+            raise ValueError(f"expected xrays (B, 2, 1, S, S), got {tuple(xrays.shape)}")
+        return torch.clamp(coarse + self.residual(coarse, xrays).to(coarse.dtype), 0.0, 1.0)

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from ctrefine.losses import reference as R
+from ctrefine.losses.loss import DEFAULT_WEIGHTS, DetailRefinementLoss
+from ctrefine.stencil import laplacian3d
+
+
+def grid(n=12):
+    i = torch.arange(n, dtype=torch.float64)
+    return torch.meshgrid(i, i, i, indexing="ij")
+
+
+def test_laplacian_hand_values():
+    d, h, w = grid()
+    ramp = (2 * d - 3 * h + 0.5 * w)[None, None]
+    assert laplacian3d(ramp)[..., 1:-1, 1:-1, 1:-1].abs().max() < 1e-10
+    sq = (w**2)[None, None]
+    assert torch.allclose(laplacian3d(sq)[..., 1:-1, 1:-1, 1:-1], torch.full((1, 1, 10, 10, 10), 2.0, dtype=torch.float64))
+    const = torch.full((1, 1, 6, 7, 8), 0.3, dtype=torch.float64)
+    assert laplacian3d(const).abs().max() < 1e-12  # replicate padding: no border artefact (only rounding)
+
+
+def test_laplacian_is_self_adjoint():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 1, 1, 5, 6, 7, generator=g, dtype=torch.float64)
+    assert torch.allclose((laplacian3d(x) * y).sum(), (x * laplacian3d(y)).sum())
+
+
+def test_constant_pairs_give_zero():
+    a = torch.full((2, 1, 8, 8, 8), 0.4)
+    assert R.spectral_l1(a, a.clone()) == 0 and R.laplacian_l1(a, a.clone()) == 0
+    b = torch.full((2, 1, 8, 8, 8), 0.7)  # different constants: Laplacian term still 0 (no edges)
+    assert R.laplacian_l1(a, b) == 0
+    assert R.spectral_l1(a, b) > 0  # DC differs, weighted by w(0) ~ 0.27
+
+
+def test_spectral_weight_values():
+    w = R.spectral_weight((8, 8, 8))
+    assert w[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())
+    assert w.max() > 0.99
+    half = R.spectral_weight((8, 8, 8), onesided=True)
+    assert torch.allclose(half, w[..., :5])
+
+
+def test_terms_have_finite_gradients():
+    torch.manual_seed(0)
+    t = torch.rand(2, 1, 16, 16, 16)
+    c = torch.rand(2, 1, 16, 16, 16)
+    p = torch.rand(2, 1, 16, 16, 16, requires_grad=True)
+    for fn in (R.laplacian_l1, R.spectral_l1, R.local_stats_loss):
+        p.grad = None
+        fn(p, t).backward()
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    p.grad = None
+    R.consistency_l1(p, c).backward()
+    assert torch.isfinite(p.grad).all()
+    flat = torch.full((1, 1, 8, 8, 8), 0.5, requires_grad=True)  # sqrt(var) at var=0 stays finite
+    R.local_stats_loss(flat, flat.detach()).backward()
+    assert torch.isfinite(flat.grad).all()
+
+
+def test_loss_applies_config_weights():
+    torch.manual_seed(0)
+    t, c, p = torch.rand(3, 1, 1, 16, 16, 16)
+    weights = {"l1": 2.0, "frequency": 0.0, "gradient": 1.5, "perceptual": 0.25, "consistency": 3.0}
+    total, terms = DetailRefinementLoss(weights)(p, t, c)
+    assert "frequency" not in terms
+    assert torch.allclose(total, sum(weights[k] * v for k, v in terms.items()))
+    assert torch.allclose(terms["gradient"], R.laplacian_l1(p, t))
+    total_d, terms_d = DetailRefinementLoss()(p, t, c)
+    assert set(terms_d) == set(DEFAULT_WEIGHTS)
+    with pytest.raises(ValueError, match="unknown loss term"):
+        DetailRefinementLoss({"ssim": 1.0})
+    with pytest.raises(ValueError, match="non-negative"):
+        DetailRefinementLoss({"l1": -1.0})

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from ctrefine.config import DEFAULTS, ConfigError, build_models, load_config, resolve
+from ctrefine.models.base import BaseReconstructor
+from ctrefine.models.blocks import FrequencyAttention, apply_spectral_gain, lift_view
+from ctrefine.models.refiner import DetailRefinementNetwork
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_default_parameter_counts():
+    base, refiner = build_models(resolve())
+    assert abs(n_params(base) - 16e6) <= 0.15 * 16e6
+    assert abs(n_params(refiner) - 5e6) <= 0.15 * 5e6
+
+
+@pytest.mark.parametrize("s,v", [(64, 32), (128, 32), (64, 64), (128, 64)])
+def test_shapes(s, v):
+    torch.manual_seed(0)
+    base = BaseReconstructor(v, width=4)
+    refiner = DetailRefinementNetwork(v, hidden_channels=8, guidance_channels=4, mid_blocks=1)
+    x = torch.rand(2, 2, 1, s, s)
+    with torch.no_grad():
+        coarse = base(x)
+        refined = refiner(coarse, x)
+    assert coarse.shape == refined.shape == (2, 1, v, v, v)
+    assert 0 <= coarse.min() and coarse.max() <= 1
+
+
+def test_untrained_refiner_is_identity():
+    torch.manual_seed(0)
+    refiner = DetailRefinementNetwork(32, hidden_channels=8, guidance_channels=4, mid_blocks=1)
+    coarse = torch.rand(2, 1, 32, 32, 32)
+    coarse[0, 0, 0, 0, :4] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # values at both clamp limits
+    x = torch.rand(2, 2, 1, 64, 64)
+    assert torch.equal(refiner.residual(coarse, x), torch.zeros_like(coarse))
+    assert torch.equal(refiner(coarse, x), coarse)
+
+
+def test_frequency_attention_preserves_phase():
+    torch.manual_seed(0)
+    fa = FrequencyAttention(3, (12, 10, 8), n_bins=6)
+    with torch.no_grad():  # a non-trivial, content-dependent gain
+        fa.base.normal_(0, 2)
+        fa.cond[-1].weight.normal_(0, 0.5)
+    x = torch.randn(2, 3, 12, 10, 8, dtype=torch.float64)
+    gain = fa.gain(x)
+    assert (gain >= 0).all() and gain.std() > 0.1
+    y = apply_spectral_gain(x, gain.double())
+    sx = torch.fft.rfftn(x, dim=(-3, -2, -1))
+    sy = torch.fft.rfftn(y, dim=(-3, -2, -1))
+    ok = (gain > 1e-3) & (sx.abs() > 1e-6)
+    dphi = torch.angle(sy / sx)[ok]
+    assert dphi.abs().max() < 1e-4
+    assert torch.allclose(sy.abs()[ok], (sx.abs() * gain)[ok], rtol=1e-5)
+
+
+def test_frequency_attention_starts_as_identity():
+    fa = FrequencyAttention(4, (8, 8, 8))
+    x = torch.randn(1, 4, 8, 8, 8)
+    assert torch.allclose(fa(x), x, atol=1e-5)
+
+
+def test_lifting_geometry():
+    pa = torch.zeros(1, 1, 8, 8)  # (D, W)
+    pa[0, 0, 2, 5] = 1.0
+    v = lift_view(pa, "pa", 8)  # -> (D, H, W): line along H at (d=2, w=5)
+    nz = v[0, 0].nonzero()
+    assert len(nz) == 8 and (nz[:, 0] == 2).all() and (nz[:, 2] == 5).all() and sorted(nz[:, 1].tolist()) == list(range(8))
+    lat = torch.zeros(1, 1, 8, 8)  # (D, H)
+    lat[0, 0, 3, 6] = 1.0
+    v = lift_view(lat, "lateral", 8)  # line along W at (d=3, h=6)
+    nz = v[0, 0].nonzero()
+    assert len(nz) == 8 and (nz[:, 0] == 3).all() and (nz[:, 1] == 6).all()
+
+
+def test_config_validation(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('{"training": {"batchsize": 4}}')
+    with pytest.raises(ConfigError, match="training.batchsize"):
+        load_config(p)
+    p.write_text('{"training": {"learning_rate": "fast"}}')
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(p)
+    p.write_text('{"loss": {"l1": 2}}')
+    assert load_config(p)["loss"]["l1"] == 2.0 and DEFAULTS["loss"]["l1"] == 1.0
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.json")
+
+
+def test_cpu_small_and_full_presets_load():
+    for name in ("cpu-small", "full"):
+        cfg = load_config(f"configs/{name}.json")
+        assert cfg["model"]["volume_size"] in (32, 64) and math.isfinite(cfg["training"]["learning_rate"])
