@@ -82,6 +82,12 @@ def _cmd_info(a) -> int:
     return 0
 
 
+def _cmd_train(a) -> int:
+    from . import train
+
+    return train.main(a.train_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -117,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", default=None, help="JSON preset (default: built-in defaults = configs/full.json sizes)")
     i.add_argument("--verbose", "-v", action="store_true", help="also list each sub-module")
     i.set_defaults(func=_cmd_info)
+
+    t = sub.add_parser("train", help="train a stage in one process (multi-GPU: use the deepspeed launcher)",
+                       description="Single-process shortcut for `python -m ctrefine.train STAGE ...`; every argument is "
+                                   "passed through (see `python -m ctrefine.train --help`). For several GPUs or machines: "
+                                   "deepspeed --num_gpus N --module ctrefine.train STAGE --config ...",
+                       add_help=False)
+    t.add_argument("train_args", nargs=argparse.REMAINDER, help="base|refine --config FILE [...]")
+    t.set_defaults(func=_cmd_train)
     return p
 
 

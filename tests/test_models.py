@@ -44,7 +44,7 @@ def test_untrained_refiner_is_identity():
 
 def test_frequency_attention_preserves_phase():
     torch.manual_seed(0)
-    fa = FrequencyAttention(3, (12, 10, 8), n_bins=6)
+    fa = FrequencyAttention(3, (12, 10, 8), n_bins=6).double()
     with torch.no_grad():  # a non-trivial, content-dependent gain
         fa.base.normal_(0, 2)
         fa.cond[-1].weight.normal_(0, 0.5)

@@ -107,8 +107,8 @@ class FrequencyAttention(nn.Module):
     def gain(self, x: torch.Tensor) -> torch.Tensor:
         """Per-bin gain ``(B, C, D, H, W//2+1)``, real and non-negative."""
         b, c = x.shape[:2]
-        logits = self.base + self.cond(x.float().mean(dim=(2, 3, 4))).view(b, c, self.n_bins)
-        g = 2.0 * torch.sigmoid(logits)
+        logits = self.base + self.cond(x.mean(dim=(2, 3, 4))).view(b, c, self.n_bins)  # in the weights' dtype
+        g = 2.0 * torch.sigmoid(logits.float())
         return g[:, :, self.bins]
 
     def forward(self, x):
