@@ -82,12 +82,6 @@ def _cmd_info(a) -> int:
     return 0
 
 
-def _cmd_train(a) -> int:
-    from . import train
-
-    return train.main(a.train_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -130,11 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "deepspeed --num_gpus N --module ctrefine.train STAGE --config ...",
                        add_help=False)
     t.add_argument("train_args", nargs=argparse.REMAINDER, help="base|refine --config FILE [...]")
-    t.set_defaults(func=_cmd_train)
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # pass everything through, --help included
+        from . import train
+
+        return train.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
