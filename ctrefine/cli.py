@@ -82,6 +82,58 @@ def _cmd_info(a) -> int:
     return 0
 
 
+def _cmd_export_onnx(a) -> int:
+    import torch
+
+    from .data.dataset import CTDataset
+    from .export import PARITY_TOL, export_onnx, load_two_stage, verify
+
+    model, cfg, _ = load_two_stage(a.base_checkpoint, a.refinement_checkpoint)
+    s = cfg["model"]["xray_size"]
+    batches = {"random batch 1": torch.rand(1, 2, 1, s, s), "random batch 3": torch.rand(3, 2, 1, s, s)}
+    if a.data_path:
+        ds = CTDataset(a.data_path, a.split)
+        batches[f"{a.split} patients"] = torch.stack([ds[i]["xrays"] for i in range(min(4, len(ds)))])
+    out = export_onnx(model, cfg, a.out)
+    print(f"exported {out} ({out.stat().st_size / 2**20:.1f} MiB, opset 18, onnx.checker passed)")
+    worst = 0.0
+    for name, x in batches.items():
+        err = verify(model, out, [x])
+        worst = max(worst, err)
+        print(f"  ONNX Runtime vs torch, {name}: max |error| = {err:.2e}")
+    if worst > PARITY_TOL:
+        print(f"ctrefine: error: parity {worst:.2e} exceeds {PARITY_TOL:.0e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_infer(a) -> int:
+    from .infer import evaluate_dataset, infer_radiographs, make_predictor
+
+    single = a.xray_pa or a.xray_lateral or a.out
+    if single:
+        if not (a.xray_pa and a.xray_lateral and a.out):
+            raise CLIError("radiograph mode needs --xray_pa, --xray_lateral and --out (both views are required)")
+        if a.data_path:
+            raise CLIError("give either --data_path (evaluate a dataset) or radiograph files, not both")
+    elif not (a.data_path and a.output_dir):
+        raise CLIError("dataset mode needs --data_path and --output_dir (or use --xray_pa/--xray_lateral/--out)")
+    pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx)
+    if single:
+        refined, coarse = infer_radiographs(pred, a.xray_pa, a.xray_lateral, a.out, a.xray_convention)
+        print(f"wrote {refined} (refined) and {coarse} (coarse), HU, {pred.kind}")
+        return 0
+    s = evaluate_dataset(pred, a.data_path, a.output_dir, a.num_patients, a.split, not a.no_save_volumes,
+                         progress=not a.quiet)
+    print(f"{s['num_patients']} {a.split} patients -> {a.output_dir}/metrics.txt")
+    print(f"  coarse  PSNR {s['coarse_psnr_mean']:.2f} +- {s['coarse_psnr_std']:.2f} dB  SSIM {s['coarse_ssim_mean']:.4f}  "
+          f"HF-ratio {s['coarse_hf_ratio_mean']:.3f}")
+    print(f"  refined PSNR {s['refined_psnr_mean']:.2f} +- {s['refined_psnr_std']:.2f} dB  SSIM {s['refined_ssim_mean']:.4f}  "
+          f"HF-ratio {s['refined_hf_ratio_mean']:.3f}")
+    print(f"  gain {s['gain_db_mean']:+.2f} dB, refined wins {s['refined_wins']}/{s['num_patients']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -117,6 +169,39 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", default=None, help="JSON preset (default: built-in defaults = configs/full.json sizes)")
     i.add_argument("--verbose", "-v", action="store_true", help="also list each sub-module")
     i.set_defaults(func=_cmd_info)
+
+    e = sub.add_parser("export-onnx", help="export base + refiner as one ONNX graph and verify it in ONNX Runtime",
+                       description="One graph: inputs xray_pa, xray_lateral (batch, 1, S, S); outputs coarse, refined. "
+                                   "Dynamo exporter, opset 18, onnx.checker, then ORT-vs-torch parity on random inputs "
+                                   "(batch 1 and 3) and, with --data_path, on real dataset inputs; exit 1 if > 1e-4.")
+    e.add_argument("--base_checkpoint", required=True, help="best_model.pt of the base stage")
+    e.add_argument("--refinement_checkpoint", required=True, help="best_model.pt of the refine stage")
+    e.add_argument("--out", required=True, help="output .onnx file")
+    e.add_argument("--data_path", default=None, help="dataset whose radiographs are used for the parity check too")
+    e.add_argument("--split", default="test", help="split used with --data_path (default test)")
+    e.set_defaults(func=_cmd_export_onnx)
+
+    f = sub.add_parser("infer", help="reconstruct CTs: evaluate a dataset split, or your own two radiographs",
+                       description="Dataset mode (--data_path, --output_dir): metrics.txt, NIfTI volumes and comparison "
+                                   "PNGs per patient of the test split. Radiograph mode (--xray_pa, --xray_lateral, "
+                                   "--out): PNG/TIFF/NIfTI/DICOM radiographs -> refined CT NIfTI. Uses torch checkpoints "
+                                   "or, with --onnx, ONNX Runtime.")
+    f.add_argument("--base_checkpoint", help="best_model.pt of the base stage (torch path)")
+    f.add_argument("--refinement_checkpoint", help="best_model.pt of the refine stage (torch path)")
+    f.add_argument("--onnx", help="model.onnx from export-onnx (ONNX Runtime path)")
+    f.add_argument("--data_path", help="dataset directory (dataset mode)")
+    f.add_argument("--split", default="test", help="split to evaluate (default test: never training patients)")
+    f.add_argument("--num_patients", type=int, default=None, help="evaluate at most this many patients")
+    f.add_argument("--output_dir", help="where metrics.txt and patient_XXXX/ go (replaced atomically)")
+    f.add_argument("--save_volumes", action="store_true", default=True, help="write NIfTI volumes (default)")
+    f.add_argument("--no_save_volumes", action="store_true", help="skip the NIfTI volumes")
+    f.add_argument("--xray_pa", help="PA radiograph file (radiograph mode)")
+    f.add_argument("--xray_lateral", help="lateral radiograph file (radiograph mode)")
+    f.add_argument("--out", help="output CT .nii.gz (radiograph mode)")
+    f.add_argument("--xray-convention", dest="xray_convention", choices=("attenuation", "intensity"),
+                   default="attenuation", help="attenuation: bone bright (default); intensity: raw detector, bone dark")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_cmd_infer)
 
     t = sub.add_parser("train", help="train a stage in one process (multi-GPU: use the deepspeed launcher)",
                        description="Single-process shortcut for `python -m ctrefine.train STAGE ...`; every argument is "

@@ -81,3 +81,85 @@ def write_json(path, obj) -> None:
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def load_radiograph(path, convention: str = "attenuation") -> np.ndarray:
+    """Read one radiograph (PNG/TIFF/JPEG, NIfTI, or DICOM) -> 2D float32 attenuation image (bone bright).
+
+    How a real radiograph maps to the training convention (line integrals of mu, bone bright):
+
+    * ``convention="attenuation"`` (default): pixel values already increase with attenuation -- DRRs,
+      ``-log`` processed data, and the usual displayed radiograph (bone white). DICOM
+      ``MONOCHROME1`` images (bone black) are inverted automatically.
+    * ``convention="intensity"``: pixel values are detected intensity (bone dark, raw detector data);
+      converted with ``-log(I / I0)``, ``I0`` the brightest pixel (unattenuated beam).
+
+    Any linear rescaling is irrelevant: :func:`ctrefine.conventions.normalize_xray` normalises each
+    image by its own percentiles. Non-square images are padded to a square with their background
+    (the 0.5th percentile) before resizing, so anatomy keeps its aspect ratio.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    name = path.name.lower()
+    invert = False
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            img = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        elif name.endswith((".dcm", ".dicom")):
+            try:
+                import pydicom
+            except ImportError:
+                raise DataError(f"{path}: reading DICOM needs pydicom (pip install 'ctrefine[dicom]')") from None
+            ds = pydicom.dcmread(str(path))
+            img = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
+                getattr(ds, "RescaleIntercept", 0))
+            invert = str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1"
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                img = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__})") from None
+    img = np.squeeze(np.asarray(img, dtype=np.float32))
+    if img.ndim == 3 and img.shape[-1] in (3, 4):  # RGB(A) export of a grey image
+        rgb = img[..., :3]
+        if np.abs(rgb - rgb[..., :1]).max() > 1e-3 * max(1.0, float(np.abs(rgb).max())):
+            raise DataError(f"{path}: is a colour image ({img.shape[-1]} channels that differ); expected a grey radiograph")
+        img = rgb[..., 0]
+    if img.ndim != 2:
+        raise DataError(f"{path}: expected a 2D radiograph, got shape {img.shape}")
+    if min(img.shape) < 16:
+        raise DataError(f"{path}: radiograph too small ({img.shape[0]}x{img.shape[1]})")
+    if not np.all(np.isfinite(img)):
+        raise DataError(f"{path}: contains NaN or Inf values")
+    if convention == "intensity":
+        i0 = float(img.max())
+        img = -np.log(np.clip(img, 1e-6 * max(i0, 1e-6), None) / max(i0, 1e-6))
+    elif convention != "attenuation":
+        raise ValueError(f"convention must be 'attenuation' or 'intensity', got {convention!r}")
+    if invert:
+        img = img.max() - img
+    if np.ptp(img) == 0:
+        raise DataError(f"{path}: image is constant")
+    return img
+
+
+def square_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a square with the background value, then area/bilinear resize to ``size x size``."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = img.shape
+    n = max(h, w)
+    bg = float(np.percentile(img, 0.5))
+    sq = np.full((n, n), bg, np.float32)
+    sq[(n - h) // 2:(n - h) // 2 + h, (n - w) // 2:(n - w) // 2 + w] = img
+    t = torch.from_numpy(sq)[None, None]
+    mode = "area" if n > size else "bilinear"
+    out = F.interpolate(t, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return out[0, 0].numpy()
