@@ -1,0 +1,155 @@
+"""ONNX export + ORT parity, dataset inference outputs, radiograph-file inference, bad inputs."""
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctrefine.config import build_models, load_config
+from ctrefine.conventions import hu_to_model
+from ctrefine.data.io import load_nifti, save_nifti
+from ctrefine.export import PARITY_TOL, export_onnx, load_two_stage, onnx_metadata, ort_session, verify
+from ctrefine.metrics import all_metrics
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """cpu-small models with a non-zero refiner head (so refined != coarse), saved like the trainer does."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = load_config("configs/cpu-small.json")
+    torch.manual_seed(0)
+    base, refiner = build_models(cfg)
+    with torch.no_grad():
+        refiner.head.weight.normal_(0, 0.02)
+        for m in refiner.modules():
+            if hasattr(m, "n_bins"):
+                m.base.normal_(0, 1.0)
+    for stage, model in (("base", base), ("refine", refiner)):
+        torch.save({"stage": stage, "state_dict": model.state_dict(), "config": cfg, "metrics": {}, "epoch": 1},
+                   root / f"{stage}.pt")
+    return root / "base.pt", root / "refine.pt"
+
+
+@pytest.fixture(scope="module")
+def onnx_model(checkpoints, tmp_path_factory):
+    model, cfg, _ = load_two_stage(*checkpoints)
+    return export_onnx(model, cfg, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "ctrefine.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_export_parity_and_metadata(checkpoints, onnx_model):
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(onnx_model)))
+    model, cfg, _ = load_two_stage(*checkpoints)
+    torch.manual_seed(1)
+    for b in (1, 3):
+        assert verify(model, onnx_model, [torch.rand(b, 2, 1, 64, 64)]) <= PARITY_TOL
+    meta = onnx_metadata(ort_session(onnx_model))
+    assert meta["volume_size"] == "32" and meta["xray_size"] == "64"
+    assert json.loads(meta["intensity_window"])["hu_min"] == -1000.0
+    assert "percentiles" in json.loads(meta["xray_normalization"]) and "kind" in json.loads(meta["geometry"])
+    names = [i.name for i in ort_session(onnx_model).get_inputs()]
+    assert names == ["xray_pa", "xray_lateral"]
+
+
+@pytest.mark.parametrize("mode", ["torch", "onnx"])
+def test_infer_dataset_outputs(mode, checkpoints, onnx_model, tiny_dataset, tmp_path):
+    out = tmp_path / "results"
+    src = ["--onnx", onnx_model] if mode == "onnx" else ["--base_checkpoint", checkpoints[0],
+                                                          "--refinement_checkpoint", checkpoints[1]]
+    r = cli("infer", *src, "--data_path", tiny_dataset, "--output_dir", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((out / "metrics.json").read_text())
+    splits = json.loads((tiny_dataset / "splits.json").read_text())
+    assert sorted(data["patients"]) == sorted(splits["test"])  # test split only, never training patients
+    text = (out / "metrics.txt").read_text()
+    assert "refined wins" in text and "gain" in text
+    for name, m in data["patients"].items():
+        folder = out / name
+        for f in ("coarse.nii.gz", "refined.nii.gz", "ground_truth.nii.gz", f"{name}_comparison.png"):
+            assert (folder / f).exists(), f
+        _, src_aff = load_nifti(tiny_dataset / name / "ct.nii.gz")
+        vols = {}
+        for f in ("coarse", "refined", "ground_truth"):
+            v, aff = load_nifti(folder / f"{f}.nii.gz")
+            assert np.array_equal(aff, src_aff)
+            vols[f] = torch.from_numpy(hu_to_model(v))[None, None]
+        for stage in ("coarse", "refined"):
+            again = all_metrics(vols[stage], vols["ground_truth"])
+            for k, v in again.items():
+                assert v.item() == pytest.approx(m[stage][k], rel=1e-4, abs=1e-5)
+        assert f"{m['refined']['psnr']:.4f}" in text
+        assert Image.open(folder / f"{name}_comparison.png").size[0] > 500
+
+
+def test_torch_and_onnx_agree(checkpoints, onnx_model, tiny_dataset, tmp_path):
+    for mode, src in (("t", ["--base_checkpoint", checkpoints[0], "--refinement_checkpoint", checkpoints[1]]),
+                      ("o", ["--onnx", onnx_model])):
+        assert cli("infer", *src, "--data_path", tiny_dataset, "--output_dir", tmp_path / mode, "--quiet",
+                   "--no_save_volumes").returncode == 0
+    a = json.loads((tmp_path / "t" / "metrics.json").read_text())["patients"]
+    b = json.loads((tmp_path / "o" / "metrics.json").read_text())["patients"]
+    for name in a:
+        assert a[name]["refined"]["psnr"] == pytest.approx(b[name]["refined"]["psnr"], abs=1e-3)
+
+
+def _png16(path, img):
+    x = (img - img.min()) / (np.ptp(img) + 1e-9) * 65535
+    Image.fromarray(x.astype(np.uint16)).save(path)
+
+
+def test_infer_from_radiograph_files(checkpoints, onnx_model, tiny_dataset, tmp_path):
+    name = json.loads((tiny_dataset / "splits.json").read_text())["test"][0]
+    pa, _ = load_nifti(tiny_dataset / name / "xray_pa.nii.gz")
+    lat, _ = load_nifti(tiny_dataset / name / "xray_lateral.nii.gz")
+    _png16(tmp_path / "pa.png", pa)
+    _png16(tmp_path / "lat.png", np.pad(lat, ((0, 0), (8, 8))))  # non-square: padded, not stretched
+    r = cli("infer", "--onnx", onnx_model, "--xray_pa", tmp_path / "pa.png", "--xray_lateral", tmp_path / "lat.png",
+            "--out", tmp_path / "ct.nii.gz")
+    assert r.returncode == 0, r.stderr
+    img = nib.load(str(tmp_path / "ct.nii.gz"))
+    assert img.shape == (32, 32, 32) and nib.aff2axcodes(img.affine) == ("I", "P", "L")
+    assert (tmp_path / "ct_coarse.nii.gz").exists()
+    # a PNG of the DRR gives the same normalised input as the DRR itself (up to 16-bit quantisation)
+    from ctrefine.conventions import normalize_xray
+    from ctrefine.infer import prepare_radiographs
+
+    x = prepare_radiographs(tmp_path / "pa.png", tmp_path / "pa.png", 64)
+    ref = normalize_xray(torch.from_numpy(pa))
+    assert (x[0, 0, 0] - ref).abs().max() < 1e-3
+
+
+def test_bad_inputs(checkpoints, onnx_model, tiny_dataset, tmp_path):
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    _png16(tmp_path / "ok.png", np.random.default_rng(0).random((64, 64)))
+    save_nifti(tmp_path / "vol.nii.gz", np.zeros((8, 20, 20)), np.eye(4))
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "never"
+    cases = [
+        (["infer", "--base_checkpoint", tmp_path / "missing.pt", "--refinement_checkpoint", checkpoints[1],
+          "--data_path", tiny_dataset, "--output_dir", out], "missing.pt"),
+        (["infer", "--onnx", onnx_model, "--xray_pa", tmp_path / "colour.png", "--xray_lateral", tmp_path / "ok.png",
+          "--out", out / "ct.nii.gz"], "colour"),
+        (["infer", "--onnx", onnx_model, "--xray_pa", tmp_path / "vol.nii.gz", "--xray_lateral", tmp_path / "ok.png",
+          "--out", out / "ct.nii.gz"], "2D radiograph"),
+        (["infer", "--onnx", onnx_model, "--xray_pa", tmp_path / "ok.png", "--out", out / "ct.nii.gz"], "both views"),
+        (["infer", "--onnx", onnx_model, "--xray_pa", tmp_path / "junk.png", "--xray_lateral", tmp_path / "ok.png",
+          "--out", out / "ct.nii.gz"], "cannot read"),
+        (["infer", "--onnx", tmp_path / "nope.onnx", "--data_path", tiny_dataset, "--output_dir", out], "nope.onnx"),
+    ]
+    for args, needle in cases:
+        r = cli(*args)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ctrefine: error")]
+        assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], (args, r.stderr[-500:])
+        assert not out.exists()
