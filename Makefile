@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/ctrefine make-data --out $(DEMO_DIR)/data --num-patients 16 --seed 0
+	$(VENV)/bin/ctrefine demo --out $(DEMO_DIR)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -134,6 +134,120 @@ def _cmd_infer(a) -> int:
     return 0
 
 
+def train_stage(stage: str, preset: str, sets: list[str], ranks: int, log_path, progress: bool = True) -> None:
+    """Run one training stage through the deepspeed launcher (``ranks`` processes); output to ``log_path``."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    cmd = ["--module", "ctrefine.train", stage, "--config", preset, "--deepspeed_config", str(_repo_file("ds_config.json"))]
+    for item in sets:
+        cmd += ["--set", item]
+    if not progress:
+        cmd.append("--no-progress")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = "1"  # one thread per CPU rank, else ranks oversubscribe the cores
+    full = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()), *cmd]
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(full) + "\n")
+        log.flush()
+        proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith(f"[{stage}]") or "error" in line.lower() and "ctrefine" in line:
+                print("   " + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise CLIError(f"{stage} training failed (exit {proc.returncode}); see {log_path}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def _repo_file(name: str):
+    """A file shipped beside the package (ds_config.json, configs/)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    if not (here / name).exists():
+        raise CLIError(f"{name} not found next to the package ({here}); run from a source checkout")
+    return here / name
+
+
+def _cmd_demo(a) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .config import load_config
+    from .data.dataset import make_dataset, summarize
+    from .export import PARITY_TOL, export_onnx, load_two_stage, verify
+    from .infer import OnnxPredictor, evaluate_dataset
+
+    t0 = time.time()
+    cuda = torch.cuda.is_available()
+    preset_name = a.preset if a.preset != "auto" else ("full" if cuda else "cpu-small")
+    preset = _repo_file(f"configs/{preset_name}.json")
+    cfg = load_config(preset)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "demo.log"
+    ranks = a.ranks or (torch.cuda.device_count() if cuda else min(2, os.cpu_count() or 1))
+    m = cfg["model"]
+    n = a.num_patients or (1000 if preset_name == "full" else 128)
+    print(f"ctrefine demo: preset {preset_name}, {n} patients, {ranks} {'GPU' if cuda else 'CPU'} rank(s), output {out}")
+
+    def step(title):
+        print(f"[{time.time() - t0:6.0f}s] {title}", flush=True)
+
+    step("1/5 synthetic dataset")
+    make_dataset(out / "data", n, seed=a.seed, size=m["volume_size"], xray_size=m["xray_size"], progress=not a.quiet)
+    print("   " + summarize(out / "data").replace("\n", "\n   "))
+    sets = [f"data.data_path={out / 'data'}", f"checkpoint.dir={out}"] + list(a.set)
+    step("2/5 base reconstructor (deepspeed launcher)")
+    train_stage("base", str(preset), sets + (["training.base_num_epochs=%d" % a.base_epochs] if a.base_epochs else []),
+                ranks, log, progress=False)
+    step("3/5 detail refinement network on the frozen base")
+    train_stage("refine", str(preset), sets + (["training.num_epochs=%d" % a.refine_epochs] if a.refine_epochs else []),
+                ranks, log, progress=False)
+    base_ckpt, ref_ckpt = out / "base" / "best_model.pt", out / "refine" / "best_model.pt"
+    onnx_path = out / "model.onnx"
+    step("4/5 ONNX export + verification")
+    if onnx_path.exists() and onnx_path.stat().st_mtime > max(base_ckpt.stat().st_mtime, ref_ckpt.stat().st_mtime):
+        print(f"   {onnx_path} is newer than both checkpoints: reused")
+    else:
+        model, mcfg, _ = load_two_stage(base_ckpt, ref_ckpt)
+        export_onnx(model, mcfg, onnx_path)
+        s = m["xray_size"]
+        err = verify(model, onnx_path, [torch.rand(1, 2, 1, s, s), torch.rand(3, 2, 1, s, s)])
+        print(f"   {onnx_path}: ORT vs torch max |error| {err:.2e}")
+        if err > PARITY_TOL:
+            raise CLIError(f"ONNX parity {err:.2e} exceeds {PARITY_TOL:.0e}")
+    step("5/5 ONNX Runtime inference on the test split")
+    res = out / "inference_results"
+    sm = evaluate_dataset(OnnxPredictor(onnx_path), out / "data", res, progress=not a.quiet)
+    print()
+    print(f"{'test split (' + str(sm['num_patients']) + ' patients)':<28s}{'coarse':>18s}{'refined':>18s}")
+    for k, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("mae", "MAE"), ("hf_ratio", "HF-energy ratio")):
+        print(f"{label:<28s}{sm[f'coarse_{k}_mean']:>10.4f} +- {sm[f'coarse_{k}_std']:<6.4f}"
+              f"{sm[f'refined_{k}_mean']:>10.4f} +- {sm[f'refined_{k}_std']:<6.4f}")
+    print(f"{'gain (refined - coarse)':<28s}{sm['gain_db_mean']:>+10.3f} dB +- {sm['gain_db_std']:.3f}")
+    print(f"{'refined wins':<28s}{sm['refined_wins']:>10d} / {sm['num_patients']}")
+    print(f"\nresults: {res}/metrics.txt, per-patient NIfTI + comparison PNGs; log {log}; "
+          f"total {time.time() - t0:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -202,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
                    default="attenuation", help="attenuation: bone bright (default); intensity: raw detector, bone dark")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_cmd_infer)
+
+    d = sub.add_parser("demo", help="the main job: data -> base -> refiner -> ONNX -> inference, with a summary table",
+                       description="Generate a synthetic dataset, train the base then the refiner through the deepspeed "
+                                   "launcher, export ONNX, run ONNX Runtime on the test split and print coarse vs refined "
+                                   "metrics. Preset cpu-small on CPU, full on CUDA. Re-running reuses finished work "
+                                   "(dataset, trained stages, an up-to-date ONNX file).")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--preset", choices=("auto", "cpu-small", "full"), default="auto")
+    d.add_argument("--num-patients", type=int, default=None, help="default 128 (cpu-small) / 1000 (full)")
+    d.add_argument("--seed", type=int, default=0, help="dataset seed")
+    d.add_argument("--ranks", type=int, default=None, help="deepspeed ranks (default: GPUs, or 2 CPU ranks)")
+    d.add_argument("--base-epochs", type=int, default=None, help="override the preset's training.base_num_epochs")
+    d.add_argument("--refine-epochs", type=int, default=None, help="override the preset's training.num_epochs (refiner)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="train a stage in one process (multi-GPU: use the deepspeed launcher)",
                        description="Single-process shortcut for `python -m ctrefine.train STAGE ...`; every argument is "

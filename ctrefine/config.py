@@ -24,6 +24,7 @@ DEFAULTS: dict = {
     "training": {
         "batch_size": 4,  # per rank (DeepSpeed's train_micro_batch_size_per_gpu)
         "num_epochs": 40,
+        "base_num_epochs": None,  # epochs of the base stage if it needs a different budget; null = num_epochs
         "learning_rate": 2e-4,  # AdamW; peak of the cosine schedule
         "weight_decay": 1e-4,
         "warmup_steps": 50,  # linear warm-up before the cosine decay
@@ -45,7 +46,7 @@ DEFAULTS: dict = {
     "logging": {"log_every": 10, "tensorboard": True},
 }
 
-_NULLABLE = {("model", "base_model_checkpoint")}
+_NULLABLE = {("model", "base_model_checkpoint"): str, ("training", "base_num_epochs"): int}
 
 
 class ConfigError(ValueError):
@@ -68,8 +69,9 @@ def _merge(base: dict, over: dict, prefix: str = "") -> None:
             base[k] = None
             continue
         if ref is None:
-            if not isinstance(v, str):
-                raise ConfigError(f"config key {key!r} must be a string path or null")
+            want = _NULLABLE[(section, name)]
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise ConfigError(f"config key {key!r} must be a {want.__name__} or null, got {v!r}")
         elif isinstance(ref, bool):
             if not isinstance(v, bool):
                 raise ConfigError(f"config key {key!r} must be true/false, got {v!r}")

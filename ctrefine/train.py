@@ -300,6 +300,7 @@ def run(args) -> int:
     else:  # CPU ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     t = cfg["training"]
+    num_epochs = t["base_num_epochs"] if args.stage == "base" and t["base_num_epochs"] else t["num_epochs"]
     seed_everything(t["seed"])
 
     train_ds = CTDataset(cfg["data"]["data_path"], cfg["data"]["train_split"])
@@ -322,7 +323,7 @@ def run(args) -> int:
         model = base
 
     steps_per_epoch = max(1, -(-len(train_ds) // (t["batch_size"] * world)))
-    total_steps = steps_per_epoch * t["num_epochs"]
+    total_steps = steps_per_epoch * num_epochs
     ds_cfg = dict(ds_cfg)
     ds_cfg["train_micro_batch_size_per_gpu"] = t["batch_size"]
     ds_cfg["gradient_accumulation_steps"] = 1
@@ -379,12 +380,12 @@ def run(args) -> int:
     epochs_run = 0
     from tqdm import tqdm
 
-    for epoch in range(start_epoch, t["num_epochs"]):
+    for epoch in range(start_epoch, num_epochs):
         engine.train()
         g = torch.Generator().manual_seed(t["seed"] * 1000 + epoch)  # same order on every rank, every rerun
         order = torch.randperm(len(train_ds), generator=g).tolist()
         mine = order[rank::world]
-        bar = tqdm(total=len(mine), desc=f"{args.stage} epoch {epoch + 1}/{t['num_epochs']}", unit="vol",
+        bar = tqdm(total=len(mine), desc=f"{args.stage} epoch {epoch + 1}/{num_epochs}", unit="vol",
                    disable=rank != 0 or args.no_progress, leave=False)
         tic, seen, ep_loss, n_b = time.time(), 0, 0.0, 0
         for xr, ct, names in batches(train_ds, mine, t["batch_size"]):
@@ -422,7 +423,7 @@ def run(args) -> int:
                 for k, v in vm.items():
                     tb.add_scalar(f"{args.stage}/val_{k}", v, global_step)
             msg = ", ".join(f"{k} {v:.4f}" for k, v in vm.items())
-            print(f"[{args.stage}] epoch {epoch + 1}/{t['num_epochs']} train loss {ep_loss / max(1, n_b):.4f} | "
+            print(f"[{args.stage}] epoch {epoch + 1}/{num_epochs} train loss {ep_loss / max(1, n_b):.4f} | "
                   f"val {msg}{' (best)' if improved else ''}", flush=True)
         flags = [improved, best, bad_epochs]
         if world > 1:
@@ -431,7 +432,7 @@ def run(args) -> int:
 
         # ---- checkpoint: periodic, on improvement, and at the end -------------------------------------
         epochs_run += 1
-        last = epoch + 1 == t["num_epochs"]
+        last = epoch + 1 == num_epochs
         stop_early = t["early_stopping_patience"] > 0 and bad_epochs >= t["early_stopping_patience"]
         interrupted = args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs
         if improved or last or stop_early or interrupted or (epoch + 1) % cfg["checkpoint"]["save_every"] == 0:
