@@ -5,7 +5,6 @@ session uses all cores, as does torch. ``test_ort_op_profile`` breaks the ORT ti
 type, to see whether the FFT (ONNX ``DFT``) dominates.
 """
 import json
-import os
 
 import pytest
 import torch

@@ -98,20 +98,45 @@ def resolve(overrides: dict | None = None) -> dict:
     return cfg
 
 
-def load_config(path) -> dict:
-    """Read a JSON preset and resolve it against the defaults."""
+def read_json_object(path, error=None) -> dict:
+    """Read a JSON file that must hold an object; problems become one-line ``error`` (ConfigError)."""
+    error = error or ConfigError
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: config file not found")
+        raise error(f"{path}: file not found")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise error(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be an object")
+        raise error(f"{path}: top level must be an object")
+    return raw
+
+
+def apply_overrides(raw: dict, sets: list[str]) -> dict:
+    """Apply ``KEY=VALUE`` strings (dotted keys, JSON values; bare strings allowed) to a raw preset."""
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, val = item.split("=", 1)
+        try:
+            val = json.loads(val)
+        except json.JSONDecodeError:
+            pass  # a bare string such as a path
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = val
+    return raw
+
+
+def load_config(path, overrides: list[str] | None = None) -> dict:
+    """Read a JSON preset, apply ``KEY=VALUE`` overrides, and resolve it against the defaults."""
+    raw = read_json_object(path)
     raw.pop("_comment", None)
     try:
-        return resolve(raw)
+        return resolve(apply_overrides(raw, overrides or []))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

@@ -16,9 +16,6 @@ Two entry points:
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ import torch
 
 from .conventions import FOV_MM, canonical_affine, model_to_hu, normalize_xray
 from .data.dataset import CTDataset
-from .data.io import DataError, load_radiograph, save_nifti, square_resize, write_json
+from .data.io import DataError, atomic_dir, load_radiograph, save_nifti, square_resize, write_json
 from .metrics import all_metrics
 
 METRIC_KEYS = ("psnr", "ssim", "mae", "hf_ratio")
@@ -137,11 +134,8 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
         raise DataError(f"{data_path}: radiographs are {first['xrays'].shape[-1]}^2 but the model expects "
                         f"{predictor.xray_size}^2")
     n = len(ds) if num_patients is None else min(num_patients, len(ds))
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     per_patient: dict[str, dict] = {}
-    try:
+    with atomic_dir(output_dir) as tmp:
         bar = tqdm(total=n, desc=f"infer ({predictor.kind})", unit="pt", disable=not progress)
         for i0 in range(0, n, batch_size):
             items = [ds[i] for i in range(i0, min(n, i0 + batch_size))]
@@ -170,12 +164,6 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
                         "source": predictor.source})
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
         (tmp / "metrics.txt").write_text(metrics_text(per_patient, summary))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return summary
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import random
 import shutil
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, build_models, load_config, resolve
+from .config import ConfigError, build_models, load_config, read_json_object
 from .data.dataset import CTDataset
 from .data.io import DataError, read_json, write_json
 from .losses.loss import DetailRefinementLoss
@@ -67,38 +66,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def apply_overrides(raw: dict, sets: list[str]) -> dict:
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, val = item.split("=", 1)
-        try:
-            val = json.loads(val)
-        except json.JSONDecodeError:
-            pass  # a bare string such as a path
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = val
-    return raw
-
-
-def load_run_config(args) -> dict:
-    path = Path(args.config)
-    if not path.exists():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    raw.pop("_comment", None)
-    try:
-        return resolve(apply_overrides(raw, args.set))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
 def base_checkpoint_path(cfg: dict) -> Path:
     explicit = cfg["model"]["base_model_checkpoint"]
     return Path(explicit) if explicit else Path(cfg["checkpoint"]["dir"]) / "base" / "best_model.pt"
@@ -125,12 +92,7 @@ def validate(cfg: dict, stage: str, ds_config_path: str) -> dict:
         raise TrainError(f"refine stage needs a trained base: {str(base_checkpoint_path(cfg))!r} not found "
                          f"(set model.base_model_checkpoint or run the base stage first)")
     ds_path = Path(ds_config_path)
-    if not ds_path.exists():
-        raise TrainError(f"DeepSpeed config {str(ds_path)!r} not found (--deepspeed_config)")
-    try:
-        ds = json.loads(ds_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TrainError(f"{ds_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    ds = read_json_object(ds_path, TrainError)
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
             raise TrainError(f"{ds_path}: remove {owned!r} -- the driver owns the optimizer and LR schedule (config.training)")
@@ -281,7 +243,7 @@ class CSVLog:
 
 # --------------------------------------------------------------------------------------------- main
 def run(args) -> int:
-    cfg = load_run_config(args)
+    cfg = load_config(args.config, args.set)
     ds_cfg = validate(cfg, args.stage, args.deepspeed_config)
     out = Path(cfg["checkpoint"]["dir"]) / args.stage
     ckpt_dir = out / "ckpt"

@@ -54,6 +54,14 @@ def _lap_e(P, T, offs, d, h, w, D, H, W, HW, valid):
 
 
 @triton.jit
+def _block_coords(N, D, H, W, BLOCK: tl.constexpr):
+    """This program's flat offsets, their validity mask and (d, h, w) indices in the stacked volumes."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    HW = H * W
+    return offs, offs < N, (offs // HW) % D, (offs // W) % H, offs % W, HW
+
+
+@triton.jit
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
@@ -66,15 +74,9 @@ def _laplacian_l1_fwd(
     N, D, H, W,  # total voxels and the volume dims (B*C volumes are stacked along the flat index)
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    HW = H * W
-    w = offs % W
-    h = (offs // W) % H
-    d = (offs // HW) % D
+    offs, valid, d, h, w, HW = _block_coords(N, D, H, W, BLOCK)
     lap = _lap_e(P, T, offs, d, h, w, D, H, W, HW, valid)
-    tl.store(PARTIAL + pid, tl.sum(tl.where(valid, tl.abs(lap), 0.0), axis=0))
+    tl.store(PARTIAL + tl.program_id(0), tl.sum(tl.where(valid, tl.abs(lap), 0.0), axis=0))
 
 
 @triton.jit
@@ -87,13 +89,7 @@ def _laplacian_l1_bwd(
     N, D, H, W,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < N
-    HW = H * W
-    w = offs % W
-    h = (offs // W) % H
-    d = (offs // HW) % D
+    offs, valid, d, h, w, HW = _block_coords(N, D, H, W, BLOCK)
     scale = tl.load(GO).to(tl.float32) * inv_n
     s0 = _sign(_lap_e(P, T, offs, d, h, w, D, H, W, HW, valid))
     acc = tl.zeros_like(s0)

@@ -45,19 +45,23 @@ def _bin_weight(offs, D, H, W, WR, SHARP: tl.constexpr, CUT: tl.constexpr):
 
 
 @triton.jit
+def _load_bins(X, M, BLOCK: tl.constexpr):
+    """This program's bin offsets, validity mask, real and imaginary parts."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < M
+    return offs, valid, tl.load(X + 2 * offs, mask=valid, other=0.0), tl.load(X + 2 * offs + 1, mask=valid, other=0.0)
+
+
+@triton.jit
 def _spectral_fwd(
     X,  # rfftn(p - t) as interleaved fp32 (re, im): (M, 2) with M = B*C*D*H*(W//2+1)
     PARTIAL,  # (num_programs,) fp32 partial sums of m * w * |X|
     M, D, H, W, WR,  # bins, full-grid dims, WR = W//2 + 1
     SHARP: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < M
-    re = tl.load(X + 2 * offs, mask=valid, other=0.0)
-    im = tl.load(X + 2 * offs + 1, mask=valid, other=0.0)
+    offs, valid, re, im = _load_bins(X, M, BLOCK)
     val = _bin_weight(offs, D, H, W, WR, SHARP, CUT) * tl.sqrt(re * re + im * im)
-    tl.store(PARTIAL + pid, tl.sum(tl.where(valid, val, 0.0), axis=0))
+    tl.store(PARTIAL + tl.program_id(0), tl.sum(tl.where(valid, val, 0.0), axis=0))
 
 
 @triton.jit
@@ -69,11 +73,7 @@ def _spectral_bwd(
     M, D, H, W, WR,
     SHARP: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < M
-    re = tl.load(X + 2 * offs, mask=valid, other=0.0)
-    im = tl.load(X + 2 * offs + 1, mask=valid, other=0.0)
+    offs, valid, re, im = _load_bins(X, M, BLOCK)
     mag = tl.sqrt(re * re + im * im)
     coef = tl.load(GO) * inv_n * _bin_weight(offs, D, H, W, WR, SHARP, CUT) / tl.where(mag > 0, mag, 1.0)
     coef = tl.where(mag > 0, coef, 0.0)

@@ -91,7 +91,7 @@ def test_bad_ct_files(tmp_path):
 
 
 def test_dicom_series(tmp_path, las_ct):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -59,7 +59,7 @@ def test_two_ranks_both_stages(data12, tmp_path):
     blob = torch.load(base / "best_model.pt", weights_only=False)
     assert blob["stage"] == "base" and all(v.dtype == torch.float32 for v in blob["state_dict"].values())
 
-    r = run(train_cmd("refine", data12, out, "--set", "training.num_epochs=2", launcher=True))
+    run(train_cmd("refine", data12, out, "--set", "training.num_epochs=2", launcher=True))
     ref = out / "refine"
     assert (ref / "best_model.pt").exists() and len(list((ref / "ckpt").glob("epoch_*"))) >= 1
     l = losses(ref / "train_log.csv")

@@ -14,15 +14,13 @@ never leaves a half patient, and a rerun skips every finished one.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
-from .io import DataError, load_nifti, read_json, save_nifti, write_json, xray_affine
+from .io import DataError, atomic_dir, load_nifti, read_json, save_nifti, write_json, xray_affine
 from .phantoms import chest_phantom, downsample_area
 from .projector import Geometry, render_drrs
 
@@ -56,10 +54,7 @@ def render_patient(hu_render: np.ndarray, size: int, xray_size: int, geometry: G
 def write_patient(root: Path, name: str, ct_hu: np.ndarray, xrays: np.ndarray, meta: dict,
                   affine: np.ndarray | None = None) -> Path:
     """Write one patient folder atomically (temporary folder, then rename)."""
-    root = Path(root)
-    final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    with atomic_dir(Path(root) / name) as tmp:
         size = ct_hu.shape[0]
         fov = meta["fov_mm"]
         save_nifti(tmp / "ct.nii.gz", ct_hu, canonical_affine(size, fov / size) if affine is None else affine)
@@ -67,13 +62,7 @@ def write_patient(root: Path, name: str, ct_hu: np.ndarray, xrays: np.ndarray, m
         save_nifti(tmp / "xray_pa.nii.gz", xrays[0], xray_affine(px))
         save_nifti(tmp / "xray_lateral.nii.gz", xrays[1], xray_affine(px))
         write_json(tmp / "meta.json", meta)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
+    return Path(root) / name
 
 
 def is_complete(folder: Path) -> bool:

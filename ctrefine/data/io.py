@@ -13,8 +13,10 @@ a half-written file under the final name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,6 +33,25 @@ def _atomic_target(path: Path, suffix: str):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(final):
+    """Build a folder under a temporary name beside ``final``; on success replace ``final`` with it.
+
+    On any error the temporary folder is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def save_nifti(path, data: np.ndarray, affine: np.ndarray) -> None:
