@@ -96,31 +96,3 @@ def test_loss_kernel(benchmark, loss, impl, mode, shape):
     if CUDA:
         benchmark.extra_info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
     assert mean > 0
-
-
-@pytest.mark.parametrize("kernels", ["0", "1"] if CUDA else ["0"])
-def test_refiner_train_step(benchmark, kernels, monkeypatch):
-    """One refiner optimisation step (bf16 autocast), kernels on vs off."""
-    from ctrefine.config import build_models, load_config
-    from ctrefine.losses.loss import DetailRefinementLoss
-
-    monkeypatch.setenv("CTREFINE_KERNELS", kernels)
-    cfg = load_config("configs/full.json" if CUDA else "configs/cpu-small.json")
-    _, refiner = build_models(cfg)
-    refiner.to(DEVICE)
-    v, s, b = cfg["model"]["volume_size"], cfg["model"]["xray_size"], cfg["training"]["batch_size"]
-    coarse, target = torch.rand(2, b, 1, v, v, v, device=DEVICE)
-    xrays = torch.rand(b, 2, 1, s, s, device=DEVICE)
-    crit = DetailRefinementLoss(cfg["loss"])
-    opt = torch.optim.AdamW(refiner.parameters(), lr=1e-4)
-
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss, _ = crit(refiner(coarse, xrays), target, coarse)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sync()
-
-    benchmark.pedantic(step, rounds=5 if not CUDA else 30, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["volumes_per_s"] = b / benchmark.stats.stats.mean

@@ -64,6 +64,41 @@ def _cmd_prepare(a) -> int:
     return 1 if failed else 0
 
 
+def _cmd_preview(a) -> int:
+    """Axial / coronal / sagittal slices of a patient's CT and both radiographs, as one PNG."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data.io import load_nifti
+
+    folder = Path(a.data) / a.patient
+    ct, aff = load_nifti(folder / "ct.nii.gz")
+    pa, _ = load_nifti(folder / "xray_pa.nii.gz")
+    lat, _ = load_nifti(folder / "xray_lateral.nii.gz")
+    d, h, w = ct.shape
+    fig, ax = plt.subplots(1, 5, figsize=(20, 4.4))
+    panels = [("axial (D=%d)" % (d // 2), ct[d // 2]), ("coronal (H=%d)" % (h // 2), ct[:, h // 2]),
+              ("sagittal (W=%d)" % (w // 2), ct[:, :, w // 2]), ("PA DRR (D x W)", pa), ("lateral DRR (D x H)", lat)]
+    for i, (title, img) in enumerate(panels):
+        ax[i].imshow(img, cmap="gray", **({"vmin": -1000, "vmax": 1000} if i < 3 else {}))
+        ax[i].set_title(title)
+        ax[i].axis("off")
+    fig.suptitle(f"{folder}  (CT window -1000..1000 HU; radiographs: line integrals of mu)")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=a.dpi)
+    plt.close(fig)
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_info(a) -> int:
     from .config import build_models, load_config, resolve
 
@@ -277,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--geometry", choices=("cone", "parallel"), default="cone")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_cmd_prepare)
+
+    v = sub.add_parser("preview", help="PNG of one patient: CT slices and both radiographs",
+                       description="Axial, coronal and sagittal mid-slices of a patient's ct.nii.gz next to its PA and "
+                                   "lateral radiographs, to check anatomy and orientation at a glance.")
+    v.add_argument("--data", required=True, help="dataset directory")
+    v.add_argument("--patient", default="patient_0000", help="patient folder name (default patient_0000)")
+    v.add_argument("--out", required=True, help="output .png")
+    v.add_argument("--dpi", type=int, default=80)
+    v.set_defaults(func=_cmd_preview)
 
     i = sub.add_parser("info", help="print the parameter counts of the models of a config",
                        description="Build the base and refiner described by a config preset and print their sizes.")

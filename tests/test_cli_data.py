@@ -52,3 +52,13 @@ def test_help_and_bad_args():
     assert r.returncode == 0 and "make-data" in r.stdout and "prepare" in r.stdout
     r = run_cli("make-data", "--out", "/tmp/x", "--num-patients", "0")
     assert r.returncode == 2 and "num-patients" in r.stderr
+
+
+def test_preview_png(tiny_dataset, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "p.png"
+    assert main(["preview", "--data", str(tiny_dataset), "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 800
+    r = run_cli("preview", "--data", tiny_dataset, "--patient", "patient_9999", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "patient_9999" in r.stderr and not (tmp_path / "x.png").exists()

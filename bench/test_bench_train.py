@@ -1,0 +1,52 @@
+"""Training throughput: volumes/s of one optimisation step per stage, kernels on vs off.
+
+A step = forward, loss, backward, AdamW update, in bf16 autocast (what DeepSpeed's bf16 mode does to
+the arithmetic), at the preset's batch size: ``full`` on CUDA, ``cpu-small`` on CPU. The kernel
+switch only matters on CUDA (on CPU the reference runs either way, so only "off" is measured).
+This isolates the model + loss cost from DeepSpeed's communication; the end-to-end figure of the
+deepspeed launcher is the ``volumes_per_s`` column of ``train_log.csv``.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctrefine.config import build_models, load_config
+from ctrefine.losses.loss import DetailRefinementLoss
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"] if CUDA else ["0"])
+@pytest.mark.parametrize("stage", ["base", "refine"])
+def test_train_step(benchmark, stage, kernels, monkeypatch):
+    monkeypatch.setenv("CTREFINE_KERNELS", kernels)
+    cfg = load_config("configs/full.json" if CUDA else "configs/cpu-small.json")
+    base, refiner = build_models(cfg)
+    v, s, b = cfg["model"]["volume_size"], cfg["model"]["xray_size"], cfg["training"]["batch_size"]
+    g = torch.Generator().manual_seed(0)
+    coarse, target = torch.rand(2, b, 1, v, v, v, generator=g).to(DEVICE)
+    xrays = torch.rand(b, 2, 1, s, s, generator=g).to(DEVICE)
+    model = (base if stage == "base" else refiner).to(DEVICE)
+    crit = DetailRefinementLoss(cfg["loss"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            if stage == "base":
+                loss = F.l1_loss(model(xrays).float(), target)
+            else:
+                loss, _ = crit(model(coarse, xrays), target, coarse)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+
+    benchmark.pedantic(step, rounds=30 if CUDA else 5, iterations=1, warmup_rounds=2)
+    benchmark.extra_info.update({"volumes_per_s": b / benchmark.stats.stats.mean, "batch": b, "volume": v,
+                                 "device": torch.cuda.get_device_name() if CUDA else "cpu"})
