@@ -94,6 +94,10 @@ def export_onnx(model: TwoStage, cfg: dict, out, geometry: dict | None = None) -
     batch = torch.export.Dim("batch", min=1, max=1024)
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
+    import logging
+
+    # The exporter logs one line per torchvision op it cannot register; torchvision is not used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, example, str(tmp), dynamo=True, opset_version=OPSET,

@@ -91,7 +91,7 @@ def comparison_png(path, coarse, refined, truth, xrays, title: str) -> None:
             "|coarse - truth|": np.abs(coarse - truth), "|refined - truth|": np.abs(refined - truth)}
     d, h, w = truth.shape
     views = {"axial": lambda v: v[d // 2], "coronal": lambda v: v[:, h // 2, :], "sagittal": lambda v: v[:, :, w // 2]}
-    fig, axes = plt.subplots(4, 5, figsize=(15, 12.5))
+    fig, axes = plt.subplots(4, 5, figsize=(12.5, 10.5))
     for r, (vname, cut) in enumerate(views.items()):
         for c, (name, vol) in enumerate(vols.items()):
             ax = axes[r, c]
@@ -109,8 +109,8 @@ def comparison_png(path, coarse, refined, truth, xrays, title: str) -> None:
         axes[3, c].axis("off")
     for c in range(2, 5):
         axes[3, c].axis("off")
-    axes[3, 2].text(0, 0.5, title, fontsize=11, family="monospace", va="center")
-    fig.tight_layout()
+    axes[3, 2].text(0, 0.5, title, fontsize=10, family="monospace", va="center")
+    fig.subplots_adjust(left=0.04, right=0.99, top=0.96, bottom=0.01, wspace=0.06, hspace=0.12)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
