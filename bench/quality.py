@@ -50,7 +50,7 @@ def reprojection_error(predictor, data_path, split="test") -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu-small", choices=("cpu-small", "full"))
+    p.add_argument("--preset", default="cpu-small", choices=("cpu-small", "cpu-medium", "full"))
     p.add_argument("--num-patients", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/quality")

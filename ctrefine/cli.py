@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics. Preset cpu-small on CPU, full on CUDA. Re-running reuses finished work "
                                    "(dataset, trained stages, an up-to-date ONNX file).")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    d.add_argument("--preset", choices=("auto", "cpu-small", "full"), default="auto")
+    d.add_argument("--preset", choices=("auto", "cpu-small", "cpu-medium", "full"), default="auto")
     d.add_argument("--num-patients", type=int, default=None, help="default 128 (cpu-small) / 1000 (full)")
     d.add_argument("--seed", type=int, default=0, help="dataset seed")
     d.add_argument("--ranks", type=int, default=None, help="deepspeed ranks (default: GPUs, or 2 CPU ranks)")
