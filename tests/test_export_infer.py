@@ -153,3 +153,29 @@ def test_bad_inputs(checkpoints, onnx_model, tiny_dataset, tmp_path):
         lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ctrefine: error")]
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], (args, r.stderr[-500:])
         assert not out.exists()
+
+
+def test_dicom_radiograph_monochrome1(tmp_path):
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from ctrefine.data.io import load_radiograph
+
+    img = np.zeros((32, 40), np.uint16)
+    img[10:20, 10:30] = 1000  # a bright (attenuating) block in display convention
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = img.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel = 1
+    for photometric, expect_bright_block in (("MONOCHROME2", True), ("MONOCHROME1", False)):
+        ds.PhotometricInterpretation = photometric
+        ds.PixelData = img.tobytes()
+        ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
+        out = load_radiograph(tmp_path / "x.dcm")
+        assert out.shape == (32, 40)
+        assert (out[15, 20] > out[0, 0]) == expect_bright_block  # MONOCHROME1 (bone black) is inverted
