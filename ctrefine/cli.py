@@ -73,7 +73,7 @@ def _cmd_preview(a) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data.io import load_nifti
+    from .data.io import atomic_file, load_nifti
 
     folder = Path(a.data) / a.patient
     ct, aff = load_nifti(folder / "ct.nii.gz")
@@ -90,11 +90,9 @@ def _cmd_preview(a) -> int:
     fig.suptitle(f"{folder}  (CT window -1000..1000 HU; radiographs: line integrals of mu)")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=a.dpi)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=a.dpi)
     plt.close(fig)
-    tmp.replace(out)
     print(f"wrote {out}")
     return 0
 
@@ -123,7 +121,7 @@ def _cmd_export_onnx(a) -> int:
     from .data.dataset import CTDataset
     from .export import PARITY_TOL, export_onnx, load_two_stage, verify
 
-    model, cfg, _ = load_two_stage(a.base_checkpoint, a.refinement_checkpoint)
+    model, cfg = load_two_stage(a.base_checkpoint, a.refinement_checkpoint)
     s = cfg["model"]["xray_size"]
     batches = {"random batch 1": torch.rand(1, 2, 1, s, s), "random batch 3": torch.rand(3, 2, 1, s, s)}
     if a.data_path:
@@ -261,7 +259,7 @@ def _cmd_demo(a) -> int:
     if onnx_path.exists() and onnx_path.stat().st_mtime > max(base_ckpt.stat().st_mtime, ref_ckpt.stat().st_mtime):
         print(f"   {onnx_path} is newer than both checkpoints: reused")
     else:
-        model, mcfg, _ = load_two_stage(base_ckpt, ref_ckpt)
+        model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
         export_onnx(model, mcfg, onnx_path)
         s = m["xray_size"]
         err = verify(model, onnx_path, [torch.rand(1, 2, 1, s, s), torch.rand(3, 2, 1, s, s)])

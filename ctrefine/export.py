@@ -9,7 +9,6 @@ self-describing: intensity window, X-ray normalisation, geometry, sizes, package
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn as nn
 
 from . import conventions as C
 from .config import build_models
-from .data.io import DataError
+from .data.io import DataError, atomic_file
 
 OPSET = 18
 PARITY_TOL = 1e-4
@@ -38,8 +37,8 @@ class TwoStage(nn.Module):
         return coarse, self.refiner(coarse, x)
 
 
-def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, dict, dict]:
-    """Build the pipeline from two ``best_model.pt`` files; returns (model in eval mode, config, meta)."""
+def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, dict]:
+    """Build the pipeline from two ``best_model.pt`` files; returns (model in eval mode, refiner config)."""
     from .train import load_model_file
 
     b = load_model_file(base_ckpt)
@@ -56,7 +55,7 @@ def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, dict, dict]:
     base.load_state_dict(b["state_dict"])
     refiner.load_state_dict(r["state_dict"])
     model = TwoStage(base, refiner).eval()
-    return model, cfg, {"base_epoch": b.get("epoch"), "refine_epoch": r.get("epoch")}
+    return model, cfg
 
 
 def _metadata(cfg: dict, geometry: dict | None) -> dict[str, str]:
@@ -92,27 +91,25 @@ def export_onnx(model: TwoStage, cfg: dict, out, geometry: dict | None = None) -
     s = cfg["model"]["xray_size"]
     example = (torch.rand(2, 1, s, s), torch.rand(2, 1, s, s))
     batch = torch.export.Dim("batch", min=1, max=1024)
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
     import logging
 
     # The exporter logs one line per torchvision op it cannot register; torchvision is not used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(tmp), dynamo=True, opset_version=OPSET,
-                          input_names=["xray_pa", "xray_lateral"], output_names=["coarse", "refined"],
-                          dynamic_shapes={"xray_pa": {0: batch}, "xray_lateral": {0: batch}}, verbose=False)
-    proto = onnx.load(str(tmp))
-    for k, v in _metadata(cfg, geometry).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, out)
-    data_file = tmp.with_name(tmp.name + ".data")
-    if data_file.exists():
-        data_file.unlink()
+    with atomic_file(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, example, str(tmp), dynamo=True, opset_version=OPSET,
+                              input_names=["xray_pa", "xray_lateral"], output_names=["coarse", "refined"],
+                              dynamic_shapes={"xray_pa": {0: batch}, "xray_lateral": {0: batch}}, verbose=False)
+        proto = onnx.load(str(tmp))  # pulls any external-data file back inline (the model is far below 2 GB)
+        data_file = tmp.with_name(tmp.name + ".data")
+        if data_file.exists():
+            data_file.unlink()
+        for k, v in _metadata(cfg, geometry).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
     return out
 
 

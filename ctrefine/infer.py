@@ -37,7 +37,7 @@ class TorchPredictor:
     def __init__(self, base_ckpt, refiner_ckpt, device: str | None = None):
         from .export import load_two_stage
 
-        self.model, self.cfg, _ = load_two_stage(base_ckpt, refiner_ckpt)
+        self.model, self.cfg = load_two_stage(base_ckpt, refiner_ckpt)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.xray_size = self.cfg["model"]["xray_size"]

@@ -36,9 +36,9 @@ import torch
 
 from .config import ConfigError, build_models, load_config, read_json_object
 from .data.dataset import CTDataset
-from .data.io import DataError, read_json, write_json
+from .data.io import DataError, atomic_file, read_json, write_json
 from .losses.loss import DetailRefinementLoss
-from .metrics import hf_energy_ratio, psnr, ssim
+from .metrics import all_metrics
 
 STAGES = ("base", "refine")
 
@@ -187,9 +187,8 @@ def state_fingerprint(state_dict: dict) -> str:
 
 # ------------------------------------------------------------------------------------- checkpoints
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def export_fp32(ckpt_dir: Path, tag: str) -> dict:
@@ -330,14 +329,13 @@ def run(args) -> int:
                 tb = None
 
     def forward(xr, ct, names):
+        """(loss, {term: detached value}) for one batch."""
         xr = xr.to(device, dtype)
         if args.stage == "base":
-            pred = engine(xr)
-            return (pred.float() - ct.to(device)).abs().mean(), {"l1": None}, pred, None
+            loss = (engine(xr).float() - ct.to(device)).abs().mean()
+            return loss, {"l1": loss.detach()}
         c = torch.stack([coarse[n] for n in names]).to(device, dtype)
-        pred = engine(c, xr)
-        loss, terms = crit(pred, ct.to(device), c)
-        return loss, terms, pred, c
+        return crit(engine(c, xr), ct.to(device), c)
 
     epochs_run = 0
     from tqdm import tqdm
@@ -349,25 +347,27 @@ def run(args) -> int:
         mine = order[rank::world]
         bar = tqdm(total=len(mine), desc=f"{args.stage} epoch {epoch + 1}/{num_epochs}", unit="vol",
                    disable=rank != 0 or args.no_progress, leave=False)
-        tic, seen, ep_loss, n_b = time.time(), 0, 0.0, 0
+        tic, seen, n_b = time.time(), 0, 0
+        ep_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
         for xr, ct, names in batches(train_ds, mine, t["batch_size"]):
-            loss, terms, _, _ = forward(xr, ct, names)
+            loss, terms = forward(xr, ct, names)
             engine.backward(loss)
             engine.step()
             global_step += 1
             seen += len(names) * world
-            vps = seen / max(1e-9, time.time() - tic)
-            ep_loss += loss.item()
+            ep_loss += loss.detach()
             n_b += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", vol_s=f"{vps:.1f}")
             bar.update(len(names))
             if rank == 0 and (global_step % cfg["logging"]["log_every"] == 0 or n_b == 1):
-                row = {"epoch": epoch + 1, "step": global_step, "lr": sched.get_last_lr()[0], "loss": loss.item(),
+                vps = seen / max(1e-9, time.time() - tic)  # the .item() below syncs, so this rate is honest
+                loss_v = loss.item()
+                bar.set_postfix(loss=f"{loss_v:.4f}", vol_s=f"{vps:.1f}")
+                row = {"epoch": epoch + 1, "step": global_step, "lr": sched.get_last_lr()[0], "loss": loss_v,
                        "volumes_per_s": vps}
-                row.update({k: (v.item() if v is not None else loss.item()) for k, v in terms.items()})
+                row.update({k: v.item() for k, v in terms.items()})
                 train_log.append(row)
                 if tb:
-                    tb.add_scalar(f"{args.stage}/train_loss", loss.item(), global_step)
+                    tb.add_scalar(f"{args.stage}/train_loss", loss_v, global_step)
         bar.close()
 
         # ---- validation (rank 0; ZeRO-2 keeps full parameters on every rank) -------------------------
@@ -385,7 +385,7 @@ def run(args) -> int:
                 for k, v in vm.items():
                     tb.add_scalar(f"{args.stage}/val_{k}", v, global_step)
             msg = ", ".join(f"{k} {v:.4f}" for k, v in vm.items())
-            print(f"[{args.stage}] epoch {epoch + 1}/{num_epochs} train loss {ep_loss / max(1, n_b):.4f} | "
+            print(f"[{args.stage}] epoch {epoch + 1}/{num_epochs} train loss {ep_loss.item() / max(1, n_b):.4f} | "
                   f"val {msg}{' (best)' if improved else ''}", flush=True)
         flags = [improved, best, bad_epochs]
         if world > 1:
@@ -446,20 +446,22 @@ def run(args) -> int:
 @torch.no_grad()
 def evaluate(model, ds, stage, coarse, device, dtype, batch_size) -> dict:
     """Mean val metrics: base -> psnr/ssim/hf_ratio; refine -> coarse vs refined and the gain."""
+    keys = ("psnr", "ssim", "hf_ratio")
+
+    def pick(pred, ct, prefix=""):
+        m = all_metrics(pred, ct)
+        return {prefix + k: m[k] for k in keys}
+
     model.eval()
     acc: dict[str, list] = {}
     for xr, ct, names in batches(ds, list(range(len(ds))), batch_size):
         xr = xr.to(device, dtype)
         if stage == "base":
-            pred = model(xr).float().cpu()
-            vals = {"psnr": psnr(pred, ct), "ssim": ssim(pred, ct), "hf_ratio": hf_energy_ratio(pred, ct)}
+            vals = pick(model(xr).float().cpu(), ct)
         else:
             c = torch.stack([coarse[n] for n in names]).to(device, dtype)
             ref = model(c, xr).float().cpu()
-            c = c.float().cpu()
-            vals = {"coarse_psnr": psnr(c, ct), "refined_psnr": psnr(ref, ct), "coarse_ssim": ssim(c, ct),
-                    "refined_ssim": ssim(ref, ct), "coarse_hf_ratio": hf_energy_ratio(c, ct),
-                    "refined_hf_ratio": hf_energy_ratio(ref, ct)}
+            vals = {**pick(c.float().cpu(), ct, "coarse_"), **pick(ref, ct, "refined_")}
         for k, v in vals.items():
             acc.setdefault(k, []).append(v)
     model.train()

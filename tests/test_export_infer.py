@@ -36,7 +36,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onnx_model(checkpoints, tmp_path_factory):
-    model, cfg, _ = load_two_stage(*checkpoints)
+    model, cfg = load_two_stage(*checkpoints)
     return export_onnx(model, cfg, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
@@ -49,7 +49,7 @@ def test_export_parity_and_metadata(checkpoints, onnx_model):
     import onnx
 
     onnx.checker.check_model(onnx.load(str(onnx_model)))
-    model, cfg, _ = load_two_stage(*checkpoints)
+    model, cfg = load_two_stage(*checkpoints)
     torch.manual_seed(1)
     for b in (1, 3):
         assert verify(model, onnx_model, [torch.rand(b, 2, 1, 64, 64)]) <= PARITY_TOL

@@ -28,11 +28,21 @@ class DataError(ValueError):
     """A user-supplied file is unreadable or not what it claims to be (one-line message)."""
 
 
-def _atomic_target(path: Path, suffix: str):
+@contextlib.contextmanager
+def atomic_file(path):
+    """Write a file under a temporary name beside ``path`` (same extension, so writers that pick the
+    format from it still do); on success rename it to ``path``. On any error nothing is left behind."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -63,13 +73,8 @@ def save_nifti(path, data: np.ndarray, affine: np.ndarray) -> None:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    tmp = _atomic_target(path, ".nii.gz" if path.name.endswith(".gz") else ".nii")
-    try:
+    with atomic_file(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_nifti(path) -> tuple[np.ndarray, np.ndarray]:
@@ -90,14 +95,8 @@ def xray_affine(pixel_mm: float) -> np.ndarray:
 
 def write_json(path, obj) -> None:
     """Write JSON atomically (sorted keys, indented)."""
-    path = Path(path)
-    tmp = _atomic_target(path, ".json")
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_json(path) -> dict:

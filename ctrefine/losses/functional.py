@@ -87,11 +87,8 @@ class SpectralWeightedAbs(torch.autograd.Function):
 
 
 def laplacian_l1_kernel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Kernel path of :func:`laplacian_l1` (no dispatch)."""
-    if pred.shape != target.shape or pred.dim() != 5:
-        raise ValueError(f"laplacian_l1 expects two (B, C, D, H, W) tensors of one shape, got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    return LaplacianL1Function.apply(pred, target.to(pred.dtype))
+    """Kernel path of :func:`laplacian_l1` (no dispatch; the launcher validates shapes and dtypes)."""
+    return LaplacianL1Function.apply(pred, target)
 
 
 def spectral_l1_kernel(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

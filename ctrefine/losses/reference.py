@@ -19,6 +19,8 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +41,15 @@ def laplacian_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def spectral_weight(shape, device=None, onesided: bool = False) -> torch.Tensor:
-    """High-pass weight ``sigmoid(10 (|f| - 0.1))`` on the (D, H, W) FFT grid (or the rfft half grid)."""
+    """High-pass weight ``sigmoid(10 (|f| - 0.1))`` on the (D, H, W) FFT grid (or the rfft half grid).
+
+    Cached per (shape, device, onesided): the loss calls it every step with the same volume size.
+    """
+    return _spectral_weight(tuple(int(s) for s in shape), torch.device(device or "cpu"), onesided)
+
+
+@functools.lru_cache(maxsize=16)
+def _spectral_weight(shape: tuple, device: torch.device, onesided: bool) -> torch.Tensor:
     d, h, w = shape
     fd = torch.fft.fftfreq(d, device=device).view(-1, 1, 1)
     fh = torch.fft.fftfreq(h, device=device).view(1, -1, 1)
