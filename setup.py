@@ -6,6 +6,9 @@ Packaging notes
   local CPU wheel, while any range admitting a newer release pulls several GB of CUDA packages.
 * The top-level folder ``kernels/`` (Triton kernels only) is installed as ``ctrefine.kernels``:
   a top-level import package named ``kernels`` would collide with an unrelated PyPI package.
+* The top-level folder ``configs/`` (training presets, and a link to ``ds_config.json``) is installed
+  as ``ctrefine.presets`` package data, so an installed ``ctrefine`` finds its presets and DeepSpeed
+  config outside a source checkout.
 """
 from setuptools import setup
 
@@ -21,9 +24,12 @@ setup(
         "ctrefine.data",
         "ctrefine.models",
         "ctrefine.losses",
+        "ctrefine.training",
         "ctrefine.kernels",
+        "ctrefine.presets",
     ],
-    package_dir={"ctrefine.kernels": "kernels"},
+    package_dir={"ctrefine.kernels": "kernels", "ctrefine.presets": "configs"},
+    package_data={"ctrefine.presets": ["*.json"]},
     install_requires=[
         "torch==2.13.0",
         "numpy>=1.24",
@@ -38,10 +44,11 @@ setup(
         "tqdm>=4.60",
         "pillow>=9.0",
         "scikit-image>=0.21",
+        "pydantic>=2.5,<3",  # the typed config (deepspeed needs pydantic 2 as well)
+        "pydicom>=2.4",  # DICOM CT series and DICOM radiographs (scanner/PACS exports)
     ],
     extras_require={
-        "dicom": ["pydicom>=2.4"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pydicom>=2.4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["ctrefine=ctrefine.cli:main"]},
 )

@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 
-from ctrefine.config import build_models, resolve
-from ctrefine.export import TwoStage, export_onnx, ort_session
+from ctrefine.config import resolve
+from ctrefine.export import export_onnx
+from ctrefine.models import build_models
+from ctrefine.pipeline import TwoStage, ort_session
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -29,7 +31,7 @@ def full_model(tmp_path_factory):
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
 def test_latency(benchmark, full_model, engine, batch):
     model, cfg, path = full_model
-    s = cfg["model"]["xray_size"]
+    s = cfg.model.xray_size
     x = torch.rand(batch, 2, 1, s, s)
     if engine == "torch":
         m = model.to(DEVICE)
@@ -61,7 +63,7 @@ def test_ort_op_profile(full_model, tmp_path):
     so.enable_profiling = True
     so.profile_file_prefix = str(tmp_path / "prof")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    s = cfg["model"]["xray_size"]
+    s = cfg.model.xray_size
     x = torch.rand(1, 2, 1, s, s)
     for _ in range(3):
         sess.run(None, {"xray_pa": x[:, 0].numpy(), "xray_lateral": x[:, 1].numpy()})

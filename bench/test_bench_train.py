@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctrefine.config import build_models, load_config
+from ctrefine.config import load_config
 from ctrefine.losses.loss import DetailRefinementLoss
+from ctrefine.models import build_models
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -26,14 +27,14 @@ def sync():
 @pytest.mark.parametrize("stage", ["base", "refine"])
 def test_train_step(benchmark, stage, kernels, monkeypatch):
     monkeypatch.setenv("CTREFINE_KERNELS", kernels)
-    cfg = load_config("configs/full.json" if CUDA else "configs/cpu-small.json")
+    cfg = load_config("full" if CUDA else "cpu-small")
     base, refiner = build_models(cfg)
-    v, s, b = cfg["model"]["volume_size"], cfg["model"]["xray_size"], cfg["training"]["batch_size"]
+    v, s, b = cfg.model.volume_size, cfg.model.xray_size, cfg.training.batch_size
     g = torch.Generator().manual_seed(0)
     coarse, target = torch.rand(2, b, 1, v, v, v, generator=g).to(DEVICE)
     xrays = torch.rand(b, 2, 1, s, s, generator=g).to(DEVICE)
     model = (base if stage == "base" else refiner).to(DEVICE)
-    crit = DetailRefinementLoss(cfg["loss"])
+    crit = DetailRefinementLoss(cfg.loss_weights())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():

@@ -1,113 +1,167 @@
-"""The one config path: defaults here, presets in ``configs/*.json`` override them, validated on load.
+"""The one config path: a typed schema (pydantic), JSON presets that override it, ``--set`` on top.
 
 Schema (the seed's): ``model / training / loss / data / checkpoint / logging``. A preset only lists
-what it changes. An unknown key, or a value of the wrong type, is a one-line :class:`ConfigError`
-naming the key -- a typo must never silently fall back to a default.
+what it changes. Validation is strict: an unknown key, a value of the wrong type or out of range is a
+one-line :class:`~ctrefine.errors.ConfigError` naming the key -- a typo must never silently fall back
+to a default. Each field's ``description`` says why its default is what it is.
+
+Presets ship inside the package (``ctrefine.presets``, the repository's ``configs/`` folder), together
+with ``ds_config.json``, so an installed ``ctrefine`` works outside a source checkout::
+
+    load_config("cpu-small")                 # a shipped preset, by name
+    load_config("configs/cpu-small.json")    # any JSON file
+    load_config("full", ["training.num_epochs=2", "loss.texture=0"])
 """
 from __future__ import annotations
 
-import copy
 import json
+from importlib import resources
 from pathlib import Path
 
-DEFAULTS: dict = {
-    "model": {
-        "volume_size": 64,  # target grid side (voxels); 64^3 at 5 mm covers the 320 mm FOV
-        "xray_size": 128,  # radiograph side (pixels); 2x the volume so DRRs carry sub-voxel detail
-        "base_width": 32,  # base channel width -> 15.2M parameters at 64^3 (the design's ~16M)
-        "hidden_channels": 64,  # refiner width -> 5.0M parameters (the design's ~5M)
-        "guidance_channels": 16,  # X-ray detail guidance features per view
-        "freq_bins": 16,  # radial frequency bands of each FrequencyAttention gain
-        "mid_blocks": 4,  # residual blocks at the refiner's quarter resolution
-        "base_model_checkpoint": None,  # refine stage: path to the trained base (.pt state dict)
-    },
-    "training": {
-        "batch_size": 4,  # per rank (DeepSpeed's train_micro_batch_size_per_gpu)
-        "num_epochs": 40,
-        "base_num_epochs": None,  # epochs of the base stage if it needs a different budget; null = num_epochs
-        "learning_rate": 2e-4,  # AdamW; peak of the cosine schedule
-        "weight_decay": 1e-4,
-        "warmup_steps": 50,  # linear warm-up before the cosine decay
-        "min_lr_ratio": 0.05,  # cosine floor as a fraction of the peak LR
-        "seed": 0,
-        "early_stopping_patience": 0,  # epochs without val improvement before stopping; 0 = never
-    },
-    "loss": {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "perceptual": 0.2, "consistency": 0.1},
-    "data": {
-        "data_path": "runs/demo/data",  # a dataset made by `ctrefine make-data` or `ctrefine prepare`
-        "train_split": "train",
-        "val_split": "val",
-    },
-    "checkpoint": {
-        "dir": "runs/default",  # checkpoints, CSV log, best model export
-        "save_every": 1,  # epochs between periodic checkpoints
-        "keep_last": 2,  # periodic checkpoints kept on disk (the best is always kept)
-    },
-    "logging": {"log_every": 10, "tensorboard": True},
-}
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-_NULLABLE = {("model", "base_model_checkpoint"): str, ("training", "base_num_epochs"): int}
+from .errors import ConfigError
+from .losses.registry import ALIASES, TERMS
+
+__all__ = ["Config", "ConfigError", "load_config", "resolve", "apply_overrides", "read_json_object", "preset_path",
+           "preset_names", "ds_config_path"]
 
 
-class ConfigError(ValueError):
-    """Invalid configuration (one-line message naming the key)."""
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, frozen=False)
 
 
-def _merge(base: dict, over: dict, prefix: str = "") -> None:
-    for k, v in over.items():
-        key = f"{prefix}{k}"
-        if k not in base:
-            raise ConfigError(f"unknown config key {key!r}")
-        if isinstance(base[k], dict):
-            if not isinstance(v, dict):
-                raise ConfigError(f"config key {key!r} must be an object")
-            _merge(base[k], v, key + ".")
-            continue
-        ref = base[k]
-        section, name = (prefix.rstrip("."), k)
-        if v is None and (section, name) in _NULLABLE:
-            base[k] = None
-            continue
-        if ref is None:
-            want = _NULLABLE[(section, name)]
-            if not isinstance(v, want) or isinstance(v, bool):
-                raise ConfigError(f"config key {key!r} must be a {want.__name__} or null, got {v!r}")
-        elif isinstance(ref, bool):
-            if not isinstance(v, bool):
-                raise ConfigError(f"config key {key!r} must be true/false, got {v!r}")
-        elif isinstance(ref, int):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ConfigError(f"config key {key!r} must be an integer, got {v!r}")
-        elif isinstance(ref, float):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ConfigError(f"config key {key!r} must be a number, got {v!r}")
-            v = float(v)
-        elif isinstance(ref, str) and not isinstance(v, str):
-            raise ConfigError(f"config key {key!r} must be a string, got {v!r}")
-        base[k] = v
+class ModelConfig(_Section):
+    volume_size: int = Field(64, ge=16, multiple_of=16,
+                             description="target grid side (voxels); 64^3 at 5 mm covers the 320 mm FOV; the base's "
+                                         "five scales need a multiple of 16")
+    xray_size: int = Field(128, ge=16, description="radiograph side (pixels); 2x the volume so DRRs carry sub-voxel "
+                                                   "detail")
+    base_width: int = Field(32, ge=1, description="base channel width -> 15.2M parameters at 64^3 (the design's ~16M)")
+    hidden_channels: int = Field(64, ge=2, description="refiner width -> 5.0M parameters (the design's ~5M)")
+    guidance_channels: int = Field(16, ge=1, description="X-ray detail guidance features per view")
+    freq_bins: int = Field(16, ge=1, description="radial frequency bands of each FrequencyAttention gain")
+    mid_blocks: int = Field(4, ge=0, description="residual blocks at the refiner's quarter resolution")
+    base_model_checkpoint: str | None = Field(None, description="refine stage: the trained base's best_model.pt; "
+                                                                "null = <checkpoint.dir>/base/best_model.pt")
 
 
-def resolve(overrides: dict | None = None) -> dict:
-    """Defaults with ``overrides`` merged in (validated)."""
-    cfg = copy.deepcopy(DEFAULTS)
-    _merge(cfg, overrides or {})
-    if cfg["model"]["volume_size"] % 16:
-        raise ConfigError("model.volume_size must be a multiple of 16")
-    if cfg["training"]["batch_size"] < 1 or cfg["training"]["num_epochs"] < 1:
-        raise ConfigError("training.batch_size and training.num_epochs must be >= 1")
-    return cfg
+class TrainingConfig(_Section):
+    batch_size: int = Field(4, ge=1, description="per rank (DeepSpeed's train_micro_batch_size_per_gpu)")
+    num_epochs: int = Field(40, ge=1, description="epochs of the cosine schedule (the refine stage's budget)")
+    base_num_epochs: int | None = Field(None, ge=1, description="epochs of the base stage if it needs a different "
+                                                                "budget; null = num_epochs")
+    learning_rate: float = Field(2e-4, gt=0, description="AdamW; peak of the cosine schedule")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW decoupled weight decay")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up before the cosine decay")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine floor as a fraction of the peak LR")
+    seed: int = Field(0, ge=0, description="model init, data order and RNG streams")
+    early_stopping_patience: int = Field(0, ge=0, description="epochs without val improvement before stopping; "
+                                                              "0 = never")
 
 
-def read_json_object(path, error=None) -> dict:
-    """Read a JSON file that must hold an object; problems become one-line ``error`` (ConfigError)."""
-    error = error or ConfigError
+def _loss_field(name: str):
+    term = TERMS[name]
+    alias = AliasChoices(name, *term.aliases) if term.aliases else None
+    return (float, Field(term.default_weight, ge=0, validation_alias=alias, description=term.doc))
+
+
+class _LossBase(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_per_term(cls, raw):
+        if isinstance(raw, dict):
+            for alias, name in ALIASES.items():
+                if alias in raw and name in raw:
+                    raise ValueError(f"give {name!r} or its old name {alias!r}, not both")
+        return raw
+
+    @model_validator(mode="after")
+    def _something_to_learn(self):
+        if not any(w > 0 for w in self.model_dump().values()):
+            raise ValueError("every loss weight is 0: nothing to train")
+        return self
+
+
+# One field per registered loss term (weight >= 0; the seed's names; "perceptual" accepted for "texture").
+LossConfig = create_model("LossConfig", __base__=_LossBase, **{name: _loss_field(name) for name in TERMS})
+
+
+class DataConfig(_Section):
+    data_path: str = Field("runs/demo/data", description="a dataset made by `ctrefine make-data` or `ctrefine prepare`")
+    train_split: str = Field("train", description="split trained on")
+    val_split: str = Field("val", description="split for per-epoch validation, best-model choice, early stopping")
+
+
+class CheckpointConfig(_Section):
+    dir: str = Field("runs/default", description="checkpoints, CSV logs and best-model exports go to <dir>/<stage>/")
+    save_every: int = Field(1, ge=1, description="epochs between periodic checkpoints")
+    keep_last: int = Field(2, ge=1, description="periodic checkpoints kept on disk (the best model file is separate)")
+
+
+class LoggingConfig(_Section):
+    log_every: int = Field(10, ge=1, description="steps between train_log.csv rows (each costs a host sync)")
+    tensorboard: bool = Field(True, description="also write TensorBoard events when tensorboard is installed")
+
+
+class Config(_Section):
+    """The resolved configuration of a run: saved in ``config.json`` and inside every model file."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (what config.json and model files store)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str | None = None) -> "Config":
+        """Validate a raw dict (a preset, or the config stored in a model file)."""
+        raw = {k: v for k, v in raw.items() if k != "_comment"}
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            msg = _one_line(exc)
+            raise ConfigError(f"{source}: {msg}" if source else msg) from None
+
+    def loss_weights(self) -> dict[str, float]:
+        return self.loss.model_dump()
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first validation problem as one line naming the dotted key."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key {key!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not key:
+        return msg
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"config key {key!r} must be an object"
+    return f"config key {key!r}: {msg.lower() if msg[:1].isupper() else msg}, got {err.get('input')!r}"
+
+
+def resolve(overrides: dict | None = None) -> Config:
+    """Defaults with ``overrides`` (a raw nested dict) merged in, validated."""
+    return Config.from_dict(overrides or {})
+
+
+def read_json_object(path, error=ConfigError) -> dict:
+    """Read a JSON file that must hold an object; problems become one-line ``error``."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise error(f"{path}: file not found")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise error(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise error(f"{path}: top level must be an object")
     return raw
@@ -127,27 +181,49 @@ def apply_overrides(raw: dict, sets: list[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         node[parts[-1]] = val
     return raw
 
 
-def load_config(path, overrides: list[str] | None = None) -> dict:
-    """Read a JSON preset, apply ``KEY=VALUE`` overrides, and resolve it against the defaults."""
+# ------------------------------------------------------------------------------------- presets
+def _presets_dir():
+    return resources.files("ctrefine.presets")
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped training presets (``cpu-small``, ``cpu-medium``, ``full``)."""
+    return sorted(p.name[:-5] for p in _presets_dir().iterdir()
+                  if p.name.endswith(".json") and p.name != "ds_config.json")
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset by name."""
+    if name not in preset_names():
+        raise ConfigError(f"no preset named {name!r} (shipped: {', '.join(preset_names())})")
+    return Path(str(_presets_dir() / f"{name}.json"))
+
+
+def ds_config_path() -> Path:
+    """The shipped DeepSpeed config (ZeRO-2, bf16): the default of every launch."""
+    return Path(str(_presets_dir() / "ds_config.json"))
+
+
+def _locate(spec) -> Path:
+    """A config argument is a JSON file path, or the bare name of a shipped preset."""
+    path = Path(spec)
+    if path.is_file() or path.suffix == ".json" or len(path.parts) > 1:
+        return path
+    return preset_path(str(spec))
+
+
+def load_config(spec, overrides: list[str] | None = None) -> Config:
+    """Read a JSON preset (path or shipped name), apply ``KEY=VALUE`` overrides, validate."""
+    path = _locate(spec)
     raw = read_json_object(path)
-    raw.pop("_comment", None)
     try:
-        return resolve(apply_overrides(raw, overrides or []))
+        raw = apply_overrides(raw, overrides or [])
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-
-
-def build_models(cfg: dict):
-    """(base, refiner) as the config's ``model`` section describes them."""
-    from .models.base import BaseReconstructor
-    from .models.refiner import DetailRefinementNetwork
-
-    m = cfg["model"]
-    base = BaseReconstructor(m["volume_size"], m["base_width"])
-    refiner = DetailRefinementNetwork(m["volume_size"], m["hidden_channels"], m["guidance_channels"], m["freq_bins"],
-                                      m["mid_blocks"])
-    return base, refiner
+    return Config.from_dict(raw, source=str(path))

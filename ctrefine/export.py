@@ -14,64 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
+from . import __version__
 from . import conventions as C
-from .config import build_models
-from .data.io import DataError, atomic_file
+from .config import Config
+from .data.io import atomic_file
+from .errors import UserError
+from .pipeline import TwoStage, ort_session
 
 OPSET = 18
 PARITY_TOL = 1e-4
 
 
-class TwoStage(nn.Module):
-    """Base then refiner: two radiographs in, coarse and refined volumes out."""
-
-    def __init__(self, base: nn.Module, refiner: nn.Module):
-        super().__init__()
-        self.base, self.refiner = base, refiner
-
-    def forward(self, xray_pa: torch.Tensor, xray_lateral: torch.Tensor):
-        x = torch.stack([xray_pa, xray_lateral], dim=1)
-        coarse = self.base(x)
-        return coarse, self.refiner(coarse, x)
-
-
-def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, dict]:
-    """Build the pipeline from two ``best_model.pt`` files; returns (model in eval mode, refiner config)."""
-    from .train import load_model_file
-
-    b = load_model_file(base_ckpt)
-    r = load_model_file(refiner_ckpt)
-    if b.get("stage") != "base":
-        raise DataError(f"{base_ckpt}: holds a {b.get('stage')!r} model, expected the base")
-    if r.get("stage") != "refine":
-        raise DataError(f"{refiner_ckpt}: holds a {r.get('stage')!r} model, expected the refiner")
-    cfg = r["config"]
-    if b["config"]["model"]["volume_size"] != cfg["model"]["volume_size"]:
-        raise DataError(f"{base_ckpt} and {refiner_ckpt} were trained for different volume sizes")
-    base, _ = build_models(b["config"])
-    _, refiner = build_models(cfg)
-    base.load_state_dict(b["state_dict"])
-    refiner.load_state_dict(r["state_dict"])
-    model = TwoStage(base, refiner).eval()
-    return model, cfg
-
-
-def _metadata(cfg: dict, geometry: dict | None) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ver = version("ctrefine")
-    except PackageNotFoundError:
-        ver = "source"
-    m = cfg["model"]
+def _metadata(cfg: Config, geometry: dict | None) -> dict[str, str]:
+    m = cfg.model
     return {
-        "ctrefine_version": ver,
-        "volume_size": str(m["volume_size"]),
-        "xray_size": str(m["xray_size"]),
+        "ctrefine_version": __version__,
+        "volume_size": str(m.volume_size),
+        "xray_size": str(m.xray_size),
         "fov_mm": str(C.FOV_MM),
-        "voxel_spacing_mm": str(C.FOV_MM / m["volume_size"]),
+        "voxel_spacing_mm": str(C.FOV_MM / m.volume_size),
         "intensity_window": json.dumps({"hu_min": C.HU_MIN, "hu_max": C.HU_MAX,
                                         "model_space": "clip((HU - hu_min) / (hu_max - hu_min), 0, 1)"}),
         "xray_normalization": json.dumps({"input": "attenuation image (line integral of mu, bone bright)",
@@ -83,12 +45,12 @@ def _metadata(cfg: dict, geometry: dict | None) -> dict[str, str]:
     }
 
 
-def export_onnx(model: TwoStage, cfg: dict, out, geometry: dict | None = None) -> Path:
+def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None) -> Path:
     """Export ``model`` to ``out`` (written atomically), add metadata, run ``onnx.checker``."""
     import onnx
 
     out = Path(out)
-    s = cfg["model"]["xray_size"]
+    s = cfg.model.xray_size
     example = (torch.rand(2, 1, s, s), torch.rand(2, 1, s, s))
     batch = torch.export.Dim("batch", min=1, max=1024)
     import logging
@@ -113,26 +75,6 @@ def export_onnx(model: TwoStage, cfg: dict, out, geometry: dict | None = None) -
     return out
 
 
-def ort_session(path, threads: int | None = None):
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: ONNX model not found")
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    try:
-        return ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot load ONNX model ({type(exc).__name__})") from None
-
-
-def onnx_metadata(session) -> dict:
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
 def verify(model: TwoStage, onnx_path, inputs: list[torch.Tensor]) -> float:
     """Max |ORT - torch| over both outputs for each ``(B, 2, 1, S, S)`` input batch."""
     sess = ort_session(onnx_path)
@@ -143,4 +85,31 @@ def verify(model: TwoStage, onnx_path, inputs: list[torch.Tensor]) -> float:
             got = sess.run(None, {"xray_pa": x[:, 0].numpy(), "xray_lateral": x[:, 1].numpy()})
             for a, b in zip(ref, got):
                 worst = max(worst, float(np.abs(a.numpy() - b).max()))
+    return worst
+
+
+class ParityError(UserError):
+    """The exported graph does not reproduce torch within :data:`PARITY_TOL`."""
+
+
+def export_and_verify(model: TwoStage, cfg: Config, out, extra_batches: dict | None = None, log=print) -> float:
+    """Export, then check ORT against torch on random batches of 1 and 3 (and ``extra_batches``).
+
+    Prints one line per batch through ``log``; raises :class:`ParityError` (the file stays, for
+    inspection) when the worst error exceeds :data:`PARITY_TOL`. Returns the worst error.
+    """
+    s = cfg.model.xray_size
+    g = torch.Generator().manual_seed(0)
+    batches = {"random batch 1": torch.rand(1, 2, 1, s, s, generator=g),
+               "random batch 3": torch.rand(3, 2, 1, s, s, generator=g), **(extra_batches or {})}
+    log(f"exporting {out} (dynamo exporter, opset {OPSET}; about half a minute on a CPU) ...")
+    path = export_onnx(model, cfg, out)
+    log(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB, opset {OPSET}, onnx.checker passed)")
+    worst = 0.0
+    for name, x in batches.items():
+        err = verify(model, path, [x])
+        worst = max(worst, err)
+        log(f"  ONNX Runtime vs torch, {name}: max |error| = {err:.2e}")
+    if worst > PARITY_TOL:
+        raise ParityError(f"ONNX parity {worst:.2e} exceeds {PARITY_TOL:.0e} ({path})")
     return worst

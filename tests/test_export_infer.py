@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ctrefine.config import build_models, load_config
+from ctrefine.checkpoint import save_model_file
+from ctrefine.config import load_config
 from ctrefine.conventions import hu_to_model
 from ctrefine.data.io import load_nifti, save_nifti
-from ctrefine.export import PARITY_TOL, export_onnx, load_two_stage, onnx_metadata, ort_session, verify
+from ctrefine.export import PARITY_TOL, export_onnx, verify
+from ctrefine.models import build_models
+from ctrefine.pipeline import load_two_stage, onnx_metadata, ort_session
 from ctrefine.metrics import all_metrics
 
 
@@ -29,8 +32,7 @@ def checkpoints(tmp_path_factory):
             if hasattr(m, "n_bins"):
                 m.base.normal_(0, 1.0)
     for stage, model in (("base", base), ("refine", refiner)):
-        torch.save({"stage": stage, "state_dict": model.state_dict(), "config": cfg, "metrics": {}, "epoch": 1},
-                   root / f"{stage}.pt")
+        save_model_file(root / f"{stage}.pt", stage, model.state_dict(), cfg, {}, epoch=1)
     return root / "base.pt", root / "refine.pt"
 
 

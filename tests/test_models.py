@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ctrefine.config import DEFAULTS, ConfigError, build_models, load_config, resolve
+from ctrefine.config import Config, ConfigError, load_config, resolve
+from ctrefine.models import build_models
 from ctrefine.models.base import BaseReconstructor
 from ctrefine.models.blocks import FrequencyAttention, apply_spectral_gain, lift_view
 from ctrefine.models.refiner import DetailRefinementNetwork
@@ -88,7 +89,7 @@ def test_config_validation(tmp_path):
     with pytest.raises(ConfigError, match="learning_rate"):
         load_config(p)
     p.write_text('{"loss": {"l1": 2}}')
-    assert load_config(p)["loss"]["l1"] == 2.0 and DEFAULTS["loss"]["l1"] == 1.0
+    assert load_config(p).loss.l1 == 2.0 and Config().loss.l1 == 1.0
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.json")
 
@@ -96,4 +97,4 @@ def test_config_validation(tmp_path):
 def test_cpu_small_and_full_presets_load():
     for name in ("cpu-small", "full"):
         cfg = load_config(f"configs/{name}.json")
-        assert cfg["model"]["volume_size"] in (32, 64) and math.isfinite(cfg["training"]["learning_rate"])
+        assert cfg.model.volume_size in (32, 64) and math.isfinite(cfg.training.learning_rate)

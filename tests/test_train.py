@@ -66,7 +66,7 @@ def test_two_ranks_both_stages(data12, tmp_path):
     l = losses(ref / "train_log.csv")
     assert l[-1] < l[0]
     check = json.loads((ref / "frozen_base_check.json").read_text())
-    from ctrefine.train import state_fingerprint
+    from ctrefine.checkpoint import state_fingerprint
 
     assert check["identical"] and check["after_training_sha256"] == state_fingerprint(blob["state_dict"])
     val = (ref / "val_log.csv").read_text().splitlines()
@@ -80,7 +80,7 @@ def test_resume_is_exact(data12, tmp_path):
     uninterrupted bf16 runs differed by mean |dw| = 4.9e-5 here), so only fp32 can prove that model,
     optimizer, LR schedule, data order and RNG state are all restored exactly.
     """
-    from ctrefine.train import export_fp32
+    from ctrefine.checkpoint import export_fp32
 
     ds = json.loads(Path(DS).read_text())
     ds["bf16"]["enabled"] = False

@@ -98,12 +98,14 @@ def make_splits(names: list[str], seed: int) -> dict:
             "train": sorted(pick[n_val + n_test:])}
 
 
-def ensure_dataset_header(root: Path, params: dict) -> None:
-    """Create dataset.json, or check that an existing dataset was made with the same parameters."""
+def ensure_dataset_header(root: Path, params: dict, compare=None) -> None:
+    """Create dataset.json, or check that an existing dataset was made with the same parameters
+    (all of ``params``, or only the keys in ``compare``)."""
     path = root / "dataset.json"
     if path.exists():
         old = read_json(path)
-        diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+        keys = params if compare is None else compare
+        diff = {k: (old.get(k), params[k]) for k in keys if old.get(k) != params[k]}
         if diff:
             k, (a, b) = next(iter(diff.items()))
             raise DataError(f"{root}: existing dataset has {k}={a!r}, asked for {b!r}; use a new --out")
@@ -160,6 +162,14 @@ def summarize(root) -> str:
         lines.append(f"{names[0]}: HU range [{ct.min():.0f}, {ct.max():.0f}], lung fraction {fr['lung']:.3f}, "
                      f"bone fraction {fr['bone']:.4f}, spacing {abs(aff[0, 2]):.2f} mm")
     return "\n".join(lines)
+
+
+def iter_batches(ds: "CTDataset", indices: list[int], batch_size: int):
+    """``(xrays (B,2,1,S,S), ct (B,1,D,H,W), names)`` over ``indices`` in order, ``batch_size`` at a time."""
+    for i in range(0, len(indices), batch_size):
+        items = [ds[j] for j in indices[i:i + batch_size]]
+        yield (torch.stack([it["xrays"] for it in items]), torch.stack([it["ct"] for it in items]),
+               [it["name"] for it in items])
 
 
 class CTDataset(torch.utils.data.Dataset):

@@ -16,57 +16,24 @@ import numpy as np
 from scipy import ndimage
 
 from ..conventions import FOV_MM, HU_MIN, canonical_affine
-from .dataset import FORMAT_VERSION, render_patient, write_patient
-from .io import DataError, load_nifti
+from .dataset import FORMAT_VERSION, ensure_dataset_header, is_complete, make_splits, patient_name, render_patient, \
+    write_patient
+from .dicom import load_series
+from .io import DataError, load_nifti, read_json, write_json
 from .projector import Geometry
 
 BODY_THRESHOLD_HU = -500.0  # above this: patient (and table); below: air / lung excluded from centring
 
 
-def load_dicom_series(folder) -> tuple[np.ndarray, np.ndarray]:
-    """Read a DICOM CT series folder -> (HU array indexed (col, row, slice), voxel->RAS affine)."""
-    try:
-        import pydicom
-    except ImportError:
-        raise DataError(f"{folder}: reading DICOM needs pydicom (pip install 'ctrefine[dicom]')") from None
-    slices = []
-    for f in sorted(Path(folder).iterdir()):
-        if not f.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(str(f))
-        except Exception:
-            continue  # DICOMDIR, thumbnails, stray files
-        if "ImagePositionPatient" in ds and "PixelData" in ds:
-            slices.append(ds)
-    if len(slices) < 2:
-        raise DataError(f"{folder}: no DICOM series with at least 2 slices found")
-    iop = np.array(slices[0].ImageOrientationPatient, float)
-    row_cos, col_cos = iop[:3], iop[3:]
-    normal = np.cross(row_cos, col_cos)
-    slices.sort(key=lambda s: float(np.dot(normal, np.array(s.ImagePositionPatient, float))))
-    pos = np.array([s.ImagePositionPatient for s in slices], float)
-    step = np.diff(pos, axis=0)
-    if np.ptp(np.linalg.norm(step, axis=1)) > 1e-2 * np.linalg.norm(step, axis=1).mean():
-        raise DataError(f"{folder}: DICOM slices are not evenly spaced")
-    vol = np.stack([s.pixel_array.astype(np.float32) * float(getattr(s, "RescaleSlope", 1))
-                    + float(getattr(s, "RescaleIntercept", 0)) for s in slices], axis=-1)  # (row, col, slice)
-    vol = vol.transpose(1, 0, 2)  # (col, row, slice): col follows the row cosine
-    dr, dc = (float(x) for x in slices[0].PixelSpacing)  # (between rows, between columns)
-    lps = np.eye(4)
-    lps[:3, 0] = row_cos * dc
-    lps[:3, 1] = col_cos * dr
-    lps[:3, 2] = step.mean(axis=0)
-    lps[:3, 3] = pos[0]
-    return vol, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+def load_ct(path, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load and validate a CT (NIfTI file or DICOM folder) -> (HU float32 3D, voxel->RAS affine).
 
-
-def load_ct(path) -> tuple[np.ndarray, np.ndarray]:
-    """Load and validate a CT (NIfTI file or DICOM folder) -> (HU float32 3D, voxel->RAS affine)."""
+    ``series`` picks one series (UID or index) of a DICOM folder that holds several.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    data, affine = load_dicom_series(path) if path.is_dir() else load_nifti(path)
+    data, affine = load_series(path, series) if path.is_dir() else load_nifti(path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3 or min(data.shape) < 8:
@@ -108,9 +75,9 @@ def resample_canonical(data: np.ndarray, affine: np.ndarray, n: int, fov: float 
 
 
 def ingest_ct(path, out_root, name: str, size: int = 64, xray_size: int = 128, geometry: str = "cone",
-              fov: float = FOV_MM, render_factor: int = 2) -> Path:
+              fov: float = FOV_MM, render_factor: int = 2, series: str | None = None) -> Path:
     """Ingest one CT into ``out_root/name`` (patient folder, written atomically)."""
-    data, affine = load_ct(path)
+    data, affine = load_ct(path, series)
     center = body_center_ras(data, affine)
     hu_render, _ = resample_canonical(data, affine, size * render_factor, fov, center)
     geo = Geometry(geometry)
@@ -120,3 +87,43 @@ def ingest_ct(path, out_root, name: str, size: int = 64, xray_size: int = 128, g
             "geometry": geo.as_dict(), "center_ras_mm": [float(x) for x in center],
             "xray_units": "line integral of mu (dimensionless)"}
     return write_patient(Path(out_root), name, ct, xrays, meta, affine=canonical_affine(size, fov / size, center))
+
+
+def ingest_dataset(paths, out, size: int = 64, xray_size: int = 128, geometry: str = "cone",
+                   series: str | None = None, progress: bool = True, on_error=None) -> tuple[list[str], int]:
+    """Ingest CTs into the dataset ``out`` (created, or extended if its grid matches).
+
+    New patients are numbered after the existing ones. A new dataset gets a split by patient; an
+    existing split is never recomputed -- new patients join the test split, so nothing trained on
+    changes. A file that fails is reported through ``on_error(DataError)`` and skipped. Returns
+    (names ingested, number failed).
+    """
+    from tqdm import tqdm
+
+    root = Path(out)
+    header = {"version": FORMAT_VERSION, "source": "ingested", "size": size, "xray_size": xray_size, "fov_mm": FOV_MM,
+              "geometry": Geometry(geometry).as_dict()}
+    grid = ("version", "size", "xray_size", "fov_mm", "geometry")  # real CTs beside phantoms is fine; other grids not
+    if (root / "dataset.json").exists():
+        ensure_dataset_header(root, header, compare=grid)  # refuse before any work
+    existing = sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p)) if root.is_dir() else []
+    done, failed = [], 0
+    for path in tqdm(list(paths), desc="ingest", unit="ct", disable=not progress):
+        name = patient_name(len(existing) + len(done))
+        try:
+            ingest_ct(path, root, name, size=size, xray_size=xray_size, geometry=geometry, series=series)
+            done.append(name)
+        except DataError as exc:
+            failed += 1
+            if on_error:
+                on_error(exc)
+    split_path = root / "splits.json"
+    if done:
+        ensure_dataset_header(root, header, compare=grid)  # a new dataset's header, once something is in it
+        if split_path.exists():  # never re-split: new patients are held out as test data
+            splits = read_json(split_path)
+            splits["test"] = sorted(set(splits["test"]) | set(done))
+        else:
+            splits = make_splits(existing + done, seed=0)
+        write_json(split_path, splits)
+    return done, failed

@@ -23,9 +23,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..errors import DataError
 
-class DataError(ValueError):
-    """A user-supplied file is unreadable or not what it claims to be (one-line message)."""
+__all__ = ["DataError", "atomic_file", "atomic_dir", "save_nifti", "load_nifti", "write_json", "read_json",
+           "load_radiograph", "square_resize", "xray_affine"]
 
 
 @contextlib.contextmanager
@@ -130,7 +131,7 @@ def load_radiograph(path, convention: str = "attenuation") -> np.ndarray:
             try:
                 import pydicom
             except ImportError:
-                raise DataError(f"{path}: reading DICOM needs pydicom (pip install 'ctrefine[dicom]')") from None
+                raise DataError(f"{path}: reading DICOM needs pydicom (pip install pydicom)") from None
             ds = pydicom.dcmread(str(path))
             img = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
                 getattr(ds, "RescaleIntercept", 0))

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from ..errors import ConfigError
 from . import reference
 
 
@@ -40,7 +41,7 @@ def use_kernels(x: torch.Tensor) -> bool:
             raise RuntimeError("CTREFINE_KERNELS=1 but Triton kernels cannot be imported")
         return True
     if mode not in ("auto", ""):
-        raise ValueError(f"CTREFINE_KERNELS must be 0, 1 or auto, got {mode!r}")
+        raise ConfigError(f"CTREFINE_KERNELS must be 0, 1 or auto, got {mode!r}")
     return x.is_cuda and triton_available()
 
 

@@ -1,14 +1,30 @@
-"""DetailRefinementLoss: the refiner's five-term objective, weights from the config's ``loss`` section."""
+"""The loss modules of the two training stages.
+
+* :class:`ReconstructionLoss` -- the base stage: L1 between the coarse prediction and the truth.
+* :class:`DetailRefinementLoss` -- the refiner: the weighted sum of the terms in
+  :data:`ctrefine.losses.registry.TERMS`, weights from the config's ``loss`` section.
+
+Both return ``(total, {term: detached value})`` so the training driver logs every stage alike.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from . import functional, reference
+from . import reference
+from .registry import DEFAULT_WEIGHTS, TERMS, canonical_name
 
-# Seed defaults: L1 anchors intensities; the frequency and gradient terms reward high frequencies;
-# the texture term matches local contrast; a light consistency term keeps the base's anatomy.
-DEFAULT_WEIGHTS = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "perceptual": 0.2, "consistency": 0.1}
+__all__ = ["DEFAULT_WEIGHTS", "DetailRefinementLoss", "ReconstructionLoss"]
+
+
+class ReconstructionLoss(nn.Module):
+    """``forward(pred, target) -> (l1, {"l1": l1})`` for the base stage."""
+
+    term_names = ("l1",)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor):
+        loss = reference.l1(pred, target)
+        return loss, {"l1": loss.detach()}
 
 
 class DetailRefinementLoss(nn.Module):
@@ -18,21 +34,19 @@ class DetailRefinementLoss(nn.Module):
         super().__init__()
         w = dict(DEFAULT_WEIGHTS)
         for k, v in (weights or {}).items():
-            if k not in DEFAULT_WEIGHTS:
-                raise ValueError(f"unknown loss term {k!r} (expected one of {sorted(DEFAULT_WEIGHTS)})")
-            if not isinstance(v, (int, float)) or v < 0:
+            name = canonical_name(k)
+            if name not in TERMS:
+                raise ValueError(f"unknown loss term {k!r} (expected one of {sorted(TERMS)})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"loss weight {k!r} must be a non-negative number, got {v!r}")
-            w[k] = float(v)
+            w[name] = float(v)
         self.weights = w
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        return tuple(self.weights)
+
     def forward(self, refined: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor):
-        fns = {
-            "l1": lambda: (refined.float() - target.float()).abs().mean(),
-            "frequency": lambda: functional.spectral_l1(refined, target),
-            "gradient": lambda: functional.laplacian_l1(refined, target),
-            "perceptual": lambda: reference.local_stats_loss(refined, target),
-            "consistency": lambda: reference.consistency_l1(refined, coarse),
-        }
-        terms = {k: fn() for k, fn in fns.items() if self.weights[k] > 0}
+        terms = {k: TERMS[k].fn(refined, target, coarse) for k, w in self.weights.items() if w > 0}
         total = sum(self.weights[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}

@@ -8,7 +8,8 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
   ``w(f) |F(pred) - F(target)|``, ``F`` = orthonormal ``fftn`` over (D, H, W) (so the value does not
   grow with the volume size), ``w(f) = sigmoid(10 (|f| - 0.1))`` with |f| in cycles/voxel: about 0.27
   at DC, 0.5 at |f| = 0.1, > 0.99 above |f| = 0.56 -- high frequencies dominate.
-* :func:`local_stats_loss` (the "perceptual" term). No pretrained network weights can be downloaded
+* :func:`l1`: ``mean |pred - target|`` (the base stage's loss and the refiner's intensity anchor).
+* :func:`local_stats_loss` (the "texture" term; the seed's "perceptual"). No pretrained network weights can be downloaded
   here, and a VGG trained on photographs is a poor judge of CT texture anyway. This term is what it
   says: L1 between multi-scale local means and local standard deviations (3^3 windows at 1x, 2x, 4x
   down-sampling) of the two volumes. Matching local std is a texture/contrast criterion that a
@@ -24,6 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..fourier import frequency_magnitude
 from ..stencil import laplacian3d
 
 SPECTRAL_SHARPNESS = 10.0  # slope of the high-pass weight's sigmoid
@@ -32,7 +34,12 @@ STATS_SCALES = (1, 2, 4)
 STATS_WINDOW = 3
 CONSISTENCY_POOL = 4  # low-pass factor for the coarse-consistency term (5 mm voxels -> 20 mm blobs at 64^3)
 
-__all__ = ["laplacian3d", "laplacian_l1", "spectral_weight", "spectral_l1", "local_stats_loss", "consistency_l1"]
+__all__ = ["laplacian3d", "l1", "laplacian_l1", "spectral_weight", "spectral_l1", "local_stats_loss", "consistency_l1"]
+
+
+def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean |pred - target|``, computed in float32."""
+    return (pred.float() - target.float()).abs().mean()
 
 
 def laplacian_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -50,11 +57,7 @@ def spectral_weight(shape, device=None, onesided: bool = False) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _spectral_weight(shape: tuple, device: torch.device, onesided: bool) -> torch.Tensor:
-    d, h, w = shape
-    fd = torch.fft.fftfreq(d, device=device).view(-1, 1, 1)
-    fh = torch.fft.fftfreq(h, device=device).view(1, -1, 1)
-    fw = (torch.fft.rfftfreq(w, device=device) if onesided else torch.fft.fftfreq(w, device=device)).view(1, 1, -1)
-    mag = torch.sqrt(fd**2 + fh**2 + fw**2)
+    mag = frequency_magnitude(shape, onesided, device)
     return torch.sigmoid(SPECTRAL_SHARPNESS * (mag - SPECTRAL_CUTOFF))
 
 

@@ -12,10 +12,10 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
+
+from ..fourier import NYQUIST_3D, frequency_magnitude
 
 
 def _groups(c: int) -> int:
@@ -67,14 +67,10 @@ def fuse_views(pa: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
 def radial_bins(size: tuple[int, int, int], n_bins: int) -> torch.Tensor:
     """Radial frequency band of every ``rfftn`` bin of a (D, H, W) grid, in ``[0, n_bins)``.
 
-    |f| is in cycles/voxel (``fftfreq``); its maximum over a 3D grid is sqrt(3)/2.
+    |f| is in cycles/voxel (:func:`ctrefine.fourier.frequency_magnitude`); its maximum is sqrt(3)/2.
     """
-    d, h, w = size
-    fd = torch.fft.fftfreq(d).view(-1, 1, 1)
-    fh = torch.fft.fftfreq(h).view(1, -1, 1)
-    fw = torch.fft.rfftfreq(w).view(1, 1, -1)
-    mag = torch.sqrt(fd**2 + fh**2 + fw**2)
-    return (mag / (math.sqrt(3) / 2) * n_bins).long().clamp_(max=n_bins - 1)
+    mag = frequency_magnitude(size, onesided=True)
+    return (mag / NYQUIST_3D * n_bins).long().clamp_(max=n_bins - 1)
 
 
 def apply_spectral_gain(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:

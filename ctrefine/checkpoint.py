@@ -1,0 +1,111 @@
+"""Model files: ``best_model.pt`` -- write, read (one-line errors), build the model, fingerprint.
+
+A model file is what inference and the refine stage need from training, and nothing DeepSpeed-specific::
+
+    {"format": "ctrefine-model", "stage": "base" | "refine", "state_dict": {name: fp32 tensor},
+     "config": <resolved config as a plain dict>, "metrics": {...}, "epoch": int, "global_step": int}
+
+Only tensors and JSON-able values, so it is read with ``torch.load(weights_only=True)``: a ``.pt``
+from elsewhere cannot run code. :func:`export_fp32` turns a ZeRO checkpoint (bf16 compute, fp32
+master weights sharded across ranks) into such a state dict.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data.io import atomic_file
+from .errors import ConfigError, DataError
+from .models import BUILDERS
+
+FORMAT = "ctrefine-model"
+STAGES = tuple(BUILDERS)  # ("base", "refine")
+
+
+@dataclass
+class ModelFile:
+    """The contents of a model file, validated."""
+
+    path: Path
+    stage: str
+    state_dict: dict
+    config: Config
+    metrics: dict = field(default_factory=dict)
+    epoch: int | None = None
+    global_step: int | None = None
+
+    def build(self) -> torch.nn.Module:
+        """The model of this file's stage with its weights, in eval mode (one-line error on a mismatch)."""
+        model = BUILDERS[self.stage](self.config)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).splitlines()[0])
+            raise DataError(f"{self.path}: weights do not fit the {self.stage} model its config describes ({first})") \
+                from None
+        return model.eval()
+
+
+def save_model_file(path, stage: str, state_dict: dict, cfg: Config, metrics: dict | None = None,
+                    epoch: int | None = None, global_step: int | None = None) -> Path:
+    """Write a model file atomically (fp32 CPU tensors, config as a plain dict)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    blob = {"format": FORMAT, "stage": stage,
+            "state_dict": {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()},
+            "config": cfg.to_dict(), "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+            "epoch": epoch, "global_step": global_step}
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        torch.save(blob, tmp)
+    return path
+
+
+def load_model_file(path, stage: str | None = None) -> ModelFile:
+    """Read a model file (one-line :class:`DataError` if it is missing, unsafe or not one; ``stage`` checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle / zip / safety errors all mean "not a model file we can trust"
+        raise DataError(f"{path}: cannot read checkpoint as a ctrefine model file ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict) or not isinstance(obj.get("config"), dict):
+        raise DataError(f"{path}: not a ctrefine model file (expected state_dict + config)")
+    if obj.get("stage") not in STAGES:
+        raise DataError(f"{path}: unknown stage {obj.get('stage')!r}")
+    if stage is not None and obj["stage"] != stage:
+        want = "the base" if stage == "base" else "the refiner"
+        raise DataError(f"{path}: holds a {obj['stage']!r} model, expected {want}")
+    try:
+        cfg = Config.from_dict(obj["config"], source=f"{path} (stored config)")
+    except ConfigError as exc:
+        raise DataError(str(exc)) from None
+    return ModelFile(path, obj["stage"], obj["state_dict"], cfg, obj.get("metrics") or {}, obj.get("epoch"),
+                     obj.get("global_step"))
+
+
+def state_fingerprint(state_dict: dict) -> str:
+    """sha256 over the names, dtypes and bytes of every tensor (order-independent)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def export_fp32(ckpt_dir, tag: str) -> dict:
+    """The fp32 master weights of a saved ZeRO checkpoint as a plain state dict."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress output
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return {k: v.float().clone() for k, v in sd.items()}

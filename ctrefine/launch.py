@@ -1,0 +1,113 @@
+"""Jobs that run other parts as processes: a training stage through the ``deepspeed`` launcher, and
+the main job (``ctrefine demo``): data -> base -> refiner -> ONNX -> ONNX Runtime inference -> table.
+
+The demo reuses finished work on a rerun: the dataset (resumable generation), each training stage
+(its driver resumes and stops at once when done) and an ONNX file newer than both model files.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ds_config_path, load_config, preset_path
+from .errors import UserError
+
+
+def free_port() -> int:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def default_ranks() -> int:
+    """One rank per GPU; on CPU two gloo ranks (one thread each) use this machine's two cores best."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+
+
+def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progress: bool = True) -> None:
+    """Run one training stage through the deepspeed launcher (``ranks`` processes); output to ``log_path``.
+
+    Lines the driver prints for the user (``[stage] ...`` and errors) are echoed; everything goes to the log.
+    """
+    cmd = ["--module", "ctrefine.train", stage, "--config", str(preset), "--deepspeed_config", str(ds_config_path())]
+    for item in sets:
+        cmd += ["--set", item]
+    if not progress:
+        cmd.append("--no-progress")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    if not launcher.exists():
+        raise UserError(f"the deepspeed launcher is not installed next to {sys.executable}")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = "1"  # one thread per CPU rank, else ranks oversubscribe the cores
+    full = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *cmd]
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(full) + "\n")
+        log.flush()
+        proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith(f"[{stage}]") or "error" in line.lower() and "ctrefine" in line:
+                print("   " + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise UserError(f"{stage} training failed (exit {proc.returncode}); see {log_path}")
+
+
+def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: int = 0, ranks: int | None = None,
+             base_epochs: int | None = None, refine_epochs: int | None = None, sets: list[str] = (),
+             quiet: bool = False) -> dict:
+    """The main job; prints its progress and the results table, returns the test-split summary."""
+    from .data.dataset import make_dataset, summarize
+    from .export import export_and_verify
+    from .infer import evaluate_dataset
+    from .pipeline import OnnxPredictor, load_two_stage
+    from .report import summary_table
+
+    t0 = time.time()
+    cuda = torch.cuda.is_available()
+    preset_name = preset if preset != "auto" else ("full" if cuda else "cpu-small")
+    preset_file = preset_path(preset_name)
+    cfg = load_config(preset_file, list(sets))  # validate the overrides before any work
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "demo.log"
+    ranks = ranks or default_ranks()
+    m = cfg.model
+    n = num_patients or (1000 if preset_name == "full" else 128)
+    print(f"ctrefine demo: preset {preset_name}, {n} patients, {ranks} {'GPU' if cuda else 'CPU'} rank(s), output {out}")
+
+    def step(title):
+        print(f"[{time.time() - t0:6.0f}s] {title}", flush=True)
+
+    step("1/5 synthetic dataset")
+    make_dataset(out / "data", n, seed=seed, size=m.volume_size, xray_size=m.xray_size, progress=not quiet)
+    print("   " + summarize(out / "data").replace("\n", "\n   "))
+    run_sets = [f"data.data_path={out / 'data'}", f"checkpoint.dir={out}"] + list(sets)
+    step("2/5 base reconstructor (deepspeed launcher)")
+    train_stage("base", preset_file, run_sets + ([f"training.base_num_epochs={base_epochs}"] if base_epochs else []),
+                ranks, log, progress=False)
+    step("3/5 detail refinement network on the frozen base")
+    train_stage("refine", preset_file, run_sets + ([f"training.num_epochs={refine_epochs}"] if refine_epochs else []),
+                ranks, log, progress=False)
+    base_ckpt, ref_ckpt = out / "base" / "best_model.pt", out / "refine" / "best_model.pt"
+    onnx_path = out / "model.onnx"
+    step("4/5 ONNX export + verification")
+    if onnx_path.exists() and onnx_path.stat().st_mtime > max(base_ckpt.stat().st_mtime, ref_ckpt.stat().st_mtime):
+        print(f"   {onnx_path} is newer than both checkpoints: reused")
+    else:
+        model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
+        export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True))
+    step("5/5 ONNX Runtime inference on the test split")
+    res = out / "inference_results"
+    summary = evaluate_dataset(OnnxPredictor(onnx_path), out / "data", res, progress=not quiet)
+    print()
+    print(summary_table(summary))
+    print(f"\nresults: {res}/metrics.txt, per-patient NIfTI + comparison PNGs; log {log}; "
+          f"total {time.time() - t0:.0f} s")
+    return summary

@@ -1,0 +1,146 @@
+"""How ctrefine writes: atomically, readable as the umask says, and never over what it did not create.
+
+* :func:`atomic_file` / :func:`atomic_dir` -- build under a temporary name beside the target, rename
+  when complete: a crash or Ctrl-C never leaves a half-written file under the final name. The result
+  gets the permissions a plainly created file or folder would get under the current umask (temporary
+  files are created private; results are not).
+* :func:`check_writable` -- the place a command will write to can be created and written, checked
+  *before* the work starts (one-line error instead of a traceback after minutes of work).
+* :func:`claim_output_dir` / :func:`claim_output_file` -- the rules for outputs that already exist:
+  an empty or missing folder is used; a folder holding an earlier result of the *same kind* is
+  replaced only when the user says ``--overwrite``; any other non-empty folder is refused, with or
+  without ``--overwrite`` (a command never deletes what it did not create). An existing file is
+  replaced only with ``--overwrite``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """Give a temporary file/folder the mode a normal create would have had under the umask."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Write a file under a temporary name beside ``path`` (same extension, so writers that pick the
+    format from it still do); on success rename it to ``path``. On any error nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        _publish_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(final):
+    """Build a folder under a temporary name beside ``final``; on success put it in place of ``final``.
+
+    Callers decide beforehand whether an existing ``final`` may be replaced (:func:`claim_output_dir`);
+    here an existing ``final`` is moved aside, the new folder renamed in, then the old one removed, so
+    an interruption leaves either the old or the new result, never neither. On any error the
+    temporary folder is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old = None
+    try:
+        yield tmp
+        for p in [tmp, *tmp.rglob("*")]:
+            if p.is_dir() and stat.S_IMODE(p.stat().st_mode) == 0o700:
+                _publish_mode(p)  # mkdtemp made it private
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None:
+            if final.exists():
+                shutil.rmtree(old)
+            else:  # the rename in failed: put the old result back
+                os.rename(old, final)
+
+
+def check_writable(path, what: str = "output") -> None:
+    """``path`` (a file or folder to be created or replaced) can be written: its nearest existing
+    ancestor is a writable folder. One-line :class:`UserError` otherwise, before any work."""
+    path = Path(path).absolute()
+    if path.exists() and path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: permission denied (folder not writable)")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: permission denied (cannot write in {parent})")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies inside it."""
+    return a == b or b in a.parents
+
+
+def claim_output_dir(path, kind: str, is_same_kind: Callable[[Path], bool], overwrite: bool = False,
+                     protect: tuple = ()) -> None:
+    """Decide whether folder ``path`` may receive a new result of ``kind``; raise :class:`UserError` if not.
+
+    ``protect``: folders (a dataset, say) that the output may neither be, lie inside, nor contain.
+    """
+    path = Path(path)
+    real = path.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if _inside(real, p) or _inside(p, real):
+            raise UserError(f"output folder {path} overlaps {p}: choose a folder outside it")
+    if real == Path.cwd().resolve() or _inside(Path.cwd().resolve(), real):
+        raise UserError(f"output folder {path} is (or contains) the current directory: choose a new folder")
+    check_writable(path, "output folder")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"output folder {path} is a file")
+    if not any(path.iterdir()):
+        return
+    if not is_same_kind(path):
+        raise UserError(f"output folder {path} is not empty and does not hold an earlier {kind}: "
+                        f"ctrefine never replaces it; choose a new or empty folder")
+    if not overwrite:
+        raise UserError(f"output folder {path} holds an earlier {kind}; pass --overwrite to replace it")
+
+
+def claim_output_file(path, overwrite: bool = False, what: str = "output file") -> None:
+    """An existing file is replaced only with ``--overwrite``; a folder never; the location must be writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder")
+    if path.exists() and not overwrite:
+        raise UserError(f"{what} {path} exists; pass --overwrite to replace it")
+    check_writable(path, what)

@@ -1,0 +1,173 @@
+"""What differs between the two training stages, behind one interface the driver calls.
+
+* :class:`BaseStage` -- X-rays -> coarse CT; L1 loss; validated by PSNR / SSIM / HF-ratio.
+* :class:`RefineStage` -- the frozen base (fp32, eval, no gradients, not seen by DeepSpeed) makes the
+  coarse volumes once; the DetailRefinementNetwork learns the refinement with the registry's loss
+  terms; validated by coarse vs refined metrics; at the end it proves the base never changed.
+
+A stage owns its model set-up, loss, validation metrics, score key and log fields; the driver owns
+the loop, distribution, RNG, logging and checkpoints. Adding a stage = one class + one entry in
+:data:`STAGES`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model_file, state_fingerprint
+from ..config import Config
+from ..data.dataset import CTDataset, iter_batches
+from ..data.io import write_json
+from ..errors import UserError
+from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
+from ..metrics import all_metrics
+from ..models import build_base, build_refiner
+
+VAL_METRICS = ("psnr", "ssim", "hf_ratio")  # per-epoch validation (MAE adds nothing the PSNR does not show)
+
+
+def _pick(pred, ct, prefix: str = "") -> dict:
+    m = all_metrics(pred, ct)
+    return {prefix + k: m[k] for k in VAL_METRICS}
+
+
+def _mean(acc: dict[str, list]) -> dict[str, float]:
+    return {k: float(torch.cat(v).mean()) for k, v in acc.items()}
+
+
+class Stage:
+    """Interface of a training stage (see the module docstring)."""
+
+    name: str
+    score_key: str  # validation metric maximised: best model choice and early stopping
+    val_fields: tuple[str, ...]
+
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+
+    @staticmethod
+    def check(cfg: Config) -> None:
+        """Stage-specific checks before anything is written (raise :class:`UserError`)."""
+
+    def num_epochs(self) -> int:
+        return self.cfg.training.num_epochs
+
+    def build(self, datasets: list[CTDataset]) -> torch.nn.Module:
+        """The trainable model (and anything the stage needs before the first step)."""
+        raise NotImplementedError
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        return self.criterion.term_names
+
+    def loss(self, model, xrays, ct, names):
+        """``(loss, {term: detached value})`` for one batch."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model, ds: CTDataset, batch_size: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def finish(self, out: Path) -> None:
+        """After the last epoch (rank 0)."""
+
+
+class BaseStage(Stage):
+    name = "base"
+    score_key = "psnr"
+    val_fields = VAL_METRICS
+
+    def num_epochs(self) -> int:
+        t = self.cfg.training
+        return t.base_num_epochs or t.num_epochs
+
+    def build(self, datasets):
+        self.criterion = ReconstructionLoss()
+        return build_base(self.cfg)
+
+    def loss(self, model, xrays, ct, names):
+        return self.criterion(model(xrays.to(self.device, self.dtype)), ct.to(self.device))
+
+    @torch.no_grad()
+    def evaluate(self, model, ds, batch_size):
+        acc: dict[str, list] = {}
+        for xr, ct, _ in iter_batches(ds, list(range(len(ds))), batch_size):
+            for k, v in _pick(model(xr.to(self.device, self.dtype)).float().cpu(), ct).items():
+                acc.setdefault(k, []).append(v)
+        return _mean(acc)
+
+
+def base_checkpoint_path(cfg: Config) -> Path:
+    """Where the refine stage reads its frozen base: the explicit path, else this run's base stage."""
+    explicit = cfg.model.base_model_checkpoint
+    return Path(explicit) if explicit else Path(cfg.checkpoint.dir) / "base" / "best_model.pt"
+
+
+class RefineStage(Stage):
+    name = "refine"
+    score_key = "refined_psnr"
+    val_fields = ("coarse_psnr", "refined_psnr", "gain_db", "coarse_ssim", "refined_ssim", "coarse_hf_ratio",
+                  "refined_hf_ratio")
+
+    @staticmethod
+    def check(cfg):
+        path = base_checkpoint_path(cfg)
+        if not path.exists():
+            raise UserError(f"refine stage needs a trained base: {str(path)!r} not found "
+                            f"(set model.base_model_checkpoint or run the base stage first)")
+
+    def build(self, datasets):
+        path = base_checkpoint_path(self.cfg)
+        mf = load_model_file(path, stage="base")
+        if mf.config.model.volume_size != self.cfg.model.volume_size:
+            raise UserError(f"{path}: base makes {mf.config.model.volume_size}^3 volumes, this config "
+                            f"{self.cfg.model.volume_size}^3")
+        self.base_path, self.base_sha = path, state_fingerprint(mf.state_dict)
+        # fp32 weights, bit-identical to the file; bf16 runs use autocast instead of casting it
+        self.frozen = mf.build().to(self.device)
+        self.frozen.requires_grad_(False)
+        self.coarse = self._coarse_cache(datasets, self.cfg.training.batch_size)
+        self.criterion = DetailRefinementLoss(self.cfg.loss_weights())
+        return build_refiner(self.cfg)
+
+    @torch.no_grad()
+    def _coarse_cache(self, datasets, batch_size) -> dict[str, torch.Tensor]:
+        """The frozen base's prediction for every patient (the base never changes, so compute once)."""
+        cache = {}
+        for ds in datasets:
+            for xr, _, names in iter_batches(ds, list(range(len(ds))), batch_size):
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    out = self.frozen(xr.to(self.device)).float().cpu()
+                cache.update(zip(names, out))
+        return cache
+
+    def _coarse(self, names):
+        return torch.stack([self.coarse[n] for n in names]).to(self.device, self.dtype)
+
+    def loss(self, model, xrays, ct, names):
+        c = self._coarse(names)
+        return self.criterion(model(c, xrays.to(self.device, self.dtype)), ct.to(self.device), c)
+
+    @torch.no_grad()
+    def evaluate(self, model, ds, batch_size):
+        acc: dict[str, list] = {}
+        for xr, ct, names in iter_batches(ds, list(range(len(ds))), batch_size):
+            c = self._coarse(names)
+            ref = model(c, xr.to(self.device, self.dtype)).float().cpu()
+            for k, v in {**_pick(c.float().cpu(), ct, "coarse_"), **_pick(ref, ct, "refined_")}.items():
+                acc.setdefault(k, []).append(v)
+        res = _mean(acc)
+        res["gain_db"] = res["refined_psnr"] - res["coarse_psnr"]
+        return res
+
+    def finish(self, out):
+        """Prove the frozen base never changed: its fingerprint before and after, in a file."""
+        after = state_fingerprint(self.frozen.state_dict())
+        write_json(out / "frozen_base_check.json", {"file": str(self.base_path), "file_sha256": self.base_sha,
+                                                    "after_training_sha256": after, "identical": after == self.base_sha})
+        if after != self.base_sha:
+            raise RuntimeError("the frozen base's weights changed during refine training")
+
+
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (BaseStage, RefineStage)}

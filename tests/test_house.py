@@ -1,0 +1,192 @@
+"""The shape of the package, and what moved in the house issue: floors, config, model files, CLI errors."""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctrefine.checkpoint import load_model_file, save_model_file, state_fingerprint
+from ctrefine.config import Config, ConfigError, ds_config_path, load_config, preset_names, resolve
+from ctrefine.errors import DataError, UserError
+from ctrefine.losses.loss import DetailRefinementLoss
+from ctrefine.losses.registry import DEFAULT_WEIGHTS, TERMS
+from ctrefine.models import build_models
+
+PKG = Path(__file__).resolve().parents[1] / "ctrefine"
+
+
+def _imports(path: Path) -> set[str]:
+    """ctrefine modules a file imports (relative imports resolved), e.g. {'ctrefine.pipeline', ...}."""
+    mod = "ctrefine." + ".".join(path.relative_to(PKG).with_suffix("").parts)
+    pkg = mod.rsplit(".", 1)[0] if path.name != "__init__.py" else mod.removesuffix(".__init__")
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.startswith("ctrefine"):
+                out.add(name)
+                out.update(f"{name}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("ctrefine"))
+    return out
+
+
+def _group(path: Path) -> str:
+    rel = path.relative_to(PKG).parts
+    return rel[0].removesuffix(".py")
+
+
+def test_training_export_inference_are_siblings():
+    groups = {"training": PKG.glob("training/*.py"), "train": [PKG / "train.py"], "export": [PKG / "export.py"],
+              "infer": [PKG / "infer.py"]}
+    family = {"training": "train", "train": "train", "export": "export", "infer": "infer"}
+    for g, files in groups.items():
+        for f in files:
+            for name in _imports(f):
+                top = name.split(".")[1] if "." in name else ""
+                if top in family and family[top] != family[g]:
+                    pytest.fail(f"{f.name} ({g}) imports {name}")
+
+
+def test_lower_floors_never_import_higher():
+    higher = {"config", "checkpoint", "pipeline", "training", "train", "export", "infer", "report", "viz", "launch",
+              "cli"}
+    lower = [*PKG.glob("data/*.py"), *PKG.glob("models/*.py"), *PKG.glob("losses/*.py"), PKG / "metrics.py",
+             PKG / "conventions.py", PKG / "stencil.py", PKG / "fourier.py", PKG / "errors.py"]
+    for f in lower:
+        bad = {n for n in _imports(f) if n.split(".")[1:2] and n.split(".")[1] in higher}
+        assert not bad, f"{f} imports {bad}"
+
+
+def test_cli_module_only_parses():
+    tree = ast.parse((PKG / "cli.py").read_text())
+    top_imports = {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
+    top_from = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert top_imports <= {"argparse", "sys"} and top_from <= {"__future__", "errors"}
+    assert len((PKG / "cli.py").read_text().splitlines()) < 300
+
+
+# ------------------------------------------------------------------------------------------- config
+def test_loss_registry_is_the_one_source():
+    assert Config().loss_weights() == DEFAULT_WEIGHTS == {n: t.default_weight for n, t in TERMS.items()}
+    assert DetailRefinementLoss().weights == DEFAULT_WEIGHTS
+    assert DEFAULT_WEIGHTS == {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}
+
+
+def test_perceptual_is_an_alias_of_texture(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('{"loss": {"perceptual": 0.7}}')
+    cfg = load_config(p)
+    assert cfg.loss.texture == 0.7 and cfg.to_dict()["loss"]["texture"] == 0.7 and "perceptual" not in cfg.to_dict()["loss"]
+    assert DetailRefinementLoss({"perceptual": 0.7}).weights["texture"] == 0.7
+    p.write_text('{"loss": {"perceptual": 0.7, "texture": 0.1}}')
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"training": {"learning_rate": -1e-3}}, "training.learning_rate"),
+    ({"model": {"volume_size": 40}}, "model.volume_size"),
+    ({"training": {"batch_size": 0}}, "training.batch_size"),
+    ({"training": {"num_epochs": True}}, "training.num_epochs"),
+    ({"loss": {"l1": -1}}, "loss.l1"),
+    ({"loss": {k: 0 for k in DEFAULT_WEIGHTS}}, "nothing to train"),
+    ({"model": 3}, "must be an object"),
+    ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last"),
+])
+def test_config_ranges_are_one_line_errors(raw, needle):
+    with pytest.raises(ConfigError, match=needle) as exc:
+        resolve(raw)
+    assert "\n" not in str(exc.value)
+
+
+def test_presets_ship_as_package_data():
+    assert {"cpu-small", "cpu-medium", "full"} <= set(preset_names())
+    assert load_config("cpu-small").model.volume_size == 32
+    assert json.loads(ds_config_path().read_text()) == json.loads((PKG.parent / "ds_config.json").read_text())
+    with pytest.raises(ConfigError, match="shipped"):
+        load_config("no-such-preset")
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config("cpu-small", ["model.volume_size.x=1"])
+
+
+# -------------------------------------------------------------------------------------- model files
+def test_model_file_round_trip_and_safety(tmp_path):
+    cfg = load_config("cpu-small")
+    base, _ = build_models(cfg)
+    path = save_model_file(tmp_path / "b.pt", "base", base.state_dict(), cfg, {"psnr": 20.0}, epoch=3)
+    mf = load_model_file(path, stage="base")
+    assert mf.epoch == 3 and mf.metrics == {"psnr": 20.0} and mf.config == cfg
+    assert state_fingerprint(mf.build().state_dict()) == state_fingerprint(base.state_dict())
+    with pytest.raises(DataError, match="expected the refiner"):
+        load_model_file(path, stage="refine")
+    # a pickle that would run code is refused, not executed (weights_only=True)
+    torch.save({"state_dict": {}, "config": {}, "stage": "base", "payload": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match="cannot read checkpoint"):
+        load_model_file(tmp_path / "evil.pt")
+    # weights of another model size: one line naming the file, not 184 lines of size mismatch
+    wide = cfg.model_copy(deep=True)
+    wide.model.base_width = 4
+    blob = torch.load(path, weights_only=True)
+    blob["config"] = wide.to_dict()
+    torch.save(blob, tmp_path / "mismatch.pt")
+    with pytest.raises(DataError, match="do not fit") as exc:
+        load_model_file(tmp_path / "mismatch.pt").build()
+    assert "\n" not in str(exc.value)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_resume_with_another_model_config_names_the_keys(tmp_path):
+    from ctrefine.training.checkpointing import Checkpointer
+
+    out = tmp_path / "base"
+    out.mkdir()
+    cfg = load_config("cpu-small")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (out / "latest.json").write_text('{"tag": "epoch_0001"}')
+    other = load_config("cpu-small", ["model.base_width=16"])
+    with pytest.raises(UserError, match=r"model.base_width \(8 -> 16\)"):
+        Checkpointer(out, 2, 0, 1).check_compatible(other)
+    Checkpointer(out, 2, 0, 1).check_compatible(load_config("cpu-small", ["training.num_epochs=3"]))  # fine
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from ctrefine import cli
+
+    def user_problem(a):
+        raise UserError("the user's mistake")
+
+    def bug(a):
+        raise ValueError("a programming error")
+
+    for fn in (user_problem, bug):
+        monkeypatch.setattr(cli, "_cmd_info", fn)
+        if fn is bug:
+            with pytest.raises(ValueError, match="programming error"):
+                cli.main(["info"])
+        else:
+            assert cli.main(["info"]) == 2
+            assert capsys.readouterr().err.strip() == "ctrefine: error: the user's mistake"
+
+
+def test_version_and_underscore_aliases():
+    from ctrefine import __version__
+
+    r = subprocess.run([sys.executable, "-m", "ctrefine.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"ctrefine {__version__}"
+    from ctrefine.cli import build_parser
+
+    a = build_parser().parse_args(["infer", "--data_path", "d", "--output-dir", "o", "--num_patients", "2"])
+    assert (a.data_path, a.output_dir, a.num_patients) == ("d", "o", 2)
