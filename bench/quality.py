@@ -98,7 +98,8 @@ def main(argv=None) -> int:
         train_stage("refine", str(preset), sets, ranks, log, progress=False)
         timings[label] = time.time() - tic
         pred = TorchPredictor(base_ckpt, run_dir / "refine" / "best_model.pt", device="cuda" if cuda else "cpu")
-        results[label] = evaluate_dataset(pred, out / "data", run_dir / "eval_test", save_volumes=False, progress=False)
+        results[label] = evaluate_dataset(pred, out / "data", run_dir / "eval_test", save_volumes=False, progress=False,
+                                          overwrite=True)
         if label == "all terms":
             results[label]["reprojection"] = reprojection_error(pred, out / "data")
         print(f"{label}: gain {results[label]['gain_db_mean']:+.3f} dB", flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .data.io import atomic_file
+from .outputs import atomic_file
 from .errors import ConfigError, DataError
 from .models import BUILDERS
 

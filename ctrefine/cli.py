@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import OneLineParser, UserError
 
 
 def _flag(parser, name: str, **kw):
@@ -68,8 +68,10 @@ def _cmd_prepare(a) -> int:
 def _cmd_preview(a) -> int:
     from pathlib import Path
 
+    from .outputs import claim_output_file
     from .viz import preview_png
 
+    claim_output_file(a.out, a.overwrite)
     print(f"wrote {preview_png(Path(a.data) / a.patient, a.out, a.dpi)}")
     return 0
 
@@ -97,8 +99,12 @@ def _cmd_export_onnx(a) -> int:
 
     from .data.dataset import CTDataset
     from .export import export_and_verify
+    from .outputs import claim_output_file
     from .pipeline import load_two_stage
 
+    if not a.out.endswith(".onnx"):
+        raise UserError(f"{a.out}: the output must be a .onnx file")
+    claim_output_file(a.out, a.overwrite)
     model, cfg = load_two_stage(a.base_checkpoint, a.refinement_checkpoint)
     extra = {}
     if a.data_path:
@@ -123,11 +129,12 @@ def _cmd_infer(a) -> int:
         raise UserError("dataset mode needs --data-path and --output-dir (or use --xray-pa/--xray-lateral/--out)")
     pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx)
     if single:
-        refined, coarse = infer_radiographs(pred, a.xray_pa, a.xray_lateral, a.out, a.xray_convention)
+        refined, coarse = infer_radiographs(pred, a.xray_pa, a.xray_lateral, a.out, a.xray_convention, a.overwrite,
+                                            warn=lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr))
         print(f"wrote {refined} (refined) and {coarse} (coarse), HU, {pred.kind}")
         return 0
     s = evaluate_dataset(pred, a.data_path, a.output_dir, a.num_patients, a.split, not a.no_save_volumes,
-                         progress=not a.quiet)
+                         progress=not a.quiet, overwrite=a.overwrite)
     print(f"{s['num_patients']} {a.split} patients -> {a.output_dir}/metrics.txt")
     print(summary_table(s))
     return 0
@@ -150,7 +157,7 @@ def _cmd_train(argv) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
+    p = OneLineParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
     p.add_argument("--version", action="version", version=f"ctrefine {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -191,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--patient", default="patient_0000", help="patient folder name (default patient_0000)")
     v.add_argument("--out", required=True, help="output .png")
     v.add_argument("--dpi", type=_positive, default=80)
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     v.set_defaults(func=_cmd_preview)
 
     i = sub.add_parser("info", help="print the parameter counts of the models of a config",
@@ -206,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(batch 1 and 3) and, with --data-path, on real dataset inputs; exit 2 if > 1e-4.")
     _flag(e, "base-checkpoint", required=True, help="best_model.pt of the base stage")
     _flag(e, "refinement-checkpoint", required=True, help="best_model.pt of the refine stage")
-    e.add_argument("--out", required=True, help="output .onnx file (replaced atomically)")
+    e.add_argument("--out", required=True, help="output .onnx file (an existing one only with --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _flag(e, "data-path", default=None, help="dataset whose radiographs are used for the parity check too")
     e.add_argument("--split", default="test", help="split used with --data-path (default test)")
     e.set_defaults(func=_cmd_export_onnx)
@@ -215,14 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Dataset mode (--data-path, --output-dir): metrics.txt, NIfTI volumes and comparison "
                                    "PNGs per patient of the test split. Radiograph mode (--xray-pa, --xray-lateral, "
                                    "--out): PNG/TIFF/NIfTI/DICOM radiographs -> refined CT NIfTI. Uses torch checkpoints "
-                                   "or, with --onnx, ONNX Runtime.")
+                                   "or, with --onnx, ONNX Runtime. Radiographs are read as displayed: head up; PA with "
+                                   "the patient's right on the image left; lateral with the patient's front on the image "
+                                   "left. A 2D NIfTI is oriented by its affine. Outputs: --output-dir must be new, empty "
+                                   "or an earlier inference result (replaced only with --overwrite), never the dataset "
+                                   "or inside it; an existing --out file is replaced only with --overwrite.")
     _flag(f, "base-checkpoint", help="best_model.pt of the base stage (torch path)")
     _flag(f, "refinement-checkpoint", help="best_model.pt of the refine stage (torch path)")
     f.add_argument("--onnx", help="model.onnx from export-onnx (ONNX Runtime path)")
     _flag(f, "data-path", help="dataset directory (dataset mode)")
     f.add_argument("--split", default="test", help="split to evaluate (default test: never training patients)")
     _flag(f, "num-patients", type=_positive, default=None, help="evaluate at most this many patients")
-    _flag(f, "output-dir", help="where metrics.txt and patient_XXXX/ go")
+    _flag(f, "output-dir", help="where metrics.txt and patient_XXXX/ go (new, empty, or an earlier result)")
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier inference result / existing --out")
     _flag(f, "save-volumes", action="store_true", default=True, help="write NIfTI volumes (default)")
     _flag(f, "no-save-volumes", action="store_true", help="skip the NIfTI volumes")
     _flag(f, "xray-pa", help="PA radiograph file (radiograph mode)")
@@ -268,6 +282,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ctrefine: interrupted (outputs are written atomically: nothing half-written was left)", file=sys.stderr)
         return 130
+    except OSError as exc:  # a disk, permission or path problem of the user's machine, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ctrefine: error: {where}{exc.strerror or type(exc).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ config or data call keep working.
 """
 from __future__ import annotations
 
+import argparse
+
 
 class UserError(Exception):
     """A problem with the user's input or environment; its message is one line."""
@@ -21,3 +23,10 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A user-supplied file is unreadable or not what it claims to be."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (plus a pointer to ``--help``), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from . import conventions as C
 from .config import Config
-from .data.io import atomic_file
+from .outputs import atomic_file
 from .errors import UserError
 from .pipeline import TwoStage, ort_session
 

@@ -17,6 +17,7 @@ import torch
 
 from .config import ds_config_path, load_config, preset_path
 from .errors import UserError
+from .outputs import check_writable
 
 
 def free_port() -> int:
@@ -59,6 +60,11 @@ def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progr
             raise UserError(f"{stage} training failed (exit {proc.returncode}); see {log_path}")
 
 
+def is_demo_run(folder: Path) -> bool:
+    """``folder`` was made by :func:`run_demo` (its log or its dataset header is there)."""
+    return (folder / "demo.log").is_file() or (folder / "data" / "dataset.json").is_file()
+
+
 def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: int = 0, ranks: int | None = None,
              base_epochs: int | None = None, refine_epochs: int | None = None, sets: list[str] = (),
              quiet: bool = False) -> dict:
@@ -75,6 +81,10 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     preset_file = preset_path(preset_name)
     cfg = load_config(preset_file, list(sets))  # validate the overrides before any work
     out = Path(out)
+    check_writable(out, "demo folder")
+    if out.is_dir() and any(out.iterdir()) and not is_demo_run(out):
+        raise UserError(f"{out} is not empty and is not an earlier demo run: choose a new --out (the demo never "
+                        f"writes into other folders)")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
     ranks = ranks or default_ranks()
@@ -105,7 +115,7 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
         export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True))
     step("5/5 ONNX Runtime inference on the test split")
     res = out / "inference_results"
-    summary = evaluate_dataset(OnnxPredictor(onnx_path), out / "data", res, progress=not quiet)
+    summary = evaluate_dataset(OnnxPredictor(onnx_path), out / "data", res, progress=not quiet, overwrite=True)
     print()
     print(summary_table(summary))
     print(f"\nresults: {res}/metrics.txt, per-patient NIfTI + comparison PNGs; log {log}; "

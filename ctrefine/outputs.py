@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -71,9 +70,7 @@ def atomic_dir(final):
     old = None
     try:
         yield tmp
-        for p in [tmp, *tmp.rglob("*")]:
-            if p.is_dir() and stat.S_IMODE(p.stat().st_mode) == 0o700:
-                _publish_mode(p)  # mkdtemp made it private
+        _publish_mode(tmp)  # mkdtemp made it private; what was created inside already followed the umask
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.rename(final, old)

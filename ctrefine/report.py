@@ -41,21 +41,16 @@ def summarize(per_patient: dict) -> dict:
 def summary_table(s: dict, markdown: bool = False) -> str:
     """Coarse vs refined (mean +- std), the gain and the wins; plain text for the console or markdown."""
     n = s["num_patients"]
+    pm = " ± " if markdown else " +- "
+    rows = [(label, *(f"{s[f'{st}_{k}_mean']:.4f}{pm}{s[f'{st}_{k}_std']:.4f}" for st in STAGES))
+            for k, label in METRICS.items()]
+    rows.append(("gain (refined - coarse)", "", f"{s['gain_db_mean']:+.3f} dB{pm}{s['gain_db_std']:.3f}"))
+    rows.append(("refined wins", "", f"{s['refined_wins']} / {n}"))
     if markdown:
-        lines = [f"| test split (n = {n}) | coarse | refined |", "|---|---|---|"]
-        for k, label in METRICS.items():
-            lines.append(f"| {label} | {s[f'coarse_{k}_mean']:.4f} ± {s[f'coarse_{k}_std']:.4f} | "
-                         f"{s[f'refined_{k}_mean']:.4f} ± {s[f'refined_{k}_std']:.4f} |")
-        lines.append(f"| gain (refined − coarse PSNR) | | {s['gain_db_mean']:+.3f} ± {s['gain_db_std']:.3f} dB |")
-        lines.append(f"| refined wins | | {s['refined_wins']} / {n} |")
-        return "\n".join(lines)
-    lines = [f"{'test split (' + str(n) + ' patients)':<28s}{'coarse':>18s}{'refined':>18s}"]
-    for k, label in METRICS.items():
-        lines.append(f"{label:<28s}{s[f'coarse_{k}_mean']:>10.4f} +- {s[f'coarse_{k}_std']:<6.4f}"
-                     f"{s[f'refined_{k}_mean']:>10.4f} +- {s[f'refined_{k}_std']:<6.4f}")
-    lines.append(f"{'gain (refined - coarse)':<28s}{s['gain_db_mean']:>+10.3f} dB +- {s['gain_db_std']:.3f}")
-    lines.append(f"{'refined wins':<28s}{s['refined_wins']:>10d} / {n}")
-    return "\n".join(lines)
+        return "\n".join([f"| test split (n = {n}) | coarse | refined |", "|---|---|---|",
+                          *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
+    return "\n".join([f"{'test split (' + str(n) + ' patients)':<28s}{'coarse':>20s}{'refined':>20s}",
+                      *(f"{a:<28s}{b:>20s}{c:>20s}" for a, b, c in rows)])
 
 
 def _patient_row(name: str, m: dict) -> str:

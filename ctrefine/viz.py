@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.io import atomic_file, load_nifti
+from .data.io import load_nifti
+from .outputs import atomic_file
 from .errors import DataError
 
 

@@ -178,6 +178,8 @@ def test_dicom_radiograph_monochrome1(tmp_path):
         ds.PhotometricInterpretation = photometric
         ds.PixelData = img.tobytes()
         ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
+        ds.save_as(str(tmp_path / "IM0001"), enforce_file_format=True)  # PACS exports often have no extension
         out = load_radiograph(tmp_path / "x.dcm")
         assert out.shape == (32, 40)
         assert (out[15, 20] > out[0, 0]) == expect_bright_block  # MONOCHROME1 (bone black) is inverted
+        assert np.array_equal(load_radiograph(tmp_path / "IM0001"), out)  # recognised by content

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
+from ..outputs import check_writable
 from .io import DataError, atomic_dir, load_nifti, read_json, save_nifti, write_json, xray_affine
 from .phantoms import chest_phantom, downsample_area
 from .projector import Geometry, render_drrs
@@ -58,9 +59,9 @@ def write_patient(root: Path, name: str, ct_hu: np.ndarray, xrays: np.ndarray, m
         size = ct_hu.shape[0]
         fov = meta["fov_mm"]
         save_nifti(tmp / "ct.nii.gz", ct_hu, canonical_affine(size, fov / size) if affine is None else affine)
-        px = fov / xrays.shape[-1]
-        save_nifti(tmp / "xray_pa.nii.gz", xrays[0], xray_affine(px))
-        save_nifti(tmp / "xray_lateral.nii.gz", xrays[1], xray_affine(px))
+        s = xrays.shape[-1]
+        save_nifti(tmp / "xray_pa.nii.gz", xrays[0], xray_affine(fov / s, "pa", s))
+        save_nifti(tmp / "xray_lateral.nii.gz", xrays[1], xray_affine(fov / s, "lateral", s))
         write_json(tmp / "meta.json", meta)
     return Path(root) / name
 
@@ -113,6 +114,14 @@ def ensure_dataset_header(root: Path, params: dict, compare=None) -> None:
         write_json(path, params)
 
 
+def check_dataset_dir(root: Path) -> None:
+    """A dataset is made or extended only in a missing or empty folder, or in an existing dataset."""
+    root = Path(root)
+    check_writable(root, "dataset folder")
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "dataset.json").exists())):
+        raise DataError(f"{root}: exists and is not a ctrefine dataset (no dataset.json); choose a new or empty folder")
+
+
 def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_size: int = 128,
                  geometry: str = "cone", workers: int | None = None, fov: float = FOV_MM,
                  render_factor: int = 2, progress: bool = True) -> dict:
@@ -122,6 +131,7 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     from tqdm import tqdm
 
     root = Path(out)
+    check_dataset_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     geo = Geometry(geometry)
     ensure_dataset_header(root, {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size,

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..conventions import FOV_MM, HU_MIN, canonical_affine
-from .dataset import FORMAT_VERSION, ensure_dataset_header, is_complete, make_splits, patient_name, render_patient, \
+from .dataset import FORMAT_VERSION, check_dataset_dir, ensure_dataset_header, is_complete, make_splits, patient_name, render_patient, \
     write_patient
 from .dicom import load_series
 from .io import DataError, load_nifti, read_json, write_json
@@ -42,6 +42,9 @@ def load_ct(path, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: contains NaN or Inf values")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise DataError(f"{path}: degenerate affine (no valid voxel spacing / orientation)")
+    # Scanner padding outside the reconstruction circle (-2048 or -3024 HU) is air, not a denser-than-air
+    # void: set it to the window floor so no interpolation blends it into the body or the ground truth.
+    data = np.maximum(data, HU_MIN)
     lo, hi = np.percentile(data, [1, 99.5])
     if lo > -500 or hi < 100 or hi > 5000:
         raise DataError(f"{path}: does not look like a CT in HU (1st..99.5th percentile {lo:.0f}..{hi:.0f})")
@@ -101,6 +104,7 @@ def ingest_dataset(paths, out, size: int = 64, xray_size: int = 128, geometry: s
     from tqdm import tqdm
 
     root = Path(out)
+    check_dataset_dir(root)
     header = {"version": FORMAT_VERSION, "source": "ingested", "size": size, "xray_size": xray_size, "fov_mm": FOV_MM,
               "geometry": Geometry(geometry).as_dict()}
     grid = ("version", "size", "xray_size", "fov_mm", "geometry")  # real CTs beside phantoms is fine; other grids not

@@ -5,64 +5,27 @@ On-disk formats
       (code 1, scanner), so ITK / 3D Slicer open them with the same orientation and spacing.
     * Radiographs: 2D NIfTI (``xray_pa.nii.gz``, ``xray_lateral.nii.gz``), float32 attenuation line
       integrals ``integral mu dl`` (dimensionless, air = 0, bone bright). Rows run superior->inferior;
-      columns run right->left (PA) or anterior->posterior (lateral). The affine's diagonal holds the
-      detector pixel pitch projected to the isocenter plane (mm).
+      columns run patient right->left (PA, a coronal plane) or anterior->posterior (lateral, a
+      sagittal plane), and the affine says so (:func:`xray_affine`): pixel pitch at the isocenter
+      plane, image centre at the isocenter, so viewers place each view in its anatomical plane.
 
 Every writer writes to a temporary file beside the target and renames it, so a crash never leaves
 a half-written file under the final name.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from ..errors import DataError
+from ..outputs import atomic_dir, atomic_file
 
 __all__ = ["DataError", "atomic_file", "atomic_dir", "save_nifti", "load_nifti", "write_json", "read_json",
            "load_radiograph", "square_resize", "xray_affine"]
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Write a file under a temporary name beside ``path`` (same extension, so writers that pick the
-    format from it still do); on success rename it to ``path``. On any error nothing is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_dir(final):
-    """Build a folder under a temporary name beside ``final``; on success replace ``final`` with it.
-
-    On any error the temporary folder is removed and ``final`` is left as it was.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def save_nifti(path, data: np.ndarray, affine: np.ndarray) -> None:
@@ -89,9 +52,61 @@ def load_nifti(path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(img.affine, np.float64)
 
 
-def xray_affine(pixel_mm: float) -> np.ndarray:
-    """Affine of a stored radiograph: pixel pitch on the diagonal (isocenter plane)."""
-    return np.diag([pixel_mm, pixel_mm, 1.0, 1.0])
+def xray_affine(pixel_mm: float, view: str = "pa", size: int = 1) -> np.ndarray:
+    """Affine of a stored radiograph ``(rows, cols)`` of ``size`` pixels a side, in RAS mm.
+
+    Rows run towards inferior (-z). PA (coronal plane): columns run towards the patient's left (-x),
+    the absent third axis is the beam direction (+y). Lateral (sagittal plane): columns run towards
+    posterior (-y), third axis +x. The image centre sits at the isocenter (the origin).
+    """
+    a = np.eye(4)
+    a[:3, 0] = [0.0, 0.0, -pixel_mm]
+    if view == "pa":
+        a[:3, 1], a[:3, 2] = [-pixel_mm, 0.0, 0.0], [0.0, 1.0, 0.0]
+    elif view == "lateral":
+        a[:3, 1], a[:3, 2] = [0.0, -pixel_mm, 0.0], [1.0, 0.0, 0.0]
+    else:
+        raise ValueError(f"view must be 'pa' or 'lateral', got {view!r}")
+    mid = (size - 1) / 2.0
+    a[:3, 3] = -(a[:3, :2] @ [mid, mid])
+    return a
+
+
+_AXIS_NAMES = ("left-right", "anterior-posterior", "head-foot")
+
+
+def _is_legacy_drr_affine(aff: np.ndarray) -> bool:
+    """ctrefine < 0.2 wrote radiographs with ``diag(pitch, pitch, 1, 1)``: rows first, as stored."""
+    return aff[0, 0] > 0 and np.allclose(aff, np.diag([aff[0, 0], aff[0, 0], 1.0, 1.0]))
+
+
+def orient_radiograph(img: np.ndarray, affine: np.ndarray, path, view: str | None = None) -> np.ndarray:
+    """A 2D NIfTI radiograph as ``(rows superior->inferior, cols right->left | anterior->posterior)``.
+
+    The affine decides: the in-plane axis that runs head-foot becomes the rows; the other must run
+    left-right for a PA (coronal) image and front-back for a lateral (sagittal) one -- a mismatch means
+    the views are swapped and is an error. A file without a head-foot axis in its plane cannot be
+    placed and is refused (except ctrefine's own older DRR files, read as stored).
+    """
+    d0, d1 = np.asarray(affine, float)[:3, 0], np.asarray(affine, float)[:3, 1]
+    ax0, ax1 = int(np.argmax(np.abs(d0))), int(np.argmax(np.abs(d1)))
+    if 2 not in (ax0, ax1) or ax0 == ax1:
+        if _is_legacy_drr_affine(np.asarray(affine, float)):
+            return img
+        raise DataError(f"{path}: 2D NIfTI whose axes run {_AXIS_NAMES[ax0]} and {_AXIS_NAMES[ax1]} (no head-foot "
+                        f"axis): cannot tell how to orient it; give PNG/TIFF/DICOM, or a NIfTI with a coronal (PA) or "
+                        f"sagittal (lateral) affine")
+    if ax1 == 2:  # stored (cols, rows): transpose
+        img, d0, d1, ax1 = img.T, d1, d0, ax0
+    if d0[2] > 0:  # rows run towards superior
+        img = img[::-1]
+    plane = {0: "pa", 1: "lateral"}[ax1]  # the column axis: left-right (coronal) or front-back (sagittal)
+    if view is not None and view != plane:
+        raise DataError(f"{path}: given as the {view} view but it is a {'coronal' if plane == 'pa' else 'sagittal'} "
+                        f"image (PA is coronal, lateral is sagittal): are the two views swapped?")
+    if d1[ax1] > 0:  # columns must run towards the patient's left (-x) / posterior (-y)
+        img = img[:, ::-1]
+    return np.ascontiguousarray(img)
 
 
 def write_json(path, obj) -> None:
@@ -104,7 +119,7 @@ def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def load_radiograph(path, convention: str = "attenuation") -> np.ndarray:
+def load_radiograph(path, convention: str = "attenuation", view: str | None = None) -> np.ndarray:
     """Read one radiograph (PNG/TIFF/JPEG, NIfTI, or DICOM) -> 2D float32 attenuation image (bone bright).
 
     How a real radiograph maps to the training convention (line integrals of mu, bone bright):
@@ -118,6 +133,11 @@ def load_radiograph(path, convention: str = "attenuation") -> np.ndarray:
     Any linear rescaling is irrelevant: :func:`ctrefine.conventions.normalize_xray` normalises each
     image by its own percentiles. Non-square images are padded to a square with their background
     (the 0.5th percentile) before resizing, so anatomy keeps its aspect ratio.
+
+    Orientation: images (PNG/TIFF/JPEG/DICOM) are taken as displayed -- head up; PA with the
+    patient's right on the image left; lateral with the patient's front (anterior) on the image left.
+    A 2D NIfTI is oriented by its affine (:func:`orient_radiograph`; ``view`` checks its plane).
+    DICOM files are recognised by content, with or without a ``.dcm`` extension.
     """
     path = Path(path)
     if not path.exists():
@@ -125,14 +145,13 @@ def load_radiograph(path, convention: str = "attenuation") -> np.ndarray:
     name = path.name.lower()
     invert = False
     try:
+        ds = None if name.endswith((".nii", ".nii.gz")) else _dicom_or_none(path)
         if name.endswith((".nii", ".nii.gz")):
-            img = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-        elif name.endswith((".dcm", ".dicom")):
-            try:
-                import pydicom
-            except ImportError:
-                raise DataError(f"{path}: reading DICOM needs pydicom (pip install pydicom)") from None
-            ds = pydicom.dcmread(str(path))
+            nimg = nib.load(str(path))
+            img = np.squeeze(np.asarray(nimg.dataobj, dtype=np.float32))
+            if img.ndim == 2:
+                img = orient_radiograph(img, nimg.affine, path, view)
+        elif ds is not None:
             img = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
                 getattr(ds, "RescaleIntercept", 0))
             invert = str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1"
@@ -168,6 +187,16 @@ def load_radiograph(path, convention: str = "attenuation") -> np.ndarray:
     if np.ptp(img) == 0:
         raise DataError(f"{path}: image is constant")
     return img
+
+
+def _dicom_or_none(path):
+    """The DICOM dataset of ``path`` if its *content* is DICOM (PACS exports often have no extension)."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(str(path))
+    except Exception:  # InvalidDicomError for PNG/TIFF/...: not DICOM
+        return None
 
 
 def square_resize(img: np.ndarray, size: int) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch
 from ..config import Config, ds_config_path, load_config, read_json_object
 from ..data.dataset import CTDataset, iter_batches
 from ..data.io import read_json, write_json
-from ..errors import UserError
+from ..errors import OneLineParser, UserError
 from .checkpointing import Checkpointer
 from .logs import CSVLog, tensorboard_writer
 from .stages import STAGES, Stage
@@ -42,7 +42,7 @@ from .stages import STAGES, Stage
 
 # --------------------------------------------------------------------------------------------- setup
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="ctrefine train", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="ctrefine train", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=tuple(STAGES), help="base: train the reconstructor; refine: train the refiner on "
                                                          "the frozen base")

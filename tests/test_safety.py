@@ -1,0 +1,221 @@
+"""Never lose a user's data, and every failure is one clear line (the findings of the safety issue)."""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctrefine.checkpoint import save_model_file
+from ctrefine.config import load_config
+from ctrefine.data.io import load_nifti, load_radiograph, orient_radiograph, save_nifti, xray_affine
+from ctrefine.errors import DataError, UserError
+from ctrefine.models import build_models
+from ctrefine.outputs import atomic_dir, check_writable
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety_ckpt")
+    cfg = load_config("cpu-small")
+    torch.manual_seed(0)
+    for stage, model in zip(("base", "refine"), build_models(cfg)):
+        save_model_file(root / f"{stage}.pt", stage, model.state_dict(), cfg)
+    return ["--base-checkpoint", str(root / "base.pt"), "--refinement-checkpoint", str(root / "refine.pt")]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ctrefine.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def one_error_line(r, needle):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("ctrefine") and " error: " in lines[0], \
+        r.stderr[-800:]
+    assert needle in lines[0], lines[0]
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def test_infer_never_replaces_a_users_folder(ckpts, tiny_dataset, tmp_path):
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "notes.txt").write_text("my thesis")
+    before_data = snapshot(tiny_dataset)
+    one_error_line(cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", user, "--quiet"), "not empty")
+    one_error_line(cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", user, "--quiet", "--overwrite"),
+                   "never replaces")
+    one_error_line(cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", tiny_dataset, "--quiet"),
+                   "overlaps")
+    one_error_line(cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", tiny_dataset / "res", "--quiet"),
+                   "overlaps")
+    one_error_line(cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", ".", "--quiet", cwd=user),
+                   "current directory")
+    assert (user / "notes.txt").read_text() == "my thesis" and sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    assert snapshot(tiny_dataset) == before_data
+
+
+def test_infer_replaces_its_own_result_only_when_asked(ckpts, tiny_dataset, tmp_path):
+    out = tmp_path / "res"
+    assert cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", out, "--quiet", "--no-save-volumes",
+               "--num-patients", "1").returncode == 0
+    first = (out / "metrics.json").stat().st_mtime_ns
+    one_error_line(cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", out, "--quiet"), "--overwrite")
+    r = cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", out, "--quiet", "--no-save-volumes",
+            "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (out / "metrics.json").stat().st_mtime_ns != first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old copy left
+
+
+def test_radiograph_mode_checks_outputs_before_inference(ckpts, tiny_dataset, tmp_path):
+    name = json.loads((tiny_dataset / "splits.json").read_text())["test"][0]
+    pa, lat = (tiny_dataset / name / f"xray_{v}.nii.gz" for v in ("pa", "lateral"))
+    (tmp_path / "ct.nii.gz").write_bytes(b"the user's earlier scan")
+    one_error_line(cli("infer", *ckpts, "--xray-pa", pa, "--xray-lateral", lat, "--out", tmp_path / "ct.nii.gz"),
+                   "--overwrite")
+    assert (tmp_path / "ct.nii.gz").read_bytes() == b"the user's earlier scan"
+    (tmp_path / "afile").write_text("x")
+    one_error_line(cli("infer", *ckpts, "--xray-pa", pa, "--xray-lateral", lat, "--out", tmp_path / "afile" / "ct.nii.gz"),
+                   "is a file, not a folder")
+    r = cli("infer", *ckpts, "--xray-pa", pa, "--xray-lateral", lat, "--out", tmp_path / "ct.nii.gz", "--overwrite")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr  # a real DRR raises no plausibility warning
+    assert nib.load(str(tmp_path / "ct.nii.gz")).shape == (32, 32, 32)
+
+
+def test_unwritable_location_is_refused_before_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda p, mode: False)  # root ignores permission bits: simulate read-only
+    with pytest.raises(UserError, match="permission denied"):
+        check_writable(tmp_path / "new" / "out.onnx")
+
+
+def test_make_data_and_demo_refuse_a_foreign_folder(tmp_path):
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / "cat.jpg").write_bytes(b"\xff\xd8")
+    one_error_line(cli("make-data", "--out", user, "--num-patients", "1", "--size", "16", "--xray-size", "16",
+                       "--quiet"), "not a ctrefine dataset")
+    one_error_line(cli("demo", "--out", user, "--preset", "cpu-small", "--quiet"), "not an earlier demo run")
+    one_error_line(cli("make-data", "--out", tmp_path / "ds", "--num-patients", "1", "--size", "20"), "multiple of 16")
+    assert sorted(p.name for p in user.iterdir()) == ["cat.jpg"]
+
+
+def test_prepare_refuses_another_grid_before_work(tmp_path):
+    from ctrefine.conventions import canonical_affine
+    from ctrefine.data.phantoms import chest_phantom
+
+    save_nifti(tmp_path / "ct.nii.gz", chest_phantom(1, size=32), canonical_affine(32, 10.0))
+    assert cli("prepare", "--ct", tmp_path / "ct.nii.gz", "--out", tmp_path / "ds", "--size", "16", "--xray-size",
+               "16", "--quiet").returncode == 0
+    before = snapshot(tmp_path / "ds")
+    one_error_line(cli("prepare", "--ct", tmp_path / "ct.nii.gz", "--out", tmp_path / "ds", "--size", "32",
+                       "--xray-size", "16", "--quiet"), "existing dataset has size=16")
+    assert snapshot(tmp_path / "ds") == before
+
+
+def test_export_onnx_output_rules(ckpts, tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"someone's model")
+    one_error_line(cli("export-onnx", *ckpts, "--out", tmp_path / "m.onnx"), "--overwrite")
+    one_error_line(cli("export-onnx", *ckpts, "--out", tmp_path / "m.txt"), ".onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == b"someone's model"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_honour_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        save_nifti(tmp_path / "v.nii.gz", np.zeros((4, 4, 4)), np.eye(4))
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "a.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "v.nii.gz") == 0o666 & ~mask
+    assert mode(tmp_path / "folder") == 0o777 & ~mask
+
+
+def test_interrupt_and_os_errors_are_one_line(monkeypatch, capsys):
+    from ctrefine import cli as cli_mod
+
+    def interrupted(a):
+        raise KeyboardInterrupt
+
+    def disk_full(a):
+        raise OSError(28, "No space left on device", "/data/out.nii.gz")
+
+    monkeypatch.setattr(cli_mod, "_cmd_info", interrupted)
+    assert cli_mod.main(["info"]) == 130
+    assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setattr(cli_mod, "_cmd_info", disk_full)
+    assert cli_mod.main(["info"]) == 2
+    assert capsys.readouterr().err == "ctrefine: error: /data/out.nii.gz: No space left on device\n"
+
+
+def test_tensorboard_missing_is_one_notice(monkeypatch, tmp_path):
+    from ctrefine.training.logs import tensorboard_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as when not installed
+    said = []
+    assert tensorboard_writer(True, tmp_path, said.append) is None and len(said) == 1 and "TensorBoard" in said[0]
+    assert tensorboard_writer(False, tmp_path, said.append) is None and len(said) == 1
+
+
+# ------------------------------------------------------------------------------- radiograph geometry
+def test_drr_files_declare_their_planes(tiny_dataset):
+    _, pa_aff = load_nifti(tiny_dataset / "patient_0000" / "xray_pa.nii.gz")
+    _, lat_aff = load_nifti(tiny_dataset / "patient_0000" / "xray_lateral.nii.gz")
+    for aff in (pa_aff, lat_aff):
+        assert np.argmax(np.abs(aff[:3, 0])) == 2 and aff[2, 0] < 0  # rows: head -> foot
+    assert np.argmax(np.abs(pa_aff[:3, 1])) == 0 and pa_aff[0, 1] < 0  # PA columns: patient right -> left
+    assert np.argmax(np.abs(lat_aff[:3, 1])) == 1 and lat_aff[1, 1] < 0  # lateral columns: front -> back
+
+
+def test_nifti_radiographs_are_oriented_by_their_affine(tiny_dataset, tmp_path):
+    pa, _ = load_nifti(tiny_dataset / "patient_0000" / "xray_pa.nii.gz")
+    aff = xray_affine(5.0, "pa", pa.shape[0])
+    # the same image written as ITK does (columns first, rows flipped): the affine says so
+    itk = np.ascontiguousarray(pa[::-1].T)
+    itk_aff = aff.copy()
+    itk_aff[:3, 0], itk_aff[:3, 1] = aff[:3, 1], -aff[:3, 0]
+    nib.save(nib.Nifti1Image(itk, itk_aff), str(tmp_path / "itk.nii.gz"))
+    assert np.array_equal(load_radiograph(tmp_path / "itk.nii.gz", view="pa"), pa)
+    with pytest.raises(DataError, match="swapped"):
+        load_radiograph(tmp_path / "itk.nii.gz", view="lateral")
+    nib.save(nib.Nifti1Image(pa, np.diag([-1.0, -1.0, 1.0, 1.0])), str(tmp_path / "plain.nii.gz"))
+    with pytest.raises(DataError, match="no head-foot"):
+        load_radiograph(tmp_path / "plain.nii.gz")
+    legacy = np.diag([2.5, 2.5, 1.0, 1.0])  # what ctrefine 0.1 wrote: read as stored
+    assert np.array_equal(orient_radiograph(pa, legacy, "old.nii.gz", "pa"), pa)
+
+
+def test_raw_intensity_input_is_flagged(tiny_dataset, tmp_path):
+    from ctrefine.infer import intensity_suspicion
+
+    for name in json.loads((tiny_dataset / "splits.json").read_text())["train"]:
+        for v in ("pa", "lateral"):
+            drr, _ = load_nifti(tiny_dataset / name / f"xray_{v}.nii.gz")
+            assert intensity_suspicion(drr) is None, (name, v)  # attenuation: centre brighter than the sides
+            assert intensity_suspicion(np.exp(-drr)) is not None, (name, v)  # raw intensity: the reverse
+
+
+def test_scanner_padding_is_air(tmp_path):
+    from ctrefine.data.ingest import load_ct
+
+    v = np.full((32, 32, 32), -2048.0, np.float32)  # outside the reconstruction circle
+    yy, xx = np.mgrid[:32, :32]
+    inside = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 15**2
+    v[:, inside] = -1000.0
+    v[8:24, 10:22, 10:22] = 40.0
+    v[12:20, 12:20, 12:20] = 700.0
+    save_nifti(tmp_path / "pad.nii.gz", v, np.diag([2.0, 2.0, 2.0, 1.0]))
+    data, _ = load_ct(tmp_path / "pad.nii.gz")
+    assert data.min() == -1000.0
