@@ -60,7 +60,7 @@ def _cmd_prepare(a) -> int:
         print(f"ctrefine: error: {exc}", file=sys.stderr)
 
     done, failed = ingest_dataset(a.ct, a.out, size=a.size, xray_size=a.xray_size, geometry=a.geometry,
-                                  series=a.series, progress=not a.quiet, on_error=report)
+                                  series=a.series, progress=not a.quiet, on_error=report, labels=a.labels)
     print(f"ingested {len(done)} CT(s) into {a.out}" + (f", {failed} failed" if failed else ""))
     return 1 if failed else 0
 
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--geometry", choices=("cone", "parallel"), default="cone")
     r.add_argument("--series", default=None, help="DICOM folders holding several series: the SeriesInstanceUID or "
                                                   "index (as listed in the error) to ingest")
+    r.add_argument("--labels", nargs="+", default=None, help="optional segmentations (NIfTI on each CT's grid, "
+                                                             "ctrefine's label numbering), one per --ct in order")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_cmd_prepare)
 

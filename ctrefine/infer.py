@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conventions import FOV_MM, canonical_affine, model_to_hu, normalize_xray
-from .data.dataset import CTDataset
-from .data.io import atomic_dir, load_radiograph, save_nifti, square_resize, write_json
+from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
+from .data.dataset import CTDataset, mean_volume
+from .data.io import atomic_dir, load_radiograph, read_json, save_nifti, square_resize, write_json
 from .errors import DataError
 from .outputs import claim_output_dir, claim_output_file
-from .report import METRIC_KEYS, metrics_text, patient_metrics, summarize
+from .report import metrics_text, patient_metrics, summarize
 from .viz import comparison_png
 
 
@@ -57,6 +57,9 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
         raise DataError(f"{data_path}: radiographs are {first['xrays'].shape[-1]}^2 but the model expects "
                         f"{predictor.xray_size}^2")
     n = len(ds) if num_patients is None else min(num_patients, len(ds))
+    baseline = _mean_baseline(data_path)
+    header = Path(data_path) / "dataset.json"
+    table = (read_json(header) if header.exists() else {}).get("labels")
     per_patient: dict[str, dict] = {}
     with atomic_dir(output_dir) as tmp:
         bar = tqdm(total=n, desc=f"infer ({predictor.kind})", unit="pt", disable=not progress)
@@ -65,7 +68,8 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
             coarse, refined = predictor(torch.stack([it["xrays"] for it in items]))
             for it, c, r in zip(items, coarse, refined):
                 gt, name = it["ct"], it["name"]
-                m = per_patient[name] = patient_metrics(c, r, gt)
+                vols = {"coarse": c, "refined": r} if baseline is None else {"mean": baseline, "coarse": c, "refined": r}
+                m = per_patient[name] = patient_metrics(vols, gt, it.get("labels"), table)
                 folder = tmp / name
                 folder.mkdir()
                 if save_volumes:
@@ -73,7 +77,7 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
                     for fname, vol in (("coarse", c), ("refined", r), ("ground_truth", gt)):
                         save_nifti(folder / f"{fname}.nii.gz", model_to_hu(vol[0].numpy()), aff)
                 title = "\n".join(f"{k:9s} coarse {m['coarse'][k]:7.3f}  refined {m['refined'][k]:7.3f}"
-                                  for k in METRIC_KEYS)
+                                  for k in ("psnr", "ssim", "hf_psnr", "band_high"))
                 comparison_png(folder / f"{name}_comparison.png", c[0].numpy(), r[0].numpy(), gt[0].numpy(),
                                it["xrays"][:, 0].numpy(), f"{name}\n{title}")
                 bar.update()
@@ -84,6 +88,14 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
         (tmp / "metrics.txt").write_text(metrics_text(per_patient, summary))
     return summary
+
+
+def _mean_baseline(data_path) -> torch.Tensor | None:
+    """The dataset's mean training volume in model space ``(1, D, H, W)``, or None without a train split."""
+    try:
+        return hu_to_model(torch.from_numpy(mean_volume(data_path)))[None]
+    except DataError:
+        return None
 
 
 # ------------------------------------------------------------------------------- user radiographs

@@ -6,7 +6,18 @@
   interior (skimage crops (7-1)/2 voxels at each border before averaging).
 * MAE = mean |x - y|.
 * HF-energy ratio = sum L(pred)^2 / sum L(truth)^2 with the package's 3D Laplacian (1.0 is ideal,
-  < 1 blurrier than the truth, > 1 noisier / over-sharpened).
+  < 1 blurrier than the truth, > 1 noisier / over-sharpened). It rewards noise as much as detail.
+* HF-PSNR = PSNR of the detail band alone: ``hp(x) = x - gaussian(x, sigma = 1 voxel)`` (replicate
+  borders, scipy's ``mode="nearest"``, kernel radius 4), ``10 log10(1 / mean((hp(pred) - hp(truth))^2))``.
+  It rises only when the detail is *right*: added noise or misplaced edges lower it.
+* Band energy ratios ``band_low / band_mid / band_high`` = ``sum |F(pred)|^2 / sum |F(truth)|^2`` over
+  radial bands ``|f| < 0.125``, ``0.125 <= |f| < 0.25``, ``|f| >= 0.25`` cycles/voxel (1.0 ideal).
+
+With a label map (``ctrefine.data.phantoms.LABELS``) :func:`label_metrics` adds, on HU volumes:
+``bone_dice`` (prediction > 200 HU vs the rib, vertebra and other-bone labels), ``bone_edge_ratio``
+(mean gradient magnitude on the bone boundary band, prediction / truth), ``nodule_contrast_ratio``
+(nodule minus surrounding-lung mean, prediction / truth) and the mean absolute HU error inside the
+lung, vessel, bone and soft-tissue labels. A metric whose structure is absent is NaN, never faked.
 
 Each function takes ``(B, 1, D, H, W)`` (or ``(D, H, W)``) tensors and returns one value per volume.
 """
@@ -15,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fourier import frequency_magnitude
 from .stencil import laplacian3d
 
 SSIM_WIN = 7
@@ -77,7 +89,98 @@ def hf_energy_ratio(pred, target) -> torch.Tensor:
     return ep / et.clamp_min(1e-12)
 
 
+HF_SIGMA = 1.0  # voxels: the detail band is what a 1-voxel Gaussian removes
+HF_RADIUS = 4  # kernel half-width, scipy's default truncate=4.0 at sigma 1
+BANDS = {"band_low": (0.0, 0.125), "band_mid": (0.125, 0.25), "band_high": (0.25, float("inf"))}  # cycles/voxel
+
+
+def highpass(x: torch.Tensor, sigma: float = HF_SIGMA) -> torch.Tensor:
+    """``x - gaussian(x, sigma)`` over the last three dims of ``(B, 1, D, H, W)``, replicate borders."""
+    r = int(4.0 * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = x
+    for axis in range(3):  # separable: one 1D convolution per axis
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * r + 1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(shape))
+    return x - y
+
+
+def hf_psnr(pred, target) -> torch.Tensor:
+    """PSNR of the detail band (see the module docstring); +inf when the bands are identical."""
+    p, t = _pair(pred, target)
+    mse = ((highpass(p) - highpass(t)) ** 2).flatten(1).mean(1)
+    return torch.where(mse > 0, 10.0 * torch.log10(1.0 / mse), torch.full_like(mse, float("inf")))
+
+
+def band_ratios(pred, target) -> dict[str, torch.Tensor]:
+    """Spectral energy of ``pred`` over that of ``target`` in each radial band of :data:`BANDS`."""
+    p, t = _pair(pred, target)
+    ep = torch.fft.fftn(p, dim=(-3, -2, -1)).abs().pow(2)
+    et = torch.fft.fftn(t, dim=(-3, -2, -1)).abs().pow(2)
+    f = frequency_magnitude(p.shape[-3:], device=p.device)
+    out = {}
+    for name, (lo, hi) in BANDS.items():
+        m = (f >= lo) & (f < hi)
+        out[name] = ep[..., m].flatten(1).sum(1) / et[..., m].flatten(1).sum(1).clamp_min(1e-12)
+    return out
+
+
 def all_metrics(pred, target) -> dict[str, torch.Tensor]:
-    """Every metric, per volume, as a dict of float64 tensors."""
+    """Every ground-truth metric that needs no labels, per volume, as a dict of float64 tensors."""
     return {"psnr": psnr(pred, target), "ssim": ssim(pred, target), "mae": mae(pred, target),
-            "hf_ratio": hf_energy_ratio(pred, target)}
+            "hf_ratio": hf_energy_ratio(pred, target), "hf_psnr": hf_psnr(pred, target), **band_ratios(pred, target)}
+
+
+# ------------------------------------------------------------------------------- with a label map
+# Above this a voxel counts as bone. Not 300: cancellous vertebral bone is 100-300 HU in real CT (230 in
+# the phantoms), so 300 calls a third of each vertebral body soft tissue; measured on phantoms at 64^3,
+# the ground truth's own Dice against the bone labels is 0.87 at 200 HU, 0.82 at 300 and 0.85 at 150
+# (costal cartilage, 150 HU, starts to count as bone).
+BONE_HU = 200.0
+BONE_LABELS = ("rib", "vertebra", "other_bone")
+NODULE_SHELL = 2  # voxels of lung around a nodule that make its background
+LABEL_MAE = {"lung": ("lung",), "vessel": ("vessel",), "bone": BONE_LABELS,
+             "soft": ("heart_blood", "soft_tissue", "fat")}
+
+
+def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
+    """Structure-aware metrics of one volume (numpy/scipy; HU arrays ``(D, H, W)``; ``table``: id -> name)."""
+    import numpy as np
+    from scipy import ndimage
+
+    ids = {name: int(k) for k, name in table.items()}
+    pred_hu, truth_hu, labels = (np.asarray(a) for a in (pred_hu, truth_hu, labels))
+
+    def mask(names):
+        return np.isin(labels, [ids[n] for n in names if n in ids])
+
+    out = {}
+    bone = mask(BONE_LABELS)
+    pred_bone = pred_hu > BONE_HU
+    denom = bone.sum() + pred_bone.sum()
+    out["bone_dice"] = float(2 * (bone & pred_bone).sum() / denom) if bone.any() else float("nan")
+    band = ndimage.binary_dilation(bone) & ~ndimage.binary_erosion(bone)  # straddles every bone edge
+    if band.any():
+        def grad_mag(v):
+            return np.sqrt(sum(g**2 for g in np.gradient(v.astype(np.float64))))
+
+        out["bone_edge_ratio"] = float(grad_mag(pred_hu)[band].mean() / max(1e-9, grad_mag(truth_hu)[band].mean()))
+    else:
+        out["bone_edge_ratio"] = float("nan")
+    nod = mask(("nodule",))
+    shell = ndimage.binary_dilation(nod, iterations=NODULE_SHELL) & mask(("lung",))
+    if nod.any() and shell.any():
+        c_true = truth_hu[nod].mean() - truth_hu[shell].mean()
+        c_pred = pred_hu[nod].mean() - pred_hu[shell].mean()
+        out["nodule_contrast_ratio"] = float(c_pred / c_true) if abs(c_true) > 1e-6 else float("nan")
+    else:
+        out["nodule_contrast_ratio"] = float("nan")
+    for key, names in LABEL_MAE.items():
+        m = mask(names)
+        out[f"mae_hu_{key}"] = float(np.abs(pred_hu[m] - truth_hu[m]).mean()) if m.any() else float("nan")
+    return out

@@ -1,71 +1,117 @@
-"""The one results table: per-patient metrics of coarse vs refined, their summary, and its formats.
+"""The one results table: per-patient metrics of the mean baseline, coarse and refined volumes, their
+summary, and its formats.
 
 Used by ``ctrefine infer`` (``metrics.txt``, ``metrics.json`` and the console), ``ctrefine demo`` and the
-quality benchmark (markdown), so every report of the project has the same rows. A new report column
-is one entry in :data:`METRICS`.
+quality benchmark (markdown), so every report of the project has the same rows. Every figure stands
+beside the **mean baseline** (the voxel-wise mean of the training CTs, predicted for every patient)
+and the **coarse** volume: a PSNR gain with a smoother output, or over a base that barely beats the
+mean, is not a refinement. A new report row is one entry in :data:`METRICS`.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .metrics import all_metrics
+from .conventions import model_to_hu
+from .metrics import all_metrics, label_metrics
 
-# key -> label; the metrics of :func:`ctrefine.metrics.all_metrics` shown in every report.
-METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_ratio": "HF-energy ratio"}
+# key -> label, in report order; label metrics appear when the dataset has labels.
+METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSNR (dB)", "hf_ratio": "HF-energy ratio",
+           "band_low": "band energy low", "band_mid": "band energy mid", "band_high": "band energy high",
+           "bone_dice": "bone Dice", "bone_edge_ratio": "bone edge ratio", "nodule_contrast_ratio": "nodule contrast ratio",
+           "mae_hu_lung": "MAE lung (HU)", "mae_hu_vessel": "MAE vessel (HU)", "mae_hu_bone": "MAE bone (HU)",
+           "mae_hu_soft": "MAE soft tissue (HU)"}
 METRIC_KEYS = tuple(METRICS)
-STAGES = ("coarse", "refined")
+STAGES = ("mean", "coarse", "refined")
+STAGE_NAMES = {"mean": "mean baseline", "coarse": "coarse", "refined": "refined"}
 
 
-def patient_metrics(coarse, refined, truth) -> dict:
-    """``{"coarse": {metric: value}, "refined": {...}}`` for one patient (model-space volumes)."""
-    return {stage: {k: float(v) for k, v in all_metrics(vol[None] if vol.dim() == 4 else vol,
-                                                         truth[None] if truth.dim() == 4 else truth).items()}
-            for stage, vol in zip(STAGES, (coarse, refined))}
+def patient_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> dict:
+    """``{stage: {metric: value}}`` for one patient; ``vols`` maps stages to model-space ``(1, D, H, W)``."""
+    out = {}
+    t5 = truth[None] if truth.dim() == 4 else truth
+    for stage, vol in vols.items():
+        m = {k: float(v) for k, v in all_metrics(vol[None] if vol.dim() == 4 else vol, t5).items()}
+        if labels is not None and table:
+            m.update(label_metrics(model_to_hu(vol.reshape(truth.shape[-3:]).numpy()),
+                                   model_to_hu(truth.reshape(truth.shape[-3:]).numpy()), labels.numpy(), table))
+        out[stage] = m
+    return out
+
+
+def _stats(values) -> tuple[float, float, int]:
+    v = np.array([x for x in values if not math.isnan(x)], float)
+    return (float(v.mean()), float(v.std()), len(v)) if len(v) else (float("nan"), float("nan"), 0)
 
 
 def summarize(per_patient: dict) -> dict:
-    """Mean and std of every metric per stage, the PSNR gain and the refined-wins count."""
+    """Mean and std (over patients where defined) of every metric per stage; gain, skill and wins."""
     if not per_patient:
         raise ValueError("summarize needs at least one patient")
-    s = {}
-    for stage in STAGES:
-        for k in METRIC_KEYS:
-            v = np.array([m[stage][k] for m in per_patient.values()])
-            s[f"{stage}_{k}_mean"], s[f"{stage}_{k}_std"] = float(v.mean()), float(v.std())
+    first = next(iter(per_patient.values()))
+    stages = [s for s in STAGES if s in first]
+    s = {"stages": stages, "num_patients": len(per_patient)}
+    for stage in stages:
+        for k in (k for k in METRIC_KEYS if k in first[stage]):
+            s[f"{stage}_{k}_mean"], s[f"{stage}_{k}_std"], s[f"{stage}_{k}_n"] = _stats(
+                m[stage][k] for m in per_patient.values())
     gains = np.array([m["refined"]["psnr"] - m["coarse"]["psnr"] for m in per_patient.values()])
     s.update({"gain_db_mean": float(gains.mean()), "gain_db_std": float(gains.std()),
-              "refined_wins": int((gains > 0).sum()), "num_patients": len(per_patient)})
+              "refined_wins": int((gains > 0).sum())})
+    if "mean" in stages:  # skill: how far each volume is above the trivial answer
+        for stage in ("coarse", "refined"):
+            skill = np.array([m[stage]["psnr"] - m["mean"]["psnr"] for m in per_patient.values()])
+            s[f"{stage}_skill_db_mean"], s[f"{stage}_skill_db_std"] = float(skill.mean()), float(skill.std())
     return s
 
 
+def _rows(s: dict, pm: str) -> list[tuple[str, ...]]:
+    stages = s["stages"]
+    rows = []
+    for k, label in METRICS.items():
+        if f"{stages[-1]}_{k}_mean" not in s:
+            continue
+        cells = []
+        for st in stages:
+            mean, std, n = s[f"{st}_{k}_mean"], s[f"{st}_{k}_std"], s[f"{st}_{k}_n"]
+            cells.append("n/a" if n == 0 else f"{mean:.4f}{pm}{std:.4f}" + ("" if n == s["num_patients"] else f" (n={n})"))
+        rows.append((label, *cells))
+    blank = ("",) * (len(stages) - 1)
+    rows.append(("gain (refined - coarse)", *blank, f"{s['gain_db_mean']:+.3f} dB{pm}{s['gain_db_std']:.3f}"))
+    if "refined_skill_db_mean" in s:
+        rows.append(("skill over mean baseline", *("",) * (len(stages) - 2),
+                     f"{s['coarse_skill_db_mean']:+.3f} dB{pm}{s['coarse_skill_db_std']:.3f}",
+                     f"{s['refined_skill_db_mean']:+.3f} dB{pm}{s['refined_skill_db_std']:.3f}"))
+    rows.append(("refined wins", *blank, f"{s['refined_wins']} / {s['num_patients']}"))
+    return rows
+
+
 def summary_table(s: dict, markdown: bool = False) -> str:
-    """Coarse vs refined (mean +- std), the gain and the wins; plain text for the console or markdown."""
+    """Every stage side by side (mean +- std), the gain, the skill and the wins; console text or markdown."""
     n = s["num_patients"]
-    pm = " ± " if markdown else " +- "
-    rows = [(label, *(f"{s[f'{st}_{k}_mean']:.4f}{pm}{s[f'{st}_{k}_std']:.4f}" for st in STAGES))
-            for k, label in METRICS.items()]
-    rows.append(("gain (refined - coarse)", "", f"{s['gain_db_mean']:+.3f} dB{pm}{s['gain_db_std']:.3f}"))
-    rows.append(("refined wins", "", f"{s['refined_wins']} / {n}"))
+    names = [STAGE_NAMES[st] for st in s["stages"]]
     if markdown:
-        return "\n".join([f"| test split (n = {n}) | coarse | refined |", "|---|---|---|",
-                          *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
-    return "\n".join([f"{'test split (' + str(n) + ' patients)':<28s}{'coarse':>20s}{'refined':>20s}",
-                      *(f"{a:<28s}{b:>20s}{c:>20s}" for a, b, c in rows)])
-
-
-def _patient_row(name: str, m: dict) -> str:
-    return (f"{name:<14s}" + "".join(f"{m['coarse'][k]:>17.4f}{m['refined'][k]:>17.4f}" for k in METRIC_KEYS)
-            + f"{m['refined']['psnr'] - m['coarse']['psnr']:>+10.3f}")
+        rows = _rows(s, " ± ")
+        return "\n".join([f"| test split (n = {n}) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                          *("| " + " | ".join(r) + " |" for r in rows)])
+    rows = _rows(s, " +- ")
+    w = max(20, *(len(c) + 2 for r in rows for c in r[1:]))
+    return "\n".join([f"{'test split (' + str(n) + ' patients)':<28s}" + "".join(f"{x:>{w}s}" for x in names),
+                      *(f"{r[0]:<28s}" + "".join(f"{c:>{w}s}" for c in r[1:]) for r in rows)])
 
 
 def metrics_text(per_patient: dict, s: dict) -> str:
-    """``metrics.txt``: a header, one row per patient, then the summary table."""
-    head = (f"{'patient':<14s}" + "".join(f"{'coarse_' + k:>17s}{'refined_' + k:>17s}" for k in METRIC_KEYS)
-            + f"{'gain_db':>10s}")
+    """``metrics.txt``: a header, one row per patient (PSNR, HF-PSNR per stage and the gain), then the summary."""
+    stages = s["stages"]
+    cols = [(st, k) for k in ("psnr", "hf_psnr") for st in stages]
+    head = f"{'patient':<14s}" + "".join(f"{st + '_' + k:>18s}" for st, k in cols) + f"{'gain_db':>10s}"
     lines = [f"ctrefine inference: {s['num_patients']} patients of split '{s['split']}' from {s['data_path']}",
              f"predictor: {s['predictor']} ({s['source']})",
-             "metrics on model-space volumes in [0, 1]: PSNR (dB, data range 1), 3D SSIM, MAE, "
-             "HF-energy ratio (1.0 ideal)", "", head]
-    lines += [_patient_row(name, m) for name, m in sorted(per_patient.items())]
+             "metrics on model-space volumes in [0, 1] (PSNR data range 1); label metrics on HU; "
+             "ratios: 1.0 ideal; mean baseline = the voxel-wise mean of the training CTs", "", head]
+    for name, m in sorted(per_patient.items()):
+        lines.append(f"{name:<14s}" + "".join(f"{m[st][k]:>18.4f}" for st, k in cols)
+                     + f"{m['refined']['psnr'] - m['coarse']['psnr']:>+10.3f}")
     lines += ["", summary_table(s)]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,9 @@ Layout of a dataset directory::
     DIR/patient_0000/ct.nii.gz  ground truth on the target grid, HU, canonical affine
     DIR/patient_0000/xray_pa.nii.gz, xray_lateral.nii.gz   line-integral radiographs (see data.io)
     DIR/patient_0000/meta.json  seed / source file, geometry, spacing, version
+    DIR/patient_0000/labels.nii.gz  phantoms only: structure labels on the target grid (table in dataset.json)
+    DIR/mean_train.nii.gz       the voxel-wise mean of the train split's CTs: the trivial baseline every
+                                report stands beside (made once, on first use)
 
 A patient folder is built under a temporary name and renamed when complete, so an interrupted run
 never leaves a half patient, and a rerun skips every finished one.
@@ -22,7 +25,7 @@ import torch
 from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
 from ..outputs import check_writable
 from .io import DataError, atomic_dir, load_nifti, read_json, save_nifti, write_json, xray_affine
-from .phantoms import chest_phantom, downsample_area
+from .phantoms import LABELS, chest_phantom, downsample_area, downsample_labels
 from .projector import Geometry, render_drrs
 
 FORMAT_VERSION = 1
@@ -53,12 +56,15 @@ def render_patient(hu_render: np.ndarray, size: int, xray_size: int, geometry: G
 
 
 def write_patient(root: Path, name: str, ct_hu: np.ndarray, xrays: np.ndarray, meta: dict,
-                  affine: np.ndarray | None = None) -> Path:
+                  affine: np.ndarray | None = None, labels: np.ndarray | None = None) -> Path:
     """Write one patient folder atomically (temporary folder, then rename)."""
     with atomic_dir(Path(root) / name) as tmp:
         size = ct_hu.shape[0]
         fov = meta["fov_mm"]
-        save_nifti(tmp / "ct.nii.gz", ct_hu, canonical_affine(size, fov / size) if affine is None else affine)
+        affine = canonical_affine(size, fov / size) if affine is None else affine
+        save_nifti(tmp / "ct.nii.gz", ct_hu, affine)
+        if labels is not None:
+            save_nifti(tmp / "labels.nii.gz", labels, affine, dtype=np.uint8)
         s = xrays.shape[-1]
         save_nifti(tmp / "xray_pa.nii.gz", xrays[0], xray_affine(fov / s, "pa", s))
         save_nifti(tmp / "xray_lateral.nii.gz", xrays[1], xray_affine(fov / s, "lateral", s))
@@ -78,12 +84,12 @@ def _make_one(args) -> str:
     if is_complete(Path(root) / name):
         return name
     seed = patient_seed(dataset_seed, index)
-    hu = chest_phantom(seed, size * render_factor, fov)
+    hu, labels = chest_phantom(seed, size * render_factor, fov, with_labels=True)
     ct, xrays = render_patient(hu, size, xray_size, geometry, fov)
     meta = {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size, "xray_size": xray_size,
             "render_size": size * render_factor, "fov_mm": fov, "spacing_mm": fov / size,
             "geometry": geometry.as_dict(), "xray_units": "line integral of mu (dimensionless)"}
-    write_patient(Path(root), name, ct, xrays, meta)
+    write_patient(Path(root), name, ct, xrays, meta, labels=downsample_labels(labels, render_factor))
     return name
 
 
@@ -134,9 +140,10 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     check_dataset_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     geo = Geometry(geometry)
-    ensure_dataset_header(root, {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size,
-                                 "xray_size": xray_size, "fov_mm": fov, "geometry": geo.as_dict(),
-                                 "render_factor": render_factor, "num_patients": num_patients})
+    params = {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size, "xray_size": xray_size,
+              "fov_mm": fov, "geometry": geo.as_dict(), "render_factor": render_factor, "num_patients": num_patients,
+              "labels": {str(k): v for k, v in LABELS.items()}}
+    ensure_dataset_header(root, params, compare=[k for k in params if k != "labels"])  # older datasets: no table
     jobs = [(str(root), i, seed, size, xray_size, geo, fov, render_factor) for i in range(num_patients)]
     todo = [j for j in jobs if not is_complete(root / patient_name(j[1]))]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
@@ -182,6 +189,34 @@ def iter_batches(ds: "CTDataset", indices: list[int], batch_size: int):
                [it["name"] for it in items])
 
 
+MEAN_VOLUME = "mean_train.nii.gz"
+
+
+def mean_volume(root, split: str = "train") -> np.ndarray:
+    """Voxel-wise mean HU of the ``split`` patients' CTs (the trivial baseline), cached beside splits.json.
+
+    Predicting this one volume for every patient is what any model must beat; the cache is made once
+    (atomically) and reused, since the training split never changes.
+    """
+    root = Path(root)
+    path = root / MEAN_VOLUME
+    if path.exists():
+        return load_nifti(path)[0]
+    names = read_json(root / "splits.json").get(split) or []
+    if not names:
+        raise DataError(f"{root}: split {split!r} is empty: no mean-volume baseline")
+    total, aff = None, None
+    for n in names:
+        ct, aff = load_nifti(root / n / "ct.nii.gz")
+        total = ct.astype(np.float64) if total is None else total + ct
+    mean = (total / len(names)).astype(np.float32)
+    try:
+        save_nifti(path, mean, aff)
+    except OSError:  # a read-only dataset: recompute next time rather than fail
+        pass
+    return mean
+
+
 class CTDataset(torch.utils.data.Dataset):
     """Patients of one split: ``xrays (2, 1, S, S)`` normalised, ``ct (1, D, H, W)`` in model space.
 
@@ -207,9 +242,12 @@ class CTDataset(torch.utils.data.Dataset):
         folder = self.root / self.names[i]
         ct, affine = load_nifti(folder / "ct.nii.gz")
         xr = np.stack([load_nifti(folder / f"xray_{v}.nii.gz")[0] for v in ("pa", "lateral")])
+        labels = None
+        if (folder / "labels.nii.gz").exists():  # phantoms (and ingested CTs given --labels)
+            labels = torch.from_numpy(load_nifti(folder / "labels.nii.gz")[0].astype(np.uint8))
         return {"ct": hu_to_model(torch.from_numpy(ct))[None],
                 "xrays": normalize_xray(torch.from_numpy(xr))[:, None],
-                "affine": torch.from_numpy(affine), "name": self.names[i]}
+                "affine": torch.from_numpy(affine), "name": self.names[i], "labels": labels}
 
     def __getitem__(self, i: int) -> dict:
         if self._cache is None:

@@ -20,6 +20,7 @@ from .dataset import FORMAT_VERSION, check_dataset_dir, ensure_dataset_header, i
     write_patient
 from .dicom import load_series
 from .io import DataError, load_nifti, read_json, write_json
+from .phantoms import LABELS
 from .projector import Geometry
 
 BODY_THRESHOLD_HU = -500.0  # above this: patient (and table); below: air / lung excluded from centring
@@ -77,11 +78,29 @@ def resample_canonical(data: np.ndarray, affine: np.ndarray, n: int, fov: float 
     return out.astype(np.float32), out_aff
 
 
+def load_labels(path, ct_shape, ct_affine, size: int, fov: float, center) -> np.ndarray:
+    """A user's segmentation (NIfTI, ctrefine's label numbering) on the target grid, nearest neighbour."""
+    labels, aff = load_nifti(path)
+    if labels.shape[:3] != tuple(ct_shape) or not np.allclose(aff, ct_affine, atol=1e-3):
+        raise DataError(f"{path}: label map does not match its CT's grid (shape {labels.shape} vs {tuple(ct_shape)}, "
+                        f"or another affine)")
+    ids = np.unique(labels)
+    unknown = sorted(set(ids.astype(int).tolist()) - set(LABELS))
+    if unknown or not np.all(ids == np.round(ids)):
+        raise DataError(f"{path}: label values {unknown or 'non-integer'} are not in ctrefine's table "
+                        f"({', '.join(f'{k}={v}' for k, v in LABELS.items())})")
+    out_aff = canonical_affine(size, fov / size, center)
+    m = np.linalg.inv(aff) @ out_aff
+    out = ndimage.affine_transform(labels, m[:3, :3], offset=m[:3, 3], output_shape=(size,) * 3, order=0, cval=0)
+    return out.astype(np.uint8)
+
+
 def ingest_ct(path, out_root, name: str, size: int = 64, xray_size: int = 128, geometry: str = "cone",
-              fov: float = FOV_MM, render_factor: int = 2, series: str | None = None) -> Path:
-    """Ingest one CT into ``out_root/name`` (patient folder, written atomically)."""
+              fov: float = FOV_MM, render_factor: int = 2, series: str | None = None, labels=None) -> Path:
+    """Ingest one CT into ``out_root/name`` (patient folder, written atomically); ``labels``: its segmentation."""
     data, affine = load_ct(path, series)
     center = body_center_ras(data, affine)
+    lab = None if labels is None else load_labels(labels, data.shape, affine, size, fov, center)
     hu_render, _ = resample_canonical(data, affine, size * render_factor, fov, center)
     geo = Geometry(geometry)
     ct, xrays = render_patient(hu_render, size, xray_size, geo, fov)
@@ -89,33 +108,42 @@ def ingest_ct(path, out_root, name: str, size: int = 64, xray_size: int = 128, g
             "xray_size": xray_size, "render_size": size * render_factor, "fov_mm": fov, "spacing_mm": fov / size,
             "geometry": geo.as_dict(), "center_ras_mm": [float(x) for x in center],
             "xray_units": "line integral of mu (dimensionless)"}
-    return write_patient(Path(out_root), name, ct, xrays, meta, affine=canonical_affine(size, fov / size, center))
+    if labels is not None:
+        meta["labels_input"] = str(Path(labels).resolve())
+    return write_patient(Path(out_root), name, ct, xrays, meta, affine=canonical_affine(size, fov / size, center),
+                         labels=lab)
 
 
 def ingest_dataset(paths, out, size: int = 64, xray_size: int = 128, geometry: str = "cone",
-                   series: str | None = None, progress: bool = True, on_error=None) -> tuple[list[str], int]:
+                   series: str | None = None, progress: bool = True, on_error=None,
+                   labels: list | None = None) -> tuple[list[str], int]:
     """Ingest CTs into the dataset ``out`` (created, or extended if its grid matches).
 
     New patients are numbered after the existing ones. A new dataset gets a split by patient; an
     existing split is never recomputed -- new patients join the test split, so nothing trained on
-    changes. A file that fails is reported through ``on_error(DataError)`` and skipped. Returns
-    (names ingested, number failed).
+    changes. A file that fails is reported through ``on_error(DataError)`` and skipped. ``labels``: one
+    segmentation per CT (same order) in ctrefine's label numbering, or None -- without labels the
+    label metrics are skipped for these patients, not faked. Returns (names ingested, number failed).
     """
+    paths = list(paths)
+    if labels is not None and len(labels) != len(paths):
+        raise DataError(f"--labels gives {len(labels)} file(s) for {len(paths)} CT(s): give one per CT, in order")
     from tqdm import tqdm
 
     root = Path(out)
     check_dataset_dir(root)
     header = {"version": FORMAT_VERSION, "source": "ingested", "size": size, "xray_size": xray_size, "fov_mm": FOV_MM,
-              "geometry": Geometry(geometry).as_dict()}
+              "geometry": Geometry(geometry).as_dict(), "labels": {str(k): v for k, v in LABELS.items()}}
     grid = ("version", "size", "xray_size", "fov_mm", "geometry")  # real CTs beside phantoms is fine; other grids not
     if (root / "dataset.json").exists():
         ensure_dataset_header(root, header, compare=grid)  # refuse before any work
     existing = sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p)) if root.is_dir() else []
     done, failed = [], 0
-    for path in tqdm(list(paths), desc="ingest", unit="ct", disable=not progress):
+    for i, path in enumerate(tqdm(paths, desc="ingest", unit="ct", disable=not progress)):
         name = patient_name(len(existing) + len(done))
         try:
-            ingest_ct(path, root, name, size=size, xray_size=xray_size, geometry=geometry, series=series)
+            ingest_ct(path, root, name, size=size, xray_size=xray_size, geometry=geometry, series=series,
+                      labels=None if labels is None else labels[i])
             done.append(name)
         except DataError as exc:
             failed += 1

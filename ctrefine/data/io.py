@@ -28,12 +28,13 @@ __all__ = ["DataError", "atomic_file", "atomic_dir", "save_nifti", "load_nifti",
            "load_radiograph", "square_resize", "xray_affine"]
 
 
-def save_nifti(path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write ``data`` (float32) with ``affine`` atomically; qform and sform both set."""
+def save_nifti(path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
+    """Write ``data`` (float32, or ``dtype`` -- uint8 for label maps) with ``affine`` atomically; qform and
+    sform both set."""
     path = Path(path)
     if affine is None or np.asarray(affine).shape != (4, 4):
         raise ValueError("refusing to write a volume without a 4x4 affine")
-    img = nib.Nifti1Image(np.asarray(data, np.float32), np.asarray(affine, np.float64))
+    img = nib.Nifti1Image(np.asarray(data, dtype), np.asarray(affine, np.float64))
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")

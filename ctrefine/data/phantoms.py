@@ -30,6 +30,12 @@ from ..conventions import FOV_MM
 AIR, FAT, SOFT, BLOOD, LIVER, LUNG = -1000.0, -100.0, 40.0, 45.0, 60.0, -850.0
 CSF, DISC, CANCELLOUS, CORTICAL = 15.0, 90.0, 230.0, 950.0
 
+# Structure labels painted with the HU values (uint8; written as labels.nii.gz, table in dataset.json).
+# "airway" is in the table for datasets whose phantoms have one; these phantoms have no trachea yet.
+LABELS = {0: "background", 1: "lung", 2: "airway", 3: "vessel", 4: "nodule", 5: "heart_blood", 6: "rib",
+          7: "vertebra", 8: "other_bone", 9: "fat", 10: "soft_tissue", 11: "gas", 12: "table"}
+L = {name: k for k, name in LABELS.items()}
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -71,9 +77,11 @@ class _Canvas:
         pat = np.tensordot(rot.astype(np.float32), world, axes=1)
         self.d, self.h, self.w = pat[0], pat[1], pat[2]
         self.vol = np.full((grid.n,) * 3, AIR, np.float32)
+        self.labels = np.zeros((grid.n,) * 3, np.uint8)
 
-    def fill(self, mask: np.ndarray, value) -> None:
+    def fill(self, mask: np.ndarray, value, label: str) -> None:
         self.vol[mask] = value if np.isscalar(value) else value[mask]
+        self.labels[mask] = L[label]
 
     def capsule_occupancy(self, p0: np.ndarray, p1: np.ndarray, radius: np.ndarray) -> np.ndarray:
         """Max partial-volume occupancy in [0, 1] of a set of capsules (segments with radii), patient mm."""
@@ -98,10 +106,12 @@ class _Canvas:
             np.maximum(occ[sl], o, out=occ[sl])
         return occ
 
-    def blend(self, occ: np.ndarray, value, where: np.ndarray | None = None) -> None:
+    def blend(self, occ: np.ndarray, value, label: str, where: np.ndarray | None = None) -> None:
+        """Partial-volume paint; a voxel takes the label when the structure fills at least half of it."""
         if where is not None:
             occ = occ * where
         self.vol += occ * (value - self.vol)
+        self.labels[occ >= 0.5] = L[label]
 
 
 def _polyline(points: np.ndarray, radius) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,11 +139,14 @@ def _vessel_tree(rng, root, direction, length, radius, depth, out):
         _vessel_tree(rng, end, new_dir, length * rng.uniform(0.68, 0.82), radius * rng.uniform(0.66, 0.78), depth - 1, out)
 
 
-def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool | None = None) -> np.ndarray:
+def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool | None = None,
+                  with_labels: bool = False):
     """One chest CT phantom, ``(size, size, size)`` float32 in HU, array axes (D, H, W).
 
     Deterministic in ``seed``. ``size`` is the render resolution (2x the training target by default).
-    ``table`` forces the scanner table on/off; ``None`` draws it (50 %).
+    ``table`` forces the scanner table on/off; ``None`` draws it (50 %). With ``with_labels`` returns
+    ``(hu, labels)``: the :data:`LABELS` of every voxel, painted with the same geometry (a later
+    structure overwrites an earlier one exactly where its HU does).
     """
     rng = np.random.default_rng(seed)
     grid = Grid(size, fov)
@@ -146,16 +159,16 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     body_r = (w / (bw * taper)) ** 2 + (h / bh) ** 2
     fat_t = rng.uniform(6, 20)
     inner_r = (w / (bw * taper - fat_t)) ** 2 + (h / (bh - fat_t * 0.8)) ** 2
-    cv.fill(body_r <= 1, FAT)
+    cv.fill(body_r <= 1, FAT, "fat")
     muscle = inner_r <= 1
-    cv.fill(muscle, SOFT + rng.normal(0, 3))
+    cv.fill(muscle, SOFT + rng.normal(0, 3), "soft_tissue")
 
     if table if table is not None else rng.random() < 0.5:
         top = bh + rng.uniform(3, 10)
         shell = (h >= top) & (h < top + 12) & (np.abs(w) < 0.55 * fov)
         core = (h >= top + 2) & (h < top + 10)
-        cv.fill(shell, 250.0)
-        cv.fill(shell & core, -750.0)
+        cv.fill(shell, 250.0, "table")
+        cv.fill(shell & core, -750.0, "table")
 
     # ---- diaphragm and abdomen -----------------------------------------------------------------
     breath = rng.uniform(30, 85)  # deeper inspiration -> lower diaphragm (larger d)
@@ -170,11 +183,11 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     dia = np.where(w < 0, dome(-60, dome_r), dome(60, dome_l))
     abdomen = muscle & (d > dia)
     liver = abdomen & (w < 30 + 0.2 * (d - dome_r)) & (((w + 40) / 110) ** 2 + ((h + 5) / 85) ** 2 < 1)
-    cv.fill(abdomen, SOFT)
-    cv.fill(liver, LIVER)
+    cv.fill(abdomen, SOFT, "soft_tissue")
+    cv.fill(liver, LIVER, "soft_tissue")
     stomach = (((d - dome_l - 25) / 30) ** 2 + ((h + 10) / 35) ** 2 + ((w - 65) / 35) ** 2) < 1
-    cv.fill(stomach & abdomen & (d < dome_l + 30), -900.0)
-    cv.fill(stomach & abdomen & (d >= dome_l + 30), 20.0)
+    cv.fill(stomach & abdomen & (d < dome_l + 30), -900.0, "gas")
+    cv.fill(stomach & abdomen & (d >= dome_l + 30), 20.0, "soft_tissue")
 
     # ---- lungs with parenchymal texture ---------------------------------------------------------
     lungs = np.zeros(d.shape, bool)
@@ -186,7 +199,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         lungs |= (shape <= 1) & (d > apex) & (d < dia) & muscle
     texture = ndimage.gaussian_filter(rng.normal(0, 1, d.shape).astype(np.float32), 1.2)
     texture *= 35.0 / (texture.std() + 1e-6)
-    cv.fill(lungs, LUNG + texture)
+    cv.fill(lungs, LUNG + texture, "lung")
 
     # ---- heart and aorta -----------------------------------------------------------------------
     hd, hh, hw = dome_l - rng.uniform(35, 50), rng.uniform(-35, -20), rng.uniform(10, 30)
@@ -194,7 +207,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     u = (w - hw) * np.cos(ang) + (h - hh) * np.sin(ang)
     v = -(w - hw) * np.sin(ang) + (h - hh) * np.cos(ang)
     heart = ((d - hd) / rng.uniform(45, 55)) ** 2 + (u / rng.uniform(55, 68)) ** 2 + (v / rng.uniform(42, 50)) ** 2 < 1
-    cv.fill(heart & muscle, BLOOD)
+    cv.fill(heart & muscle, BLOOD, "heart_blood")
     lungs &= ~heart
     ar = rng.uniform(11, 15)
     arch_d = apex + rng.uniform(45, 60)
@@ -202,7 +215,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         [hd - 30, -15, 8], [arch_d + 25, -18, 5], [arch_d, -5, 10], [arch_d + 3, 22, 22],
         [arch_d + 30, 38, 24], [dome_l + 10, 42, 20], [fov / 2, 45, 15],
     ])
-    cv.blend(cv.capsule_occupancy(*_polyline(aorta_pts, ar)), BLOOD, where=muscle)
+    cv.blend(cv.capsule_occupancy(*_polyline(aorta_pts, ar)), BLOOD, "heart_blood", where=muscle)
     lungs &= cv.vol < -300  # the aorta displaces lung
 
     # ---- lung vessel trees and nodules ---------------------------------------------------------
@@ -214,7 +227,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
             _vessel_tree(rng, hilum, np.array(direction) + rng.normal(0, 0.15, 3), rng.uniform(26, 36),
                          rng.uniform(3.5, 5.0), 7, segs)
     p0, p1, r = (np.array(x) for x in zip(*segs))
-    cv.blend(cv.capsule_occupancy(p0, p1, r), BLOOD, where=lungs)
+    cv.blend(cv.capsule_occupancy(p0, p1, r), BLOOD, "vessel", where=lungs)
 
     lung_idx = np.argwhere(ndimage.binary_erosion(lungs, iterations=3))
     centers_mm = grid.centers()
@@ -228,7 +241,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         hu = 300.0 if rng.random() < 0.15 else rng.uniform(20, 60)  # some nodules are calcified
         dist = np.sqrt((d - c_pat[0]) ** 2 + (h - c_pat[1]) ** 2 + (w - c_pat[2]) ** 2)
         occ = np.clip((rad - dist) / grid.spacing + 0.5, 0, 1).astype(np.float32)
-        cv.blend(occ, hu)
+        cv.blend(occ, hu, "nodule")
 
     # ---- spine ---------------------------------------------------------------------------------
     vr = rng.uniform(16, 21)
@@ -238,14 +251,14 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     phase = rng.uniform(0, height + disc_t)
     pos = np.mod(d - phase, height + disc_t)
     in_body = pos < height
-    cv.fill((ring < vr) & ~in_body, DISC)
-    cv.fill((ring < vr) & in_body, CANCELLOUS + rng.normal(0, 20))
-    cv.fill((ring < vr) & (ring >= vr - 2.5) & in_body, CORTICAL)
-    cv.fill((ring < vr) & in_body & ((pos < 1.6) | (pos > height - 1.6)), CORTICAL)  # end plates
+    cv.fill((ring < vr) & ~in_body, DISC, "soft_tissue")
+    cv.fill((ring < vr) & in_body, CANCELLOUS + rng.normal(0, 20), "vertebra")
+    cv.fill((ring < vr) & (ring >= vr - 2.5) & in_body, CORTICAL, "vertebra")
+    cv.fill((ring < vr) & in_body & ((pos < 1.6) | (pos > height - 1.6)), CORTICAL, "vertebra")  # end plates
     canal_h = hs + vr + 10
     canal = np.sqrt((h - canal_h) ** 2 + w ** 2)
-    cv.fill((canal < 14) & (canal >= 8) & in_body, 750.0)  # posterior arch
-    cv.fill(canal < 8, CSF)
+    cv.fill((canal < 14) & (canal >= 8) & in_body, 750.0, "vertebra")  # posterior arch
+    cv.fill(canal < 8, CSF, "soft_tissue")
     n_vert = int(np.ceil(fov / (height + disc_t))) + 2
     proc0, proc1, proc_r = [], [], []
     for k in range(-1, n_vert):
@@ -253,7 +266,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         proc0.append([zc, canal_h + 12, 0]); proc1.append([zc + 18, canal_h + 38, 0]); proc_r.append(4.0)  # spinous
         for s in (-1, 1):
             proc0.append([zc, canal_h, s * 10]); proc1.append([zc - 3, canal_h - 2, s * 34]); proc_r.append(4.5)  # transverse
-    cv.blend(cv.capsule_occupancy(np.array(proc0), np.array(proc1), np.array(proc_r)), 700.0, where=muscle)
+    cv.blend(cv.capsule_occupancy(np.array(proc0), np.array(proc1), np.array(proc_r)), 700.0, "vertebra", where=muscle)
 
     # ---- ribs, costal cartilage, sternum, clavicles, scapulae ----------------------------------------
     spacing = rng.uniform(21, 26)
@@ -277,23 +290,45 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
                 end = pts[-1]
                 tgt = np.array([end[0] + 8, -bh + fat_t + 10, side * 14])
                 cart0.append(end[None]); cart1.append(tgt[None]); cart_r.append(np.array([rr]))
-    cv.blend(cv.capsule_occupancy(np.concatenate(cart0), np.concatenate(cart1), np.concatenate(cart_r)), 150.0)
+    cv.blend(cv.capsule_occupancy(np.concatenate(cart0), np.concatenate(cart1), np.concatenate(cart_r)), 150.0,
+             "soft_tissue")  # costal cartilage
     rib_occ = cv.capsule_occupancy(np.concatenate(rib0), np.concatenate(rib1), np.concatenate(rib_r))
-    cv.blend(rib_occ, rng.uniform(650, 900))
+    cv.blend(rib_occ, rng.uniform(650, 900), "rib")
 
     sternum = (np.abs(w) < 16) & (h > -bh + fat_t + 2) & (h < -bh + fat_t + 14) & (d > apex + 5) & (d < dome_l - 15)
-    cv.fill(sternum, 450.0)
+    cv.fill(sternum, 450.0, "other_bone")
     clav0, clav1, clav_r = [], [], []
     for s in (-1, 1):
         a, b, r = _polyline(np.array([[apex - 2, -bh + fat_t + 14, s * 16], [apex - 12, -bh + fat_t + 6, s * 70],
                                       [apex - 18, -10, s * (bw - 18)]]), 7.0)
         clav0.append(a); clav1.append(b); clav_r.append(r)
-    cv.blend(cv.capsule_occupancy(np.concatenate(clav0), np.concatenate(clav1), np.concatenate(clav_r)), 800.0, where=muscle)
+    cv.blend(cv.capsule_occupancy(np.concatenate(clav0), np.concatenate(clav1), np.concatenate(clav_r)), 800.0,
+             "other_bone", where=muscle)
     for s in (-1, 1):
         scap = (((d - apex - 45) / 65) ** 2 + ((w - s * 85) / 45) ** 2 < 1) & (np.abs(h - (bh - fat_t - 14 - 0.15 * np.abs(w - s * 85))) < 3.5)
-        cv.fill(scap & muscle, 700.0)
+        cv.fill(scap & muscle, 700.0, "other_bone")
 
-    return cv.vol
+    return (cv.vol, cv.labels) if with_labels else cv.vol
+
+
+# On a tie in a majority vote the structure you would look for (bone, nodule, vessel) wins over soft
+# tissue, and tissue over air: a half-lung, half-wall voxel is ~ -400 HU, not lung-like.
+TIE_ORDER = ("rib", "vertebra", "other_bone", "nodule", "vessel", "heart_blood", "soft_tissue", "fat", "table",
+             "lung", "airway", "gas", "background")
+
+
+def downsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
+    """Majority vote of each ``factor^3`` block (ties broken by :data:`TIE_ORDER`): labels on the target grid
+    that line up with the area-averaged CT."""
+    if factor == 1:
+        return labels.astype(np.uint8, copy=False)
+    n = labels.shape[0] // factor
+    blocks = labels[: n * factor, : n * factor, : n * factor].reshape(n, factor, n, factor, n, factor)
+    blocks = blocks.transpose(0, 2, 4, 1, 3, 5).reshape(n, n, n, -1)
+    rank = {L[name]: len(TIE_ORDER) - i for i, name in enumerate(TIE_ORDER)}
+    # count * (len + 1) + rank: the count decides, the rank only breaks ties
+    score = np.stack([(blocks == k).sum(-1) * (len(TIE_ORDER) + 1) + rank[k] for k in sorted(LABELS)], axis=-1)
+    return np.asarray(sorted(LABELS), np.uint8)[score.argmax(-1)]
 
 
 def downsample_area(vol: np.ndarray, factor: int) -> np.ndarray:

@@ -24,7 +24,8 @@ from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
 from ..metrics import all_metrics
 from ..models import build_base, build_refiner
 
-VAL_METRICS = ("psnr", "ssim", "hf_ratio")  # per-epoch validation (MAE adds nothing the PSNR does not show)
+# per-epoch validation: MAE adds nothing PSNR does not show; HF-PSNR says whether the detail is right
+VAL_METRICS = ("psnr", "ssim", "hf_ratio", "hf_psnr")
 
 
 def _pick(pred, ct, prefix: str = "") -> dict:
@@ -108,7 +109,7 @@ class RefineStage(Stage):
     name = "refine"
     score_key = "refined_psnr"
     val_fields = ("coarse_psnr", "refined_psnr", "gain_db", "coarse_ssim", "refined_ssim", "coarse_hf_ratio",
-                  "refined_hf_ratio")
+                  "refined_hf_ratio", "coarse_hf_psnr", "refined_hf_psnr")
 
     @staticmethod
     def check(cfg):

@@ -1,0 +1,188 @@
+"""Detail you can measure: phantom labels, HF-PSNR, band energies, label metrics and the mean baseline,
+each checked against an independent computation (numpy / scipy / skimage, not the package's code path)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from ctrefine import metrics
+from ctrefine.data.dataset import mean_volume
+from ctrefine.data.io import load_nifti
+from ctrefine.data.phantoms import LABELS, chest_phantom, downsample_area, downsample_labels
+
+ID = {v: k for k, v in LABELS.items()}
+
+
+def _alignment(ct, lab):
+    bone = np.isin(lab, [ID["rib"], ID["vertebra"], ID["other_bone"]])
+    lung = lab == ID["lung"]
+    assert bone.sum() > 20 and lung.sum() > 500
+    return (ct[lung] < -500).mean(), (ct[bone] > 150).mean()
+
+
+def test_make_data_writes_labels_that_line_up(tiny_dataset):
+    """32^3 (10 mm voxels, the test size): partial volume is coarse, so the bars are lower than at 64^3."""
+    table = json.loads((tiny_dataset / "dataset.json").read_text())["labels"]
+    assert {"lung", "airway", "vessel", "nodule", "heart_blood", "rib", "vertebra", "other_bone", "fat",
+            "soft_tissue"} <= set(table.values())
+    for folder in sorted(tiny_dataset.glob("patient_*")):
+        ct, aff = load_nifti(folder / "ct.nii.gz")
+        lab, laff = load_nifti(folder / "labels.nii.gz")
+        assert np.array_equal(aff, laff) and lab.shape == ct.shape and set(np.unique(lab).astype(int)) <= set(LABELS)
+        lung_ok, bone_ok = _alignment(ct, lab)
+        assert lung_ok >= 0.85 and bone_ok >= 0.8, (folder.name, lung_ok, bone_ok)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_labels_line_up_at_64(seed):
+    """At the mission's 64^3: >= 95 % of lung-labelled voxels below -500 HU, >= 90 % of bone-labelled voxels
+    above 150 HU (cancellous vertebral bone is 230 HU, so not 300)."""
+    hu, labels = chest_phantom(seed, size=128, with_labels=True)
+    lung_ok, bone_ok = _alignment(downsample_area(hu, 2), downsample_labels(labels, 2))
+    assert lung_ok >= 0.95 and bone_ok >= 0.9, (lung_ok, bone_ok)
+
+
+def test_majority_vote_downsampling():
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[:2, :2, :2] = 3
+    lab[0, 0, 0] = 5  # 7 of 8 are 3
+    lab[2:, 2:, 2:] = ID["soft_tissue"]
+    lab[2, 2:, 2:] = ID["lung"]  # 4 of 8 lung, 4 soft tissue: a tie goes to tissue, not air
+    out = downsample_labels(lab, 2)
+    assert out[0, 0, 0] == 3 and out[1, 1, 1] == ID["soft_tissue"] and out.dtype == np.uint8
+    hu, labels = chest_phantom(4, size=32, with_labels=True)
+    assert np.array_equal(hu, chest_phantom(4, size=32))  # labels do not change the CT
+    assert downsample_labels(labels, 2).shape == downsample_area(hu, 2).shape
+
+
+@pytest.mark.parametrize("shape", [(13, 17, 19), (8, 8, 8)])
+def test_hf_psnr_matches_scipy(shape):
+    rng = np.random.default_rng(0)
+    t = ndimage.gaussian_filter(rng.random(shape), 1.5)
+    p = np.clip(t + rng.normal(0, 0.02, shape), 0, 1)
+    hp = lambda x: x - ndimage.gaussian_filter(x, sigma=1.0, mode="nearest")  # noqa: E731
+    expect = 10 * np.log10(1 / np.mean((hp(p) - hp(t)) ** 2))
+    got = metrics.hf_psnr(torch.from_numpy(p), torch.from_numpy(t)).item()
+    assert got == pytest.approx(expect, abs=1e-6)
+    # noise and misplaced edges lower it; a blurred copy keeps PSNR high but loses detail
+    assert metrics.hf_psnr(torch.from_numpy(t), torch.from_numpy(t)).item() == float("inf")
+
+
+def test_band_ratios_match_numpy():
+    rng = np.random.default_rng(1)
+    shape = (11, 14, 9)
+    p, t = rng.random(shape), rng.random(shape)
+    fd, fh, fw = np.meshgrid(*(np.fft.fftfreq(n) for n in shape), indexing="ij")
+    f = np.sqrt(fd**2 + fh**2 + fw**2)
+    ep, et = np.abs(np.fft.fftn(p)) ** 2, np.abs(np.fft.fftn(t)) ** 2
+    got = metrics.band_ratios(torch.from_numpy(p), torch.from_numpy(t))
+    for name, m in (("band_low", f < 0.125), ("band_mid", (f >= 0.125) & (f < 0.25)), ("band_high", f >= 0.25)):
+        assert got[name].item() == pytest.approx(ep[m].sum() / et[m].sum(), rel=1e-9)
+    smooth = ndimage.gaussian_filter(t, 1.0)
+    r = metrics.band_ratios(torch.from_numpy(smooth), torch.from_numpy(t))
+    assert r["band_high"] < r["band_mid"] < r["band_low"] <= 1.0 + 1e-9  # blur removes energy, most at high |f|
+
+
+def test_label_metrics_match_independent_computations():
+    from skimage.morphology import ball, binary_dilation, binary_erosion
+
+    rng = np.random.default_rng(2)
+    shape = (15, 16, 17)
+    lab = np.full(shape, ID["soft_tissue"], np.uint8)
+    lab[2:13, 2:8, 2:15] = ID["lung"]
+    lab[5:10, 10:14, 4:12] = ID["vertebra"]
+    lab[6:8, 4:6, 6:8] = ID["nodule"]
+    lab[3, 3, 3:12] = ID["vessel"]
+    truth = np.where(lab == ID["lung"], -850.0, 40.0)
+    truth[lab == ID["vertebra"]] = 700.0
+    truth[lab == ID["nodule"]] = 30.0
+    truth[lab == ID["vessel"]] = 45.0
+    pred = ndimage.gaussian_filter(truth, 0.8) + rng.normal(0, 20, shape)
+    got = metrics.label_metrics(pred, truth, lab, {str(k): v for k, v in LABELS.items()})
+
+    bone = lab == ID["vertebra"]
+    pb = pred > 200  # BONE_HU
+    assert got["bone_dice"] == pytest.approx(2 * np.sum(bone & pb) / (bone.sum() + pb.sum()))
+    band = binary_dilation(bone, ball(1)) & ~binary_erosion(bone, ball(1))
+    gp = np.sqrt(sum(g**2 for g in torch.gradient(torch.from_numpy(pred))).numpy())
+    gt = np.sqrt(sum(g**2 for g in torch.gradient(torch.from_numpy(truth))).numpy())
+    assert got["bone_edge_ratio"] == pytest.approx(gp[band].mean() / gt[band].mean(), rel=1e-9)
+    nod = lab == ID["nodule"]
+    idx = np.argwhere(nod)
+    coords = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
+    l1 = np.min(np.abs(coords[..., None, :] - idx[None, None, None]).sum(-1), axis=-1)  # L1 distance to the nodule
+    shell = (l1 <= 2) & (lab == ID["lung"])
+    expect = (pred[nod].mean() - pred[shell].mean()) / (truth[nod].mean() - truth[shell].mean())
+    assert got["nodule_contrast_ratio"] == pytest.approx(expect, rel=1e-9)
+    lung = lab == ID["lung"]
+    assert got["mae_hu_lung"] == pytest.approx(np.abs(pred - truth)[lung].mean())
+    assert got["mae_hu_bone"] == pytest.approx(np.abs(pred - truth)[bone].mean())
+    # a structure that is absent is NaN, never a made-up number
+    none = metrics.label_metrics(pred, truth, np.full(shape, ID["soft_tissue"], np.uint8), {str(k): v for k, v in LABELS.items()})
+    assert np.isnan(none["bone_dice"]) and np.isnan(none["nodule_contrast_ratio"]) and np.isnan(none["mae_hu_lung"])
+
+
+def test_mean_baseline_is_the_train_mean(tiny_dataset):
+    names = json.loads((tiny_dataset / "splits.json").read_text())["train"]
+    expect = np.mean([load_nifti(tiny_dataset / n / "ct.nii.gz")[0] for n in names], axis=0)
+    got = mean_volume(tiny_dataset)
+    assert np.allclose(got, expect, atol=1e-3) and (tiny_dataset / "mean_train.nii.gz").exists()
+    assert np.array_equal(mean_volume(tiny_dataset), got)  # cached
+
+
+def test_infer_reports_baseline_and_detail_metrics(tiny_dataset, tmp_path):
+    from ctrefine.checkpoint import save_model_file
+    from ctrefine.config import load_config
+    from ctrefine.models import build_models
+
+    cfg = load_config("cpu-small")
+    args = []
+    for stage, model in zip(("base", "refine"), build_models(cfg)):
+        save_model_file(tmp_path / f"{stage}.pt", stage, model.state_dict(), cfg)
+        args += [f"--{'base' if stage == 'base' else 'refinement'}-checkpoint", str(tmp_path / f"{stage}.pt")]
+    out = tmp_path / "res"
+    r = subprocess.run([sys.executable, "-m", "ctrefine.cli", "infer", *args, "--data-path", str(tiny_dataset),
+                        "--output-dir", str(out), "--quiet", "--no-save-volumes"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "mean baseline" in r.stdout and "skill over mean baseline" in r.stdout and "HF-PSNR" in r.stdout
+    data = json.loads((out / "metrics.json").read_text())
+    s = data["summary"]
+    for key in ("mean_psnr_mean", "coarse_hf_psnr_mean", "refined_band_high_mean", "coarse_bone_dice_mean",
+                "refined_mae_hu_lung_mean", "refined_skill_db_mean"):
+        assert key in s, key
+    assert all(set(m) == {"mean", "coarse", "refined"} for m in data["patients"].values())
+    skill = [m["refined"]["psnr"] - m["mean"]["psnr"] for m in data["patients"].values()]
+    assert s["refined_skill_db_mean"] == pytest.approx(np.mean(skill))
+    text = (out / "metrics.txt").read_text()
+    assert "mean baseline" in text and "mean_hf_psnr" in text
+
+
+def test_prepare_takes_a_users_segmentation(tmp_path):
+    from ctrefine.conventions import canonical_affine
+    from ctrefine.data.io import save_nifti
+
+    hu, labels = chest_phantom(2, size=64, with_labels=True)
+    aff = canonical_affine(64, 5.0)
+    save_nifti(tmp_path / "ct.nii.gz", hu, aff)
+    save_nifti(tmp_path / "seg.nii.gz", labels, aff, dtype=np.uint8)
+    save_nifti(tmp_path / "bad.nii.gz", np.full_like(labels, 77), aff, dtype=np.uint8)
+    base = [sys.executable, "-m", "ctrefine.cli", "prepare", "--ct", str(tmp_path / "ct.nii.gz"), "--size", "32",
+            "--xray-size", "32", "--quiet"]
+    r = subprocess.run(base + ["--out", str(tmp_path / "ds"), "--labels", str(tmp_path / "seg.nii.gz")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lab, laff = load_nifti(tmp_path / "ds" / "patient_0000" / "labels.nii.gz")
+    ct, caff = load_nifti(tmp_path / "ds" / "patient_0000" / "ct.nii.gz")
+    assert np.array_equal(laff, caff)
+    lung_ok, bone_ok = _alignment(ct, lab)
+    assert lung_ok >= 0.8 and bone_ok >= 0.8  # nearest-neighbour labels vs a trilinear CT at 10 mm: a bit looser
+    r = subprocess.run(base + ["--out", str(tmp_path / "ds2"), "--labels", str(tmp_path / "bad.nii.gz")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "not in ctrefine's table" in r.stderr
+    r = subprocess.run(base + ["--out", str(tmp_path / "ds3"), "--labels", str(tmp_path / "seg.nii.gz"),
+                               str(tmp_path / "seg.nii.gz")], capture_output=True, text=True)
+    assert r.returncode == 2 and "one per CT" in r.stderr
