@@ -106,6 +106,8 @@ def test_make_data_and_demo_refuse_a_foreign_folder(tmp_path):
                        "--quiet"), "not a ctrefine dataset")
     one_error_line(cli("demo", "--out", user, "--preset", "cpu-small", "--quiet"), "not an earlier demo run")
     one_error_line(cli("make-data", "--out", tmp_path / "ds", "--num-patients", "1", "--size", "20"), "multiple of 16")
+    one_error_line(cli("infer", "--onnx", "m.onnx", "--data_path", "d", "--output_dir", "o", "--num_patients", "0"),
+                   "must be >= 1")  # used to print NaN metrics with exit 0
     assert sorted(p.name for p in user.iterdir()) == ["cat.jpg"]
 
 
