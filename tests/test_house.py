@@ -190,3 +190,19 @@ def test_version_and_underscore_aliases():
 
     a = build_parser().parse_args(["infer", "--data_path", "d", "--output-dir", "o", "--num_patients", "2"])
     assert (a.data_path, a.output_dir, a.num_patients) == ("d", "o", 2)
+
+
+def test_precision_follows_the_hardware(monkeypatch):
+    from ctrefine.training import driver
+
+    bf16 = {"bf16": {"enabled": True}}
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(driver, "cpu_has_native_bf16", lambda: False)
+    dtype, note = driver.choose_precision(bf16, cpu)
+    assert dtype == torch.float32 and "no hardware bf16" in note
+    assert driver.choose_precision(bf16, cpu, "bf16") == (torch.bfloat16, "")
+    assert driver.choose_precision(bf16, gpu) == (torch.bfloat16, "")
+    assert driver.choose_precision({"bf16": {"enabled": False}}, gpu) == (torch.float32, "")
+    monkeypatch.setattr(driver, "cpu_has_native_bf16", lambda: True)  # AMX / AVX512-BF16: bf16 as configured
+    assert driver.choose_precision(bf16, cpu) == (torch.bfloat16, "")
+    assert driver.choose_precision(bf16, cpu, "fp32") == (torch.float32, "")
