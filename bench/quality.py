@@ -82,6 +82,44 @@ def tradeoff_figure(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(a, out: Path, results: dict, timings: dict, t0: float, done: bool) -> None:
+    """quality.md / quality.json / the trade-off figure from the refiners finished so far."""
+    from ctrefine.data.io import read_json
+    from ctrefine.report import summary_table
+
+    base_info = read_json(out / "base" / "best.json")
+    full = results["all terms"]
+    n = full["num_patients"]
+    lines = [
+        f"Preset `{a.preset}`, {a.num_patients} phantom patients (seed {a.seed}), test split n = {n}; "
+        f"base best at epoch {base_info['epoch']} (val PSNR {base_info['psnr']:.2f} dB, early stopping patience "
+        f"{a.patience} within a {a.base_epochs}-epoch cosine budget); refiners {a.refine_epochs} epochs.",
+        "",
+        summary_table(full, markdown=True),
+    ]
+    lines += ["", f"SSIM {full['refined_ssim_mean'] - full['coarse_ssim_mean']:+.4f}.", ""]
+    if len(results) > 1:
+        lines += ["| refiner loss | refined PSNR (dB) | gain (dB) | wins | refined HF-PSNR (dB) | refined band high | "
+                  "refined HF ratio |", "|---|---|---|---|---|---|---|"]
+        for label, r in results.items():
+            lines.append(f"| {label} | {r['refined_psnr_mean']:.3f} | {r['gain_db_mean']:+.3f} | {r['refined_wins']}/{n} | "
+                         f"{r['refined_hf_psnr_mean']:.3f} | {r['refined_band_high_mean']:.3f} | "
+                         f"{r['refined_hf_ratio_mean']:.3f} |")
+        lines.append("")
+    tradeoff_figure(results, out / "quality_tradeoff.png")
+    rp = full["reprojection"]
+    lines.append(f"Reprojection (mean |normalised DRR of the volume - input radiograph|, test split): coarse "
+                 f"{rp['coarse']:.4f}, refined {rp['refined']:.4f}, ground truth on the same grid {rp['truth']:.4f}.")
+    lines.append("")
+    lines.append("Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+                 + f"; total {(time.time() - t0) / 60:.1f} min.")
+    if not done:
+        lines.append(f"(partial: {len(results)} of the planned refiners have finished; rewritten after each one)")
+    table = "\n".join(lines) + "\n"
+    (out / "quality.md").write_text(table)
+    (out / "quality.json").write_text(json.dumps({"results": results, "timings_s": timings, "base": base_info}, indent=2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu-small", help="shipped preset name (cpu-small, cpu-medium, full)")
@@ -97,12 +135,10 @@ def main(argv=None) -> int:
 
     from ctrefine.config import load_config, preset_path
     from ctrefine.data.dataset import make_dataset
-    from ctrefine.data.io import read_json
     from ctrefine.infer import evaluate_dataset
     from ctrefine.launch import default_ranks, train_stage
     from ctrefine.losses.registry import TERMS
     from ctrefine.pipeline import TorchPredictor
-    from ctrefine.report import summary_table
 
     t0 = time.time()
     cuda = torch.cuda.is_available()
@@ -140,37 +176,9 @@ def main(argv=None) -> int:
         if label == "all terms":
             results[label]["reprojection"] = reprojection_error(pred, out / "data")
         print(f"{label}: gain {results[label]['gain_db_mean']:+.3f} dB", flush=True)
+        write_report(a, out, results, timings, t0, done=len(results) == len(runs))
+    print((out / "quality.md").read_text())
 
-    base_info = read_json(out / "base" / "best.json")
-    full = results["all terms"]
-    n = full["num_patients"]
-    lines = [
-        f"Preset `{a.preset}`, {a.num_patients} phantom patients (seed {a.seed}), test split n = {n}; "
-        f"base best at epoch {base_info['epoch']} (val PSNR {base_info['psnr']:.2f} dB, early stopping patience "
-        f"{a.patience} within a {a.base_epochs}-epoch cosine budget); refiners {a.refine_epochs} epochs.",
-        "",
-        summary_table(full, markdown=True),
-    ]
-    lines += ["", f"SSIM {full['refined_ssim_mean'] - full['coarse_ssim_mean']:+.4f}.", ""]
-    if len(results) > 1:
-        lines += ["| refiner loss | refined PSNR (dB) | gain (dB) | wins | refined HF-PSNR (dB) | refined band high | "
-                  "refined HF ratio |", "|---|---|---|---|---|---|---|"]
-        for label, r in results.items():
-            lines.append(f"| {label} | {r['refined_psnr_mean']:.3f} | {r['gain_db_mean']:+.3f} | {r['refined_wins']}/{n} | "
-                         f"{r['refined_hf_psnr_mean']:.3f} | {r['refined_band_high_mean']:.3f} | "
-                         f"{r['refined_hf_ratio_mean']:.3f} |")
-        lines.append("")
-    tradeoff_figure(results, out / "quality_tradeoff.png")
-    rp = full["reprojection"]
-    lines.append(f"Reprojection (mean |normalised DRR of the volume - input radiograph|, test split): coarse "
-                 f"{rp['coarse']:.4f}, refined {rp['refined']:.4f}, ground truth on the same grid {rp['truth']:.4f}.")
-    lines.append("")
-    lines.append("Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-                 + f"; total {(time.time() - t0) / 60:.1f} min.")
-    table = "\n".join(lines) + "\n"
-    (out / "quality.md").write_text(table)
-    (out / "quality.json").write_text(json.dumps({"results": results, "timings_s": timings, "base": base_info}, indent=2))
-    print(table)
     return 0
 
 

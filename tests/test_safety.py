@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ctrefine.checkpoint import save_model_file
 from ctrefine.config import load_config

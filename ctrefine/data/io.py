@@ -15,7 +15,6 @@ a half-written file under the final name.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
