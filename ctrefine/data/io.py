@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..outputs import atomic_dir, atomic_file
+from .dicom import read_dicom
 
 __all__ = ["DataError", "atomic_file", "atomic_dir", "save_nifti", "load_nifti", "write_json", "read_json",
            "load_radiograph", "square_resize", "xray_affine"]
@@ -145,7 +146,7 @@ def load_radiograph(path, convention: str = "attenuation", view: str | None = No
     name = path.name.lower()
     invert = False
     try:
-        ds = None if name.endswith((".nii", ".nii.gz")) else _dicom_or_none(path)
+        ds = None if name.endswith((".nii", ".nii.gz")) else read_dicom(path)  # by content, any extension
         if name.endswith((".nii", ".nii.gz")):
             nimg = nib.load(str(path))
             img = np.squeeze(np.asarray(nimg.dataobj, dtype=np.float32))
@@ -187,16 +188,6 @@ def load_radiograph(path, convention: str = "attenuation", view: str | None = No
     if np.ptp(img) == 0:
         raise DataError(f"{path}: image is constant")
     return img
-
-
-def _dicom_or_none(path):
-    """The DICOM dataset of ``path`` if its *content* is DICOM (PACS exports often have no extension)."""
-    import pydicom
-
-    try:
-        return pydicom.dcmread(str(path))
-    except Exception:  # InvalidDicomError for PNG/TIFF/...: not DICOM
-        return None
 
 
 def square_resize(img: np.ndarray, size: int) -> np.ndarray:
