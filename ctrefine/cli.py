@@ -22,33 +22,30 @@ def _flag(parser, name: str, **kw):
     return parser.add_argument(*names, dest=kw.pop("dest", name.replace("-", "_")), **kw)
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _int_type(lo: int, multiple: int = 1):
+    """argparse type: an int >= ``lo`` (and a multiple of ``multiple``), else a one-line usage error."""
+    def parse(text: str) -> int:
+        v = int(text)
+        if multiple > 1 and (v < lo or v % multiple):
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple} (the base has five scales), got {v}")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
 
 
-def _size(text: str) -> int:
-    v = int(text)
-    if v < 16 or v % 16:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the base has five scales), got {v}")
-    return v
-
-
-def _xray_size(text: str) -> int:
-    v = int(text)
-    if v < 16:
-        raise argparse.ArgumentTypeError(f"must be >= 16, got {v}")
-    return v
+_positive, _size, _xray_size = _int_type(1), _int_type(16, 16), _int_type(16)
 
 
 # ------------------------------------------------------------------------------------------ commands
 def _cmd_make_data(a) -> int:
+    from .config import AugmentConfig
     from .data.dataset import make_dataset, summarize
+    from .data.phantoms import Scan
 
     make_dataset(a.out, a.num_patients, seed=a.seed, size=a.size, xray_size=a.xray_size, geometry=a.geometry,
-                 workers=a.workers, progress=not a.quiet)
+                 workers=a.workers, progress=not a.quiet, scan=Scan.parse(a.scan),
+                 xray_realism=AugmentConfig().model_dump() if a.xray_realism else None)
     print(summarize(a.out))
     return 0
 
@@ -95,9 +92,6 @@ def _cmd_info(a) -> int:
 
 
 def _cmd_export_onnx(a) -> int:
-    import torch
-
-    from .data.dataset import CTDataset
     from .export import export_and_verify
     from .outputs import claim_output_file
     from .pipeline import load_two_stage
@@ -106,11 +100,8 @@ def _cmd_export_onnx(a) -> int:
         raise UserError(f"{a.out}: the output must be a .onnx file")
     claim_output_file(a.out, a.overwrite)
     model, cfg = load_two_stage(a.base_checkpoint, a.refinement_checkpoint)
-    extra = {}
-    if a.data_path:
-        ds = CTDataset(a.data_path, a.split)
-        extra[f"{a.split} patients"] = torch.stack([ds[i]["xrays"] for i in range(min(4, len(ds)))])
-    export_and_verify(model, cfg, a.out, extra)
+    export_and_verify(model, cfg, a.out, precision=a.precision, data_path=a.data_path, split=a.split,
+                      calibration_patients=a.calibration_patients)
     return 0
 
 
@@ -127,7 +118,7 @@ def _cmd_infer(a) -> int:
             raise UserError("give either --data-path (evaluate a dataset) or radiograph files, not both")
     elif not (a.data_path and a.output_dir):
         raise UserError("dataset mode needs --data-path and --output-dir (or use --xray-pa/--xray-lateral/--out)")
-    pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx)
+    pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx, a.engine)
     if single:
         refined, coarse = infer_radiographs(pred, a.xray_pa, a.xray_lateral, a.out, a.xray_convention, a.overwrite,
                                             warn=lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr))
@@ -173,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(m, "xray-size", type=_xray_size, default=128, help="radiograph side in pixels (default 128)")
     m.add_argument("--geometry", choices=("cone", "parallel"), default="cone", help="beam geometry (default cone)")
     m.add_argument("--workers", type=_positive, default=None, help="parallel processes (default: all cores)")
+    m.add_argument("--scan", action="append", default=[], metavar="KEY=VALUE", help="fix a scan setting for every "
+                   "patient (default: drawn): contrast=true|false, coverage_mm=MM, table=flat|curved|none, metal=BOOL")
+    _flag(m, "xray-realism", action="store_true", help="render the radiographs through a random non-ideal imaging "
+          "chain (scatter, blur, noise, beam hardening), e.g. for a shifted test set")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_make_data)
 
@@ -186,16 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--size", type=_size, default=64, help="target volume side in voxels, a multiple of 16 (default 64)")
     _flag(r, "xray-size", type=_xray_size, default=128, help="radiograph side in pixels (default 128)")
     r.add_argument("--geometry", choices=("cone", "parallel"), default="cone")
-    r.add_argument("--series", default=None, help="DICOM folders holding several series: the SeriesInstanceUID or "
-                                                  "index (as listed in the error) to ingest")
+    r.add_argument("--series", default=None, help="for DICOM folders with several series: UID or index to ingest")
     r.add_argument("--labels", nargs="+", default=None, help="optional segmentations (NIfTI on each CT's grid, "
                                                              "ctrefine's label numbering), one per --ct in order")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_cmd_prepare)
 
-    v = sub.add_parser("preview", help="PNG of one patient: CT slices and both radiographs",
-                       description="Axial, coronal and sagittal mid-slices of a patient's ct.nii.gz next to its PA and "
-                                   "lateral radiographs, to check anatomy and orientation at a glance.")
+    v = sub.add_parser("preview", help="PNG of one patient: axial, coronal, sagittal CT slices and both radiographs")
     v.add_argument("--data", required=True, help="dataset directory")
     v.add_argument("--patient", default="patient_0000", help="patient folder name (default patient_0000)")
     v.add_argument("--out", required=True, help="output .png")
@@ -203,37 +195,45 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     v.set_defaults(func=_cmd_preview)
 
-    i = sub.add_parser("info", help="print the parameter counts of the models of a config",
-                       description="Build the base and refiner described by a config and print their sizes.")
-    i.add_argument("--config", default=None, help="preset name (cpu-small, cpu-medium, full) or JSON file "
-                                                  "(default: built-in defaults = the full sizes)")
+    i = sub.add_parser("info", help="print the parameter counts of the models of a config")
+    i.add_argument("--config", default=None, help="preset name (cpu-small, cpu-medium, full) or JSON file (default: full)")
     i.add_argument("--verbose", "-v", action="store_true", help="also list each sub-module")
     i.set_defaults(func=_cmd_info)
 
-    e = sub.add_parser("export-onnx", help="export base + refiner as one ONNX graph and verify it in ONNX Runtime",
-                       description="One graph: inputs xray_pa, xray_lateral (batch, 1, S, S); outputs coarse, refined. "
-                                   "Dynamo exporter, opset 18, onnx.checker, then ORT-vs-torch parity on random inputs "
-                                   "(batch 1 and 3) and, with --data-path, on real dataset inputs; exit 2 if > 1e-4.")
+    e = sub.add_parser("export-onnx", help="export base + refiner as one ONNX graph (fp32 or int8) and verify it",
+                       description="One graph: inputs xray_pa, xray_lateral (batch, 1, S, S); outputs coarse, refined; "
+                                   "dynamo exporter, opset 18, FFTs as plain MatMul so ONNX Runtime and OpenVINO both "
+                                   "read it. fp32: parity with torch in each installed engine on random inputs (batch 1 "
+                                   "and 3) and, with --data-path, real ones; exit 2 if max |error| > 1e-4. int8: Conv "
+                                   "quantised (QDQ), calibrated on --data-path's training patients; exit 2 if the mean "
+                                   "PSNR on its --split moves by more than 0.05 dB from torch fp32.")
     _flag(e, "base-checkpoint", required=True, help="best_model.pt of the base stage")
     _flag(e, "refinement-checkpoint", required=True, help="best_model.pt of the refine stage")
     e.add_argument("--out", required=True, help="output .onnx file (an existing one only with --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    _flag(e, "data-path", default=None, help="dataset whose radiographs are used for the parity check too")
+    _flag(e, "data-path", default=None, help="dataset whose radiographs are used for the parity check too "
+                                             "(int8: required; its train split calibrates)")
     e.add_argument("--split", default="test", help="split used with --data-path (default test)")
+    e.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="fp32 (default, exact) or int8 (about 1.5x faster on CPU; see bench/RESULTS.md)")
+    _flag(e, "calibration-patients", type=_positive, default=16,
+          help="training patients whose radiographs set the int8 activation ranges (default 16)")
     e.set_defaults(func=_cmd_export_onnx)
 
     f = sub.add_parser("infer", help="reconstruct CTs: evaluate a dataset split, or your own two radiographs",
                        description="Dataset mode (--data-path, --output-dir): metrics.txt, NIfTI volumes and comparison "
                                    "PNGs per patient of the test split. Radiograph mode (--xray-pa, --xray-lateral, "
                                    "--out): PNG/TIFF/NIfTI/DICOM radiographs -> refined CT NIfTI. Uses torch checkpoints "
-                                   "or, with --onnx, ONNX Runtime. Radiographs are read as displayed: head up; PA with "
+                                   "or, with --onnx, ONNX Runtime / OpenVINO. Radiographs are read as displayed: head up; PA with "
                                    "the patient's right on the image left; lateral with the patient's front on the image "
                                    "left. A 2D NIfTI is oriented by its affine. Outputs: --output-dir must be new, empty "
                                    "or an earlier inference result (replaced only with --overwrite), never the dataset "
                                    "or inside it; an existing --out file is replaced only with --overwrite.")
     _flag(f, "base-checkpoint", help="best_model.pt of the base stage (torch path)")
     _flag(f, "refinement-checkpoint", help="best_model.pt of the refine stage (torch path)")
-    f.add_argument("--onnx", help="model.onnx from export-onnx (ONNX Runtime path)")
+    f.add_argument("--onnx", help="model.onnx from export-onnx (ONNX path)")
+    f.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="runtime for --onnx; auto: ONNX Runtime with CUDA, else OpenVINO (faster on CPU) if installed")
     _flag(f, "data-path", help="dataset directory (dataset mode)")
     f.add_argument("--split", default="test", help="split to evaluate (default test: never training patients)")
     _flag(f, "num-patients", type=_positive, default=None, help="evaluate at most this many patients")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: data -> base -> refiner -> ONNX -> inference, with a summary table",
                        description="Generate a synthetic dataset, train the base then the refiner through the deepspeed "
-                                   "launcher, export ONNX, run ONNX Runtime on the test split and print coarse vs refined "
+                                   "launcher, export ONNX, run it on the test split and print coarse vs refined "
                                    "metrics. Preset cpu-small on CPU, full on CUDA. Re-running reuses finished work "
                                    "(dataset, trained stages, an up-to-date ONNX file).")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
@@ -265,9 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
 
-    sub.add_parser("train", help="train a stage in one process (multi-GPU: use the deepspeed launcher)",
-                   description="Every argument is passed to the training driver: ctrefine train base|refine --config "
-                               "PRESET [...] (see ctrefine train --help).", add_help=False)
+    sub.add_parser("train", help="train a stage in one process (multi-GPU: the deepspeed launcher); see ctrefine "
+                   "train --help", add_help=False)
     return p
 
 

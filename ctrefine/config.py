@@ -93,6 +93,27 @@ class DataConfig(_Section):
     val_split: str = Field("val", description="split for per-epoch validation, best-model choice, early stopping")
 
 
+class AugmentConfig(_Section):
+    """Ranges of the training-time imaging chain (:mod:`ctrefine.data.augment`); each draw is per image."""
+
+    enabled: bool = Field(False, description="re-render every training radiograph through a random imaging chain "
+                                             "(validation and inference inputs never are)")
+    beam_hardening: float = Field(0.15, ge=0, lt=1, description="largest fraction of the densest ray's "
+                                                                "log-attenuation lost to beam hardening")
+    scatter_fraction: float = Field(0.3, ge=0, lt=1, description="largest share of detected signal that is scatter "
+                                                                 "(chest, anti-scatter grid: about 0.2-0.35)")
+    blur_px: float = Field(1.0, ge=0, description="largest detector blur sigma, in radiograph pixels")
+    photons_min: float = Field(1e4, gt=0, description="fewest photons in an unattenuated pixel (noisiest image)")
+    photons_max: float = Field(1e6, gt=0, description="most photons in an unattenuated pixel")
+    gamma_jitter: float = Field(0.2, ge=0, description="display gamma drawn in [1/(1+j), 1+j] (log-uniform)")
+
+    @model_validator(mode="after")
+    def _photon_range(self):
+        if self.photons_min > self.photons_max:
+            raise ValueError(f"augment.photons_min ({self.photons_min}) exceeds augment.photons_max ({self.photons_max})")
+        return self
+
+
 class CheckpointConfig(_Section):
     dir: str = Field("runs/default", description="checkpoints, CSV logs and best-model exports go to <dir>/<stage>/")
     save_every: int = Field(1, ge=1, description="epochs between periodic checkpoints")
@@ -111,6 +132,7 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

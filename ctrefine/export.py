@@ -1,10 +1,14 @@
-"""ONNX export of the frozen base + refiner as ONE graph, and its verification in ONNX Runtime.
+"""ONNX export of the frozen base + refiner as ONE graph, and its verification in every installed engine.
 
 Graph: inputs ``xray_pa`` and ``xray_lateral`` ``(batch, 1, S, S)`` (normalised as in
 :func:`ctrefine.conventions.normalize_xray`), outputs ``coarse`` and ``refined`` ``(batch, 1, V, V, V)``
-in model space. Batch is dynamic. The dynamo exporter at opset 18 turns ``rfftn/irfftn`` into ONNX
-``DFT`` (the TorchScript exporter cannot export them). ``metadata_props`` make the file
-self-describing: intensity window, X-ray normalisation, geometry, sizes, package version.
+in model space. Batch is dynamic. Dynamo exporter, opset 18. The frequency attention's FFTs are
+exported as real matrix products (:class:`ctrefine.models.blocks.MatmulSpectralGain`), not as ONNX
+``DFT``: plain MatMul is what ONNX Runtime *and* OpenVINO read and accelerate. ``metadata_props`` make
+the file self-describing: intensity window, X-ray normalisation, geometry, sizes, precision, version.
+
+Precisions: ``fp32`` (parity with torch to 1e-4) and ``int8`` (:mod:`ctrefine.quantize`, parity as
+the PSNR change on held-out patients).
 """
 from __future__ import annotations
 
@@ -18,12 +22,16 @@ import torch
 from . import __version__
 from . import conventions as C
 from .config import Config
+from .data.dataset import CTDataset
 from .outputs import atomic_file
-from .errors import UserError
-from .pipeline import TwoStage, ort_session
+from .errors import DataError, UserError
+from .models.blocks import matmul_transforms
+from .pipeline import ENGINES, OnnxPredictor, TorchPredictor, TwoStage, onnx_runner
+from .quantize import PSNR_TOL_DB, calibration_batches, quantize_int8, split_psnr
 
 OPSET = 18
-PARITY_TOL = 1e-4
+PARITY_TOL = 1e-4  # fp32: max |ONNX - torch| in model space [0, 1]
+PRECISIONS = ("fp32", "int8")
 
 
 def _metadata(cfg: Config, geometry: dict | None) -> dict[str, str]:
@@ -42,6 +50,7 @@ def _metadata(cfg: Config, geometry: dict | None) -> dict[str, str]:
         "geometry": json.dumps(geometry or {"kind": "cone", "source_isocenter_mm": C.SOURCE_ISOCENTER_MM,
                                             "source_detector_mm": C.SOURCE_DETECTOR_MM}),
         "axes": "volume (B,1,D,H,W): D sup->inf, H ant->post, W right->left; PA image (D,W), lateral (D,H)",
+        "precision": "fp32",
     }
 
 
@@ -60,9 +69,11 @@ def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None)
     with atomic_file(out) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, example, str(tmp), dynamo=True, opset_version=OPSET,
-                              input_names=["xray_pa", "xray_lateral"], output_names=["coarse", "refined"],
-                              dynamic_shapes={"xray_pa": {0: batch}, "xray_lateral": {0: batch}}, verbose=False)
+            with matmul_transforms(model):  # the portable form of the FFTs (see MatmulSpectralGain)
+                torch.onnx.export(model, example, str(tmp), dynamo=True, opset_version=OPSET,
+                                  input_names=["xray_pa", "xray_lateral"], output_names=["coarse", "refined"],
+                                  dynamic_shapes={"xray_pa": {0: batch}, "xray_lateral": {0: batch}},
+                                  verbose=False)
         proto = onnx.load(str(tmp))  # pulls any external-data file back inline (the model is far below 2 GB)
         data_file = tmp.with_name(tmp.name + ".data")
         if data_file.exists():
@@ -75,41 +86,97 @@ def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None)
     return out
 
 
-def verify(model: TwoStage, onnx_path, inputs: list[torch.Tensor]) -> float:
-    """Max |ORT - torch| over both outputs for each ``(B, 2, 1, S, S)`` input batch."""
-    sess = ort_session(onnx_path)
+def verify(model: TwoStage, onnx_path, inputs: list[torch.Tensor], engine: str = "onnxruntime") -> float:
+    """Max |engine - torch| over both outputs for each ``(B, 2, 1, S, S)`` input batch."""
+    _, run, _ = onnx_runner(onnx_path, engine)
     worst = 0.0
     with torch.no_grad():
         for x in inputs:
             ref = model(x[:, 0], x[:, 1])
-            got = sess.run(None, {"xray_pa": x[:, 0].numpy(), "xray_lateral": x[:, 1].numpy()})
+            got = run({"xray_pa": x[:, 0].numpy(), "xray_lateral": x[:, 1].numpy()})
             for a, b in zip(ref, got):
-                worst = max(worst, float(np.abs(a.numpy() - b).max()))
+                worst = max(worst, float(np.abs(a.numpy() - np.asarray(b)).max()))
     return worst
 
 
 class ParityError(UserError):
-    """The exported graph does not reproduce torch within :data:`PARITY_TOL`."""
+    """The exported graph does not reproduce torch: max |error| above :data:`PARITY_TOL` (fp32), or a
+    mean PSNR change above :data:`ctrefine.quantize.PSNR_TOL_DB` (int8)."""
 
 
-def export_and_verify(model: TwoStage, cfg: Config, out, extra_batches: dict | None = None, log=print) -> float:
-    """Export, then check ORT against torch on random batches of 1 and 3 (and ``extra_batches``).
+def installed_engines() -> list[str]:
+    """The ONNX engines of :data:`ctrefine.pipeline.ENGINES` importable here (ONNX Runtime always is)."""
+    import importlib.util
 
-    Prints one line per batch through ``log``; raises :class:`ParityError` (the file stays, for
-    inspection) when the worst error exceeds :data:`PARITY_TOL`. Returns the worst error.
+    return [e for e in ENGINES if importlib.util.find_spec(e)]
+
+
+def export_and_verify(model: TwoStage, cfg: Config, out, log=print, precision: str = "fp32", data_path=None,
+                      split: str = "test", calibration_patients: int = 16) -> float:
+    """Export ``precision`` (fp32, or int8 calibrated on ``data_path``'s training patients), then verify it
+    in every installed engine; one line per check through ``log``.
+
+    fp32: max |engine - torch| on random batches of 1 and 3 and on up to 4 patients of ``data_path``'s
+    ``split`` must stay within :data:`PARITY_TOL`; returns the worst error. int8: the mean refined PSNR
+    on ``data_path``'s ``split`` may move by at most :data:`~ctrefine.quantize.PSNR_TOL_DB` from torch
+    fp32; returns the worst change (dB). Raises :class:`ParityError` otherwise (the file stays, for
+    inspection).
     """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        return _export_int8(model, cfg, out, log, data_path, split, calibration_patients)
     s = cfg.model.xray_size
     g = torch.Generator().manual_seed(0)
     batches = {"random batch 1": torch.rand(1, 2, 1, s, s, generator=g),
-               "random batch 3": torch.rand(3, 2, 1, s, s, generator=g), **(extra_batches or {})}
+               "random batch 3": torch.rand(3, 2, 1, s, s, generator=g)}
+    if data_path:
+        ds = CTDataset(data_path, split)
+        batches[f"{split} patients"] = torch.stack([ds[i]["xrays"] for i in range(min(4, len(ds)))])
     log(f"exporting {out} (dynamo exporter, opset {OPSET}; about half a minute on a CPU) ...")
     path = export_onnx(model, cfg, out)
     log(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB, opset {OPSET}, onnx.checker passed)")
     worst = 0.0
-    for name, x in batches.items():
-        err = verify(model, path, [x])
-        worst = max(worst, err)
-        log(f"  ONNX Runtime vs torch, {name}: max |error| = {err:.2e}")
+    for engine in installed_engines():
+        for name, x in batches.items():
+            err = verify(model, path, [x], engine)
+            worst = max(worst, err)
+            log(f"  {engine} vs torch, {name}: max |error| = {err:.2e}")
     if worst > PARITY_TOL:
         raise ParityError(f"ONNX parity {worst:.2e} exceeds {PARITY_TOL:.0e} ({path})")
+    return worst
+
+
+def _export_int8(model, cfg, out, log, data_path, split, calibration_patients) -> float:
+    import statistics
+    import tempfile
+
+    if data_path is None:
+        raise UserError("--precision int8 needs --data-path: a dataset whose training patients calibrate the "
+                        f"activation ranges and whose {split} patients judge the result")
+    feeds = calibration_batches(data_path, calibration_patients)
+    size = feeds[0]["xray_pa"].shape[-1]
+    if size != cfg.model.xray_size:
+        raise DataError(f"{data_path}: radiographs are {size}^2 but the model expects {cfg.model.xray_size}^2")
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix=".ctrefine-export-", dir=out.parent) as work:
+        log(f"exporting the fp32 graph (dynamo exporter, opset {OPSET}) ...")
+        fp32 = export_onnx(model, cfg, Path(work) / "fp32.onnx")
+        log(f"quantising Conv to int8 (QDQ, per-channel weights), calibrated on {len(feeds)} training patients ...")
+        meta = {**_metadata(cfg, None), "precision": "int8",
+                "calibration": f"min/max activation ranges over {len(feeds)} patients of the train split"}
+        path = quantize_int8(fp32, out, feeds, meta)
+    log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, int8 Conv, fp32 elsewhere)")
+    ref = split_psnr(TorchPredictor.from_model(model, cfg, device="cpu"), data_path, split)
+    ref_mean = statistics.fmean(ref.values())
+    log(f"  torch fp32, {len(ref)} {split} patients: mean refined PSNR {ref_mean:.3f} dB")
+    worst = 0.0
+    for engine in installed_engines():
+        got = split_psnr(OnnxPredictor(path, engine), data_path, split)
+        delta = statistics.fmean(got.values()) - ref_mean
+        worst = max(worst, abs(delta))
+        log(f"  {engine} int8: mean refined PSNR {ref_mean + delta:.3f} dB ({delta:+.3f} dB vs torch fp32; "
+            f"worst patient {min(got[k] - ref[k] for k in ref):+.3f} dB)")
+    if worst > PSNR_TOL_DB:
+        raise ParityError(f"int8 changes the mean PSNR by {worst:.3f} dB, more than {PSNR_TOL_DB} dB ({path})")
     return worst

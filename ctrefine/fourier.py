@@ -25,3 +25,29 @@ def frequency_magnitude(shape, onesided: bool = False, device=None) -> torch.Ten
     fh = torch.fft.fftfreq(h, device=device).view(1, -1, 1)
     fw = (torch.fft.rfftfreq(w, device=device) if onesided else torch.fft.fftfreq(w, device=device)).view(1, 1, -1)
     return torch.sqrt(fd**2 + fh**2 + fw**2)
+
+
+def dft_matrices(n: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Orthonormal DFT matrices of length ``n`` as real arrays, for transforms written as matrix products.
+
+    * ``"r2c"`` ``(n, 2 * (n // 2 + 1))``: ``x @ r2c`` = ``[Re | Im]`` of ``rfft(x, norm="ortho")``;
+    * ``"c2r"`` ``(2 * (n // 2 + 1), n)``: ``[Re | Im] @ c2r`` = ``irfft(., n, norm="ortho")`` (the
+      half spectrum counted twice except DC and Nyquist; their imaginary parts ignored, as irfft does);
+    * ``"fwd"`` / ``"inv"`` ``(2n, 2n)``: the complex DFT / inverse DFT as the real block matrix
+      ``[[Re F, -Im F], [Im F, Re F]]``, acting on ``[Re; Im]`` stacked along the transformed axis.
+
+    Computed in float64 and rounded once, so the products match ``torch.fft`` to float32 rounding.
+    """
+    k = torch.arange(n, dtype=torch.float64)
+    half = n // 2 + 1
+    ang = 2 * math.pi * torch.outer(k, k) / n  # (n, n): angle of bin k at sample m
+    cos, sin = torch.cos(ang) / math.sqrt(n), torch.sin(ang) / math.sqrt(n)
+    r2c = torch.cat([cos[:, :half], -sin[:, :half]], dim=1)
+    w = torch.full((half, 1), 2.0, dtype=torch.float64)  # each interior bin stands for itself and its mirror
+    w[0] = 1.0
+    if n % 2 == 0:
+        w[-1] = 1.0
+    c2r = torch.cat([w * cos[:half], -w * sin[:half]], dim=0)
+    fwd = torch.cat([torch.cat([cos, sin], 1), torch.cat([-sin, cos], 1)], 0)  # F = cos - i sin
+    inv = torch.cat([torch.cat([cos, -sin], 1), torch.cat([sin, cos], 1)], 0)  # F^-1 = cos + i sin
+    return {name: m.to(dtype) for name, m in (("r2c", r2c), ("c2r", c2r), ("fwd", fwd), ("inv", inv))}

@@ -1,4 +1,4 @@
-"""Inference on a dataset split or on a user's two radiographs, with torch or ONNX Runtime.
+"""Inference on a dataset split or on a user's two radiographs, with torch or the exported ONNX graph.
 
 * :func:`evaluate_dataset` -- patients of one split (``test`` by default: never training patients)
   of a ctrefine dataset. Writes, atomically (a temporary folder renamed at the end)::

@@ -1,5 +1,5 @@
 """Jobs that run other parts as processes: a training stage through the ``deepspeed`` launcher, and
-the main job (``ctrefine demo``): data -> base -> refiner -> ONNX -> ONNX Runtime inference -> table.
+the main job (``ctrefine demo``): data -> base -> refiner -> ONNX -> ONNX inference (OpenVINO on CPU, ONNX Runtime on CUDA) -> table.
 
 The demo reuses finished work on a rerun: the dataset (resumable generation), each training stage
 (its driver resumes and stops at once when done) and an ONNX file newer than both model files.
@@ -113,9 +113,10 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     else:
         model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
         export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True))
-    step("5/5 ONNX Runtime inference on the test split")
+    predictor = OnnxPredictor(onnx_path)
+    step(f"5/5 ONNX inference on the test split ({predictor.engine})")
     res = out / "inference_results"
-    summary = evaluate_dataset(OnnxPredictor(onnx_path), out / "data", res, progress=not quiet, overwrite=True)
+    summary = evaluate_dataset(predictor, out / "data", res, progress=not quiet, overwrite=True)
     print()
     print(summary_table(summary))
     print(f"\nresults: {res}/metrics.txt, per-patient NIfTI + comparison PNGs; log {log}; "

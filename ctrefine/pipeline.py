@@ -4,7 +4,8 @@
   This is what is exported to ONNX and what the torch predictor runs.
 * :func:`load_two_stage` -- build it from two model files (:mod:`ctrefine.checkpoint`).
 * :class:`TorchPredictor` / :class:`OnnxPredictor` -- ``(B, 2, 1, S, S)`` radiographs ->
-  ``(coarse, refined)`` model-space volumes, with torch or ONNX Runtime; :func:`make_predictor` picks.
+  ``(coarse, refined)`` model-space volumes, with torch, or with the exported ONNX file in ONNX Runtime
+  or OpenVINO (:func:`choose_engine`); :func:`make_predictor` picks.
 
 Export and inference both build on this module and on :mod:`ctrefine.checkpoint`, never on each other.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -42,14 +44,15 @@ def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, Config]:
     return TwoStage(b.build(), r.build()).eval(), r.config
 
 
-# ------------------------------------------------------------------------------------ ONNX Runtime
+# ------------------------------------------------------------------------------- ONNX engines
+ENGINES = ("onnxruntime", "openvino")
+
+
 def ort_session(path, threads: int | None = None):
     """An ONNX Runtime session (CUDA provider when available, else CPU); one-line error if unreadable."""
     import onnxruntime as ort
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: ONNX model not found")
+    path = _existing(path)
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -60,23 +63,104 @@ def ort_session(path, threads: int | None = None):
         raise DataError(f"{path}: cannot load ONNX model ({type(exc).__name__})") from None
 
 
-def onnx_metadata(session) -> dict:
+def openvino_model(path, threads: int | None = None):
+    """The ONNX file compiled by the OpenVINO runtime for the CPU; one-line error if unreadable.
+
+    OpenVINO picks its own inference precision: bf16 on CPUs with native bf16 (AMX / AVX512-BF16),
+    f32 elsewhere; :func:`onnx_runner` reports which.
+    """
+    import openvino as ov
+
+    path = _existing(path)
+    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    try:
+        return ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as exc:
+        raise DataError(f"{path}: OpenVINO cannot load this ONNX model ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+
+
+def _existing(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: ONNX model not found")
+    return path
+
+
+def onnx_metadata(path) -> dict:
     """The ``metadata_props`` ctrefine writes into its ONNX files (window, normalisation, sizes...)."""
-    return dict(session.get_modelmeta().custom_metadata_map)
+    import onnx
+
+    try:
+        proto = onnx.load(str(_existing(path)), load_external_data=False)
+    except Exception as exc:
+        raise DataError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def choose_engine(engine: str = "auto") -> str:
+    """``auto``: ONNX Runtime where it has CUDA, else OpenVINO when installed (faster on CPU: bench/RESULTS.md
+    section 4), else ONNX Runtime. A named engine that is not installed is a one-line error."""
+    import importlib.util
+
+    if engine == "auto":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return "onnxruntime"
+        return "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
+    if engine not in ENGINES:
+        raise UserError(f"unknown ONNX engine {engine!r}; choose from auto, {', '.join(ENGINES)}")
+    if not importlib.util.find_spec(engine):
+        raise UserError(f"ONNX engine {engine!r} is not installed (pip install {engine})")
+    return engine
+
+
+def onnx_runner(path, engine: str = "auto", threads: int | None = None):
+    """``(engine, run, compute)``: ``run(feed: dict of numpy) -> [coarse, refined]`` numpy arrays, and the
+    precision the engine computes float layers in (``f32``, or ``bf16`` where OpenVINO chose it)."""
+    engine = choose_engine(engine)
+    if engine == "openvino":
+        compiled = openvino_model(path, threads)
+        request = compiled.create_infer_request()
+        outputs = list(compiled.outputs)
+
+        def run(feed):
+            res = request.infer(feed)
+            return [res[o] for o in outputs]
+        compute = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32" or "bf16"
+    else:
+        sess = ort_session(path, threads)
+
+        def run(feed):
+            return sess.run(None, feed)
+        compute = "f32"
+    return engine, run, compute
 
 
 # ---------------------------------------------------------------------------------------- engines
 class TorchPredictor:
-    """Base + refiner from two ``best_model.pt`` files, fp32, on CPU or CUDA."""
+    """Base + refiner in torch, fp32, on CPU or CUDA: from two ``best_model.pt`` files, or
+    :meth:`from_model` for a pipeline already in memory."""
 
     kind = "torch"
+    precision = "fp32"
 
     def __init__(self, base_ckpt, refiner_ckpt, device: str | None = None):
-        self.model, self.cfg = load_two_stage(base_ckpt, refiner_ckpt)
+        model, cfg = load_two_stage(base_ckpt, refiner_ckpt)
+        self._setup(model, cfg, device, f"{base_ckpt} + {refiner_ckpt}")
+
+    @classmethod
+    def from_model(cls, model: TwoStage, cfg: Config, device: str | None = None, source: str = "in memory"):
+        self = cls.__new__(cls)
+        self._setup(model.eval(), cfg, device, source)
+        return self
+
+    def _setup(self, model, cfg, device, source):
+        self.model, self.cfg, self.source = model, cfg, source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        self.xray_size = self.cfg.model.xray_size
-        self.source = f"{base_ckpt} + {refiner_ckpt}"
+        self.xray_size = cfg.model.xray_size
 
     @torch.no_grad()
     def __call__(self, xrays: torch.Tensor):
@@ -86,30 +170,30 @@ class TorchPredictor:
 
 
 class OnnxPredictor:
-    """The exported single graph in ONNX Runtime."""
+    """The exported single graph (fp32 or int8, :mod:`ctrefine.export`) in ONNX Runtime or OpenVINO."""
 
-    kind = "onnx"
-
-    def __init__(self, path):
-        self.session = ort_session(path)
-        meta = onnx_metadata(self.session)
+    def __init__(self, path, engine: str = "auto", threads: int | None = None):
+        meta = onnx_metadata(path)
         if "xray_size" not in meta:
             raise DataError(f"{path}: not a ctrefine ONNX model (no xray_size metadata)")
         self.xray_size = int(meta["xray_size"])
+        self.precision = meta.get("precision", "fp32")  # files from before int8 export carry no tag
+        self.engine, self._run, self.compute = onnx_runner(path, engine, threads)
+        self.kind = f"onnx:{self.engine}"
         self.source = str(path)
 
     def __call__(self, xrays: torch.Tensor):
         x = xrays.float().numpy()
-        c, r = self.session.run(None, {"xray_pa": x[:, 0], "xray_lateral": x[:, 1]})
-        return torch.from_numpy(c), torch.from_numpy(r)
+        c, r = self._run({"xray_pa": np.ascontiguousarray(x[:, 0]), "xray_lateral": np.ascontiguousarray(x[:, 1])})
+        return torch.from_numpy(np.asarray(c)), torch.from_numpy(np.asarray(r))
 
 
-def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None):
-    """ONNX Runtime when ``onnx`` is given, else torch from the two model files."""
+def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "auto"):
+    """The ONNX graph in ``engine`` when ``onnx`` is given, else torch from the two model files."""
     if onnx:
         if base_ckpt or refiner_ckpt:
             raise UserError("give --onnx MODEL or the two checkpoints, not both")
-        return OnnxPredictor(onnx)
+        return OnnxPredictor(onnx, engine)
     if not (base_ckpt and refiner_ckpt):
         raise UserError("give --onnx MODEL, or both --base-checkpoint and --refinement-checkpoint")
     return TorchPredictor(base_ckpt, refiner_ckpt)

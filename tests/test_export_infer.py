@@ -55,8 +55,8 @@ def test_export_parity_and_metadata(checkpoints, onnx_model):
     torch.manual_seed(1)
     for b in (1, 3):
         assert verify(model, onnx_model, [torch.rand(b, 2, 1, 64, 64)]) <= PARITY_TOL
-    meta = onnx_metadata(ort_session(onnx_model))
-    assert meta["volume_size"] == "32" and meta["xray_size"] == "64"
+    meta = onnx_metadata(onnx_model)
+    assert meta["volume_size"] == "32" and meta["xray_size"] == "64" and meta["precision"] == "fp32"
     assert json.loads(meta["intensity_window"])["hu_min"] == -1000.0
     assert "percentiles" in json.loads(meta["xray_normalization"]) and "kind" in json.loads(meta["geometry"])
     names = [i.name for i in ort_session(onnx_model).get_inputs()]
@@ -93,15 +93,66 @@ def test_infer_dataset_outputs(mode, checkpoints, onnx_model, tiny_dataset, tmp_
         assert Image.open(folder / f"{name}_comparison.png").size[0] > 500
 
 
-def test_torch_and_onnx_agree(checkpoints, onnx_model, tiny_dataset, tmp_path):
+def test_torch_and_both_onnx_engines_agree(checkpoints, onnx_model, tiny_dataset, tmp_path):
     for mode, src in (("t", ["--base_checkpoint", checkpoints[0], "--refinement_checkpoint", checkpoints[1]]),
-                      ("o", ["--onnx", onnx_model])):
-        assert cli("infer", *src, "--data_path", tiny_dataset, "--output_dir", tmp_path / mode, "--quiet",
-                   "--no_save_volumes").returncode == 0
+                      ("onnxruntime", ["--onnx", onnx_model, "--engine", "onnxruntime"]),
+                      ("openvino", ["--onnx", onnx_model, "--engine", "openvino"])):
+        r = cli("infer", *src, "--data_path", tiny_dataset, "--output_dir", tmp_path / mode, "--quiet",
+                "--no_save_volumes")
+        assert r.returncode == 0, r.stderr
     a = json.loads((tmp_path / "t" / "metrics.json").read_text())["patients"]
-    b = json.loads((tmp_path / "o" / "metrics.json").read_text())["patients"]
-    for name in a:
-        assert a[name]["refined"]["psnr"] == pytest.approx(b[name]["refined"]["psnr"], abs=1e-3)
+    for engine in ("onnxruntime", "openvino"):
+        data = json.loads((tmp_path / engine / "metrics.json").read_text())
+        assert data["summary"]["predictor"] == f"onnx:{engine}"
+        for name in a:
+            assert a[name]["refined"]["psnr"] == pytest.approx(data["patients"][name]["refined"]["psnr"], abs=1e-3)
+
+
+def test_exported_graph_is_portable(checkpoints, onnx_model):
+    """FFTs leave as MatMul (no ONNX DFT, no complex tensors), and OpenVINO reads and matches the file."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(onnx_model)).graph.node}
+    assert "DFT" not in ops and "MatMul" in ops
+    model, _ = load_two_stage(*checkpoints)
+    x = torch.rand(2, 2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert verify(model, onnx_model, [x], engine="openvino") <= PARITY_TOL
+
+
+def test_int8_export_quantises_the_refiner_and_is_judged_in_db(checkpoints, tiny_dataset, tmp_path, monkeypatch):
+    import onnx
+
+    from ctrefine import export
+    from ctrefine.pipeline import OnnxPredictor
+
+    model, cfg = load_two_stage(*checkpoints)
+    lines = []
+    delta = export.export_and_verify(model, cfg, tmp_path / "m8.onnx", log=lines.append, precision="int8",
+                                     data_path=tiny_dataset, calibration_patients=3)
+    assert delta <= 0.05, lines
+    text = "\n".join(lines)
+    assert "calibrated on 3 training patients" in text and "openvino int8" in text and "onnxruntime int8" in text
+    proto = onnx.load(str(tmp_path / "m8.onnx"))
+    assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8"
+    quantised = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    weights = {w for w in quantised if w.endswith("weight") or "weight" in w}
+    assert any("refiner.dec0" in w for w in weights)  # the refiner's body runs in int8 ...
+    assert not any(w.startswith("base.") or "refiner.head" in w or "refiner.stem" in w for w in weights)  # ... not these
+    pred = OnnxPredictor(tmp_path / "m8.onnx", "onnxruntime")
+    assert pred.precision == "int8" and pred.kind == "onnx:onnxruntime"
+    # over the tolerance: a one-line ParityError, the file kept for inspection, nothing else left beside it
+    monkeypatch.setattr(export, "PSNR_TOL_DB", -1.0)
+    with pytest.raises(export.ParityError, match="int8 changes the mean PSNR"):
+        export.export_and_verify(model, cfg, tmp_path / "bad.onnx", log=lambda s: None, precision="int8",
+                                 data_path=tiny_dataset, calibration_patients=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "m8.onnx"]
+
+
+def test_int8_needs_a_dataset(checkpoints, tmp_path):
+    r = cli("export-onnx", "--base-checkpoint", checkpoints[0], "--refinement-checkpoint", checkpoints[1],
+            "--out", tmp_path / "m.onnx", "--precision", "int8")
+    assert r.returncode == 2 and "needs --data-path" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def _png16(path, img):

@@ -6,7 +6,8 @@ import torch
 from ctrefine.config import Config, ConfigError, load_config, resolve
 from ctrefine.models import build_models
 from ctrefine.models.base import BaseReconstructor
-from ctrefine.models.blocks import FrequencyAttention, apply_spectral_gain, lift_view
+from ctrefine.fourier import dft_matrices
+from ctrefine.models.blocks import FrequencyAttention, apply_spectral_gain, lift_view, matmul_transforms
 from ctrefine.models.refiner import DetailRefinementNetwork
 
 
@@ -59,6 +60,30 @@ def test_frequency_attention_preserves_phase():
     dphi = torch.angle(sy / sx)[ok]
     assert dphi.abs().max() < 1e-4
     assert torch.allclose(sy.abs()[ok], (sx.abs() * gain)[ok], rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(8, 8, 8), (12, 10, 8), (7, 9, 5)])
+def test_matmul_transforms_equal_the_fft(size):
+    """The export form of the spectral gain (real DFT matrices) gives torch's FFT answer, odd sizes too."""
+    torch.manual_seed(0)
+    fa = FrequencyAttention(3, size, n_bins=5)
+    with torch.no_grad():
+        fa.base.normal_(0, 2)
+        fa.cond[-1].weight.normal_(0, 0.5)
+    x = torch.randn(2, 3, *size)
+    keys = set(fa.state_dict())
+    with matmul_transforms(fa):
+        assert fa.use_matmul
+        y = fa(x)
+    assert not fa.use_matmul and set(fa.state_dict()) == keys  # switched back; checkpoints unchanged
+    assert (y - fa(x)).abs().max() < 1e-5 and (y - x).abs().max() > 0.1
+    n = size[-1]
+    m = dft_matrices(n, torch.float64)
+    v = torch.randn(4, n, dtype=torch.float64)
+    spec = torch.fft.rfft(v, norm="ortho")
+    assert torch.allclose(v @ m["r2c"], torch.cat([spec.real, spec.imag], 1), atol=1e-12)
+    assert torch.allclose(torch.cat([spec.real, spec.imag], 1) @ m["c2r"], v, atol=1e-12)
+    assert torch.allclose(m["inv"] @ m["fwd"], torch.eye(2 * n, dtype=torch.float64), atol=1e-12)
 
 
 def test_frequency_attention_starts_as_identity():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,10 +26,11 @@ import torch
 from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
 from ..outputs import check_writable
 from .io import DataError, atomic_dir, load_nifti, read_json, save_nifti, write_json, xray_affine
-from .phantoms import LABELS, chest_phantom, downsample_area, downsample_labels
+from .augment import imaging_chain
+from .phantoms import LABELS, Scan, chest_phantom, downsample_area, downsample_labels
 from .projector import Geometry, render_drrs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: phantoms v2 (airways, curved spine, heart chambers, contrast, scan variation, metal label)
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train; >=1 val and >=1 test once N >= 3
 
 
@@ -78,14 +80,17 @@ def is_complete(folder: Path) -> bool:
 
 def _make_one(args) -> str:
     """Worker: generate, render and write one phantom patient (skips a finished one)."""
-    root, index, dataset_seed, size, xray_size, geometry, fov, render_factor = args
+    root, index, dataset_seed, size, xray_size, geometry, fov, render_factor, scan, realism = args
     torch.set_num_threads(1)  # one patient per core; the pool provides the parallelism
     name = patient_name(index)
     if is_complete(Path(root) / name):
         return name
     seed = patient_seed(dataset_seed, index)
-    hu, labels = chest_phantom(seed, size * render_factor, fov, with_labels=True)
+    hu, labels = chest_phantom(seed, size * render_factor, fov, with_labels=True, scan=Scan(**(scan or {})))
     ct, xrays = render_patient(hu, size, xray_size, geometry, fov)
+    if realism:  # a fixed, non-ideal imaging chain per patient (a test set unlike the training DRRs)
+        chain = imaging_chain(torch.from_numpy(xrays), SimpleNamespace(**realism), torch.Generator().manual_seed(seed))
+        xrays = chain.numpy()
     meta = {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size, "xray_size": xray_size,
             "render_size": size * render_factor, "fov_mm": fov, "spacing_mm": fov / size,
             "geometry": geometry.as_dict(), "xray_units": "line integral of mu (dimensionless)"}
@@ -130,8 +135,16 @@ def check_dataset_dir(root: Path) -> None:
 
 def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_size: int = 128,
                  geometry: str = "cone", workers: int | None = None, fov: float = FOV_MM,
-                 render_factor: int = 2, progress: bool = True) -> dict:
-    """Generate ``num_patients`` phantom patients under ``out`` (resumable); returns the splits."""
+                 render_factor: int = 2, progress: bool = True, scan: dict | None = None,
+                 xray_realism: dict | None = None) -> dict:
+    """Generate ``num_patients`` phantom patients under ``out`` (resumable); returns the splits.
+
+    ``scan`` fixes fields of :class:`~ctrefine.data.phantoms.Scan` for every patient (e.g.
+    ``{"contrast": True, "coverage_mm": 250}``); ``xray_realism`` (the fields of
+    :class:`ctrefine.config.AugmentConfig`) passes every radiograph once through
+    :func:`~ctrefine.data.augment.imaging_chain`. Both are recorded in ``dataset.json``: a dataset is
+    only ever resumed with the same ones.
+    """
     from multiprocessing import get_context
 
     from tqdm import tqdm
@@ -142,9 +155,11 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     geo = Geometry(geometry)
     params = {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size, "xray_size": xray_size,
               "fov_mm": fov, "geometry": geo.as_dict(), "render_factor": render_factor, "num_patients": num_patients,
+              "scan": scan or None, "xray_realism": xray_realism or None,
               "labels": {str(k): v for k, v in LABELS.items()}}
     ensure_dataset_header(root, params, compare=[k for k in params if k != "labels"])  # older datasets: no table
-    jobs = [(str(root), i, seed, size, xray_size, geo, fov, render_factor) for i in range(num_patients)]
+    jobs = [(str(root), i, seed, size, xray_size, geo, fov, render_factor, scan, xray_realism)
+            for i in range(num_patients)]
     todo = [j for j in jobs if not is_complete(root / patient_name(j[1]))]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     bar = tqdm(total=num_patients, initial=num_patients - len(todo), desc="patients", unit="pt", disable=not progress)
@@ -181,11 +196,15 @@ def summarize(root) -> str:
     return "\n".join(lines)
 
 
-def iter_batches(ds: "CTDataset", indices: list[int], batch_size: int):
-    """``(xrays (B,2,1,S,S), ct (B,1,D,H,W), names)`` over ``indices`` in order, ``batch_size`` at a time."""
+def iter_batches(ds: "CTDataset", indices: list[int], batch_size: int, raw: bool = False):
+    """``(xrays (B,2,1,S,S), ct (B,1,D,H,W), names)`` over ``indices`` in order, ``batch_size`` at a time.
+
+    ``raw``: the radiographs as stored (line integrals, for :mod:`ctrefine.data.augment`), not normalised.
+    """
+    key = "xrays_raw" if raw else "xrays"
     for i in range(0, len(indices), batch_size):
         items = [ds[j] for j in indices[i:i + batch_size]]
-        yield (torch.stack([it["xrays"] for it in items]), torch.stack([it["ct"] for it in items]),
+        yield (torch.stack([it[key] for it in items]), torch.stack([it["ct"] for it in items]),
                [it["name"] for it in items])
 
 
@@ -218,7 +237,8 @@ def mean_volume(root, split: str = "train") -> np.ndarray:
 
 
 class CTDataset(torch.utils.data.Dataset):
-    """Patients of one split: ``xrays (2, 1, S, S)`` normalised, ``ct (1, D, H, W)`` in model space.
+    """Patients of one split: ``xrays (2, 1, S, S)`` normalised (``xrays_raw``: as stored), ``ct (1, D, H, W)``
+    in model space.
 
     Everything is small (64^3 float32 = 1 MiB a patient), so items are cached after the first read.
     """
@@ -245,8 +265,8 @@ class CTDataset(torch.utils.data.Dataset):
         labels = None
         if (folder / "labels.nii.gz").exists():  # phantoms (and ingested CTs given --labels)
             labels = torch.from_numpy(load_nifti(folder / "labels.nii.gz")[0].astype(np.uint8))
-        return {"ct": hu_to_model(torch.from_numpy(ct))[None],
-                "xrays": normalize_xray(torch.from_numpy(xr))[:, None],
+        raw = torch.from_numpy(xr)[:, None]
+        return {"ct": hu_to_model(torch.from_numpy(ct))[None], "xrays": normalize_xray(raw), "xrays_raw": raw,
                 "affine": torch.from_numpy(affine), "name": self.names[i], "labels": labels}
 
     def __getitem__(self, i: int) -> dict:

@@ -2,10 +2,14 @@
 
 Why: no CT dataset can be downloaded here, and the refiner only has something to learn if the
 ground truth holds fine structure that a coarse reconstruction misses -- ribs 1-3 target voxels
-thick, branching lung vessels, small nodules, vertebral cortex and the spinal canal. Every patient
-draws its own body size, fat layer, lung shape, breathing depth (diaphragm height), heart and aorta
-position, rib spacing and slope, vessel trees, nodules, a small rotation, and optionally a scanner
-table.
+thick, branching lung vessels, airways, small nodules, vertebral cortex and the spinal canal. Every
+patient draws its own body size, fat layer, breasts (some), lung shape, breathing depth (diaphragm
+height), heart (myocardium around blood-filled chambers), aorta and pulmonary arteries, a trachea
+splitting into main, lobar and segmental bronchi, a thoracic spine with kyphosis and vertebrae that
+grow caudally (pedicles, transverse and spinous processes), rib spacing and slope, vessel trees,
+nodules, a small rotation, and its position in the field. How it was scanned (:class:`Scan`) is drawn
+too: IV contrast or not, axial coverage (often shorter than the field, anywhere in it), a flat,
+curved or no table, and rarely ECG electrodes (metal).
 
 The volume is generated at the *render* resolution (default 128^3, 2x the 64^3 target) over a fixed
 cubic field of view (:data:`ctrefine.conventions.FOV_MM`, 320 mm -> 2.5 mm voxels at 128^3, 5 mm at
@@ -25,15 +29,16 @@ import numpy as np
 from scipy import ndimage
 
 from ..conventions import FOV_MM
+from ..errors import DataError
 
 # Typical tissue values (HU).
 AIR, FAT, SOFT, BLOOD, LIVER, LUNG = -1000.0, -100.0, 40.0, 45.0, 60.0, -850.0
 CSF, DISC, CANCELLOUS, CORTICAL = 15.0, 90.0, 230.0, 950.0
+METAL = 3000.0  # steel / brass of an electrode snap: far above bone, clipped by the HU window like on a scanner
 
 # Structure labels painted with the HU values (uint8; written as labels.nii.gz, table in dataset.json).
-# "airway" is in the table for datasets whose phantoms have one; these phantoms have no trachea yet.
 LABELS = {0: "background", 1: "lung", 2: "airway", 3: "vessel", 4: "nodule", 5: "heart_blood", 6: "rib",
-          7: "vertebra", 8: "other_bone", 9: "fat", 10: "soft_tissue", 11: "gas", 12: "table"}
+          7: "vertebra", 8: "other_bone", 9: "fat", 10: "soft_tissue", 11: "gas", 12: "table", 13: "metal"}
 L = {name: k for k, name in LABELS.items()}
 
 
@@ -68,13 +73,14 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
 class _Canvas:
     """The HU volume being painted plus the patient-frame coordinate arrays and capsule rasteriser."""
 
-    def __init__(self, grid: Grid, rot: np.ndarray):
+    def __init__(self, grid: Grid, rot: np.ndarray, shift=(0.0, 0.0, 0.0)):
         self.grid = grid
-        self.rot = rot  # patient = rot @ array-frame
+        self.rot = rot  # patient = rot @ array-frame - shift
+        self.shift = np.asarray(shift, np.float64)  # where the patient lies in the field (mm, patient axes)
         c = grid.centers()
         d, h, w = np.meshgrid(c, c, c, indexing="ij")
         world = np.stack([d, h, w])  # (3, n, n, n)
-        pat = np.tensordot(rot.astype(np.float32), world, axes=1)
+        pat = np.tensordot(rot.astype(np.float32), world, axes=1) - self.shift.astype(np.float32).reshape(3, 1, 1, 1)
         self.d, self.h, self.w = pat[0], pat[1], pat[2]
         self.vol = np.full((grid.n,) * 3, AIR, np.float32)
         self.labels = np.zeros((grid.n,) * 3, np.uint8)
@@ -87,8 +93,8 @@ class _Canvas:
         """Max partial-volume occupancy in [0, 1] of a set of capsules (segments with radii), patient mm."""
         g = self.grid
         occ = np.zeros_like(self.vol)
-        p0w = np.asarray(p0, np.float64) @ self.rot  # patient -> array frame (rot is orthonormal)
-        p1w = np.asarray(p1, np.float64) @ self.rot
+        p0w = (np.asarray(p0, np.float64) + self.shift) @ self.rot  # patient -> array frame (rot is orthonormal)
+        p1w = (np.asarray(p1, np.float64) + self.shift) @ self.rot
         c = g.centers()
         for a, b, r in zip(p0w, p1w, np.asarray(radius, np.float64)):
             pad = r + g.spacing
@@ -105,6 +111,10 @@ class _Canvas:
             sl = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
             np.maximum(occ[sl], o, out=occ[sl])
         return occ
+
+    def to_patient(self, arr_mm: np.ndarray) -> np.ndarray:
+        """Array-frame point (mm) -> patient frame."""
+        return self.rot @ np.asarray(arr_mm, np.float64) - self.shift
 
     def blend(self, occ: np.ndarray, value, label: str, where: np.ndarray | None = None) -> None:
         """Partial-volume paint; a voxel takes the label when the structure fills at least half of it."""
@@ -139,18 +149,79 @@ def _vessel_tree(rng, root, direction, length, radius, depth, out):
         _vessel_tree(rng, end, new_dir, length * rng.uniform(0.68, 0.82), radius * rng.uniform(0.66, 0.78), depth - 1, out)
 
 
+@dataclass(frozen=True)
+class Scan:
+    """How one patient was scanned; every field ``None`` is drawn per patient from the seed.
+
+    ``contrast``: IV contrast in the blood pool (arterial phase); ``coverage_mm``: axial length of the
+    scan (the field is :data:`~ctrefine.conventions.FOV_MM`; outside the covered slab there is no data,
+    i.e. air); ``table``: ``"flat"``, ``"curved"`` or ``"none"``; ``metal``: ECG electrodes on the skin.
+    """
+
+    contrast: bool | None = None
+    coverage_mm: float | None = None
+    table: str | None = None
+    metal: bool | None = None
+
+    @classmethod
+    def parse(cls, items: list[str]) -> dict:
+        """``["contrast=true", "coverage_mm=250"]`` -> the fields as typed values (one-line error otherwise)."""
+        kinds = {"contrast": "bool", "metal": "bool", "coverage_mm": "float", "table": ("flat", "curved", "none")}
+        out = {}
+        for item in items:
+            key, _, text = item.partition("=")
+            kind = kinds.get(key)
+            if kind is None or not text:
+                raise DataError(f"--scan {item!r}: expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+            if kind == "bool" and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+                out[key] = text.lower() in ("true", "1", "yes")
+            elif kind == "float" and text.replace(".", "", 1).isdigit() and 50 <= float(text) <= FOV_MM:
+                out[key] = float(text)
+            elif isinstance(kind, tuple) and text in kind:
+                out[key] = text
+            else:
+                raise DataError(f"--scan {item!r}: bad value for {key} "
+                                f"({kind if isinstance(kind, str) else '|'.join(kind)}; coverage_mm 50-{FOV_MM:g})")
+        return out
+
+    def draw(self, rng: np.random.Generator, fov: float) -> "Scan":
+        """A concrete scan: the given fields kept, the others drawn (draws happen in a fixed order)."""
+        draws = (rng.random() < 0.4,  # contrast-enhanced chest CT is common (staging, angiography)
+                 fov if rng.random() < 0.5 else rng.uniform(0.75, 1.0) * fov,  # short scans: 240-320 mm
+                 ("flat", "curved", "none")[rng.choice(3, p=(0.35, 0.35, 0.3))],
+                 rng.random() < 0.08)
+        return Scan(*(v if v is not None else d for v, d in zip(
+            (self.contrast, self.coverage_mm, self.table, self.metal), draws)))
+
+
+def spine_offset(d: np.ndarray, sagitta: float, fov: float) -> np.ndarray:
+    """Posterior displacement (mm) of the spine's axis at height ``d``: thoracic kyphosis as an arc.
+
+    A circular arc of chord ``fov`` with the given sagitta, shifted to zero mean over the field so the
+    spine as a whole stays where the body outline puts it (mid-thorax further back, ends forward).
+    """
+    u = np.clip(np.asarray(d) / (fov / 2), -1.0, 1.0)
+    return sagitta * (1.0 - u ** 2) - sagitta * 2.0 / 3.0
+
+
 def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool | None = None,
-                  with_labels: bool = False):
+                  with_labels: bool = False, scan: Scan | None = None):
     """One chest CT phantom, ``(size, size, size)`` float32 in HU, array axes (D, H, W).
 
     Deterministic in ``seed``. ``size`` is the render resolution (2x the training target by default).
-    ``table`` forces the scanner table on/off; ``None`` draws it (50 %). With ``with_labels`` returns
+    ``scan`` fixes any of contrast / coverage / table shape / metal (:class:`Scan`; unset fields are
+    drawn); ``table`` (legacy switch) forces a flat table on or none. With ``with_labels`` returns
     ``(hu, labels)``: the :data:`LABELS` of every voxel, painted with the same geometry (a later
     structure overwrites an earlier one exactly where its HU does).
     """
     rng = np.random.default_rng(seed)
     grid = Grid(size, fov)
-    cv = _Canvas(grid, _rotation(rng))
+    rot = _rotation(rng)
+    shift = (0.0, rng.uniform(-10, 10), rng.uniform(-15, 15))  # position on the table: AP and left-right
+    if table is not None:
+        scan = Scan(**{**(scan or Scan()).__dict__, "table": "flat" if table else "none"})
+    sc = (scan or Scan()).draw(rng, fov)
+    cv = _Canvas(grid, rot, shift)
     d, h, w = cv.d, cv.h, cv.w
 
     # ---- body outline, subcutaneous fat, soft tissue --------------------------------------------
@@ -162,13 +233,21 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     cv.fill(body_r <= 1, FAT, "fat")
     muscle = inner_r <= 1
     cv.fill(muscle, SOFT + rng.normal(0, 3), "soft_tissue")
+    if rng.random() < 0.45:  # breasts: fatty-glandular mounds on the anterior wall at heart level
+        bd, bwid, bproj = rng.uniform(-10, 40), rng.uniform(45, 65), rng.uniform(25, 60)
+        for side in (-1, 1):
+            mound = (((d - bd) / (bwid * 0.9)) ** 2 + ((w - side * rng.uniform(55, 75)) / bwid) ** 2
+                     + ((h + bh * 0.85) / bproj) ** 2) < 1
+            cv.fill(mound & (h < 0) & ~(body_r <= 1), rng.uniform(-90, -30), "fat")
 
-    if table if table is not None else rng.random() < 0.5:
+    if sc.table != "none":  # carbon-fibre shell around a foam core; a curved one cradles the back
         top = bh + rng.uniform(3, 10)
+        if sc.table == "curved":  # surface rises towards the sides (h grows posteriorly)
+            top = top - rng.uniform(20, 40) * (w / (0.5 * fov)) ** 2
         shell = (h >= top) & (h < top + 12) & (np.abs(w) < 0.55 * fov)
         core = (h >= top + 2) & (h < top + 10)
-        cv.fill(shell, 250.0, "table")
-        cv.fill(shell & core, -750.0, "table")
+        cv.fill(shell & ~(body_r <= 1), 250.0, "table")
+        cv.fill(shell & core & ~(body_r <= 1), -750.0, "table")
 
     # ---- diaphragm and abdomen -----------------------------------------------------------------
     breath = rng.uniform(30, 85)  # deeper inspiration -> lower diaphragm (larger d)
@@ -201,13 +280,21 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     texture *= 35.0 / (texture.std() + 1e-6)
     cv.fill(lungs, LUNG + texture, "lung")
 
-    # ---- heart and aorta -----------------------------------------------------------------------
+    # ---- heart (myocardium around blood-filled chambers), aorta, pulmonary arteries -------------
+    # IV contrast (arterial phase) lifts the blood pool to 150-350 HU and leaves the myocardium dark.
+    blood = rng.uniform(150, 350) if sc.contrast else BLOOD
     hd, hh, hw = dome_l - rng.uniform(35, 50), rng.uniform(-35, -20), rng.uniform(10, 30)
     ang = np.deg2rad(rng.uniform(20, 40))
     u = (w - hw) * np.cos(ang) + (h - hh) * np.sin(ang)
     v = -(w - hw) * np.sin(ang) + (h - hh) * np.cos(ang)
-    heart = ((d - hd) / rng.uniform(45, 55)) ** 2 + (u / rng.uniform(55, 68)) ** 2 + (v / rng.uniform(42, 50)) ** 2 < 1
-    cv.fill(heart & muscle, BLOOD, "heart_blood")
+    sd, su, sv = rng.uniform(45, 55), rng.uniform(55, 68), rng.uniform(42, 50)
+    shell = (d - hd) ** 2 / sd ** 2 + u ** 2 / su ** 2 + v ** 2 / sv ** 2
+    heart = shell < 1
+    wall = rng.uniform(8, 12)  # myocardium ~1 cm (left ventricle); the septum divides the two sides
+    chambers = ((d - hd) ** 2 / (sd - wall) ** 2 + u ** 2 / (su - wall) ** 2 + v ** 2 / (sv - wall) ** 2 < 1) \
+        & (np.abs(u - rng.uniform(-8, 8)) > 4.5)
+    cv.fill(heart & muscle, SOFT + 10.0, "soft_tissue")
+    cv.fill(chambers & muscle, blood, "heart_blood")
     lungs &= ~heart
     ar = rng.uniform(11, 15)
     arch_d = apex + rng.uniform(45, 60)
@@ -215,19 +302,27 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         [hd - 30, -15, 8], [arch_d + 25, -18, 5], [arch_d, -5, 10], [arch_d + 3, 22, 22],
         [arch_d + 30, 38, 24], [dome_l + 10, 42, 20], [fov / 2, 45, 15],
     ])
-    cv.blend(cv.capsule_occupancy(*_polyline(aorta_pts, ar)), BLOOD, "heart_blood", where=muscle)
-    lungs &= cv.vol < -300  # the aorta displaces lung
+    cv.blend(cv.capsule_occupancy(*_polyline(aorta_pts, ar)), blood, "heart_blood", where=muscle)
+    # Pulmonary trunk from the right ventricle's outflow, up and to the left, splitting to both hila.
+    hila = {side: np.array([hd - 45 + rng.uniform(-8, 8), 5 + rng.uniform(-5, 5), side * rng.uniform(28, 38)])
+            for side in (-1, 1)}
+    split = np.array([arch_d + rng.uniform(18, 28), rng.uniform(-12, -4), rng.uniform(8, 16)])
+    pa0 = [np.array([hd - 25, hh - 8, hw - 10]), split, split]
+    pa1 = [split, hila[-1], hila[1]]
+    cv.blend(cv.capsule_occupancy(np.array(pa0), np.array(pa1), np.array([rng.uniform(11, 14), 9.0, 8.5])),
+             blood, "heart_blood", where=muscle)
+    lungs &= cv.vol < -300  # the great vessels displace lung
 
     # ---- lung vessel trees and nodules ---------------------------------------------------------
     segs = []
     for side in (-1, 1):
-        hilum = np.array([hd - 45 + rng.uniform(-8, 8), 5 + rng.uniform(-5, 5), side * rng.uniform(28, 38)])
+        hilum = hila[side]
         for direction in ([-1.0, 0.1, side * 0.5], [0.9, 0.2, side * 0.5], [0.1, -0.3, side * 1.0],
                           [0.2, 0.8, side * 0.6], [-0.6, -0.5, side * 0.6], [0.6, -0.1, side * 0.9]):
             _vessel_tree(rng, hilum, np.array(direction) + rng.normal(0, 0.15, 3), rng.uniform(26, 36),
                          rng.uniform(3.5, 5.0), 7, segs)
     p0, p1, r = (np.array(x) for x in zip(*segs))
-    cv.blend(cv.capsule_occupancy(p0, p1, r), BLOOD, "vessel", where=lungs)
+    cv.blend(cv.capsule_occupancy(p0, p1, r), blood, "vessel", where=lungs)
 
     lung_idx = np.argwhere(ndimage.binary_erosion(lungs, iterations=3))
     centers_mm = grid.centers()
@@ -236,37 +331,94 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
             break
         i = lung_idx[rng.integers(len(lung_idx))]
         c_arr = centers_mm[i]
-        c_pat = cv.rot @ c_arr
+        c_pat = cv.to_patient(c_arr)
         rad = rng.uniform(3, 10)
         hu = 300.0 if rng.random() < 0.15 else rng.uniform(20, 60)  # some nodules are calcified
         dist = np.sqrt((d - c_pat[0]) ** 2 + (h - c_pat[1]) ** 2 + (w - c_pat[2]) ** 2)
         occ = np.clip((rad - dist) / grid.spacing + 0.5, 0, 1).astype(np.float32)
         cv.blend(occ, hu, "nodule")
 
-    # ---- spine ---------------------------------------------------------------------------------
-    vr = rng.uniform(16, 21)
-    hs = bh - fat_t - rng.uniform(35, 45) - vr * 0.5
-    ring = np.sqrt(h.__sub__(hs) ** 2 + w ** 2)
-    height, disc_t = rng.uniform(20, 25), rng.uniform(5, 7)
-    phase = rng.uniform(0, height + disc_t)
-    pos = np.mod(d - phase, height + disc_t)
-    in_body = pos < height
+    # ---- spine: kyphotic curve, vertebrae growing caudally, discs, canal, pedicles, processes -------
+    # Vertebral bodies widen and heighten from T1 to T12 (widths ~28 -> ~40 mm, heights ~15 -> ~23 mm:
+    # Panjabi et al., Spine 1991); normal thoracic kyphosis is a Cobb angle of about 20-45 degrees
+    # (Fon et al., Radiology 1980), drawn here as an arc whose sagitta is (chord/2) tan(angle/4).
+    vr0 = rng.uniform(16, 20)
+    cobb = np.deg2rad(rng.uniform(20, 45))
+    sagitta = fov / 2 * np.tan(cobb / 4)
+    hs0 = bh - fat_t - rng.uniform(35, 45) - vr0 * 0.5
+
+    def spine_h(dd):  # AP position of the vertebral bodies' axis
+        return hs0 + spine_offset(dd, sagitta, fov)
+
+    def grow(dd):  # caudal growth factor, 0.8 at the top of the field to 1.25 at the bottom
+        return 0.8 + 0.45 * np.clip((np.asarray(dd) + fov / 2) / fov, 0, 1)
+
+    height0, disc0 = rng.uniform(18, 21), rng.uniform(5, 7)
+    starts, heights = [], []
+    z = -fov / 2 - rng.uniform(0, height0 + disc0) - height0
+    while z < fov / 2 + height0:
+        starts.append(z); heights.append(height0 * grow(z))
+        z += (height0 + disc0) * grow(z)
+    starts, heights = np.array(starts), np.array(heights)
+    k_of = np.clip(np.searchsorted(starts, d, side="right") - 1, 0, len(starts) - 1)
+    pos, hk = d - starts[k_of], heights[k_of]
+    in_body = pos < hk
+    hs, vr = spine_h(d), vr0 * grow(d)
+    ring = np.sqrt((h - hs) ** 2 + w ** 2)
     cv.fill((ring < vr) & ~in_body, DISC, "soft_tissue")
     cv.fill((ring < vr) & in_body, CANCELLOUS + rng.normal(0, 20), "vertebra")
     cv.fill((ring < vr) & (ring >= vr - 2.5) & in_body, CORTICAL, "vertebra")
-    cv.fill((ring < vr) & in_body & ((pos < 1.6) | (pos > height - 1.6)), CORTICAL, "vertebra")  # end plates
+    cv.fill((ring < vr) & in_body & ((pos < 1.6) | (pos > hk - 1.6)), CORTICAL, "vertebra")  # end plates
     canal_h = hs + vr + 10
     canal = np.sqrt((h - canal_h) ** 2 + w ** 2)
-    cv.fill((canal < 14) & (canal >= 8) & in_body, 750.0, "vertebra")  # posterior arch
+    cv.fill((canal < 14) & (canal >= 8) & in_body, 750.0, "vertebra")  # posterior arch (laminae)
     cv.fill(canal < 8, CSF, "soft_tissue")
-    n_vert = int(np.ceil(fov / (height + disc_t))) + 2
     proc0, proc1, proc_r = [], [], []
-    for k in range(-1, n_vert):
-        zc = phase + k * (height + disc_t) + height / 2 - fov / 2 - (height + disc_t)
-        proc0.append([zc, canal_h + 12, 0]); proc1.append([zc + 18, canal_h + 38, 0]); proc_r.append(4.0)  # spinous
+    for z0, hz in zip(starts, heights):
+        zc = z0 + hz / 2
+        ch, vz = float(spine_h(zc) + vr0 * grow(zc) + 10), float(vr0 * grow(zc))
+        proc0.append([zc, ch + 12, 0]); proc1.append([zc + 18, ch + 38, 0]); proc_r.append(4.0)  # spinous
         for s in (-1, 1):
-            proc0.append([zc, canal_h, s * 10]); proc1.append([zc - 3, canal_h - 2, s * 34]); proc_r.append(4.5)  # transverse
+            proc0.append([zc, ch, s * 10]); proc1.append([zc - 3, ch - 2, s * (26 + 0.45 * vz)]); proc_r.append(4.5)  # transverse
+            proc0.append([zc, ch - 14 - 0.3 * vz, s * 0.55 * vz]); proc1.append([zc, ch - 4, s * 9]); proc_r.append(3.5)  # pedicle
     cv.blend(cv.capsule_occupancy(np.array(proc0), np.array(proc1), np.array(proc_r)), 700.0, "vertebra", where=muscle)
+
+    # ---- airways: trachea to the carina, main and lobar bronchi, segmental branches, walls ----------
+    # Adult trachea ~15-20 mm across with a ~2 mm wall, carina at T4-T5 just below the aortic arch; the
+    # right main bronchus is short, wide and steep (~25 deg from the axis), the left long and oblique
+    # (~45 deg) (standard anatomy, e.g. Gray's Anatomy, 41st ed.).
+    carina = np.array([arch_d + rng.uniform(10, 20), 0.0, rng.uniform(-6, 0)])
+    carina[1] = spine_h(carina[0]) - vr0 * grow(carina[0]) - rng.uniform(12, 18)
+    tz = np.linspace(-fov / 2 - 10, carina[0], 5)
+    trachea = np.stack([tz, spine_h(tz) - vr0 * grow(tz) - (spine_h(carina[0]) - vr0 * grow(carina[0]) - carina[1]),
+                        np.linspace(carina[2] + 3, carina[2], 5)], 1)
+    air = [(a_, b_, r_) for a_, b_, r_ in zip(*_polyline(trachea, rng.uniform(8, 10)))]
+
+    def branch(root, direction, length, radius):
+        direction = np.asarray(direction, float) / np.linalg.norm(direction)
+        end = root + direction * length
+        air.append((root, end, radius))
+        return end
+
+    r_main = branch(carina, [np.cos(np.deg2rad(25)), 0.15, -np.sin(np.deg2rad(25))], rng.uniform(20, 28), 7.0)
+    l_main = branch(carina, [np.cos(np.deg2rad(45)), 0.15, np.sin(np.deg2rad(45))], rng.uniform(40, 50), 6.0)
+    lobar = [(r_main, [-0.5, 0.0, -1.0], 4.5)]  # right upper lobe
+    inter = branch(r_main, [1.0, 0.15, -0.3], rng.uniform(20, 28), 5.0)  # bronchus intermedius
+    lobar += [(inter, [0.5, -0.8, -0.4], 3.8), (inter, [1.0, 0.5, -0.2], 4.5),  # middle, lower
+              (l_main, [-0.5, -0.3, 1.0], 4.5), (l_main, [1.0, 0.4, 0.3], 4.5)]  # left upper, lower
+    for root, direction, radius in lobar:
+        end = branch(root, direction, rng.uniform(12, 18), radius)
+        segs_air = []
+        _vessel_tree(rng, end, np.asarray(direction, float) + rng.normal(0, 0.2, 3), rng.uniform(18, 24),
+                     radius * 0.75, 3, segs_air)
+        air += segs_air
+    a0, a1, ar_ = (np.array(x) for x in zip(*air))
+    body_in = muscle & ~((cv.labels == L["vertebra"]) | (cv.labels == L["heart_blood"]))
+    wall_occ = cv.capsule_occupancy(a0, a1, ar_)
+    cv.blend(wall_occ, SOFT, "soft_tissue", where=body_in)  # bronchial wall ~ soft tissue
+    lumen_occ = cv.capsule_occupancy(a0, a1, np.maximum(ar_ - np.maximum(1.0, 0.2 * ar_), 0.4))
+    cv.blend(lumen_occ, AIR, "airway", where=body_in)
+    lungs &= wall_occ < 0.5
 
     # ---- ribs, costal cartilage, sternum, clavicles, scapulae ----------------------------------------
     spacing = rng.uniform(21, 26)
@@ -281,7 +433,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
             th = np.linspace(0.30, t_end, 18)
             pts = np.stack([
                 d0 + drop * (th - th[0]) / (np.pi * 0.9 - th[0]) + rng.normal(0, 0.8, len(th)),
-                eh * np.cos(th) + 2,
+                eh * np.cos(th) + 2 + spine_offset(d0, sagitta, fov) * (1 + np.cos(th)) / 2,  # heads ride the spine
                 side * ew * np.sin(th) * np.clip(0.6 + 0.4 * th, 0, 1),
             ], 1)
             a, b, r = _polyline(pts, rr)
@@ -308,12 +460,28 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         scap = (((d - apex - 45) / 65) ** 2 + ((w - s * 85) / 45) ** 2 < 1) & (np.abs(h - (bh - fat_t - 14 - 0.15 * np.abs(w - s * 85))) < 3.5)
         cv.fill(scap & muscle, 700.0, "other_bone")
 
+    # ---- scan: ECG electrodes, axial coverage ----------------------------------------------------------
+    if sc.metal:  # snaps on the anterior skin, each with a thin lead running off it
+        m0, m1, mr = [], [], []
+        for _ in range(int(rng.integers(3, 6))):
+            dz, wz = rng.uniform(-60, 60), rng.uniform(-0.8, 0.8) * bw
+            hz = -bh * np.sqrt(max(1e-3, 1 - (wz / bw) ** 2)) - 3.0
+            m0 += [[dz, hz, wz], [dz, hz - 1, wz]]
+            m1 += [[dz, hz, wz], [dz + rng.uniform(-40, 40), hz - 4, wz + rng.uniform(-60, 60)]]
+            mr += [2.5, 0.6]
+        cv.blend(cv.capsule_occupancy(np.array(m0), np.array(m1), np.array(mr)), METAL, "metal")
+    if sc.coverage_mm < fov:  # a shorter scan, anywhere in the field: no data (air) outside it
+        centre = rng.uniform(-(fov - sc.coverage_mm) / 2, (fov - sc.coverage_mm) / 2)
+        outside = np.abs(grid.centers() - centre) > sc.coverage_mm / 2  # along the scanner axis (array D)
+        cv.vol[outside] = AIR
+        cv.labels[outside] = L["background"]
+
     return (cv.vol, cv.labels) if with_labels else cv.vol
 
 
 # On a tie in a majority vote the structure you would look for (bone, nodule, vessel) wins over soft
 # tissue, and tissue over air: a half-lung, half-wall voxel is ~ -400 HU, not lung-like.
-TIE_ORDER = ("rib", "vertebra", "other_bone", "nodule", "vessel", "heart_blood", "soft_tissue", "fat", "table",
+TIE_ORDER = ("metal", "rib", "vertebra", "other_bone", "nodule", "vessel", "heart_blood", "soft_tissue", "fat", "table",
              "lung", "airway", "gas", "background")
 
 

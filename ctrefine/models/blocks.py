@@ -9,13 +9,19 @@
 * :class:`FrequencyAttention` -- FFT over (D, H, W), a learned content-conditioned real non-negative
   gain per radial frequency band and channel, inverse FFT. A real non-negative gain scales magnitudes
   and leaves every phase untouched.
+* :class:`MatmulSpectralGain` -- the same ``irfftn(rfftn(x) * gain)`` as real matrix products, the
+  form the ONNX export uses (:func:`matmul_transforms`): every runtime reads and accelerates MatMul,
+  whereas ONNX ``DFT`` with complex products is read by few (OpenVINO refuses it, older ONNX Runtime
+  builds reject ``inverse`` with ``onesided``). torch keeps its FFT; the two agree to float32 rounding.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..fourier import NYQUIST_3D, frequency_magnitude
+import contextlib
+
+from ..fourier import NYQUIST_3D, dft_matrices, frequency_magnitude
 
 
 def _groups(c: int) -> int:
@@ -80,6 +86,64 @@ def apply_spectral_gain(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def _complex_along_h(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """DFT (``sign=-1``) or inverse DFT (``+1``) along H of ``z`` = ``[Re; Im]`` stacked along D (dim 2)."""
+    d = z.shape[2] // 2
+    a, s = cos @ z, sin @ z
+    re = a[:, :, :d] - sign * s[:, :, d:]
+    im = a[:, :, d:] + sign * s[:, :, :d]
+    return torch.cat([re, im], dim=2)
+
+
+class MatmulSpectralGain(nn.Module):
+    """``irfftn(rfftn(x, norm="ortho") * gain)`` over (D, H, W) written as real matrix products.
+
+    The real and imaginary parts travel stacked along D: W is transformed first (real -> half
+    spectrum, two products), D as one product with a ``(2D, 2D)`` block matrix, H as two products
+    recombined; the inverse runs backwards. About 14 GFLOP per volume for the `full` refiner's two
+    blocks, against ~0.7 s that ONNX Runtime's ``DFT`` took (bench/RESULTS.md section 4).
+    The matrices are non-persistent buffers: checkpoints are unchanged.
+    """
+
+    def __init__(self, size: tuple[int, int, int]):
+        super().__init__()
+        d, h, w = size
+        md, mh, mw = dft_matrices(d), dft_matrices(h), dft_matrices(w)
+        half = w // 2 + 1
+        for name, m in (("w_re", mw["r2c"][:, :half]), ("w_im", mw["r2c"][:, half:]),
+                        ("w_inv_re", mw["c2r"][:half]), ("w_inv_im", mw["c2r"][half:]),
+                        ("d_fwd", md["fwd"]), ("d_inv", md["inv"]),
+                        ("h_cos", mh["fwd"][:h, :h]), ("h_sin", mh["inv"][h:, :h])):
+            self.register_buffer(name, m.contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        xf = x.float()
+        z = torch.cat([xf @ self.w_re, xf @ self.w_im], dim=2)  # (B, C, 2D, H, W//2+1)
+        half = z.shape[-1]
+        z = (self.d_fwd @ z.reshape(b, c, 2 * d, h * half)).reshape(b, c, 2 * d, h, half)
+        z = _complex_along_h(z, self.h_cos, self.h_sin, -1.0)
+        z = z * torch.cat([gain, gain], dim=2)
+        z = _complex_along_h(z, self.h_cos, self.h_sin, 1.0)
+        z = (self.d_inv @ z.reshape(b, c, 2 * d, h * half)).reshape(b, c, 2 * d, h, half)
+        out = z[:, :, :d] @ self.w_inv_re + z[:, :, d:] @ self.w_inv_im
+        return out.to(x.dtype)
+
+
+@contextlib.contextmanager
+def matmul_transforms(model: nn.Module):
+    """Inside the block, every :class:`FrequencyAttention` of ``model`` uses :class:`MatmulSpectralGain`."""
+    blocks = [m for m in model.modules() if isinstance(m, FrequencyAttention)]
+    saved = [m.use_matmul for m in blocks]
+    try:
+        for m in blocks:
+            m.use_matmul = True
+        yield model
+    finally:
+        for m, v in zip(blocks, saved):
+            m.use_matmul = v
+
+
 class FrequencyAttention(nn.Module):
     """Content-conditioned frequency gain: ``x -> irfftn(rfftn(x) * g)``, ``g = 2*sigmoid(...)`` in (0, 2).
 
@@ -94,6 +158,8 @@ class FrequencyAttention(nn.Module):
         super().__init__()
         self.n_bins = n_bins
         self.register_buffer("bins", radial_bins(size, n_bins), persistent=False)
+        self.matmul = MatmulSpectralGain(size)
+        self.use_matmul = False  # torch's FFT by default; matmul_transforms() switches it for export
         self.base = nn.Parameter(torch.zeros(channels, n_bins))
         self.cond = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels * n_bins))
         nn.init.zeros_(self.cond[-1].weight)
@@ -107,4 +173,6 @@ class FrequencyAttention(nn.Module):
         return g[:, :, self.bins]
 
     def forward(self, x):
+        if self.use_matmul:
+            return self.matmul(x, self.gain(x))
         return apply_spectral_gain(x, self.gain(x))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ds_config_path, load_config, read_json_object
+from ..data.augment import augment_radiographs
 from ..data.dataset import CTDataset, iter_batches
 from ..data.io import read_json, write_json
 from ..errors import OneLineParser, UserError
@@ -246,7 +247,10 @@ def run(args) -> int:
                    disable=rank != 0 or args.no_progress, leave=False)
         tic, seen, n_b = time.time(), 0, 0
         ep_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        for xr, ct, names in iter_batches(train_ds, mine, t.batch_size):
+        aug = torch.Generator().manual_seed(t.seed * 1000 + epoch + 7919 * (rank + 1))  # per epoch: exact resume
+        for xr, ct, names in iter_batches(train_ds, mine, t.batch_size, raw=cfg.augment.enabled):
+            if cfg.augment.enabled:
+                xr = augment_radiographs(xr, cfg.augment, aug)
             loss, terms = stage.loss(engine, xr, ct, names)
             engine.backward(loss)
             engine.step()

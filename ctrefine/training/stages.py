@@ -130,6 +130,9 @@ class RefineStage(Stage):
         self.frozen = mf.build().to(self.device)
         self.frozen.requires_grad_(False)
         self.coarse = self._coarse_cache(datasets, self.cfg.training.batch_size)
+        # Augmented radiographs change from step to step, and the coarse volume the refiner corrects must
+        # come from the same radiographs it reads (as at inference): recompute it then, cache it otherwise.
+        self.recompute_coarse = self.cfg.augment.enabled
         self.criterion = DetailRefinementLoss(self.cfg.loss_weights())
         return build_refiner(self.cfg)
 
@@ -148,7 +151,11 @@ class RefineStage(Stage):
         return torch.stack([self.coarse[n] for n in names]).to(self.device, self.dtype)
 
     def loss(self, model, xrays, ct, names):
-        c = self._coarse(names)
+        if self.recompute_coarse:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                c = self.frozen(xrays.to(self.device)).float().to(self.dtype)
+        else:
+            c = self._coarse(names)
         return self.criterion(model(c, xrays.to(self.device, self.dtype)), ct.to(self.device), c)
 
     @torch.no_grad()
