@@ -125,7 +125,7 @@ def _cmd_infer(a) -> int:
         print(f"wrote {refined} (refined) and {coarse} (coarse), HU, {pred.kind}")
         return 0
     s = evaluate_dataset(pred, a.data_path, a.output_dir, a.num_patients, a.split, not a.no_save_volumes,
-                         progress=not a.quiet, overwrite=a.overwrite)
+                         progress=not a.quiet, overwrite=a.overwrite, baseline_data=a.baseline_data)
     print(f"{s['num_patients']} {a.split} patients -> {a.output_dir}/metrics.txt")
     print(summary_table(s))
     return 0
@@ -235,8 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
                    help="runtime for --onnx; auto: ONNX Runtime with CUDA, else OpenVINO (faster on CPU) if installed")
     _flag(f, "data-path", help="dataset directory (dataset mode)")
-    f.add_argument("--split", default="test", help="split to evaluate (default test: never training patients)")
+    f.add_argument("--split", default="test", help="split to evaluate (default test: never training patients; "
+                                                   "'all' for a set no model was trained on)")
     _flag(f, "num-patients", type=_positive, default=None, help="evaluate at most this many patients")
+    _flag(f, "baseline-data", default=None, help="dataset whose mean training volume is the baseline (default: "
+                                                 "--data-path; give the training set when evaluating another)")
     _flag(f, "output-dir", help="where metrics.txt and patient_XXXX/ go (new, empty, or an earlier result)")
     f.add_argument("--overwrite", action="store_true", help="replace an earlier inference result / existing --out")
     _flag(f, "save-volumes", action="store_true", default=True, help="write NIfTI volumes (default)")

@@ -40,11 +40,13 @@ def is_inference_result(folder: Path) -> bool:
 
 def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None = None, split: str = "test",
                      save_volumes: bool = True, batch_size: int = 4, progress: bool = True,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, baseline_data=None) -> dict:
     """Run ``predictor`` on a split, write the comparison outputs, return the summary dict.
 
     ``output_dir`` must be missing, empty, or (with ``overwrite``) an earlier inference result; it may
-    not overlap the dataset. Checked before any work.
+    not overlap the dataset. Checked before any work. The mean baseline is the mean training volume of
+    ``baseline_data`` (default: ``data_path`` itself -- except for ``split="all"``, whose patients
+    include that train split: there it is left out unless ``baseline_data`` names the training set).
     """
     from tqdm import tqdm
 
@@ -57,7 +59,7 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
         raise DataError(f"{data_path}: radiographs are {first['xrays'].shape[-1]}^2 but the model expects "
                         f"{predictor.xray_size}^2")
     n = len(ds) if num_patients is None else min(num_patients, len(ds))
-    baseline = _mean_baseline(data_path)
+    baseline = None if split == "all" and baseline_data is None else _mean_baseline(baseline_data or data_path)
     header = Path(data_path) / "dataset.json"
     table = (read_json(header) if header.exists() else {}).get("labels")
     per_patient: dict[str, dict] = {}
@@ -84,7 +86,8 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
         bar.close()
         summary = summarize(per_patient)
         summary.update({"split": split, "data_path": str(data_path), "predictor": predictor.kind,
-                        "source": predictor.source})
+                        "source": predictor.source,
+                        "baseline_data": None if baseline is None else str(baseline_data or data_path)})
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
         (tmp / "metrics.txt").write_text(metrics_text(per_patient, summary))
     return summary

@@ -91,13 +91,14 @@ def summary_table(s: dict, markdown: bool = False) -> str:
     """Every stage side by side (mean +- std), the gain, the skill and the wins; console text or markdown."""
     n = s["num_patients"]
     names = [STAGE_NAMES[st] for st in s["stages"]]
+    split = s.get("split", "test")  # evaluate_dataset records it; the quality benchmark's are test splits
     if markdown:
         rows = _rows(s, " ± ")
-        return "\n".join([f"| test split (n = {n}) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+        return "\n".join([f"| {split} split (n = {n}) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
                           *("| " + " | ".join(r) + " |" for r in rows)])
     rows = _rows(s, " +- ")
     w = max(20, *(len(c) + 2 for r in rows for c in r[1:]))
-    return "\n".join([f"{'test split (' + str(n) + ' patients)':<28s}" + "".join(f"{x:>{w}s}" for x in names),
+    return "\n".join([f"{split + ' split (' + str(n) + ' patients)':<28s}" + "".join(f"{x:>{w}s}" for x in names),
                       *(f"{r[0]:<28s}" + "".join(f"{c:>{w}s}" for c in r[1:]) for r in rows)])
 
 

@@ -234,3 +234,22 @@ def test_dicom_radiograph_monochrome1(tmp_path):
         assert out.shape == (32, 40)
         assert (out[15, 20] > out[0, 0]) == expect_bright_block  # MONOCHROME1 (bone black) is inverted
         assert np.array_equal(load_radiograph(tmp_path / "IM0001"), out)  # recognised by content
+
+
+def test_split_all_takes_its_baseline_from_the_training_set(checkpoints, tiny_dataset, tmp_path):
+    """A set no model was trained on is evaluated whole; its own 'train' split would leak into the
+    baseline, so the baseline comes only from the named training set."""
+    src = ["--base-checkpoint", checkpoints[0], "--refinement-checkpoint", checkpoints[1]]
+    splits = json.loads((tiny_dataset / "splits.json").read_text())
+    everyone = sorted(n for names in splits.values() for n in names)
+    r = cli("infer", *src, "--data-path", tiny_dataset, "--split", "all", "--output-dir", tmp_path / "a", "--quiet",
+            "--no-save-volumes")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert sorted(data["patients"]) == everyone and data["summary"]["baseline_data"] is None
+    assert all("mean" not in m for m in data["patients"].values())
+    r = cli("infer", *src, "--data-path", tiny_dataset, "--split", "all", "--output-dir", tmp_path / "b", "--quiet",
+            "--no-save-volumes", "--baseline-data", tiny_dataset)
+    data = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert r.returncode == 0 and all("mean" in m for m in data["patients"].values())
+    assert data["summary"]["baseline_data"] == str(tiny_dataset)

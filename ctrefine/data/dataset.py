@@ -249,9 +249,12 @@ class CTDataset(torch.utils.data.Dataset):
         if not split_path.exists():
             raise DataError(f"{self.root}: no splits.json (not a ctrefine dataset, or generation never finished)")
         splits = read_json(split_path)
-        if split not in splits:
-            raise DataError(f"{split_path}: no split named {split!r} (have {sorted(splits)})")
-        self.names = list(splits[split])
+        if split == "all":  # every patient: for a set that no model was trained on (e.g. a shifted test set)
+            self.names = sorted(n for names in splits.values() for n in names)
+        elif split not in splits:
+            raise DataError(f"{split_path}: no split named {split!r} (have {sorted(splits)}, or 'all')")
+        else:
+            self.names = list(splits[split])
         self.split = split
         self._cache: dict[int, dict] = {} if cache else None
 
