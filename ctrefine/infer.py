@@ -86,7 +86,7 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
         bar.close()
         summary = summarize(per_patient)
         summary.update({"split": split, "data_path": str(data_path), "predictor": predictor.kind,
-                        "source": predictor.source,
+                        "source": predictor.source, "precision": predictor.precision, "compute": predictor.compute,
                         "baseline_data": None if baseline is None else str(baseline_data or data_path)})
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
         (tmp / "metrics.txt").write_text(metrics_text(per_patient, summary))

@@ -144,7 +144,7 @@ class TorchPredictor:
     :meth:`from_model` for a pipeline already in memory."""
 
     kind = "torch"
-    precision = "fp32"
+    precision, compute = "fp32", "f32"  # weights; arithmetic (an ONNX engine may compute an fp32 file in bf16)
 
     def __init__(self, base_ckpt, refiner_ckpt, device: str | None = None):
         model, cfg = load_two_stage(base_ckpt, refiner_ckpt)

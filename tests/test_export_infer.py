@@ -103,7 +103,8 @@ def test_torch_and_both_onnx_engines_agree(checkpoints, onnx_model, tiny_dataset
     a = json.loads((tmp_path / "t" / "metrics.json").read_text())["patients"]
     for engine in ("onnxruntime", "openvino"):
         data = json.loads((tmp_path / engine / "metrics.json").read_text())
-        assert data["summary"]["predictor"] == f"onnx:{engine}"
+        assert data["summary"]["predictor"] == f"onnx:{engine}" and data["summary"]["precision"] == "fp32"
+        assert data["summary"]["compute"] in ("f32", "bf16")
         for name in a:
             assert a[name]["refined"]["psnr"] == pytest.approx(data["patients"][name]["refined"]["psnr"], abs=1e-3)
 
