@@ -95,19 +95,23 @@ class _Canvas:
         occ = np.zeros_like(self.vol)
         p0w = (np.asarray(p0, np.float64) + self.shift) @ self.rot  # patient -> array frame (rot is orthonormal)
         p1w = (np.asarray(p1, np.float64) + self.shift) @ self.rot
-        c = g.centers()
-        for a, b, r in zip(p0w, p1w, np.asarray(radius, np.float64)):
-            pad = r + g.spacing
-            lo = np.floor(g.index_of(np.minimum(a, b) - pad)).astype(int).clip(0, g.n)
-            hi = np.ceil(g.index_of(np.maximum(a, b) + pad)).astype(int).clip(0, g.n)
-            if np.any(hi - lo <= 0):
+        c = g.centers().astype(np.float64)
+        n, spacing = g.n, g.spacing
+        boxes_lo = np.floor(g.index_of(np.minimum(p0w, p1w) - (np.asarray(radius) + spacing)[:, None])).astype(int)
+        boxes_hi = np.ceil(g.index_of(np.maximum(p0w, p1w) + (np.asarray(radius) + spacing)[:, None])).astype(int)
+        for a, b, r, lo, hi in zip(p0w, p1w, np.asarray(radius, np.float64), boxes_lo.clip(0, n), boxes_hi.clip(0, n)):
+            if (hi - lo <= 0).any():
                 continue
-            zd, zh, zw = np.meshgrid(c[lo[0]:hi[0]], c[lo[1]:hi[1]], c[lo[2]:hi[2]], indexing="ij")
+            # the box's coordinates as broadcastable 1D axes (no meshgrid), relative to the segment's start
+            zd = (c[lo[0]:hi[0]] - a[0])[:, None, None]
+            zh = (c[lo[1]:hi[1]] - a[1])[None, :, None]
+            zw = (c[lo[2]:hi[2]] - a[2])[None, None, :]
             ab = b - a
-            t = ((zd - a[0]) * ab[0] + (zh - a[1]) * ab[1] + (zw - a[2]) * ab[2]) / max(float(ab @ ab), 1e-9)
-            t = np.clip(t, 0.0, 1.0)
-            dist = np.sqrt((zd - a[0] - t * ab[0]) ** 2 + (zh - a[1] - t * ab[1]) ** 2 + (zw - a[2] - t * ab[2]) ** 2)
-            o = np.clip((r - dist) / g.spacing + 0.5, 0.0, 1.0).astype(np.float32)
+            t = (zd * ab[0] + zh * ab[1] + zw * ab[2]) * (1.0 / max(float(ab @ ab), 1e-9))
+            np.clip(t, 0.0, 1.0, out=t)
+            dist = np.sqrt((zd - t * ab[0]) ** 2 + (zh - t * ab[1]) ** 2 + (zw - t * ab[2]) ** 2)
+            o = ((r - dist) * (1.0 / spacing) + 0.5).astype(np.float32)
+            np.clip(o, 0.0, 1.0, out=o)
             sl = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
             np.maximum(occ[sl], o, out=occ[sl])
         return occ
@@ -263,10 +267,15 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     abdomen = muscle & (d > dia)
     liver = abdomen & (w < 30 + 0.2 * (d - dome_r)) & (((w + 40) / 110) ** 2 + ((h + 5) / 85) ** 2 < 1)
     cv.fill(abdomen, SOFT, "soft_tissue")
-    cv.fill(liver, LIVER, "soft_tissue")
+    enhance = rng.uniform(30, 60) if sc.contrast else 0.0  # portal-venous uptake of liver and spleen
+    cv.fill(liver, LIVER + enhance, "soft_tissue")
+    spleen = (((d - dome_l - rng.uniform(25, 40)) / 45) ** 2 + ((h - 35) / 30) ** 2 + ((w - 80) / 25) ** 2) < 1
+    cv.fill(spleen & abdomen, 45.0 + enhance, "soft_tissue")
     stomach = (((d - dome_l - 25) / 30) ** 2 + ((h + 10) / 35) ** 2 + ((w - 65) / 35) ** 2) < 1
-    cv.fill(stomach & abdomen & (d < dome_l + 30), -900.0, "gas")
-    cv.fill(stomach & abdomen & (d >= dome_l + 30), 20.0, "soft_tissue")
+    # supine: swallowed air floats anteriorly (small h) over the fluid, a horizontal level in the AP axis
+    level = rng.uniform(-30, 5)
+    cv.fill(stomach & abdomen & (h < level), -900.0, "gas")
+    cv.fill(stomach & abdomen & (h >= level), 20.0, "soft_tissue")
 
     # ---- lungs with parenchymal texture ---------------------------------------------------------
     lungs = np.zeros(d.shape, bool)
@@ -278,7 +287,9 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         lungs |= (shape <= 1) & (d > apex) & (d < dia) & muscle
     texture = ndimage.gaussian_filter(rng.normal(0, 1, d.shape).astype(np.float32), 1.2)
     texture *= 35.0 / (texture.std() + 1e-6)
-    cv.fill(lungs, LUNG + texture, "lung")
+    # supine: gravity-dependent (posterior) lung is denser than the anterior lung by a few tens of HU
+    dependent = rng.uniform(20, 60) * np.clip((h + 60) / 160, 0, 1)
+    cv.fill(lungs, LUNG + texture + dependent, "lung")
 
     # ---- heart (myocardium around blood-filled chambers), aorta, pulmonary arteries -------------
     # IV contrast (arterial phase) lifts the blood pool to 150-350 HU and leaves the myocardium dark.
@@ -444,11 +455,18 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
                 cart0.append(end[None]); cart1.append(tgt[None]); cart_r.append(np.array([rr]))
     cv.blend(cv.capsule_occupancy(np.concatenate(cart0), np.concatenate(cart1), np.concatenate(cart_r)), 150.0,
              "soft_tissue")  # costal cartilage
-    rib_occ = cv.capsule_occupancy(np.concatenate(rib0), np.concatenate(rib1), np.concatenate(rib_r))
-    cv.blend(rib_occ, rng.uniform(650, 900), "rib")
+    r0, r1, rr_all = np.concatenate(rib0), np.concatenate(rib1), np.concatenate(rib_r)
+    cv.blend(cv.capsule_occupancy(r0, r1, rr_all), rng.uniform(750, 950), "rib")  # cortical shell ...
+    cv.blend(cv.capsule_occupancy(r0, r1, np.maximum(rr_all - 1.5, 0.8)), rng.uniform(220, 350), "rib")  # ... marrow
 
-    sternum = (np.abs(w) < 16) & (h > -bh + fat_t + 2) & (h < -bh + fat_t + 14) & (d > apex + 5) & (d < dome_l - 15)
+    # sternum: a wide manubrium, the body, a small xiphoid; inclined, its top deeper than its lower end
+    top, man, bot = apex + 5, apex + rng.uniform(40, 50), dome_l - 15
+    front = -bh + fat_t + 2 + rng.uniform(6, 12) * np.clip((bot - d) / max(bot - top, 1.0), 0, 1)
+    half_w = np.where(d < man, 24.0, 15.0)
+    sternum = (np.abs(w) < half_w) & (h > front) & (h < front + 12) & (d > top) & (d < bot)
     cv.fill(sternum, 450.0, "other_bone")
+    xiphoid = (np.abs(w) < 7) & (h > front) & (h < front + 6) & (d >= bot) & (d < bot + rng.uniform(20, 35))
+    cv.fill(xiphoid & muscle, 250.0, "other_bone")
     clav0, clav1, clav_r = [], [], []
     for s in (-1, 1):
         a, b, r = _polyline(np.array([[apex - 2, -bh + fat_t + 14, s * 16], [apex - 12, -bh + fat_t + 6, s * 70],
