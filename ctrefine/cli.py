@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(int8: required; its train split calibrates)")
     e.add_argument("--split", default="test", help="split used with --data-path (default test)")
     e.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                   help="fp32 (default, exact) or int8 (about 1.5x faster on CPU; see bench/RESULTS.md)")
+                   help="fp32 (default, exact) or int8 (1.3-1.5x faster than fp32 on CPU; bench/RESULTS.md)")
     _flag(e, "calibration-patients", type=_positive, default=16,
           help="training patients whose radiographs set the int8 activation ranges (default 16)")
     e.set_defaults(func=_cmd_export_onnx)
