@@ -21,7 +21,7 @@ import torch
 from ctrefine.config import resolve
 from ctrefine.export import export_onnx, verify
 from ctrefine.models import build_models
-from ctrefine.pipeline import TwoStage, onnx_runner
+from ctrefine.pipeline import TwoStage, onnx_feed, onnx_runner
 from ctrefine.quantize import quantize_int8
 from ctrefine.training.driver import cpu_has_native_bf16
 
@@ -35,6 +35,8 @@ def full_model(tmp_path_factory):
     cfg = resolve()
     torch.manual_seed(0)
     model = TwoStage(*build_models(cfg)).eval()
+    with torch.no_grad():  # a live refiner head: otherwise refined == coarse and the refiner's path goes unchecked
+        model.refiner.head.weight.normal_(0, 0.02)
     folder = tmp_path_factory.mktemp("onnx")
     fp32 = export_onnx(model, cfg, folder / "full.onnx")
     g = np.random.default_rng(0)
@@ -83,7 +85,7 @@ def test_engine(benchmark, full_model, engine, batch):
         if kind == "openvino":
             pytest.importorskip("openvino")
         _, runner, compute = onnx_runner(files[precision], kind)
-        feed = {"xray_pa": x[:, 0].numpy(), "xray_lateral": x[:, 1].numpy()}
+        feed = onnx_feed(x)
 
         def run():
             return runner(feed)
@@ -117,7 +119,7 @@ def test_ort_op_profile(full_model, tmp_path):
     s = cfg.model.xray_size
     x = torch.rand(1, 2, 1, s, s)
     for _ in range(3):
-        sess.run(None, {"xray_pa": x[:, 0].numpy(), "xray_lateral": x[:, 1].numpy()})
+        sess.run(None, onnx_feed(x))
     prof = json.loads(open(sess.end_profiling()).read())
     by_op = {}
     for ev in prof:

@@ -22,19 +22,21 @@ def _flag(parser, name: str, **kw):
     return parser.add_argument(*names, dest=kw.pop("dest", name.replace("-", "_")), **kw)
 
 
-def _int_type(lo: int, multiple: int = 1):
-    """argparse type: an int >= ``lo`` (and a multiple of ``multiple``), else a one-line usage error."""
+def _int_type(lo: int, multiple: int = 1, why: str = ""):
+    """argparse type: an int >= ``lo`` (and a multiple of ``multiple``, for the reason ``why``), else a
+    one-line usage error."""
     def parse(text: str) -> int:
         v = int(text)
         if multiple > 1 and (v < lo or v % multiple):
-            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple} (the base has five scales), got {v}")
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}{why}, got {v}")
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
         return v
     return parse
 
 
-_positive, _size, _xray_size = _int_type(1), _int_type(16, 16), _int_type(16)
+_positive, _xray_size = _int_type(1), _int_type(16)
+_size = _int_type(16, 16, " (the base has five scales)")
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -26,7 +26,8 @@ from .data.dataset import CTDataset
 from .outputs import atomic_file
 from .errors import DataError, UserError
 from .models.blocks import matmul_transforms
-from .pipeline import ENGINES, OnnxPredictor, TorchPredictor, TwoStage, onnx_runner
+from .pipeline import OnnxPredictor, TorchPredictor, TwoStage, installed_engines, onnx_feed, onnx_runner, \
+    set_onnx_metadata
 from .quantize import PSNR_TOL_DB, calibration_batches, quantize_int8, split_psnr
 
 OPSET = 18
@@ -78,9 +79,7 @@ def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None)
         data_file = tmp.with_name(tmp.name + ".data")
         if data_file.exists():
             data_file.unlink()
-        for k, v in _metadata(cfg, geometry).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
+        set_onnx_metadata(proto, _metadata(cfg, geometry))
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return out
@@ -93,7 +92,7 @@ def verify(model: TwoStage, onnx_path, inputs: list[torch.Tensor], engine: str =
     with torch.no_grad():
         for x in inputs:
             ref = model(x[:, 0], x[:, 1])
-            got = run({"xray_pa": x[:, 0].numpy(), "xray_lateral": x[:, 1].numpy()})
+            got = run(onnx_feed(x))
             for a, b in zip(ref, got):
                 worst = max(worst, float(np.abs(a.numpy() - np.asarray(b)).max()))
     return worst
@@ -102,13 +101,6 @@ def verify(model: TwoStage, onnx_path, inputs: list[torch.Tensor], engine: str =
 class ParityError(UserError):
     """The exported graph does not reproduce torch: max |error| above :data:`PARITY_TOL` (fp32), or a
     mean PSNR change above :data:`ctrefine.quantize.PSNR_TOL_DB` (int8)."""
-
-
-def installed_engines() -> list[str]:
-    """The ONNX engines of :data:`ctrefine.pipeline.ENGINES` importable here (ONNX Runtime always is)."""
-    import importlib.util
-
-    return [e for e in ENGINES if importlib.util.find_spec(e)]
 
 
 def export_and_verify(model: TwoStage, cfg: Config, out, log=print, precision: str = "fp32", data_path=None,

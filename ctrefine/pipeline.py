@@ -87,6 +87,27 @@ def _existing(path) -> Path:
     return path
 
 
+def installed_engines() -> list[str]:
+    """The :data:`ENGINES` importable here (ONNX Runtime always is: it is a dependency)."""
+    import importlib.util
+
+    return [e for e in ENGINES if importlib.util.find_spec(e)]
+
+
+def onnx_feed(xrays: torch.Tensor) -> dict:
+    """``(B, 2, 1, S, S)`` radiographs -> the graph's inputs ``{"xray_pa", "xray_lateral"}`` as numpy."""
+    x = xrays.float().numpy()
+    return {"xray_pa": np.ascontiguousarray(x[:, 0]), "xray_lateral": np.ascontiguousarray(x[:, 1])}
+
+
+def set_onnx_metadata(proto, metadata: dict[str, str]) -> None:
+    """Replace the ``metadata_props`` of an ONNX ``ModelProto`` (what :func:`onnx_metadata` reads back)."""
+    del proto.metadata_props[:]
+    for k, v in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
 def onnx_metadata(path) -> dict:
     """The ``metadata_props`` ctrefine writes into its ONNX files (window, normalisation, sizes...)."""
     import onnx
@@ -101,17 +122,15 @@ def onnx_metadata(path) -> dict:
 def choose_engine(engine: str = "auto") -> str:
     """``auto``: ONNX Runtime where it has CUDA, else OpenVINO when installed (faster on CPU: bench/RESULTS.md
     section 4), else ONNX Runtime. A named engine that is not installed is a one-line error."""
-    import importlib.util
-
     if engine == "auto":
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" in ort.get_available_providers():
             return "onnxruntime"
-        return "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
+        return "openvino" if "openvino" in installed_engines() else "onnxruntime"
     if engine not in ENGINES:
         raise UserError(f"unknown ONNX engine {engine!r}; choose from auto, {', '.join(ENGINES)}")
-    if not importlib.util.find_spec(engine):
+    if engine not in installed_engines():
         raise UserError(f"ONNX engine {engine!r} is not installed (pip install {engine})")
     return engine
 
@@ -183,8 +202,7 @@ class OnnxPredictor:
         self.source = str(path)
 
     def __call__(self, xrays: torch.Tensor):
-        x = xrays.float().numpy()
-        c, r = self._run({"xray_pa": np.ascontiguousarray(x[:, 0]), "xray_lateral": np.ascontiguousarray(x[:, 1])})
+        c, r = self._run(onnx_feed(xrays))
         return torch.from_numpy(np.asarray(c)), torch.from_numpy(np.asarray(r))
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .data.dataset import CTDataset
 from .errors import DataError
 from .metrics import psnr
 from .outputs import atomic_file
+from .pipeline import onnx_feed, set_onnx_metadata
 
 QUANT_OPS = ("Conv",)
 # Which convolutions run in int8, by the module owning the weight. Measured on the converged cpu-small
@@ -42,11 +42,7 @@ def calibration_batches(data_path, n: int, split: str = "train") -> list[dict]:
     ds = CTDataset(data_path, split, cache=False)
     if len(ds) == 0:
         raise DataError(f"{data_path}: split {split!r} is empty; int8 calibration needs training patients")
-    feeds = []
-    for i in range(min(n, len(ds))):
-        x = ds[i]["xrays"].numpy()[None].astype(np.float32)  # (1, 2, 1, S, S)
-        feeds.append({"xray_pa": np.ascontiguousarray(x[:, 0]), "xray_lateral": np.ascontiguousarray(x[:, 1])})
-    return feeds
+    return [onnx_feed(ds[i]["xrays"][None]) for i in range(min(n, len(ds)))]
 
 
 def quantize_int8(fp32_path, out, feeds: list[dict], metadata: dict[str, str]) -> Path:
@@ -74,10 +70,7 @@ def quantize_int8(fp32_path, out, feeds: list[dict], metadata: dict[str, str]) -
                         op_types_to_quantize=list(QUANT_OPS), nodes_to_exclude=keep, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         proto = onnx.load(str(tmp))
-        del proto.metadata_props[:]
-        for k, v in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
+        set_onnx_metadata(proto, metadata)
         onnx.save(proto, str(tmp))
     return out
 
@@ -88,10 +81,10 @@ def _runs_int8(weight_name: str) -> bool:
 
 
 @torch.no_grad()
-def split_psnr(predictor, data_path, split: str = "test", n: int | None = None, batch_size: int = 4) -> dict:
+def split_psnr(predictor, data_path, split: str = "test", batch_size: int = 4) -> dict:
     """Refined-volume PSNR (dB) of each patient of ``split`` against its ground truth."""
     ds = CTDataset(data_path, split, cache=False)
-    count = len(ds) if n is None else min(n, len(ds))
+    count = len(ds)
     if count == 0:
         raise DataError(f"{data_path}: split {split!r} is empty")
     out = {}

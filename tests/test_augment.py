@@ -104,7 +104,8 @@ def test_refine_stage_recomputes_the_coarse_volume_from_augmented_radiographs(ti
     # the identity-initialised refiner returns the coarse volume, and here that is the base's answer to
     # the *augmented* radiographs, not the cached one
     with torch.no_grad():
-        coarse_aug = stage.frozen(aug)
+        coarse_aug, coarse_clean = stage.frozen(aug), stage.frozen(normalize_xray(xr))
     refined = model(coarse_aug, aug)
-    assert torch.allclose(refined, coarse_aug) and not torch.allclose(coarse_aug, stage._coarse(names))
+    assert torch.allclose(refined, coarse_aug) and not torch.allclose(coarse_aug, coarse_clean)
+    assert not stage.coarse  # nor is a clean coarse volume of the training set computed that nothing reads
     assert torch.isfinite(loss)

@@ -23,6 +23,7 @@ occupancy), so sub-voxel vessels still appear with reduced contrast, as in a rea
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,7 +224,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     rot = _rotation(rng)
     shift = (0.0, rng.uniform(-10, 10), rng.uniform(-15, 15))  # position on the table: AP and left-right
     if table is not None:
-        scan = Scan(**{**(scan or Scan()).__dict__, "table": "flat" if table else "none"})
+        scan = dataclasses.replace(scan or Scan(), table="flat" if table else "none")
     sc = (scan or Scan()).draw(rng, fov)
     cv = _Canvas(grid, rot, shift)
     d, h, w = cv.d, cv.h, cv.w
@@ -398,11 +399,13 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     # Adult trachea ~15-20 mm across with a ~2 mm wall, carina at T4-T5 just below the aortic arch; the
     # right main bronchus is short, wide and steep (~25 deg from the axis), the left long and oblique
     # (~45 deg) (standard anatomy, e.g. Gray's Anatomy, 41st ed.).
-    carina = np.array([arch_d + rng.uniform(10, 20), 0.0, rng.uniform(-6, 0)])
-    carina[1] = spine_h(carina[0]) - vr0 * grow(carina[0]) - rng.uniform(12, 18)
-    tz = np.linspace(-fov / 2 - 10, carina[0], 5)
-    trachea = np.stack([tz, spine_h(tz) - vr0 * grow(tz) - (spine_h(carina[0]) - vr0 * grow(carina[0]) - carina[1]),
-                        np.linspace(carina[2] + 3, carina[2], 5)], 1)
+    def spine_front(dd):  # anterior surface of the vertebral bodies
+        return spine_h(dd) - vr0 * grow(dd)
+
+    carina_d, carina_w, gap = arch_d + rng.uniform(10, 20), rng.uniform(-6, 0), rng.uniform(12, 18)
+    carina = np.array([carina_d, spine_front(carina_d) - gap, carina_w])
+    tz = np.linspace(-fov / 2 - 10, carina_d, 5)  # the trachea keeps its distance in front of the spine
+    trachea = np.stack([tz, spine_front(tz) - gap, np.linspace(carina_w + 3, carina_w, 5)], 1)
     air = [(a_, b_, r_) for a_, b_, r_ in zip(*_polyline(trachea, rng.uniform(8, 10)))]
 
     def branch(root, direction, length, radius):

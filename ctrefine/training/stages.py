@@ -56,7 +56,8 @@ class Stage:
         return self.cfg.training.num_epochs
 
     def build(self, datasets: list[CTDataset]) -> torch.nn.Module:
-        """The trainable model (and anything the stage needs before the first step)."""
+        """The trainable model (and anything the stage needs before the first step); ``datasets`` is
+        ``[train, val]``."""
         raise NotImplementedError
 
     @property
@@ -129,10 +130,12 @@ class RefineStage(Stage):
         # fp32 weights, bit-identical to the file; bf16 runs use autocast instead of casting it
         self.frozen = mf.build().to(self.device)
         self.frozen.requires_grad_(False)
-        self.coarse = self._coarse_cache(datasets, self.cfg.training.batch_size)
         # Augmented radiographs change from step to step, and the coarse volume the refiner corrects must
-        # come from the same radiographs it reads (as at inference): recompute it then, cache it otherwise.
+        # come from the same radiographs it reads (as at inference): recompute it then for the training
+        # set (datasets[0]), cache it otherwise; validation inputs are never augmented, so always cached.
         self.recompute_coarse = self.cfg.augment.enabled
+        cached = datasets[1:] if self.recompute_coarse else datasets
+        self.coarse = self._coarse_cache(cached, self.cfg.training.batch_size)
         self.criterion = DetailRefinementLoss(self.cfg.loss_weights())
         return build_refiner(self.cfg)
 
