@@ -1,7 +1,8 @@
 """Inference engines side by side at the full size (64^3 from 128^2, 15.2M + 5.0M parameters), one run.
 
 Engines: torch fp32 eager, torch bf16 autocast, and the exported graph in ONNX Runtime and OpenVINO,
-fp32 and int8 (:mod:`ctrefine.quantize`). Batch 1 and 8; seconds per volume, volumes/s and the peak
+fp32, bf16 (OpenVINO only: ONNX Runtime's CPU provider has no bf16 convolutions) and int8
+(:mod:`ctrefine.quantize`); each ONNX engine computes in the precision the file is tagged with. Batch 1 and 8; seconds per volume, volumes/s and the peak
 resident memory the engine added (``VmHWM`` reset before it is built, Linux). Weights are untrained
 (speed does not depend on their values) and the int8 ranges come from random radiographs; what int8
 costs in dB is measured on trained models by ``ctrefine export-onnx --precision int8`` and recorded
@@ -21,13 +22,14 @@ import torch
 from ctrefine.config import resolve
 from ctrefine.export import export_onnx, verify
 from ctrefine.models import build_models
-from ctrefine.pipeline import TwoStage, onnx_feed, onnx_runner
+from ctrefine.pipeline import COMPUTE, TwoStage, onnx_feed, onnx_runner
 from ctrefine.quantize import quantize_int8
 from ctrefine.training.driver import cpu_has_native_bf16
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-ENGINES = ["torch-fp32", "torch-bf16", "onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8", "openvino-int8"]
+ENGINES = ["torch-fp32", "torch-bf16", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "onnxruntime-int8",
+           "openvino-int8"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,8 @@ def full_model(tmp_path_factory):
     s = cfg.model.xray_size
     feeds = [{k: g.random((1, 1, s, s), dtype=np.float32) for k in ("xray_pa", "xray_lateral")} for _ in range(4)]
     int8 = quantize_int8(fp32, folder / "full-int8.onnx", feeds, {"precision": "int8"})
-    return model, cfg, {"fp32": fp32, "int8": int8}
+    bf16 = export_onnx(model, cfg, folder / "full-bf16.onnx", precision="bf16")
+    return model, cfg, {"fp32": fp32, "int8": int8, "bf16": bf16}
 
 
 def _status(field: str) -> int:
@@ -66,8 +69,8 @@ def _reset_peak() -> int:
 def test_engine(benchmark, full_model, engine, batch):
     model, cfg, files = full_model
     kind, precision = engine.split("-")
-    if engine == "torch-bf16" and not (CUDA or cpu_has_native_bf16()):
-        pytest.skip("bf16 is emulated on this CPU (no AMX / AVX512-BF16): one volume took over 11 minutes")
+    if precision == "bf16" and not (CUDA or cpu_has_native_bf16()):
+        pytest.skip("bf16 is emulated on this CPU (no AMX / AVX512-BF16): one torch volume took over 11 minutes")
     s = cfg.model.xray_size
     x = torch.rand(batch, 2, 1, s, s, generator=torch.Generator().manual_seed(1))
     rss0 = _reset_peak()
@@ -84,7 +87,7 @@ def test_engine(benchmark, full_model, engine, batch):
     else:
         if kind == "openvino":
             pytest.importorskip("openvino")
-        _, runner, compute = onnx_runner(files[precision], kind)
+        _, runner, compute = onnx_runner(files[precision], kind, compute=COMPUTE[precision])
         feed = onnx_feed(x)
 
         def run():

@@ -202,22 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--verbose", "-v", action="store_true", help="also list each sub-module")
     i.set_defaults(func=_cmd_info)
 
-    e = sub.add_parser("export-onnx", help="export base + refiner as one ONNX graph (fp32 or int8) and verify it",
+    e = sub.add_parser("export-onnx", help="export base + refiner as one ONNX graph (fp32, bf16 or int8) and verify it",
                        description="One graph: inputs xray_pa, xray_lateral (batch, 1, S, S); outputs coarse, refined; "
                                    "dynamo exporter, opset 18, FFTs as plain MatMul so ONNX Runtime and OpenVINO both "
                                    "read it. fp32: parity with torch in each installed engine on random inputs (batch 1 "
-                                   "and 3) and, with --data-path, real ones; exit 2 if max |error| > 1e-4. int8: Conv "
-                                   "quantised (QDQ), calibrated on --data-path's training patients; exit 2 if the mean "
-                                   "PSNR on its --split moves by more than 0.05 dB from torch fp32.")
+                                   "and 3) and, with --data-path, real ones; exit 2 if max |error| > 1e-4. bf16: the same "
+                                   "graph tagged so that OpenVINO computes it in bf16 on CPUs with native bf16 "
+                                   "(AVX512-BF16 / AMX). int8: the refiner's Conv quantised (QDQ), calibrated on "
+                                   "--data-path's training patients. bf16 and int8: exit 2 if the mean PSNR on "
+                                   "--split moves by more than 0.05 dB from torch fp32.")
     _flag(e, "base-checkpoint", required=True, help="best_model.pt of the base stage")
     _flag(e, "refinement-checkpoint", required=True, help="best_model.pt of the refine stage")
     e.add_argument("--out", required=True, help="output .onnx file (an existing one only with --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _flag(e, "data-path", default=None, help="dataset whose radiographs are used for the parity check too "
-                                             "(int8: required; its train split calibrates)")
+                                             "(bf16, int8: required; int8: its train split calibrates)")
     e.add_argument("--split", default="test", help="split used with --data-path (default test)")
-    e.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                   help="fp32 (default, exact) or int8 (1.3-1.5x faster than fp32 on CPU; bench/RESULTS.md)")
+    e.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="fp32 (default, exact); bf16 (the fastest on CPUs with native bf16: 3.3x torch fp32 "
+                        "in OpenVINO); int8 (the fastest on AVX2-only CPUs) -- bench/RESULTS.md section 4")
     _flag(e, "calibration-patients", type=_positive, default=16,
           help="training patients whose radiographs set the int8 activation ranges (default 16)")
     e.set_defaults(func=_cmd_export_onnx)

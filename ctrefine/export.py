@@ -7,8 +7,9 @@ exported as real matrix products (:class:`ctrefine.models.blocks.MatmulSpectralG
 ``DFT``: plain MatMul is what ONNX Runtime *and* OpenVINO read and accelerate. ``metadata_props`` make
 the file self-describing: intensity window, X-ray normalisation, geometry, sizes, precision, version.
 
-Precisions: ``fp32`` (parity with torch to 1e-4) and ``int8`` (:mod:`ctrefine.quantize`, parity as
-the PSNR change on held-out patients).
+Precisions: ``fp32`` (parity with torch to 1e-4, f32 arithmetic in every engine); ``bf16`` (the same
+graph, tagged so that OpenVINO computes it in bf16 on CPUs with native bf16); ``int8``
+(:mod:`ctrefine.quantize`). bf16 and int8 are judged by the PSNR change on held-out patients.
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ from .quantize import PSNR_TOL_DB, calibration_batches, quantize_int8, split_psn
 
 OPSET = 18
 PARITY_TOL = 1e-4  # fp32: max |ONNX - torch| in model space [0, 1]
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def _metadata(cfg: Config, geometry: dict | None) -> dict[str, str]:
+def _metadata(cfg: Config, geometry: dict | None, precision: str = "fp32") -> dict[str, str]:
     m = cfg.model
     return {
         "ctrefine_version": __version__,
@@ -51,12 +52,13 @@ def _metadata(cfg: Config, geometry: dict | None) -> dict[str, str]:
         "geometry": json.dumps(geometry or {"kind": "cone", "source_isocenter_mm": C.SOURCE_ISOCENTER_MM,
                                             "source_detector_mm": C.SOURCE_DETECTOR_MM}),
         "axes": "volume (B,1,D,H,W): D sup->inf, H ant->post, W right->left; PA image (D,W), lateral (D,H)",
-        "precision": "fp32",
+        "precision": precision,
     }
 
 
-def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None) -> Path:
-    """Export ``model`` to ``out`` (written atomically), add metadata, run ``onnx.checker``."""
+def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None, precision: str = "fp32") -> Path:
+    """Export ``model`` to ``out`` (written atomically), add metadata (``precision`` tag: fp32 or bf16,
+    the same graph), run ``onnx.checker``."""
     import onnx
 
     out = Path(out)
@@ -79,15 +81,15 @@ def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None)
         data_file = tmp.with_name(tmp.name + ".data")
         if data_file.exists():
             data_file.unlink()
-        set_onnx_metadata(proto, _metadata(cfg, geometry))
+        set_onnx_metadata(proto, _metadata(cfg, geometry, precision))
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return out
 
 
 def verify(model: TwoStage, onnx_path, inputs: list[torch.Tensor], engine: str = "onnxruntime") -> float:
-    """Max |engine - torch| over both outputs for each ``(B, 2, 1, S, S)`` input batch."""
-    _, run, _ = onnx_runner(onnx_path, engine)
+    """Max |engine - torch| over both outputs for each ``(B, 2, 1, S, S)`` input batch, f32 arithmetic."""
+    _, run, _ = onnx_runner(onnx_path, engine, compute="f32")
     worst = 0.0
     with torch.no_grad():
         for x in inputs:
@@ -105,19 +107,19 @@ class ParityError(UserError):
 
 def export_and_verify(model: TwoStage, cfg: Config, out, log=print, precision: str = "fp32", data_path=None,
                       split: str = "test", calibration_patients: int = 16) -> float:
-    """Export ``precision`` (fp32, or int8 calibrated on ``data_path``'s training patients), then verify it
-    in every installed engine; one line per check through ``log``.
+    """Export ``precision`` (fp32; bf16; int8 calibrated on ``data_path``'s training patients), then verify
+    it in every installed engine; one line per check through ``log``.
 
     fp32: max |engine - torch| on random batches of 1 and 3 and on up to 4 patients of ``data_path``'s
-    ``split`` must stay within :data:`PARITY_TOL`; returns the worst error. int8: the mean refined PSNR
-    on ``data_path``'s ``split`` may move by at most :data:`~ctrefine.quantize.PSNR_TOL_DB` from torch
-    fp32; returns the worst change (dB). Raises :class:`ParityError` otherwise (the file stays, for
-    inspection).
+    ``split`` must stay within :data:`PARITY_TOL`; returns the worst error. bf16 / int8: the mean refined
+    PSNR on ``data_path``'s ``split`` may move by at most :data:`~ctrefine.quantize.PSNR_TOL_DB` from
+    torch fp32; returns the worst change (dB). Raises :class:`ParityError` otherwise (the file stays,
+    for inspection).
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if precision == "int8":
-        return _export_int8(model, cfg, out, log, data_path, split, calibration_patients)
+    if precision != "fp32":
+        return _export_lossy(model, cfg, out, log, precision, data_path, split, calibration_patients)
     s = cfg.model.xray_size
     g = torch.Generator().manual_seed(0)
     batches = {"random batch 1": torch.rand(1, 2, 1, s, s, generator=g),
@@ -139,36 +141,46 @@ def export_and_verify(model: TwoStage, cfg: Config, out, log=print, precision: s
     return worst
 
 
-def _export_int8(model, cfg, out, log, data_path, split, calibration_patients) -> float:
+def _export_lossy(model, cfg, out, log, precision, data_path, split, calibration_patients) -> float:
+    """bf16 or int8: write the file, then judge it by the PSNR it costs on ``split`` in every engine."""
     import statistics
     import tempfile
 
     if data_path is None:
-        raise UserError("--precision int8 needs --data-path: a dataset whose training patients calibrate the "
-                        f"activation ranges and whose {split} patients judge the result")
-    feeds = calibration_batches(data_path, calibration_patients)
-    size = feeds[0]["xray_pa"].shape[-1]
+        raise UserError(f"--precision {precision} needs --data-path: a dataset whose {split} patients judge the "
+                        "result" + (" and whose training patients calibrate the activation ranges"
+                                    if precision == "int8" else ""))
+    ds = CTDataset(data_path, split)
+    size = ds[0]["xrays"].shape[-1]
     if size != cfg.model.xray_size:
         raise DataError(f"{data_path}: radiographs are {size}^2 but the model expects {cfg.model.xray_size}^2")
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix=".ctrefine-export-", dir=out.parent) as work:
-        log(f"exporting the fp32 graph (dynamo exporter, opset {OPSET}) ...")
-        fp32 = export_onnx(model, cfg, Path(work) / "fp32.onnx")
-        log(f"quantising Conv to int8 (QDQ, per-channel weights), calibrated on {len(feeds)} training patients ...")
-        meta = {**_metadata(cfg, None), "precision": "int8",
-                "calibration": f"min/max activation ranges over {len(feeds)} patients of the train split"}
-        path = quantize_int8(fp32, out, feeds, meta)
-    log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, int8 Conv, fp32 elsewhere)")
+    if precision == "bf16":
+        log(f"exporting {out} (the fp32 graph tagged bf16; dynamo exporter, opset {OPSET}) ...")
+        path = export_onnx(model, cfg, out, precision="bf16")
+        log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; OpenVINO computes it in bf16 where the CPU "
+            "has native bf16)")
+    else:
+        feeds = calibration_batches(data_path, calibration_patients)
+        with tempfile.TemporaryDirectory(prefix=".ctrefine-export-", dir=out.parent) as work:
+            log(f"exporting the fp32 graph (dynamo exporter, opset {OPSET}) ...")
+            fp32 = export_onnx(model, cfg, Path(work) / "fp32.onnx")
+            log(f"quantising Conv to int8 (QDQ, per-channel weights), calibrated on {len(feeds)} training patients ...")
+            meta = {**_metadata(cfg, None, "int8"),
+                    "calibration": f"min/max activation ranges over {len(feeds)} patients of the train split"}
+            path = quantize_int8(fp32, out, feeds, meta)
+        log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, int8 Conv, fp32 elsewhere)")
     ref = split_psnr(TorchPredictor.from_model(model, cfg, device="cpu"), data_path, split)
     ref_mean = statistics.fmean(ref.values())
     log(f"  torch fp32, {len(ref)} {split} patients: mean refined PSNR {ref_mean:.3f} dB")
     worst = 0.0
     for engine in installed_engines():
-        got = split_psnr(OnnxPredictor(path, engine), data_path, split)
+        pred = OnnxPredictor(path, engine)
+        got = split_psnr(pred, data_path, split)
         delta = statistics.fmean(got.values()) - ref_mean
         worst = max(worst, abs(delta))
-        log(f"  {engine} int8: mean refined PSNR {ref_mean + delta:.3f} dB ({delta:+.3f} dB vs torch fp32; "
-            f"worst patient {min(got[k] - ref[k] for k in ref):+.3f} dB)")
+        log(f"  {engine} {precision} (computes {pred.compute}): mean refined PSNR {ref_mean + delta:.3f} dB "
+            f"({delta:+.3f} dB vs torch fp32; worst patient {min(got[k] - ref[k] for k in ref):+.3f} dB)")
     if worst > PSNR_TOL_DB:
-        raise ParityError(f"int8 changes the mean PSNR by {worst:.3f} dB, more than {PSNR_TOL_DB} dB ({path})")
+        raise ParityError(f"{precision} changes the mean PSNR by {worst:.3f} dB, more than {PSNR_TOL_DB} dB ({path})")
     return worst

@@ -63,21 +63,30 @@ def ort_session(path, threads: int | None = None):
         raise DataError(f"{path}: cannot load ONNX model ({type(exc).__name__})") from None
 
 
-def openvino_model(path, threads: int | None = None):
+def openvino_model(path, threads: int | None = None, compute: str = "f32"):
     """The ONNX file compiled by the OpenVINO runtime for the CPU; one-line error if unreadable.
 
-    OpenVINO picks its own inference precision: bf16 on CPUs with native bf16 (AMX / AVX512-BF16),
-    f32 elsewhere; :func:`onnx_runner` reports which.
+    ``compute`` is the precision of its float layers, set explicitly: left to itself OpenVINO computes
+    in bf16 on any CPU with native bf16 (AMX or AVX512-BF16), which moves the output by ~5e-2 --
+    a precision the file's owner chose at export (:data:`COMPUTE`), not one the engine may pick.
+    On a CPU without native bf16 a ``bf16`` request runs in f32; :func:`onnx_runner` reports which.
     """
     import openvino as ov
 
     path = _existing(path)
-    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    config = {"INFERENCE_PRECISION_HINT": compute}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
     try:
         return ov.Core().compile_model(str(path), "CPU", config)
     except Exception as exc:
         raise DataError(f"{path}: OpenVINO cannot load this ONNX model ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+
+
+# The file's precision tag (metadata ``precision``) -> the precision an engine computes float layers in.
+# ``bf16`` files hold the fp32 graph; only the arithmetic differs, where the engine and CPU support it.
+COMPUTE = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
 
 
 def _existing(path) -> Path:
@@ -135,12 +144,13 @@ def choose_engine(engine: str = "auto") -> str:
     return engine
 
 
-def onnx_runner(path, engine: str = "auto", threads: int | None = None):
+def onnx_runner(path, engine: str = "auto", threads: int | None = None, compute: str = "f32"):
     """``(engine, run, compute)``: ``run(feed: dict of numpy) -> [coarse, refined]`` numpy arrays, and the
-    precision the engine computes float layers in (``f32``, or ``bf16`` where OpenVINO chose it)."""
+    precision the engine really computes float layers in. ``compute="bf16"`` is honoured by OpenVINO on
+    CPUs with native bf16; ONNX Runtime's CPU provider has no bf16 convolutions and computes f32."""
     engine = choose_engine(engine)
     if engine == "openvino":
-        compiled = openvino_model(path, threads)
+        compiled = openvino_model(path, threads, compute)
         request = compiled.create_infer_request()
         outputs = list(compiled.outputs)
 
@@ -189,7 +199,8 @@ class TorchPredictor:
 
 
 class OnnxPredictor:
-    """The exported single graph (fp32 or int8, :mod:`ctrefine.export`) in ONNX Runtime or OpenVINO."""
+    """The exported single graph (fp32, bf16 or int8, :mod:`ctrefine.export`) in ONNX Runtime or OpenVINO,
+    computing in the precision the file's tag asks for (:data:`COMPUTE`)."""
 
     def __init__(self, path, engine: str = "auto", threads: int | None = None):
         meta = onnx_metadata(path)
@@ -197,7 +208,10 @@ class OnnxPredictor:
             raise DataError(f"{path}: not a ctrefine ONNX model (no xray_size metadata)")
         self.xray_size = int(meta["xray_size"])
         self.precision = meta.get("precision", "fp32")  # files from before int8 export carry no tag
-        self.engine, self._run, self.compute = onnx_runner(path, engine, threads)
+        if self.precision not in COMPUTE:
+            raise DataError(f"{path}: unknown precision tag {self.precision!r} (this ctrefine reads "
+                            f"{', '.join(COMPUTE)})")
+        self.engine, self._run, self.compute = onnx_runner(path, engine, threads, COMPUTE[self.precision])
         self.kind = f"onnx:{self.engine}"
         self.source = str(path)
 

@@ -137,3 +137,31 @@ def test_scan_fields_are_honoured_and_drawn():
     assert 0.25 < np.mean([d.contrast for d in draws]) < 0.55
     assert 0.3 < np.mean([d.coverage_mm < 320.0 for d in draws]) < 0.7
     assert {d.table for d in draws} == {"flat", "curved", "none"} and 0 < np.mean([d.metal for d in draws]) < 0.2
+
+
+@pytest.mark.parametrize("seed", [5, 7])
+def test_neck_shoulders_and_arms(seed):
+    """Top of the field: a neck narrower than the chest; raised arms beside it (each with its humerus);
+    arms down: no arms beside the neck, but soft tissue reaching the field's lateral edges along the chest."""
+    scans = {arms: chest_phantom(seed, with_labels=True, scan=Scan(arms=arms, coverage_mm=320.0, table="none",
+                                                                    metal=False))[1] for arms in ("raised", "down")}
+
+    def parts(lab, row):  # connected body cross-sections of one axial row, with their voxel counts
+        comps, n = ndimage.label(lab[row] != ID["background"])
+        return comps, [k for k in range(1, n + 1) if (comps == k).sum() > 30]
+
+    def central_width(lab, row):
+        comps, _ = parts(lab, row)
+        return np.ptp(np.flatnonzero((comps == comps[64, 64]).any(0))) * MM
+
+    up = scans["raised"]
+    assert central_width(up, 2) < 0.6 * central_width(up, 64)  # neck vs chest
+    comps, big = parts(up, 2)
+    arms = [k for k in big if comps[64, 64] != k]
+    assert len(arms) == 2 and all(((comps == k) & (up[2] == ID["other_bone"])).any() for k in arms)
+    down = scans["down"]
+    assert len(parts(down, 2)[1]) == 1
+    def both_edges(lab):  # share of chest rows with tissue at both lateral edges of the field
+        return np.mean([(lab[i][:, :2] != 0).any() and (lab[i][:, -2:] != 0).any() for i in range(40, 90)])
+
+    assert both_edges(down) > 0.9 and both_edges(up) < 0.1

@@ -160,18 +160,21 @@ class Scan:
 
     ``contrast``: IV contrast in the blood pool (arterial phase); ``coverage_mm``: axial length of the
     scan (the field is :data:`~ctrefine.conventions.FOV_MM`; outside the covered slab there is no data,
-    i.e. air); ``table``: ``"flat"``, ``"curved"`` or ``"none"``; ``metal``: ECG electrodes on the skin.
+    i.e. air); ``table``: ``"flat"``, ``"curved"`` or ``"none"``; ``metal``: ECG electrodes on the skin;
+    ``arms``: ``"raised"`` above the head (the usual chest CT position) or ``"down"`` along the sides.
     """
 
     contrast: bool | None = None
     coverage_mm: float | None = None
     table: str | None = None
     metal: bool | None = None
+    arms: str | None = None
 
     @classmethod
     def parse(cls, items: list[str]) -> dict:
         """``["contrast=true", "coverage_mm=250"]`` -> the fields as typed values (one-line error otherwise)."""
-        kinds = {"contrast": "bool", "metal": "bool", "coverage_mm": "float", "table": ("flat", "curved", "none")}
+        kinds = {"contrast": "bool", "metal": "bool", "coverage_mm": "float", "table": ("flat", "curved", "none"),
+                 "arms": ("raised", "down")}
         out = {}
         for item in items:
             key, _, text = item.partition("=")
@@ -194,9 +197,39 @@ class Scan:
         draws = (rng.random() < 0.4,  # contrast-enhanced chest CT is common (staging, angiography)
                  fov if rng.random() < 0.5 else rng.uniform(0.75, 1.0) * fov,  # short scans: 240-320 mm
                  ("flat", "curved", "none")[rng.choice(3, p=(0.35, 0.35, 0.3))],
-                 rng.random() < 0.08)
+                 rng.random() < 0.08,
+                 "raised" if rng.random() < 0.8 else "down")  # arms up keeps them out of the chest's beam path
         return Scan(*(v if v is not None else d for v, d in zip(
-            (self.contrast, self.coverage_mm, self.table, self.metal), draws)))
+            (self.contrast, self.coverage_mm, self.table, self.metal, self.arms), draws)))
+
+
+def _arms(cv: "_Canvas", rng: np.random.Generator, arms: str, shoulder_d: float, bw: float) -> None:
+    """Both arms: skin and fat around muscle, a humerus (cortex around a fatty marrow) and its head.
+
+    ``"raised"``: the upper arms rise from the shoulders beside the head, so only their proximal part
+    shows, lateral to the neck at the top of the field. ``"down"``: they hang against the chest wall and
+    run out of the 320 mm field laterally (truncated, as on a scan reconstructed with a small field).
+    Upper-arm girth ~26-34 cm (radius ~40-55 mm with soft tissue), humeral shaft ~20-25 mm across with a
+    ~45 mm head (standard adult ranges).
+    """
+    arm_r, hum_r, head_r = rng.uniform(38, 50), rng.uniform(10, 12.5), rng.uniform(20, 24)
+    for s in (-1, 1):
+        if arms == "raised":
+            joint = np.array([shoulder_d + 18, rng.uniform(-5, 10), s * (bw - rng.uniform(0, 10))])
+            far = joint + np.array([-260.0, rng.uniform(-10, 25), s * rng.uniform(-30, 10)])
+        else:
+            joint = np.array([shoulder_d + 22, rng.uniform(-10, 5), s * (bw - rng.uniform(0, 8))])
+            far = np.array([joint[0] + 300, rng.uniform(-5, 20), s * (bw + 0.6 * arm_r)])
+        axis = (far - joint) / np.linalg.norm(far - joint)
+        start = joint + axis * 0.5 * head_r  # the arm's soft tissue begins just past the joint
+        cv.blend(cv.capsule_occupancy(start[None], far[None], np.array([arm_r])), FAT, "fat")
+        cv.blend(cv.capsule_occupancy(start[None], far[None], np.array([arm_r - rng.uniform(5, 12)])),
+                 SOFT, "soft_tissue")
+        cv.blend(cv.capsule_occupancy(joint[None], far[None], np.array([hum_r])), CORTICAL, "other_bone")
+        cv.blend(cv.capsule_occupancy(joint[None] + axis * head_r, far[None], np.array([hum_r - 3.0])),
+                 rng.uniform(-40, 60), "soft_tissue")  # yellow (fatty) marrow of the shaft
+        cv.blend(cv.capsule_occupancy(joint[None], joint[None], np.array([head_r])), 700.0, "other_bone")
+        cv.blend(cv.capsule_occupancy(joint[None], joint[None], np.array([head_r - 2.5])), CANCELLOUS, "other_bone")
 
 
 def spine_offset(d: np.ndarray, sagitta: float, fov: float) -> np.ndarray:
@@ -229,15 +262,27 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     cv = _Canvas(grid, rot, shift)
     d, h, w = cv.d, cv.h, cv.w
 
-    # ---- body outline, subcutaneous fat, soft tissue --------------------------------------------
-    bw, bh = rng.uniform(128, 150), rng.uniform(88, 112)  # lateral / AP semi-axes (mm)
-    taper = 1.0 - 0.08 * np.clip((-d - 60) / 100, 0, 1)  # slightly narrower towards the neck
-    body_r = (w / (bw * taper)) ** 2 + (h / bh) ** 2
+    # ---- body outline along the axis: neck, sloping shoulders, chest, upper abdomen; the arms ---------
+    # Adult chest ~260-300 mm wide and ~180-225 mm deep, neck ~105-125 mm wide (anthropometric survey
+    # ranges, e.g. Gordon et al., ANSUR II 2014). The lung apex rises 2-3 cm above the medial clavicle, the
+    # acromia sit 0.5-2 cm below the apex, and the trapezius line climbs ~4-7 cm from them to the neck.
+    bw, bh = rng.uniform(128, 150), rng.uniform(88, 112)  # chest's lateral / AP semi-axes (mm)
+    apex = -fov / 2 + rng.uniform(25, 45)  # lung apex, a few cm below the top of the field
+    breath = rng.uniform(30, 85)  # deeper inspiration -> lower diaphragm (larger d)
+    shoulder_d = apex + rng.uniform(5, 20)  # acromion level
+    slope = rng.uniform(40, 70)
+    neck_w, neck_h = rng.uniform(52, 62), rng.uniform(48, 58)
+    up = np.clip((shoulder_d - d) / slope, 0, 1) ** 0.5  # 0 at and below the shoulders, 1 on the neck (rounded)
+    waist = 1.0 - rng.uniform(0.03, 0.08) * np.clip((d - breath - 30) / 90, 0, 1)  # upper abdomen narrows a little
+    half_w, half_h = (bw + (neck_w - bw) * up) * waist, bh + (neck_h - bh) * up
+    centre_h = up * rng.uniform(8, 18)  # the neck sits behind the chest's centre, over the spine
+    body_r = (w / half_w) ** 2 + ((h - centre_h) / half_h) ** 2
     fat_t = rng.uniform(6, 20)
-    inner_r = (w / (bw * taper - fat_t)) ** 2 + (h / (bh - fat_t * 0.8)) ** 2
+    inner_r = (w / (half_w - fat_t)) ** 2 + ((h - centre_h) / (half_h - fat_t * 0.8)) ** 2
     cv.fill(body_r <= 1, FAT, "fat")
     muscle = inner_r <= 1
     cv.fill(muscle, SOFT + rng.normal(0, 3), "soft_tissue")
+    _arms(cv, rng, sc.arms, shoulder_d, bw)
     if rng.random() < 0.45:  # breasts: fatty-glandular mounds on the anterior wall at heart level
         bd, bwid, bproj = rng.uniform(-10, 40), rng.uniform(45, 65), rng.uniform(25, 60)
         for side in (-1, 1):
@@ -249,14 +294,12 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         top = bh + rng.uniform(3, 10)
         if sc.table == "curved":  # surface rises towards the sides (h grows posteriorly)
             top = top - rng.uniform(20, 40) * (w / (0.5 * fov)) ** 2
-        shell = (h >= top) & (h < top + 12) & (np.abs(w) < 0.55 * fov)
+        shell = (h >= top) & (h < top + 12) & (np.abs(w) < 0.55 * fov) & (cv.labels == L["background"])
         core = (h >= top + 2) & (h < top + 10)
-        cv.fill(shell & ~(body_r <= 1), 250.0, "table")
-        cv.fill(shell & core & ~(body_r <= 1), -750.0, "table")
+        cv.fill(shell, 250.0, "table")
+        cv.fill(shell & core, -750.0, "table")
 
     # ---- diaphragm and abdomen -----------------------------------------------------------------
-    breath = rng.uniform(30, 85)  # deeper inspiration -> lower diaphragm (larger d)
-    apex = -fov / 2 + rng.uniform(25, 45)
     dome_r = breath + rng.uniform(-4, 4) - 12.0  # right dome sits higher (liver)
     dome_l = breath + rng.uniform(-4, 4)
 
@@ -463,17 +506,22 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     cv.blend(cv.capsule_occupancy(r0, r1, np.maximum(rr_all - 1.5, 0.8)), rng.uniform(220, 350), "rib")  # ... marrow
 
     # sternum: a wide manubrium, the body, a small xiphoid; inclined, its top deeper than its lower end
-    top, man, bot = apex + 5, apex + rng.uniform(40, 50), dome_l - 15
+    top = apex + rng.uniform(22, 32)  # jugular notch, at T2-T3, a few cm below the apex
+    man, bot = top + rng.uniform(35, 45), dome_l - 15
     front = -bh + fat_t + 2 + rng.uniform(6, 12) * np.clip((bot - d) / max(bot - top, 1.0), 0, 1)
-    half_w = np.where(d < man, 24.0, 15.0)
-    sternum = (np.abs(w) < half_w) & (h > front) & (h < front + 12) & (d > top) & (d < bot)
+    st_half = np.where(d < man, 24.0, 15.0)
+    sternum = (np.abs(w) < st_half) & (h > front) & (h < front + 12) & (d > top) & (d < bot)
     cv.fill(sternum, 450.0, "other_bone")
     xiphoid = (np.abs(w) < 7) & (h > front) & (h < front + 6) & (d >= bot) & (d < bot + rng.uniform(20, 35))
     cv.fill(xiphoid & muscle, 250.0, "other_bone")
     clav0, clav1, clav_r = [], [], []
     for s in (-1, 1):
-        a, b, r = _polyline(np.array([[apex - 2, -bh + fat_t + 14, s * 16], [apex - 12, -bh + fat_t + 6, s * 70],
-                                      [apex - 18, -10, s * (bw - 18)]]), 7.0)
+        # S-shaped: convex forward along its medial two thirds, concave where it turns back to the acromion
+        wall = -bh + fat_t  # the anterior chest wall under the fat
+        medial = apex + rng.uniform(18, 28)
+        a, b, r = _polyline(np.array([[medial, wall + 14, s * 16], [medial - 4, wall + 6, s * 45],
+                                      [0.5 * (medial + shoulder_d) - 2, wall + 10, s * 80],
+                                      [shoulder_d + 4, -10, s * (bw - 22)]]), 6.5)
         clav0.append(a); clav1.append(b); clav_r.append(r)
     cv.blend(cv.capsule_occupancy(np.concatenate(clav0), np.concatenate(clav1), np.concatenate(clav_r)), 800.0,
              "other_bone", where=muscle)
