@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--geometry", choices=("cone", "parallel"), default="cone", help="beam geometry (default cone)")
     m.add_argument("--workers", type=_positive, default=None, help="parallel processes (default: all cores)")
     m.add_argument("--scan", action="append", default=[], metavar="KEY=VALUE", help="fix a scan setting for every "
-                   "patient (default: drawn): contrast=true|false, coverage_mm=MM, table=flat|curved|none, metal=BOOL")
+                   "patient (default: drawn): contrast=true|false, coverage_mm=MM, table=flat|curved|none, metal=BOOL, "
+                   "arms=raised|down")
     _flag(m, "xray-realism", action="store_true", help="render the radiographs through a random non-ideal imaging "
           "chain (scatter, blur, noise, beam hardening), e.g. for a shifted test set")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
