@@ -166,9 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(m, "xray-size", type=_xray_size, default=128, help="radiograph side in pixels (default 128)")
     m.add_argument("--geometry", choices=("cone", "parallel"), default="cone", help="beam geometry (default cone)")
     m.add_argument("--workers", type=_positive, default=None, help="parallel processes (default: all cores)")
-    m.add_argument("--scan", action="append", default=[], metavar="KEY=VALUE", help="fix a scan setting for every "
-                   "patient (default: drawn): contrast=true|false, coverage_mm=MM, table=flat|curved|none, metal=BOOL, "
-                   "arms=raised|down")
+    m.add_argument("--scan", action="append", default=[], metavar="KEY=VALUE", help="fix a scan setting for every patient "
+                   "(default: drawn): contrast=BOOL, coverage_mm=MM, table=flat|curved|none, metal=BOOL, arms=raised|down")
     _flag(m, "xray-realism", action="store_true", help="render the radiographs through a random non-ideal imaging "
           "chain (scatter, blur, noise, beam hardening), e.g. for a shifted test set")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -208,20 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dynamo exporter, opset 18, FFTs as plain MatMul so ONNX Runtime and OpenVINO both "
                                    "read it. fp32: parity with torch in each installed engine on random inputs (batch 1 "
                                    "and 3) and, with --data-path, real ones; exit 2 if max |error| > 1e-4. bf16: the same "
-                                   "graph tagged so that OpenVINO computes it in bf16 on CPUs with native bf16 "
-                                   "(AVX512-BF16 / AMX). int8: the refiner's Conv quantised (QDQ), calibrated on "
-                                   "--data-path's training patients. bf16 and int8: exit 2 if the mean PSNR on "
-                                   "--split moves by more than 0.05 dB from torch fp32.")
+                                   "graph, computed in bf16 by OpenVINO on CPUs with native bf16. int8: the refiner's Conv "
+                                   "quantised (QDQ), calibrated on --data-path's training patients. bf16, int8: exit 2 if "
+                                   "the mean PSNR on --split moves by more than 0.05 dB from torch fp32.")
     _flag(e, "base-checkpoint", required=True, help="best_model.pt of the base stage")
     _flag(e, "refinement-checkpoint", required=True, help="best_model.pt of the refine stage")
     e.add_argument("--out", required=True, help="output .onnx file (an existing one only with --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    _flag(e, "data-path", default=None, help="dataset whose radiographs are used for the parity check too "
-                                             "(bf16, int8: required; int8: its train split calibrates)")
+    _flag(e, "data-path", default=None, help="dataset for the parity check (bf16, int8: required; int8: train calibrates)")
     e.add_argument("--split", default="test", help="split used with --data-path (default test)")
     e.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                   help="fp32 (default, exact); bf16 (the fastest on CPUs with native bf16: 3.3x torch fp32 "
-                        "in OpenVINO); int8 (the fastest on AVX2-only CPUs) -- bench/RESULTS.md section 4")
+                   help="fp32 (default, exact); bf16 (fastest where bf16 is native: OpenVINO 3.1x torch fp32); int8 "
+                        "(fastest on AVX2-only CPUs) -- bench/RESULTS.md section 4")
     _flag(e, "calibration-patients", type=_positive, default=16,
           help="training patients whose radiographs set the int8 activation ranges (default 16)")
     e.set_defaults(func=_cmd_export_onnx)
