@@ -11,6 +11,8 @@ mode) on the device the machine has. Models at 64^3 from 128^2 radiographs: the 
 
 * ``eager`` -- today's path: the module as built, NCDHW (channels-first) memory.
 * ``channels-last`` -- the same module and inputs in channels-last-3d memory.
+* ``cl-layers`` -- channels-last-3d inside each 3D convolution and up-sampling only, NCDHW around them
+  (:func:`ctrefine.models.layout.channels_last_layers`).
 * ``compiled`` -- ``torch.compile`` of the module and of the loss (the fast path the training driver
   uses with ``training.compile``): normalisation, activation and the casts autocast inserts are fused
   into generated loops; convolutions stay with oneDNN.
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from ctrefine.config import load_config
 from ctrefine.losses.loss import DetailRefinementLoss, ReconstructionLoss
 from ctrefine.models import build_base, build_refiner
+from ctrefine.models.layout import channels_last_layers
 
 MODELS = {  # name -> (stage, preset whose model section is used)
     "base-8": ("base", "cpu-medium"),
@@ -42,7 +45,7 @@ MODELS = {  # name -> (stage, preset whose model section is used)
     "refine-16": ("refine", "cpu-medium"),
     "refine-64": ("refine", "full"),
 }
-VARIANTS = ("eager", "channels-last", "compiled")
+VARIANTS = ("eager", "channels-last", "cl-layers", "compiled")
 
 
 def matmul_tflops(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
@@ -74,8 +77,12 @@ class Step:
         self.xrays = torch.rand(batch, 2, 1, s, s, generator=g)
         self.criterion = ReconstructionLoss() if stage == "base" else DetailRefinementLoss(cfg.loss_weights())
         if variant == "channels-last":
-            self.model = self.model.to(memory_format=torch.channels_last_3d)
+            for m in self.model.modules():  # only 3D convolutions have a channels-last-3d layout
+                if isinstance(m, torch.nn.Conv3d):
+                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
             self.coarse = self.coarse.contiguous(memory_format=torch.channels_last_3d)
+        if variant == "cl-layers":
+            channels_last_layers(self.model)
         self.forward = self.model
         self.loss_fn = self.criterion
         if variant == "compiled":
@@ -123,7 +130,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/train_speed", help="folder for train_speed.md / .json")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager", "channels-last", "cl-layers"],
+                   help="default: all but compiled (its first step compiles for minutes on a CPU)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per row (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -123,3 +123,48 @@ def test_cpu_small_and_full_presets_load():
     for name in ("cpu-small", "full"):
         cfg = load_config(f"configs/{name}.json")
         assert cfg.model.volume_size in (32, 64) and math.isfinite(cfg.training.learning_rate)
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_channels_last_layers_change_the_layout_not_the_result(which):
+    """Same outputs and gradients (fp32, to rounding), same parameters and state-dict keys; undoable."""
+    from ctrefine.models.layout import channels_last_layers
+
+    torch.manual_seed(0)
+    base, ref = build_models(load_config("cpu-small"))
+    model = base if which == "base" else ref
+    if which == "refiner":
+        with torch.no_grad():
+            model.head.weight.normal_(0, 0.05)  # a live head, so the whole network is on the gradient path
+    x = torch.rand(2, 2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    coarse = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x) if which == "base" else model(coarse, x)
+        (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    keys = list(model.state_dict())
+    out0, grads0 = run()
+    channels_last_layers(model)
+    out1, grads1 = run()
+    assert out1.is_contiguous()  # the model's output is NCDHW as before
+    assert torch.allclose(out0, out1, atol=1e-5) and grads0.keys() == grads1.keys()
+    for k in grads0:  # fp32 sums in another order: equal to ~1e-5 of the largest entry
+        assert (grads0[k] - grads1[k]).abs().max() <= 1e-4 * grads0[k].abs().max() + 1e-7, k
+    assert list(model.state_dict()) == keys
+    channels_last_layers(model, enabled=False)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_channels_last_auto_follows_the_width():
+    from ctrefine.models.layout import use_channels_last
+
+    cpu = torch.device("cpu")
+    narrow_base, narrow_ref = build_models(load_config("cpu-medium"))
+    wide_base, wide_ref = build_models(load_config("full"))
+    assert use_channels_last(narrow_base, cpu) and use_channels_last(narrow_ref, cpu)
+    assert not use_channels_last(wide_base, cpu) and not use_channels_last(wide_ref, cpu)  # one 16-ch fusion layer aside
+    assert use_channels_last(wide_ref, cpu, "on") and not use_channels_last(narrow_ref, cpu, "off")
+    assert not use_channels_last(narrow_ref, torch.device("meta"))  # not measured off the CPU: off

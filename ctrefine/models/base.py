@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import ResBlock, conv_norm_act, fuse_views
+from .blocks import ResBlock, Upsample2x, conv_norm_act, fuse_views
 
 # Channel multipliers per scale, finest first (volume, /2, /4, /8, /16).
 MULTS = (1, 2, 4, 6, 6)
@@ -64,6 +64,7 @@ class BaseReconstructor(nn.Module):
             c_fine, c_coarse = chans[i], chans[i + 1]
             self.up.append(conv_norm_act(c_coarse, c_fine, dim=3))
             self.merge.append(nn.Sequential(conv_norm_act(2 * c_fine, c_fine, dim=3), ResBlock(c_fine)))
+        self.upsample = Upsample2x()
         self.head = nn.Conv3d(chans[0], 1, 1)
 
     def forward(self, xrays: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,6 @@ class BaseReconstructor(nn.Module):
         fused = [f(fuse_views(a, b)) for f, a, b in zip(self.fuse, fp, fl)]
         x = self.bottom(fused[-1])
         for i in reversed(range(len(self.up))):
-            x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+            x = self.upsample(x)
             x = self.merge[i](torch.cat([self.up[i](x), fused[i]], dim=1))
         return torch.sigmoid(self.head(x))

@@ -37,6 +37,13 @@ def conv_norm_act(cin: int, cout: int, dim: int, k: int = 3, stride: int = 1) ->
                          nn.GroupNorm(_groups(cout), cout), nn.SiLU())
 
 
+class Upsample2x(nn.Module):
+    """Trilinear 2x up-sampling (a module, so :mod:`ctrefine.models.layout` can choose its memory layout)."""
+
+    def forward(self, x):
+        return nn.functional.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+
+
 class ResBlock(nn.Module):
     """Pre-activation-free residual block: conv-norm-act, conv-norm, skip, act (2D or 3D)."""
 

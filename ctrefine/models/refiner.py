@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..stencil import laplacian2d, laplacian3d
-from .blocks import FrequencyAttention, ResBlock, conv_norm_act, fuse_views
+from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fuse_views
 
 HIGHPASS_GAIN = 4.0  # Laplacian of a [0, 1] volume is small (|L| << 1 in soft tissue); scale it to O(1) inputs
 
@@ -82,6 +82,7 @@ class DetailRefinementNetwork(nn.Module):
         self.dec1 = nn.Sequential(conv_norm_act(2 * c1, c1, 3), ResBlock(c1))
         self.up0 = conv_norm_act(c1, c0, 3)
         self.dec0 = nn.Sequential(conv_norm_act(2 * c0, c0, 3), ResBlock(c0))
+        self.upsample = Upsample2x()
         self.head = nn.Conv3d(c0, 1, 3, padding=1)
         nn.init.zeros_(self.head.weight)  # identity start: residual == 0 exactly
         nn.init.zeros_(self.head.bias)
@@ -91,9 +92,9 @@ class DetailRefinementNetwork(nn.Module):
         x0 = self.enc0(self.stem(torch.cat([coarse, self.highpass(coarse), g], dim=1)))
         x1 = self.enc1(self.down1(x0))
         x = self.mid(self.down2(x1))
-        x = self.up1(F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False))
+        x = self.up1(self.upsample(x))
         x = self.dec1(torch.cat([x, x1], dim=1))
-        x = self.up0(F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False))
+        x = self.up0(self.upsample(x))
         x = self.dec0(torch.cat([x, x0], dim=1))
         return self.head(x)
 

@@ -36,6 +36,7 @@ from ..data.augment import augment_radiographs
 from ..data.dataset import CTDataset, iter_batches
 from ..data.io import read_json, write_json
 from ..errors import OneLineParser, UserError
+from ..models.layout import channels_last_layers, use_channels_last
 from .checkpointing import Checkpointer
 from .logs import CSVLog, tensorboard_writer
 from .stages import STAGES, Stage
@@ -205,6 +206,11 @@ def run(args) -> int:
     val_ds = CTDataset(cfg.data.data_path, cfg.data.val_split)
     stage = stage_cls(cfg, device, dtype)
     model = stage.build([train_ds, val_ds])
+    if use_channels_last(model, device, t.channels_last):
+        channels_last_layers(model)
+        if rank == 0:
+            print(f"[{args.stage}] 3D convolutions in channels-last-3d (training.channels_last={t.channels_last})",
+                  flush=True)
     num_epochs = stage.num_epochs()
 
     steps_per_epoch = max(1, -(-len(train_ds) // (t.batch_size * world)))
