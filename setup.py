@@ -9,6 +9,8 @@ Packaging notes
 * The top-level folder ``configs/`` (training presets, and a link to ``ds_config.json``) is installed
   as ``ctrefine.presets`` package data, so an installed ``ctrefine`` finds its presets and DeepSpeed
   config outside a source checkout.
+* ``ctrefine/pretrained/`` ships trained model files (each <= 10 MB, with a model card) as package
+  data, named ``pretrained:NAME`` wherever a checkpoint path is taken.
 """
 from setuptools import setup
 
@@ -27,9 +29,10 @@ setup(
         "ctrefine.training",
         "ctrefine.kernels",
         "ctrefine.presets",
+        "ctrefine.pretrained",
     ],
     package_dir={"ctrefine.kernels": "kernels", "ctrefine.presets": "configs"},
-    package_data={"ctrefine.presets": ["*.json"]},
+    package_data={"ctrefine.presets": ["*.json"], "ctrefine.pretrained": ["*.pt", "*.md"]},
     install_requires=[
         "torch==2.13.0",
         "numpy>=1.24",

@@ -23,6 +23,7 @@ from .config import Config
 from .outputs import atomic_file
 from .errors import ConfigError, DataError
 from .models import BUILDERS
+from . import pretrained
 
 FORMAT = "ctrefine-model"
 STAGES = tuple(BUILDERS)  # ("base", "refine")
@@ -68,8 +69,9 @@ def save_model_file(path, stage: str, state_dict: dict, cfg: Config, metrics: di
 
 
 def load_model_file(path, stage: str | None = None) -> ModelFile:
-    """Read a model file (one-line :class:`DataError` if it is missing, unsafe or not one; ``stage`` checked)."""
-    path = Path(path)
+    """Read a model file (one-line :class:`DataError` if it is missing, unsafe or not one; ``stage`` checked).
+    ``path`` may name a shipped model, ``pretrained:NAME`` (:mod:`ctrefine.pretrained`)."""
+    path = pretrained.resolve(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
     try:

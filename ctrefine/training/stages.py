@@ -21,7 +21,7 @@ from ..data.dataset import CTDataset, iter_batches
 from ..data.io import write_json
 from ..errors import UserError
 from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
-from .. import metrics
+from .. import metrics, pretrained
 from ..models import build_base, build_refiner
 
 # per-epoch validation: MAE adds nothing PSNR does not show; HF-PSNR says whether the detail is right
@@ -102,9 +102,10 @@ class BaseStage(Stage):
 
 
 def base_checkpoint_path(cfg: Config) -> Path:
-    """Where the refine stage reads its frozen base: the explicit path, else this run's base stage."""
+    """Where the refine stage reads its frozen base: the explicit path or shipped model
+    (``pretrained:NAME``), else this run's base stage."""
     explicit = cfg.model.base_model_checkpoint
-    return Path(explicit) if explicit else Path(cfg.checkpoint.dir) / "base" / "best_model.pt"
+    return pretrained.resolve(explicit) if explicit else Path(cfg.checkpoint.dir) / "base" / "best_model.pt"
 
 
 class RefineStage(Stage):

@@ -1,0 +1,46 @@
+"""Model files shipped inside the package, named ``pretrained:NAME`` wherever a checkpoint path is taken.
+
+Each entry is a ``best_model.pt`` (fp32 state dict + the resolved config it was trained with, as
+:mod:`ctrefine.checkpoint` writes it) with its sha256 and a model card (``NAME.md`` beside it: data,
+seed, command, epochs, wall time, metrics). :func:`resolve` turns ``pretrained:NAME`` into the file's
+path after checking its digest, so a damaged or replaced file is a one-line error, never a silent
+swap. Any other string is returned unchanged (a path).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..errors import DataError
+
+PREFIX = "pretrained:"
+ROOT = Path(__file__).parent  # the shipped files are package data beside this module
+
+# name -> (file inside this package, sha256 of the file). Add an entry with its model card.
+SHIPPED: dict[str, tuple[str, str]] = {}
+
+
+def resolve(spec) -> Path:
+    """``pretrained:NAME`` -> the shipped file (digest checked); anything else -> ``Path(spec)``."""
+    text = str(spec)
+    if not text.startswith(PREFIX):
+        return Path(spec)
+    name = text[len(PREFIX):]
+    if name not in SHIPPED:
+        known = ", ".join(PREFIX + n for n in sorted(SHIPPED)) or "none in this version"
+        raise DataError(f"{text}: no such shipped model (shipped: {known})")
+    filename, digest = SHIPPED[name]
+    path = ROOT / filename
+    if not path.is_file():
+        raise DataError(f"{text}: the shipped file {filename} is missing from this installation")
+    if sha256(path) != digest:
+        raise DataError(f"{text}: {path} does not match its recorded sha256 (damaged or replaced)")
+    return path
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
