@@ -63,6 +63,8 @@ def main(argv=None) -> int:
         return (f"| {label} | {fmt.format(s[f'mean_{k}_mean'])} ± {fmt.format(s[f'mean_{k}_std'])} | "
                 f"{fmt.format(s[f'coarse_{k}_mean'])} ± {fmt.format(s[f'coarse_{k}_std'])} |")
 
+    planned = cfg.training.base_num_epochs or cfg.training.num_epochs
+    stopped = " (early stopping fired)" if len(val) < planned else " (the schedule ended; early stopping did not fire)"
     curve = ", ".join(f"{r['epoch']}: {float(r['psnr']):.2f}" for r in val[::max(1, len(val) // 12)])
     card = f"""# `pretrained:{a.name}` -- frozen base for the phantom domain
 
@@ -82,7 +84,7 @@ their patients are unseen by this base.
 **Training**: `{a.command}` -- the deepspeed launcher, 2 CPU ranks (gloo), ZeRO-2, bf16, batch
 {cfg.training.batch_size} per rank, AdamW lr {cfg.training.learning_rate:g} with warm-up and cosine decay over
 {cfg.training.base_num_epochs or cfg.training.num_epochs} epochs, early stopping on val PSNR (patience
-{cfg.training.early_stopping_patience}); ran {len(val)} epochs in {a.wall_time}; best epoch {best['epoch']}
+{cfg.training.early_stopping_patience}); ran {len(val)} epochs in {a.wall_time}{stopped}; best epoch {best['epoch']}
 (val PSNR {float(best['psnr']):.2f} dB, SSIM {float(best['ssim']):.3f}, HF-PSNR {float(best['hf_psnr']):.2f} dB).
 Val PSNR by epoch: {curve}.
 

@@ -1,6 +1,9 @@
 """Jobs that run other parts as processes: a training stage through the ``deepspeed`` launcher, and
 the main job (``ctrefine demo``): data -> base -> refiner -> ONNX -> ONNX inference (OpenVINO on CPU, ONNX Runtime on CUDA) -> table.
 
+Where a shipped base fits the preset (:data:`SHIPPED_BASE`), the demo is the seed's workflow: that
+base, frozen, and only the refiner trained here (``train_base=True`` trains the base as well).
+
 The demo reuses finished work on a rerun: the dataset (resumable generation), each training stage
 (its driver resumes and stops at once when done) and an ONNX file newer than both model files.
 """
@@ -15,9 +18,24 @@ from pathlib import Path
 
 import torch
 
+from . import pretrained
 from .config import ds_config_path, load_config, preset_path
 from .errors import UserError
 from .outputs import check_writable
+
+
+# preset -> the shipped base trained for its geometry (ctrefine/pretrained/NAME.md says how)
+SHIPPED_BASE = {"cpu-medium": "phantom-64"}
+
+
+def demo_preset(preset: str) -> str:
+    """``auto``: ``full`` on CUDA; on CPU ``cpu-medium`` (64^3) when its shipped base is installed, else
+    ``cpu-small`` (32^3, both stages trained here)."""
+    if preset != "auto":
+        return preset
+    if torch.cuda.is_available():
+        return "full"
+    return "cpu-medium" if SHIPPED_BASE["cpu-medium"] in pretrained.SHIPPED else "cpu-small"
 
 
 def free_port() -> int:
@@ -67,7 +85,7 @@ def is_demo_run(folder: Path) -> bool:
 
 def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: int = 0, ranks: int | None = None,
              base_epochs: int | None = None, refine_epochs: int | None = None, sets: list[str] = (),
-             quiet: bool = False) -> dict:
+             quiet: bool = False, train_base: bool = False) -> dict:
     """The main job; prints its progress and the results table, returns the test-split summary."""
     from .data.dataset import make_dataset, summarize
     from .export import export_and_verify
@@ -77,7 +95,9 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
 
     t0 = time.time()
     cuda = torch.cuda.is_available()
-    preset_name = preset if preset != "auto" else ("full" if cuda else "cpu-small")
+    preset_name = demo_preset(preset)
+    shipped = None if train_base else SHIPPED_BASE.get(preset_name)
+    shipped = shipped if shipped in pretrained.SHIPPED else None
     preset_file = preset_path(preset_name)
     cfg = load_config(preset_file, list(sets))  # validate the overrides before any work
     out = Path(out)
@@ -89,7 +109,7 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     log = out / "demo.log"
     ranks = ranks or default_ranks()
     m = cfg.model
-    n = num_patients or (1000 if preset_name == "full" else 128)
+    n = num_patients or (1000 if preset_name == "full" else 128)  # CPU presets: a few minutes of training
     print(f"ctrefine demo: preset {preset_name}, {n} patients, {ranks} {'GPU' if cuda else 'CPU'} rank(s), output {out}")
 
     def step(title):
@@ -99,13 +119,19 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     make_dataset(out / "data", n, seed=seed, size=m.volume_size, xray_size=m.xray_size, progress=not quiet)
     print("   " + summarize(out / "data").replace("\n", "\n   "))
     run_sets = [f"data.data_path={out / 'data'}", f"checkpoint.dir={out}"] + list(sets)
-    step("2/5 base reconstructor (deepspeed launcher)")
-    train_stage("base", preset_file, run_sets + ([f"training.base_num_epochs={base_epochs}"] if base_epochs else []),
-                ranks, log, progress=False)
+    if shipped:
+        base_ckpt = pretrained.resolve(pretrained.PREFIX + shipped)
+        step(f"2/5 base reconstructor: shipped {pretrained.PREFIX}{shipped}, frozen (--train-base trains one here)")
+        run_sets.append(f"model.base_model_checkpoint={pretrained.PREFIX}{shipped}")
+    else:
+        base_ckpt = out / "base" / "best_model.pt"
+        step("2/5 base reconstructor (deepspeed launcher)")
+        train_stage("base", preset_file, run_sets + ([f"training.base_num_epochs={base_epochs}"] if base_epochs else []),
+                    ranks, log, progress=False)
     step("3/5 detail refinement network on the frozen base")
     train_stage("refine", preset_file, run_sets + ([f"training.num_epochs={refine_epochs}"] if refine_epochs else []),
                 ranks, log, progress=False)
-    base_ckpt, ref_ckpt = out / "base" / "best_model.pt", out / "refine" / "best_model.pt"
+    ref_ckpt = out / "refine" / "best_model.pt"
     onnx_path = out / "model.onnx"
     step("4/5 ONNX export + verification")
     if onnx_path.exists() and onnx_path.stat().st_mtime > max(base_ckpt.stat().st_mtime, ref_ckpt.stat().st_mtime):

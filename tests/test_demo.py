@@ -21,3 +21,24 @@ def test_demo_smoke(tmp_path):
     # a rerun reuses every finished stage (no retraining: the base reports it is done at once)
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and "is newer than both checkpoints: reused" in r2.stdout
+
+
+def test_demo_at_64_starts_from_the_shipped_frozen_base(tmp_path):
+    """The default CPU demo: 64^3, the shipped base (not trained, not copied), only the refiner trained."""
+    import json
+
+    from ctrefine import pretrained
+    from ctrefine.launch import SHIPPED_BASE, demo_preset
+
+    assert SHIPPED_BASE["cpu-medium"] in pretrained.SHIPPED and demo_preset("auto") == "cpu-medium"
+    out = tmp_path / "demo64"
+    cmd = [sys.executable, "-m", "ctrefine.cli", "demo", "--out", str(out), "--num-patients", "8", "--refine-epochs", "1",
+           "--ranks", "1", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "preset cpu-medium" in r.stdout and "shipped pretrained:phantom-64, frozen" in r.stdout
+    assert not (out / "base").exists()  # nothing trained or copied for the base
+    check = json.loads((out / "refine" / "frozen_base_check.json").read_text())
+    assert check["identical"] and check["file"] == str(pretrained.resolve("pretrained:phantom-64"))
+    summary = json.loads((out / "inference_results" / "metrics.json").read_text())["summary"]
+    assert summary["num_patients"] >= 1 and "coarse_psnr_mean" in summary

@@ -17,7 +17,10 @@ PREFIX = "pretrained:"
 ROOT = Path(__file__).parent  # the shipped files are package data beside this module
 
 # name -> (file inside this package, sha256 of the file). Add an entry with its model card.
-SHIPPED: dict[str, tuple[str, str]] = {}
+SHIPPED: dict[str, tuple[str, str]] = {
+    # 64^3 from 128^2, cpu-medium base (0.96M), phantoms of seed family 64; card: phantom-64.md
+    "phantom-64": ("phantom-64.pt", "bc24c49f524a3a9e526dd0aba06bf2ad6d84a56b05e32fe3be7c01096f9da8fb"),
+}
 
 
 def resolve(spec) -> Path:
