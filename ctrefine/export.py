@@ -151,6 +151,8 @@ def _export_lossy(model, cfg, out, log, precision, data_path, split, calibration
                         "result" + (" and whose training patients calibrate the activation ranges"
                                     if precision == "int8" else ""))
     ds = CTDataset(data_path, split)
+    if len(ds) == 0:
+        raise DataError(f"{data_path}: split {split!r} is empty: nothing to judge the {precision} file on")
     size = ds[0]["xrays"].shape[-1]
     if size != cfg.model.xray_size:
         raise DataError(f"{data_path}: radiographs are {size}^2 but the model expects {cfg.model.xray_size}^2")
