@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "quantised (QDQ), calibrated on --data-path's training patients. bf16, int8: exit 2 if "
                                    "the mean PSNR on --split moves by more than 0.05 dB from torch fp32.")
     _flag(e, "base-checkpoint", required=True, help="best_model.pt of the base stage, or a shipped one (pretrained:NAME)")
-    _flag(e, "refinement-checkpoint", required=True, help="best_model.pt of the refine stage")
+    _flag(e, "refinement-checkpoint", required=True, help="best_model.pt of the refine stage, or pretrained:NAME")
     e.add_argument("--out", required=True, help="output .onnx file (an existing one only with --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _flag(e, "data-path", default=None, help="dataset for the parity check (bf16, int8: required; int8: train calibrates)")
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or an earlier inference result (replaced only with --overwrite), never the dataset "
                                    "or inside it; an existing --out file is replaced only with --overwrite.")
     _flag(f, "base-checkpoint", help="best_model.pt of the base stage, or pretrained:NAME (torch path)")
-    _flag(f, "refinement-checkpoint", help="best_model.pt of the refine stage (torch path)")
+    _flag(f, "refinement-checkpoint", help="best_model.pt of the refine stage, or pretrained:NAME (torch path)")
     f.add_argument("--onnx", help="model.onnx from export-onnx (ONNX path)")
     f.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
                    help="runtime for --onnx; auto: ONNX Runtime with CUDA, else OpenVINO (faster on CPU) if installed")
