@@ -28,6 +28,12 @@ from .outputs import check_writable
 SHIPPED_BASE = {"cpu-medium": "phantom-64"}
 
 
+def shipped_base(preset: str) -> str | None:
+    """The name of the shipped base installed for ``preset``'s geometry, or None."""
+    name = SHIPPED_BASE.get(preset)
+    return name if name in pretrained.SHIPPED else None
+
+
 def demo_preset(preset: str) -> str:
     """``auto``: ``full`` on CUDA; on CPU ``cpu-medium`` (64^3) when its shipped base is installed, else
     ``cpu-small`` (32^3, both stages trained here)."""
@@ -35,7 +41,7 @@ def demo_preset(preset: str) -> str:
         return preset
     if torch.cuda.is_available():
         return "full"
-    return "cpu-medium" if SHIPPED_BASE["cpu-medium"] in pretrained.SHIPPED else "cpu-small"
+    return "cpu-medium" if shipped_base("cpu-medium") else "cpu-small"
 
 
 def free_port() -> int:
@@ -96,8 +102,7 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     t0 = time.time()
     cuda = torch.cuda.is_available()
     preset_name = demo_preset(preset)
-    shipped = None if train_base else SHIPPED_BASE.get(preset_name)
-    shipped = shipped if shipped in pretrained.SHIPPED else None
+    shipped = None if train_base else shipped_base(preset_name)
     preset_file = preset_path(preset_name)
     cfg = load_config(preset_file, list(sets))  # validate the overrides before any work
     out = Path(out)
