@@ -1,20 +1,29 @@
-"""Quality benchmark: does the refiner beat a converged base on patients it never saw?
+"""Quality benchmark and ablation: does the refiner add *correct* detail to a converged base, on
+patients it never saw?
 
-For one preset and seed: generate a phantom dataset (train/val/test by patient), train the base to
-convergence (cosine schedule over ``--base-epochs`` with early stopping on val PSNR), train the
-refiner on the frozen base with every registered loss term, then once more with each term switched off
-(one-at-a-time ablation), evaluate every refiner on the test split, and check reprojection: DRRs
-rendered from the coarse and refined volumes are compared with the input radiographs.
+Two ways to get the frozen base:
 
+    # the mission's size: the shipped 64^3 base and the phantoms it was trained on (its test split is unseen)
+    python bench/quality.py --preset cpu-medium --data runs/p64/data --base-checkpoint pretrained:phantom-64 \\
+        --out runs/abl --rows seed,guided,all,no_xray_consistency,no_phase_free,no_guidance
+
+    # from scratch: generate a dataset, train the base to convergence (early stopping), then the rows
     python bench/quality.py --preset cpu-small --num-patients 128 --out runs/quality
 
-Every figure stands beside the mean-training-volume baseline and the coarse volume, with HF-PSNR
-(is the detail *right*?) and the band energy ratios (is it sharper or smoother than the truth?).
+Each row is one refiner trained on the frozen base with the settings in :data:`ROWS` (every weight
+written out, so a row means the same thing whatever the registry's defaults become), evaluated on the
+test split (the refiner's own output: the gate off), and what the safety gate would do to it (its
+firings and the PSNR after it are columns). Every row stands beside the mean-training-volume
+baseline and the coarse volume; with HF-PSNR (is the detail right?), the high-band energy ratio
+(sharper or smoother than the truth?), the bone-edge gradient ratio and the wins.
 
-Writes ``<out>/quality.md`` (the table for bench/RESULTS.md), ``<out>/quality.json`` and
-``<out>/quality_tradeoff.png`` (PSNR against HF-PSNR and high-band energy for the mean baseline, coarse,
-refined and each ablation variant). Training runs through the deepspeed launcher, like the demo.
-Reruns reuse finished stages.
+For the first row that uses re-projection guidance, the guidance test: the refiner fed the right
+radiographs, another test patient's, and blank ones (the coarse volume always comes from the right
+ones) -- if the radiographs matter, the wrong ones must cost.
+
+Writes ``<out>/quality.md`` (tables for bench/RESULTS.md), ``quality.json`` and ``quality_tradeoff.png``
+(PSNR against HF-PSNR and against the high-band energy of every row). Training runs through the
+deepspeed launcher; a rerun reuses every finished row.
 """
 from __future__ import annotations
 
@@ -27,31 +36,68 @@ from pathlib import Path
 import numpy as np
 import torch
 
+FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
+NEW = {"xray_consistency": 1.0, "band_energy": 0.05, "gradient_distribution": 1.0}
+OFF = {k: 0.0 for k in NEW}
 
 
-def reprojection_error(predictor, data_path, split="test") -> dict:
-    """Mean |normalised DRR(volume) - normalised input radiograph| for coarse, refined and truth volumes."""
-    from ctrefine.conventions import FOV_MM, model_to_hu, normalize_xray
+def _row(label: str, weights: dict, reprojection: str = "cone") -> dict:
+    return {"label": label, "weights": weights, "reprojection": reprojection}
+
+
+ROWS = {
+    "seed": _row("seed's five terms, no re-projection guidance", {**FIVE, **OFF}, "off"),
+    "guided": _row("five terms + re-projection guidance", {**FIVE, **OFF}),
+    "all": _row("all terms + guidance", {**FIVE, **NEW}),
+    "no_xray_consistency": _row("all - xray_consistency", {**FIVE, **NEW, "xray_consistency": 0.0}),
+    "no_phase_free": _row("all - band_energy - gradient_distribution",
+                          {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}),
+    "no_guidance": _row("all terms, no re-projection guidance", {**FIVE, **NEW}, "off"),
+    **{f"no_{t}": _row(f"all - {t}", {**FIVE, **NEW, t: 0.0}) for t in FIVE},
+}
+COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
+
+
+def row_sets(row: dict) -> list[str]:
+    return [f"loss.{k}={v}" for k, v in row["weights"].items()] + [f'model.reprojection="{row["reprojection"]}"']
+
+
+def guidance_test(base_ckpt, refiner_ckpt, data_path) -> dict:
+    """Mean refined PSNR on the test split with the right radiographs, another test patient's (the next one
+    in the split, cyclically) and blank ones; the coarse volume always from the right radiographs."""
     from ctrefine.data.dataset import CTDataset
-    from ctrefine.data.io import read_json
-    from ctrefine.data.projector import Geometry, render_drrs
+    from ctrefine.metrics import psnr
+    from ctrefine.pipeline import load_two_stage
 
-    ds = CTDataset(data_path, split)
-    geo = read_json(Path(data_path) / "dataset.json")["geometry"]
-    geometry = Geometry(geo["kind"], geo["source_isocenter_mm"], geo["source_detector_mm"])
-    errs = {"coarse": [], "refined": [], "truth": []}
-    for i in range(len(ds)):
-        it = ds[i]
-        c, r = predictor(it["xrays"][None])
-        s = it["xrays"].shape[-1]
-        for name, vol in (("coarse", c), ("refined", r), ("truth", it["ct"][None])):
-            drr = render_drrs(model_to_hu(vol.float()), FOV_MM, s, geometry)[0, :, 0]
-            errs[name].append(float((normalize_xray(drr) - it["xrays"][:, 0]).abs().mean()))
-    return {k: float(np.mean(v)) for k, v in errs.items()}
+    model, _ = load_two_stage(base_ckpt, refiner_ckpt)
+    ds = CTDataset(data_path, "test")
+    xr = torch.stack([ds[i]["xrays"] for i in range(len(ds))])
+    ct = torch.stack([ds[i]["ct"] for i in range(len(ds))])
+    out = {}
+    with torch.no_grad():
+        coarse = torch.cat([model.base(xr[i:i + 4]) for i in range(0, len(ds), 4)])
+        for name, feed in (("right", xr), ("another patient's", torch.roll(xr, 1, dims=0)),
+                           ("blank", torch.zeros_like(xr))):
+            ref = torch.cat([model.refiner(coarse[i:i + 4], feed[i:i + 4]) for i in range(0, len(ds), 4)])
+            out[name] = float(psnr(ref, ct).mean())
+    out["coarse"] = float(psnr(coarse, ct).mean())
+    return out
+
+
+def gate_stats(per_patient: dict) -> dict:
+    """What the safety gate would do to the refiner's own outputs (evaluated with it off): how often it
+    falls back to the coarse volume, the mean PSNR after it and the change that makes."""
+    pp = list(per_patient.values())
+    fire = [m["gate"]["xray_consistency_refined"] > m["gate"]["xray_consistency_coarse"] for m in pp]
+    gated = [m["coarse"]["psnr"] if f else m["refined"]["psnr"] for m, f in zip(pp, fire)]
+    own = [m["refined"]["psnr"] for m in pp]
+    return {"fell_back": int(sum(fire)), "psnr": float(np.mean(gated)), "change": float(np.mean(gated) - np.mean(own)),
+            "wins": int(sum(g > m["coarse"]["psnr"] for g, m in zip(gated, pp))),
+            "hf_psnr_wins": int(sum(m["refined"]["hf_psnr"] > m["coarse"]["hf_psnr"] for m in pp))}
 
 
 def tradeoff_figure(results: dict, path: Path) -> None:
-    """PSNR against HF-PSNR and against high-band energy: the mean baseline, coarse, and every refiner."""
+    """PSNR against HF-PSNR and against high-band energy: the mean baseline, coarse, and every row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,126 +105,138 @@ def tradeoff_figure(results: dict, path: Path) -> None:
 
     from ctrefine.outputs import atomic_file
 
-    first = next(iter(results.values()))
-    points = [(s, first) for s in ("mean", "coarse") if f"{s}_psnr_mean" in first]
-    points += [(label, r) for label, r in results.items()]
+    first = next(iter(results.values()))["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, key, name in ((axes[0], "hf_psnr", "HF-PSNR (dB): is the detail right?"),
                           (axes[1], "band_high", "high-band energy ratio (1.0 = as sharp as the truth)")):
-        for label, r in points:
-            stage = label if label in ("mean", "coarse") else "refined"
-            x, y = r[f"{stage}_{key}_mean"], r[f"{stage}_psnr_mean"]
-            ax.scatter([x], [y], s=60, marker="s" if stage != "refined" else "o")
-            ax.annotate({"mean": "mean baseline"}.get(label, label), (x, y), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")
+        for stage in ("mean", "coarse"):
+            if f"{stage}_{key}_mean" in first:
+                ax.scatter([first[f"{stage}_{key}_mean"]], [first[f"{stage}_psnr_mean"]], s=60, marker="s")
+                ax.annotate({"mean": "mean baseline"}.get(stage, stage),
+                            (first[f"{stage}_{key}_mean"], first[f"{stage}_psnr_mean"]), fontsize=8,
+                            xytext=(4, 4), textcoords="offset points")
+        for slug, r in results.items():
+            x, y = r["summary"][f"refined_{key}_mean"], r["summary"]["refined_psnr_mean"]
+            ax.scatter([x], [y], s=60)
+            ax.annotate(slug, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_xlabel(name)
         ax.set_ylabel("PSNR (dB)")
         ax.grid(alpha=0.3)
     axes[1].axvline(1.0, color="grey", lw=0.8, ls="--")
-    fig.suptitle("test split means: up and right is better; a PSNR gain that moves left is smoothing")
+    fig.suptitle("test split means (the refiners' own outputs): up and right is better; a PSNR gain that moves left is smoothing")
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 
-def write_report(a, out: Path, results: dict, timings: dict, t0: float, done: bool) -> None:
-    """quality.md / quality.json / the trade-off figure from the refiners finished so far."""
-    from ctrefine.data.io import read_json
+def write_report(a, out: Path, results: dict, timings: dict, guidance: dict | None) -> None:
+    """quality.md / quality.json / the trade-off figure from the rows finished so far."""
     from ctrefine.report import summary_table
 
-    base_info = read_json(out / "base" / "best.json")
-    full = results["all terms"]
-    n = full["num_patients"]
-    lines = [
-        f"Preset `{a.preset}`, {a.num_patients} phantom patients (seed {a.seed}), test split n = {n}; "
-        f"base best at epoch {base_info['epoch']} (val PSNR {base_info['psnr']:.2f} dB, early stopping patience "
-        f"{a.patience} within a {a.base_epochs}-epoch cosine budget); refiners {a.refine_epochs} epochs.",
-        "",
-        summary_table(full, markdown=True),
-    ]
-    lines += ["", f"SSIM {full['refined_ssim_mean'] - full['coarse_ssim_mean']:+.4f}.", ""]
-    if len(results) > 1:
-        lines += ["| refiner loss | refined PSNR (dB) | gain (dB) | wins | refined HF-PSNR (dB) | refined band high | "
-                  "refined HF ratio |", "|---|---|---|---|---|---|---|"]
-        for label, r in results.items():
-            lines.append(f"| {label} | {r['refined_psnr_mean']:.3f} | {r['gain_db_mean']:+.3f} | {r['refined_wins']}/{n} | "
-                         f"{r['refined_hf_psnr_mean']:.3f} | {r['refined_band_high_mean']:.3f} | "
-                         f"{r['refined_hf_ratio_mean']:.3f} |")
+    s0 = next(iter(results.values()))["summary"]
+    n = s0["num_patients"]
+    base = "mean baseline" if "mean_psnr_mean" in s0 else None
+    lines = [f"Preset `{a.preset}`, dataset `{a.data or out / 'data'}`, frozen base `{a.base_checkpoint or out / 'base'}`, "
+             f"test split n = {n}, refiners {a.refine_epochs} epochs each.", ""]
+    if base:
+        lines.append(f"Mean baseline: PSNR {s0['mean_psnr_mean']:.3f} dB, HF-PSNR {s0['mean_hf_psnr_mean']:.3f} dB, "
+                     f"band high {s0['mean_band_high_mean']:.3f}; coarse: PSNR {s0['coarse_psnr_mean']:.3f} dB, SSIM "
+                     f"{s0['coarse_ssim_mean']:.4f}, HF-PSNR {s0['coarse_hf_psnr_mean']:.3f} dB, band high "
+                     f"{s0['coarse_band_high_mean']:.3f}, bone edge ratio {s0.get('coarse_bone_edge_ratio_mean', float('nan')):.3f}.")
         lines.append("")
+    lines += ["| row | refiner | PSNR (dB) | gain (dB) | wins | SSIM | HF-PSNR (dB) | HF-PSNR wins | band high | "
+              "bone edge ratio | X-ray consistency (coarse -> refined) | gate fell back | PSNR gated (dB) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for slug, r in results.items():
+        s, g = r["summary"], r["gate"]
+        lines.append(f"| `{slug}` | {ROWS[slug]['label']} | {s['refined_psnr_mean']:.3f} | {s['gain_db_mean']:+.3f} | "
+                     f"{s['refined_wins']}/{n} | {s['refined_ssim_mean']:.4f} | {s['refined_hf_psnr_mean']:.3f} | "
+                     f"{g['hf_psnr_wins']}/{n} | {s['refined_band_high_mean']:.3f} | "
+                     f"{s.get('refined_bone_edge_ratio_mean', float('nan')):.3f} | "
+                     f"{s['coarse_xray_consistency_mean']:.4f} -> {s['refined_xray_consistency_mean']:.4f} | "
+                     f"{g['fell_back']}/{n} | {g['psnr']:.3f} ({g['change']:+.3f}) |")
+    lines += ["", "Every column but the last two: the refiner's own output (gate off). Gate: how often it would fall "
+              "back to the coarse volume, and the PSNR after it (its change).", ""]
+    if guidance:
+        lines += [f"Guidance test (`{guidance['row']}`, refined PSNR on the test split, coarse {guidance['coarse']:.3f} dB): "
+                  + ", ".join(f"{k} radiographs {v:.3f} dB" for k, v in guidance.items() if k not in ("row", "coarse"))
+                  + ".", ""]
+    first = next(iter(results))
+    lines += [f"Summary of `{first}`:", "", summary_table(results[first]["summary"], markdown=True), ""]
+    lines.append("Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    (out / "quality.json").write_text(json.dumps({"results": {k: {"summary": v["summary"], "gate": v["gate"]}
+                                                              for k, v in results.items()},
+                                                  "guidance": guidance, "timings_s": timings}, indent=2))
     tradeoff_figure(results, out / "quality_tradeoff.png")
-    rp = full["reprojection"]
-    lines.append(f"Reprojection (mean |normalised DRR of the volume - input radiograph|, test split): coarse "
-                 f"{rp['coarse']:.4f}, refined {rp['refined']:.4f}, ground truth on the same grid {rp['truth']:.4f}.")
-    lines.append("")
-    lines.append("Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-                 + f"; total {(time.time() - t0) / 60:.1f} min.")
-    if not done:
-        lines.append(f"(partial: {len(results)} of the planned refiners have finished; rewritten after each one)")
-    table = "\n".join(lines) + "\n"
-    (out / "quality.md").write_text(table)
-    (out / "quality.json").write_text(json.dumps({"results": results, "timings_s": timings, "base": base_info}, indent=2))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", default="cpu-small", help="shipped preset name (cpu-small, cpu-medium, full)")
-    p.add_argument("--num-patients", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="an existing dataset (default: generate <out>/data)")
+    p.add_argument("--base-checkpoint", default=None, help="a trained base, e.g. pretrained:phantom-64 (default: train)")
+    p.add_argument("--num-patients", type=int, default=128, help="patients to generate (without --data)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (without --data)")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--base-epochs", type=int, default=100, help="cosine budget of the base (early stopping may end it)")
     p.add_argument("--patience", type=int, default=8, help="base early-stopping patience in epochs")
-    p.add_argument("--refine-epochs", type=int, default=15)
+    p.add_argument("--refine-epochs", type=int, default=12)
     p.add_argument("--ranks", type=int, default=None)
-    p.add_argument("--no-ablation", action="store_true", help="skip the one-term-off refiners")
+    p.add_argument("--rows", default="seed,guided,all,no_xray_consistency,no_phase_free,no_guidance",
+                   help=f"comma-separated rows of: {', '.join(ROWS)}")
     a = p.parse_args(argv)
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        p.error(f"unknown row(s) {bad}; choose from {list(ROWS)}")
 
     from ctrefine.config import load_config, preset_path
     from ctrefine.data.dataset import make_dataset
     from ctrefine.infer import evaluate_dataset
     from ctrefine.launch import default_ranks, train_stage
-    from ctrefine.losses.registry import TERMS
     from ctrefine.pipeline import TorchPredictor
 
-    t0 = time.time()
-    cuda = torch.cuda.is_available()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     ranks = a.ranks or default_ranks()
     preset = preset_path(a.preset)
     cfg = load_config(preset)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "quality.log"
-    m = cfg.model
-    make_dataset(out / "data", a.num_patients, seed=a.seed, size=m.volume_size, xray_size=m.xray_size)
-    data = [f"data.data_path={out / 'data'}"]
-    timings = {}
-
-    tic = time.time()
-    train_stage("base", str(preset), data + [f"checkpoint.dir={out}", f"training.base_num_epochs={a.base_epochs}",
-                                             f"training.early_stopping_patience={a.patience}"], ranks, log, progress=False)
-    timings["base"] = time.time() - tic
-    base_ckpt = out / "base" / "best_model.pt"
-    runs = {"all terms": out}
-    if not a.no_ablation:
-        runs.update({f"without {t}": out / f"ablate_no_{t}" for t in TERMS})
-    results = {}
-    for label, run_dir in runs.items():
+    data = Path(a.data).resolve() if a.data else out / "data"
+    if not a.data:
+        make_dataset(data, a.num_patients, seed=a.seed, size=cfg.model.volume_size, xray_size=cfg.model.xray_size)
+    sets = [f"data.data_path={data}"]
+    timings: dict[str, float] = {}
+    base_ckpt = a.base_checkpoint
+    if not base_ckpt:
         tic = time.time()
-        sets = data + [f"checkpoint.dir={run_dir}", f"model.base_model_checkpoint={base_ckpt}",
-                       f"training.num_epochs={a.refine_epochs}"]
-        if label.startswith("without "):
-            sets.append(f"loss.{label.split()[1]}=0")
-        train_stage("refine", str(preset), sets, ranks, log, progress=False)
-        timings[label] = time.time() - tic
-        pred = TorchPredictor(base_ckpt, run_dir / "refine" / "best_model.pt", device="cuda" if cuda else "cpu")
-        results[label] = evaluate_dataset(pred, out / "data", run_dir / "eval_test", save_volumes=False, progress=False,
-                                          overwrite=True)
-        if label == "all terms":
-            results[label]["reprojection"] = reprojection_error(pred, out / "data")
-        print(f"{label}: gain {results[label]['gain_db_mean']:+.3f} dB", flush=True)
-        write_report(a, out, results, timings, t0, done=len(results) == len(runs))
+        train_stage("base", str(preset), sets + [f"checkpoint.dir={out}", f"training.base_num_epochs={a.base_epochs}",
+                                                 f"training.early_stopping_patience={a.patience}"], ranks, log, progress=False)
+        timings["base"] = time.time() - tic
+        base_ckpt = str(out / "base" / "best_model.pt")
+    results, guidance = {}, None
+    for slug in rows:
+        run_dir = out / slug
+        tic = time.time()
+        train_stage("refine", str(preset), sets + [f"checkpoint.dir={run_dir}", f"model.base_model_checkpoint={base_ckpt}",
+                                                   f"training.num_epochs={a.refine_epochs}"] + row_sets(ROWS[slug]),
+                    ranks, log, progress=False)
+        timings[slug] = time.time() - tic
+        refiner = run_dir / "refine" / "best_model.pt"
+        summary = evaluate_dataset(TorchPredictor(base_ckpt, refiner, device=device), data, run_dir / "eval_test",
+                                   save_volumes=False, progress=False, overwrite=True, gate=False)
+        patients = json.loads((run_dir / "eval_test" / "metrics.json").read_text())["patients"]
+        results[slug] = {"summary": summary, "patients": patients, "gate": gate_stats(patients)}
+        if guidance is None and ROWS[slug]["reprojection"] != "off":
+            guidance = {"row": slug, **guidance_test(base_ckpt, refiner, data)}
+        print(f"{slug}: gain {summary['gain_db_mean']:+.3f} dB, gate would fall back "
+              f"{results[slug]['gate']['fell_back']}/{summary['num_patients']}", flush=True)
+        write_report(a, out, results, timings, guidance)
     print((out / "quality.md").read_text())
-
     return 0
 
 

@@ -85,8 +85,12 @@ def load_model_file(path, stage: str | None = None) -> ModelFile:
     if stage is not None and obj["stage"] != stage:
         want = "the base" if stage == "base" else "the refiner"
         raise DataError(f"{path}: holds a {obj['stage']!r} model, expected {want}")
+    stored = obj["config"]
+    if isinstance(stored.get("model"), dict) and "reprojection" not in stored["model"]:
+        # written before re-projection guidance existed: its refiner has none (today's default is "cone")
+        stored = {**stored, "model": {**stored["model"], "reprojection": "off"}}
     try:
-        cfg = Config.from_dict(obj["config"], source=f"{path} (stored config)")
+        cfg = Config.from_dict(stored, source=f"{path} (stored config)")
     except ConfigError as exc:
         raise DataError(str(exc)) from None
     return ModelFile(path, obj["stage"], obj["state_dict"], cfg, obj.get("metrics") or {}, obj.get("epoch"),

@@ -85,11 +85,9 @@ def _cmd_info(a) -> int:
     for name, model in zip(("base (BaseReconstructor)", "refiner (DetailRefinementNetwork)"), build_models(cfg)):
         n = sum(p.numel() for p in model.parameters())
         print(f"  {name:36s} {n:>12,d} parameters ({n / 1e6:.2f}M)")
-        if a.verbose:
-            for child_name, child in model.named_children():
-                k = sum(p.numel() for p in child.parameters())
-                if k:
-                    print(f"      {child_name:32s} {k:>12,d}")
+        for child_name, child in (model.named_children() if a.verbose else ()):
+            if k := sum(p.numel() for p in child.parameters()):
+                print(f"      {child_name:32s} {k:>12,d}")
     return 0
 
 
@@ -108,7 +106,7 @@ def _cmd_export_onnx(a) -> int:
 
 
 def _cmd_infer(a) -> int:
-    from .infer import evaluate_dataset, infer_radiographs
+    from .infer import evaluate_dataset, gate_summary, infer_radiographs
     from .pipeline import make_predictor
     from .report import summary_table
 
@@ -122,12 +120,12 @@ def _cmd_infer(a) -> int:
         raise UserError("dataset mode needs --data-path and --output-dir (or use --xray-pa/--xray-lateral/--out)")
     pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx, a.engine)
     if single:
-        refined, coarse = infer_radiographs(pred, a.xray_pa, a.xray_lateral, a.out, a.xray_convention, a.overwrite,
-                                            warn=lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr))
-        print(f"wrote {refined} (refined) and {coarse} (coarse), HU, {pred.kind}")
+        refined, coarse, g = infer_radiographs(pred, a.xray_pa, a.xray_lateral, a.out, a.xray_convention, a.overwrite,
+                                               lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr), not a.no_gate)
+        print(f"wrote {refined} and {coarse} (coarse), HU, {pred.kind}; {gate_summary(g)}")
         return 0
     s = evaluate_dataset(pred, a.data_path, a.output_dir, a.num_patients, a.split, not a.no_save_volumes,
-                         progress=not a.quiet, overwrite=a.overwrite, baseline_data=a.baseline_data)
+                         progress=not a.quiet, overwrite=a.overwrite, baseline_data=a.baseline_data, gate=not a.no_gate)
     print(f"{s['num_patients']} {a.split} patients -> {a.output_dir}/metrics.txt")
     print(summary_table(s))
     return 0
@@ -251,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="output CT .nii.gz (radiograph mode)")
     _flag(f, "xray-convention", choices=("attenuation", "intensity"), default="attenuation",
           help="attenuation: bone bright (default); intensity: raw detector, bone dark")
+    _flag(f, "no-gate", action="store_true", help="keep the refined volume even where it explains the radiographs worse "
+          "than the coarse one (default: fall back to coarse there, and say so)")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_cmd_infer)
 

@@ -43,6 +43,9 @@ class ModelConfig(_Section):
     guidance_channels: int = Field(16, ge=1, description="X-ray detail guidance features per view")
     freq_bins: int = Field(16, ge=1, description="radial frequency bands of each FrequencyAttention gain")
     mid_blocks: int = Field(4, ge=0, description="residual blocks at the refiner's quarter resolution")
+    reprojection: Literal["cone", "parallel", "off"] = Field(
+        "cone", description="refiner: re-project the coarse volume in this geometry and feed the residual (the "
+                            "dataset's geometry; 'off' = no re-projection guidance, as in models before it existed)")
     base_model_checkpoint: str | None = Field(None, description="refine stage: the trained base's best_model.pt; "
                                                                 "null = <checkpoint.dir>/base/best_model.pt")
 

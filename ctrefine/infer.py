@@ -5,12 +5,18 @@
 
       output_dir/metrics.txt    per patient and mean +- std of PSNR/SSIM/MAE/HF-ratio, coarse vs refined,
                                 the gain and the refined-wins count (:mod:`ctrefine.report`)
-      output_dir/metrics.json   the same numbers, machine-readable
+      output_dir/metrics.json   the same numbers, machine-readable, and per patient the safety gate's
+                                record: both volumes' X-ray consistency, whether it fell back to the
+                                coarse volume, and the PSNR that choice saved or cost
       output_dir/patient_XXXX/{coarse,refined,ground_truth}.nii.gz   HU, the patient's own affine
       output_dir/patient_XXXX/patient_XXXX_comparison.png            slices, error maps, both X-rays
 
 * :func:`infer_radiographs` -- a user's own PA + lateral radiograph files, no ground truth: writes the
-  refined CT (and the coarse one beside it) as NIfTI in HU.
+  refined CT (and the coarse one beside it) as NIfTI in HU, and the gate's record as JSON beside them.
+
+Both pass the refiner's output through the safety gate (:func:`ctrefine.reprojection.safety_gate`, on
+by default): a refined volume that explains the input radiographs worse than the coarse one is
+replaced by the coarse one. "refined" in every output is what the gate let through.
 
 The predictors come from :mod:`ctrefine.pipeline`; the tables from :mod:`ctrefine.report`.
 """
@@ -22,10 +28,12 @@ import numpy as np
 import torch
 
 from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
-from .data.dataset import CTDataset, mean_volume
+from .data.dataset import CTDataset, dataset_geometry, mean_volume
 from .data.io import atomic_dir, load_radiograph, read_json, save_nifti, square_resize, write_json
 from .errors import DataError
 from .outputs import claim_output_dir, claim_output_file
+from .metrics import psnr
+from .reprojection import SliceProjector, safety_gate
 from .report import metrics_text, patient_metrics, summarize
 from .viz import comparison_png
 
@@ -40,13 +48,14 @@ def is_inference_result(folder: Path) -> bool:
 
 def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None = None, split: str = "test",
                      save_volumes: bool = True, batch_size: int = 4, progress: bool = True,
-                     overwrite: bool = False, baseline_data=None) -> dict:
+                     overwrite: bool = False, baseline_data=None, gate: bool = True) -> dict:
     """Run ``predictor`` on a split, write the comparison outputs, return the summary dict.
 
     ``output_dir`` must be missing, empty, or (with ``overwrite``) an earlier inference result; it may
     not overlap the dataset. Checked before any work. The mean baseline is the mean training volume of
     ``baseline_data`` (default: ``data_path`` itself -- except for ``split="all"``, whose patients
     include that train split: there it is left out unless ``baseline_data`` names the training set).
+    ``gate``: fall back to the coarse volume where the refined one explains the radiographs worse.
     """
     from tqdm import tqdm
 
@@ -63,15 +72,20 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
     header = Path(data_path) / "dataset.json"
     table = (read_json(header) if header.exists() else {}).get("labels")
     per_patient: dict[str, dict] = {}
+    projector = None
     with atomic_dir(output_dir) as tmp:
         bar = tqdm(total=n, desc=f"infer ({predictor.kind})", unit="pt", disable=not progress)
         for i0 in range(0, n, batch_size):
             items = [ds[i] for i in range(i0, min(n, i0 + batch_size))]
-            coarse, refined = predictor(torch.stack([it["xrays"] for it in items]))
-            for it, c, r in zip(items, coarse, refined):
+            xrays = torch.stack([it["xrays"] for it in items])
+            coarse, ungated = predictor(xrays)
+            projector = projector or SliceProjector(coarse.shape[-1], geometry=dataset_geometry(data_path))
+            refined, records = safety_gate(projector, xrays, coarse, ungated, gate)
+            for it, c, r, u, rec in zip(items, coarse, refined, ungated, records):
                 gt, name = it["ct"], it["name"]
                 vols = {"coarse": c, "refined": r} if baseline is None else {"mean": baseline, "coarse": c, "refined": r}
                 m = per_patient[name] = patient_metrics(vols, gt, it.get("labels"), table)
+                m["gate"] = {**rec, "psnr_ungated": float(psnr(u[None], gt[None]))}
                 folder = tmp / name
                 folder.mkdir()
                 if save_volumes:
@@ -85,7 +99,7 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
                 bar.update()
         bar.close()
         summary = summarize(per_patient)
-        summary.update({"split": split, "data_path": str(data_path), "predictor": predictor.kind,
+        summary.update({"split": split, "data_path": str(data_path), "predictor": predictor.kind, "gate": gate,
                         "source": predictor.source, "precision": predictor.precision, "compute": predictor.compute,
                         "baseline_data": None if baseline is None else str(baseline_data or data_path)})
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
@@ -134,22 +148,32 @@ def prepare_radiographs(pa_path, lateral_path, size: int, convention: str = "att
 
 
 def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: str = "attenuation",
-                      overwrite: bool = False, warn=None) -> tuple[Path, Path]:
-    """Reconstruct a CT from two radiograph files; writes ``out`` (refined) and ``*_coarse`` beside it.
+                      overwrite: bool = False, warn=None, gate: bool = True) -> tuple[Path, Path, dict]:
+    """Reconstruct a CT from two radiograph files; writes ``out`` (refined, after the safety gate),
+    ``*_coarse`` and ``*_gate.json`` (the gate's record) beside it; returns the two paths and the record.
 
-    Both outputs are checked (writable; an existing file only with ``overwrite``) before inference.
+    Every output is checked (writable; an existing file only with ``overwrite``) before inference.
     """
     out = Path(out_path)
     if not out.name.endswith((".nii", ".nii.gz")):
         raise DataError(f"{out}: output must be a .nii or .nii.gz file")
     stem = out.name[:-7] if out.name.endswith(".nii.gz") else out.name[:-4]
-    coarse_path = out.with_name(f"{stem}_coarse.nii.gz")
-    for p in (out, coarse_path):
+    coarse_path, gate_path = out.with_name(f"{stem}_coarse.nii.gz"), out.with_name(f"{stem}_gate.json")
+    for p in (out, coarse_path, gate_path):
         claim_output_file(p, overwrite)
     x = prepare_radiographs(pa_path, lateral_path, predictor.xray_size, convention, warn)
-    coarse, refined = predictor(x)
-    v = refined.shape[-1]
+    coarse, ungated = predictor(x)
+    v = ungated.shape[-1]
+    refined, (record,) = safety_gate(SliceProjector(v, geometry=predictor.geometry), x, coarse, ungated, gate)
     aff = canonical_affine(v, FOV_MM / v)
     save_nifti(out, model_to_hu(refined[0, 0].numpy()), aff)
     save_nifti(coarse_path, model_to_hu(coarse[0, 0].numpy()), aff)
-    return out, coarse_path
+    write_json(gate_path, {**record, "gate": gate, "geometry": predictor.geometry})
+    return out, coarse_path, record
+
+
+def gate_summary(record: dict) -> str:
+    """One line on what the safety gate saw and did for one patient."""
+    verdict = "fell back to the coarse volume" if record["fell_back"] else "kept the refined volume"
+    return (f"X-ray consistency coarse {record['xray_consistency_coarse']:.4f}, refined "
+            f"{record['xray_consistency_refined']:.4f} (lower explains the radiographs better): the gate {verdict}")

@@ -11,6 +11,7 @@ Export and inference both build on this module and on :mod:`ctrefine.checkpoint`
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,8 @@ class TorchPredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.xray_size = cfg.model.xray_size
+        # the ray geometry the refiner was trained on (models from before re-projection guidance: cone)
+        self.geometry = cfg.model.reprojection if cfg.model.reprojection != "off" else "cone"
 
     @torch.no_grad()
     def __call__(self, xrays: torch.Tensor):
@@ -207,6 +210,7 @@ class OnnxPredictor:
         if "xray_size" not in meta:
             raise DataError(f"{path}: not a ctrefine ONNX model (no xray_size metadata)")
         self.xray_size = int(meta["xray_size"])
+        self.geometry = json.loads(meta.get("geometry") or '{"kind": "cone"}').get("kind", "cone")
         self.precision = meta.get("precision", "fp32")  # files from before int8 export carry no tag
         if self.precision not in COMPUTE:
             raise DataError(f"{path}: unknown precision tag {self.precision!r} (this ctrefine reads "

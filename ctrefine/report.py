@@ -59,6 +59,13 @@ def summarize(per_patient: dict) -> dict:
     gains = np.array([m["refined"]["psnr"] - m["coarse"]["psnr"] for m in per_patient.values()])
     s.update({"gain_db_mean": float(gains.mean()), "gain_db_std": float(gains.std()),
               "refined_wins": int((gains > 0).sum())})
+    gates = [m["gate"] for m in per_patient.values() if "gate" in m]
+    if gates:  # the safety gate (ctrefine.reprojection.safety_gate): how often it fell back, what that changed
+        s["gate_fell_back"] = sum(g["fell_back"] for g in gates)
+        s["gate_psnr_change_db"] = float(np.mean([m["refined"]["psnr"] - m["gate"]["psnr_ungated"]
+                                                  for m in per_patient.values()]))
+        for k in ("coarse", "refined"):
+            s[f"{k}_xray_consistency_mean"] = float(np.mean([g[f"xray_consistency_{k}"] for g in gates]))
     if "mean" in stages:  # skill: how far each volume is above the trivial answer
         for stage in ("coarse", "refined"):
             skill = np.array([m[stage]["psnr"] - m["mean"]["psnr"] for m in per_patient.values()])
@@ -84,6 +91,11 @@ def _rows(s: dict, pm: str) -> list[tuple[str, ...]]:
                      f"{s['coarse_skill_db_mean']:+.3f} dB{pm}{s['coarse_skill_db_std']:.3f}",
                      f"{s['refined_skill_db_mean']:+.3f} dB{pm}{s['refined_skill_db_std']:.3f}"))
     rows.append(("refined wins", *blank, f"{s['refined_wins']} / {s['num_patients']}"))
+    if "gate_fell_back" in s:
+        rows.append(("X-ray consistency (no truth)", *("",) * (len(stages) - 2), f"{s['coarse_xray_consistency_mean']:.4f}",
+                     f"{s['refined_xray_consistency_mean']:.4f}"))
+        rows.append(("gate fell back to coarse", *blank, f"{s['gate_fell_back']} / {s['num_patients']} "
+                                                         f"({s['gate_psnr_change_db']:+.3f} dB)"))
     return rows
 
 

@@ -91,6 +91,36 @@ def test_infer_dataset_outputs(mode, checkpoints, onnx_model, tiny_dataset, tmp_
                 assert v.item() == pytest.approx(m[stage][k], rel=1e-4, abs=1e-5)
         assert f"{m['refined']['psnr']:.4f}" in text
         assert Image.open(folder / f"{name}_comparison.png").size[0] > 500
+        g = m["gate"]  # the safety gate's record: refined is what it let through, and the choice is consistent
+        assert g["fell_back"] == (g["xray_consistency_refined"] > g["xray_consistency_coarse"])
+        if g["fell_back"]:
+            assert m["refined"]["psnr"] == pytest.approx(m["coarse"]["psnr"])
+        else:
+            assert m["refined"]["psnr"] == pytest.approx(g["psnr_ungated"])
+    assert data["summary"]["gate_fell_back"] == sum(m["gate"]["fell_back"] for m in data["patients"].values())
+    assert "gate fell back to coarse" in text
+
+
+def test_gate_off_keeps_the_refiners_output(checkpoints, tiny_dataset, tmp_path, monkeypatch):
+    """--no-gate: the refined volume is the refiner's own; with the gate, fallbacks (forced here by making
+    every refined volume explain the radiographs worse) are the coarse volume, reported per patient."""
+    import ctrefine.reprojection as rp
+    from ctrefine.infer import evaluate_dataset
+    from ctrefine.pipeline import TorchPredictor
+
+    pred = TorchPredictor(checkpoints[0], checkpoints[1], device="cpu")
+    off = evaluate_dataset(pred, tiny_dataset, tmp_path / "off", save_volumes=False, progress=False, gate=False)
+    real, calls = rp.xray_consistency, []
+
+    def worse_refined(p, v, x):
+        calls.append(v)
+        return real(p, v, x) + (1.0 if len(calls) % 2 == 0 else 0.0)  # every second call is the refined volume
+
+    monkeypatch.setattr(rp, "xray_consistency", worse_refined)
+    on = evaluate_dataset(pred, tiny_dataset, tmp_path / "on", save_volumes=False, progress=False, gate=True)
+    assert off["gate_fell_back"] == 0 and on["gate_fell_back"] == on["num_patients"]
+    assert on["refined_psnr_mean"] == pytest.approx(on["coarse_psnr_mean"])
+    assert on["gate_psnr_change_db"] == pytest.approx(on["coarse_psnr_mean"] - off["refined_psnr_mean"], abs=1e-6)
 
 
 def test_torch_and_both_onnx_engines_agree(checkpoints, onnx_model, tiny_dataset, tmp_path):
@@ -197,6 +227,9 @@ def test_infer_from_radiograph_files(checkpoints, onnx_model, tiny_dataset, tmp_
     img = nib.load(str(tmp_path / "ct.nii.gz"))
     assert img.shape == (32, 32, 32) and nib.aff2axcodes(img.affine) == ("I", "P", "L")
     assert (tmp_path / "ct_coarse.nii.gz").exists()
+    gate = json.loads((tmp_path / "ct_gate.json").read_text())
+    assert gate["gate"] is True and gate["geometry"] == "cone" and "xray_consistency_refined" in gate
+    assert "X-ray consistency coarse" in r.stdout
     # a PNG of the DRR gives the same normalised input as the DRR itself (up to 16-bit quantisation)
     from ctrefine.conventions import normalize_xray
     from ctrefine.infer import prepare_radiographs

@@ -68,9 +68,39 @@ def test_loss_applies_config_weights():
     assert "frequency" not in terms
     assert torch.allclose(total, sum(weights[k] * v for k, v in terms.items()))
     assert torch.allclose(terms["gradient"], R.laplacian_l1(p, t))
-    total_d, terms_d = DetailRefinementLoss()(p, t, c)
-    assert set(terms_d) == set(DEFAULT_WEIGHTS)
+    xr = torch.rand(1, 2, 1, 32, 32)
+    total_d, terms_d = DetailRefinementLoss()(p, t, c, xr)
+    assert set(terms_d) == {k for k, w in DEFAULT_WEIGHTS.items() if w > 0}
+    with pytest.raises(ValueError, match="needs the batch's radiographs"):
+        DetailRefinementLoss({"xray_consistency": 1.0})(p, t, c)
     with pytest.raises(ValueError, match="unknown loss term"):
         DetailRefinementLoss({"ssim": 1.0})
     with pytest.raises(ValueError, match="non-negative"):
         DetailRefinementLoss({"l1": -1.0})
+
+
+def _blob_volume(shift=0, n=24):
+    """Sharp-edged random blocks: detail at every scale, shifted (circularly) by ``shift`` voxels."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.zeros(1, 1, n, n, n)
+    for _ in range(12):
+        a = torch.randint(0, n - 6, (3,), generator=g)
+        s = torch.randint(2, 6, (3,), generator=g)
+        v[..., a[0]:a[0] + s[0], a[1]:a[1] + s[1], a[2]:a[2] + s[2]] += torch.rand(1, generator=g).item()
+    return torch.roll(v, shifts=(shift, shift, shift), dims=(-3, -2, -1))
+
+
+def test_phase_free_terms_reward_detail_not_its_position():
+    """Misplaced detail costs the pointwise terms a lot and these nothing; lost detail (a blur) costs them."""
+    from ctrefine.metrics import highpass
+
+    t = _blob_volume()
+    moved = _blob_volume(shift=3)  # the same detail, elsewhere (the case a pointwise loss averages away)
+    blurred = (t.double() - highpass(t.double(), 1.5)).float()
+    for fn in (R.band_energy_l1, R.gradient_distribution_l1):
+        assert fn(t, t.clone()).item() == pytest.approx(0.0, abs=1e-6)
+        assert fn(moved, t).item() < 0.1 * fn(blurred, t).item()  # not 0: the roll moves edges across the border
+    assert R.l1(moved, t) > R.l1(blurred, t)  # pointwise: the blur looks better than the right detail misplaced
+    p = blurred.clone().requires_grad_(True)
+    (R.band_energy_l1(p, t) + R.gradient_distribution_l1(p, t)).backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0

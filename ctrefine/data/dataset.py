@@ -196,6 +196,13 @@ def summarize(root) -> str:
     return "\n".join(lines)
 
 
+def dataset_geometry(root) -> str:
+    """The ray geometry (``cone`` / ``parallel``) a dataset's radiographs were rendered with (``cone``, the
+    default of every maker here, for a folder without a header)."""
+    header = Path(root) / "dataset.json"
+    return read_json(header)["geometry"]["kind"] if header.exists() else "cone"
+
+
 def iter_batches(ds: "CTDataset", indices: list[int], batch_size: int, raw: bool = False):
     """``(xrays (B,2,1,S,S), ct (B,1,D,H,W), names)`` over ``indices`` in order, ``batch_size`` at a time.
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .registry import DEFAULT_WEIGHTS, TERMS, canonical_name
+from ..reprojection import SliceProjector
+from .registry import DEFAULT_WEIGHTS, TERMS, Radiographs, canonical_name
 
 __all__ = ["DEFAULT_WEIGHTS", "DetailRefinementLoss", "ReconstructionLoss"]
 
@@ -28,10 +29,14 @@ class ReconstructionLoss(nn.Module):
 
 
 class DetailRefinementLoss(nn.Module):
-    """``forward(refined, target, coarse) -> (total, {term: value})``; zero-weight terms are skipped."""
+    """``forward(refined, target, coarse, xrays=None) -> (total, {term: value})``; zero-weight terms are
+    skipped. ``xrays`` (normalised, ``(B, 2, 1, S, S)``) is needed only by ``xray_consistency``, which
+    re-projects in ``geometry`` (the dataset's: ``cone`` or ``parallel``)."""
 
-    def __init__(self, weights: dict | None = None):
+    def __init__(self, weights: dict | None = None, geometry: str = "cone"):
         super().__init__()
+        self.geometry = geometry
+        self._projectors: dict = {}
         w = dict(DEFAULT_WEIGHTS)
         for k, v in (weights or {}).items():
             name = canonical_name(k)
@@ -46,7 +51,16 @@ class DetailRefinementLoss(nn.Module):
     def term_names(self) -> tuple[str, ...]:
         return tuple(self.weights)
 
-    def forward(self, refined: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor):
-        terms = {k: TERMS[k].fn(refined, target, coarse) for k, w in self.weights.items() if w > 0}
+    def projector(self, volume: torch.Tensor) -> SliceProjector:
+        """The re-projector for this volume size and device (built once, kept)."""
+        key = (volume.shape[-1], volume.device)
+        if key not in self._projectors:
+            self._projectors[key] = SliceProjector(volume.shape[-1], geometry=self.geometry).to(volume.device)
+        return self._projectors[key]
+
+    def forward(self, refined: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor,
+                xrays: torch.Tensor | None = None):
+        xr = None if xrays is None else Radiographs(xrays, self.projector(refined))
+        terms = {k: TERMS[k].fn(refined, target, coarse, xr) for k, w in self.weights.items() if w > 0}
         total = sum(self.weights[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}

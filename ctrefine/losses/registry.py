@@ -4,8 +4,14 @@ The config's ``loss`` section, :class:`~ctrefine.losses.loss.DetailRefinementLos
 benchmark's ablation list are all derived from :data:`TERMS`; adding a term means adding one entry
 here (and its reference in :mod:`ctrefine.losses.reference`), nothing else.
 
-Default weights are the seed's: L1 anchors intensities; the frequency and gradient terms reward high
-frequencies; the texture term matches local contrast; a light consistency term keeps the base's anatomy.
+Default weights of the seed's five terms are the seed's: L1 anchors intensities; the frequency and
+gradient terms reward high frequencies; the texture term matches local contrast; a light consistency
+term keeps the base's anatomy. The terms added since (X-ray consistency, band energy, gradient
+distribution) carry the defaults the 64^3 ablation supports (bench/RESULTS.md section 10).
+
+A term is ``fn(refined, target, coarse, xrays)``; ``xrays`` is a :class:`Radiographs` (the batch's
+normalised input radiographs and the re-projector of the dataset's geometry), or None for callers
+without radiographs -- a term that needs them then says so.
 """
 from __future__ import annotations
 
@@ -14,10 +20,32 @@ from typing import Callable
 
 import torch
 
+from ..reprojection import SliceProjector, xray_consistency
 from . import functional, reference
 
-# term(refined, target, coarse) -> scalar
-TermFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Defaults of the terms added after the seed's five (set by the 64^3 ablation, bench/RESULTS.md section 10).
+XRAY_CONSISTENCY_WEIGHT = 0.0
+BAND_ENERGY_WEIGHT = 0.0
+GRADIENT_DISTRIBUTION_WEIGHT = 0.0
+
+
+@dataclass(frozen=True)
+class Radiographs:
+    """What the X-ray consistency term compares a volume with: normalised radiographs ``(B, 2, 1, S, S)``
+    and the :class:`~ctrefine.reprojection.SliceProjector` of their geometry."""
+
+    images: torch.Tensor
+    projector: "SliceProjector"
+
+
+# term(refined, target, coarse, xrays) -> scalar
+TermFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "Radiographs | None"], torch.Tensor]
+
+
+def _consistency_with(r: torch.Tensor, xr: "Radiographs | None") -> torch.Tensor:
+    if xr is None:
+        raise ValueError("the xray_consistency term needs the batch's radiographs")
+    return xray_consistency(xr.projector, r, xr.images).mean()
 
 
 @dataclass(frozen=True)
@@ -30,16 +58,23 @@ class LossTerm:
 
 
 TERMS: dict[str, LossTerm] = {t.name: t for t in (
-    LossTerm("l1", 1.0, lambda r, t, c: reference.l1(r, t), "mean |refined - truth|"),
-    LossTerm("frequency", 0.5, lambda r, t, c: functional.spectral_l1(r, t),
+    LossTerm("l1", 1.0, lambda r, t, c, x: reference.l1(r, t), "mean |refined - truth|"),
+    LossTerm("frequency", 0.5, lambda r, t, c, x: functional.spectral_l1(r, t),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
-    LossTerm("gradient", 0.3, lambda r, t, c: functional.laplacian_l1(r, t),
+    LossTerm("gradient", 0.3, lambda r, t, c, x: functional.laplacian_l1(r, t),
              "L1 of the 3D Laplacians (Triton kernel on CUDA)"),
     # The seed calls this "perceptual"; no pretrained weights exist here, so it is named for what it is.
-    LossTerm("texture", 0.2, lambda r, t, c: reference.local_stats_loss(r, t),
+    LossTerm("texture", 0.2, lambda r, t, c, x: reference.local_stats_loss(r, t),
              "multi-scale local mean/std L1", aliases=("perceptual",)),
-    LossTerm("consistency", 0.1, lambda r, t, c: reference.consistency_l1(r, c),
+    LossTerm("consistency", 0.1, lambda r, t, c, x: reference.consistency_l1(r, c),
              "L1 of the low-passed refined vs coarse volume"),
+    LossTerm("xray_consistency", XRAY_CONSISTENCY_WEIGHT, lambda r, t, c, x: _consistency_with(r, x),
+             "mean |normalised input radiograph - fitted re-projection of the refined volume| (needs no truth)"),
+    LossTerm("band_energy", BAND_ENERGY_WEIGHT, lambda r, t, c, x: reference.band_energy_l1(r, t),
+             "L1 of log radial power per frequency band (phase-free: rewards detail at the right scale)"),
+    LossTerm("gradient_distribution", GRADIENT_DISTRIBUTION_WEIGHT,
+             lambda r, t, c, x: reference.gradient_distribution_l1(r, t),
+             "L1 between sorted gradient magnitudes (phase-free: as many sharp edges as the truth)"),
 )}
 
 DEFAULT_WEIGHTS: dict[str, float] = {name: t.default_weight for name, t in TERMS.items()}

@@ -18,7 +18,8 @@ def build_refiner(cfg):
     from .refiner import DetailRefinementNetwork
 
     m = cfg.model
-    return DetailRefinementNetwork(m.volume_size, m.hidden_channels, m.guidance_channels, m.freq_bins, m.mid_blocks)
+    return DetailRefinementNetwork(m.volume_size, m.hidden_channels, m.guidance_channels, m.freq_bins, m.mid_blocks,
+                                   m.reprojection)
 
 
 BUILDERS = {"base": build_base, "refine": build_refiner}

@@ -10,7 +10,12 @@ The residual comes from a small 3D U-Net fed with three things:
    volume already has edges;
 3. :class:`XrayDetailGuidance` -- detail cues from each radiograph (the image and its 2D Laplacian),
    encoded in 2D, lifted along each view's ray axis and fused across views, i.e. where the radiographs
-   say edges are that the coarse volume lacks.
+   say edges are that the coarse volume lacks;
+4. the re-projection residual (:mod:`ctrefine.reprojection`): each normalised input radiograph minus
+   the fitted re-projection of the coarse volume, back-projected along the rays it came from, i.e.
+   *how much* attenuation the coarse volume lacks or has in excess along each ray, in the acquisition's
+   own cone-beam geometry. It enters at every scale of the U-Net (the stem, and a 1x1 injection at
+   half and quarter resolution), so the guidance reaches the output by more than one path.
 
 :class:`~ctrefine.models.blocks.FrequencyAttention` blocks at full and half resolution re-weight
 frequency bands (magnitude only, phase preserved). The last convolution is zero-initialised, so an
@@ -23,10 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..reprojection import SliceProjector, xray_residual
 from ..stencil import laplacian2d, laplacian3d
 from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fuse_views
 
 HIGHPASS_GAIN = 4.0  # Laplacian of a [0, 1] volume is small (|L| << 1 in soft tissue); scale it to O(1) inputs
+# The coarse volume's re-projection residual is ~0.02 (mean |r|, normalised radiograph units, shipped 64^3 base,
+# bench/RESULTS.md section 10); scale it to O(1) inputs.
+RESIDUAL_GAIN = 25.0
 
 
 class HighPassBranch(nn.Module):
@@ -63,7 +72,7 @@ class DetailRefinementNetwork(nn.Module):
     """``(coarse (B,1,V,V,V), xrays (B,2,1,S,S)) -> refined (B,1,V,V,V)`` in [0, 1]."""
 
     def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
-                 freq_bins: int = 16, mid_blocks: int = 4):
+                 freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone"):
         super().__init__()
         if volume_size % 4:
             raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
@@ -72,7 +81,12 @@ class DetailRefinementNetwork(nn.Module):
         self.volume_size = v
         self.highpass = HighPassBranch()
         self.guidance = XrayDetailGuidance(guidance_channels)
-        self.stem = conv_norm_act(2 + guidance_channels, c0, 3)
+        # "off": no re-projection guidance (models trained before it existed, and the ablation)
+        self.projector = None if reprojection == "off" else SliceProjector(v, v, reprojection)
+        n_res = 0 if self.projector is None else 2
+        self.stem = conv_norm_act(2 + guidance_channels + n_res, c0, 3)
+        if n_res:
+            self.inject1, self.inject2 = nn.Conv3d(n_res, c1, 1), nn.Conv3d(n_res, c2, 1)
         self.enc0 = nn.Sequential(ResBlock(c0), FrequencyAttention(c0, (v, v, v), freq_bins))
         self.down1 = conv_norm_act(c0, c1, 3, stride=2)
         self.enc1 = nn.Sequential(ResBlock(c1), FrequencyAttention(c1, (v // 2,) * 3, freq_bins))
@@ -87,11 +101,24 @@ class DetailRefinementNetwork(nn.Module):
         nn.init.zeros_(self.head.weight)  # identity start: residual == 0 exactly
         nn.init.zeros_(self.head.bias)
 
+    def reprojection_guidance(self, coarse: torch.Tensor, xrays: torch.Tensor) -> list[torch.Tensor]:
+        """Each view's re-projection residual of ``coarse`` back along its rays, ``(B, 2, V, V, V)`` at full,
+        half and quarter resolution (computed in float32: CPU pooling has no bf16 kernel)."""
+        bp = RESIDUAL_GAIN * self.projector.backproject(xray_residual(self.projector, coarse.float(), xrays))
+        return [v.to(coarse.dtype) for v in (bp, F.avg_pool3d(bp, 2), F.avg_pool3d(bp, 4))]
+
     def residual(self, coarse: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
-        g = self.guidance(xrays, self.volume_size)
-        x0 = self.enc0(self.stem(torch.cat([coarse, self.highpass(coarse), g], dim=1)))
-        x1 = self.enc1(self.down1(x0))
-        x = self.mid(self.down2(x1))
+        inputs = [coarse, self.highpass(coarse), self.guidance(xrays, self.volume_size)]
+        bp = None if self.projector is None else self.reprojection_guidance(coarse, xrays)
+        x0 = self.enc0(self.stem(torch.cat(inputs + ([] if bp is None else [bp[0]]), dim=1)))
+        x1 = self.down1(x0)
+        if bp is not None:
+            x1 = x1 + self.inject1(bp[1])
+        x1 = self.enc1(x1)
+        x = self.down2(x1)
+        if bp is not None:
+            x = x + self.inject2(bp[2])
+        x = self.mid(x)
         x = self.up1(self.upsample(x))
         x = self.dec1(torch.cat([x, x1], dim=1))
         x = self.up0(self.upsample(x))

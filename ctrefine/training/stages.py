@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import load_model_file, state_fingerprint
 from ..config import Config
-from ..data.dataset import CTDataset, iter_batches
+from ..data.dataset import CTDataset, dataset_geometry, iter_batches
 from ..data.io import write_json
 from ..errors import UserError
 from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
@@ -116,6 +116,10 @@ class RefineStage(Stage):
 
     @staticmethod
     def check(cfg):
+        geo, want = dataset_geometry(cfg.data.data_path), cfg.model.reprojection
+        if want != "off" and want != geo:
+            raise UserError(f"model.reprojection={want!r} but {cfg.data.data_path} was rendered with {geo!r} "
+                            f"geometry; set model.reprojection={geo!r}")
         path = base_checkpoint_path(cfg)
         if not path.exists():
             raise UserError(f"refine stage needs a trained base: {str(path)!r} not found "
@@ -137,7 +141,7 @@ class RefineStage(Stage):
         self.recompute_coarse = self.cfg.augment.enabled
         cached = datasets[1:] if self.recompute_coarse else datasets
         self.coarse = self._coarse_cache(cached, self.cfg.training.batch_size)
-        self.criterion = DetailRefinementLoss(self.cfg.loss_weights())
+        self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), dataset_geometry(self.cfg.data.data_path))
         return build_refiner(self.cfg)
 
     @torch.no_grad()
@@ -160,7 +164,8 @@ class RefineStage(Stage):
                 c = self.frozen(xrays.to(self.device)).float().to(self.dtype)
         else:
             c = self._coarse(names)
-        return self.criterion(model(c, xrays.to(self.device, self.dtype)), ct.to(self.device), c)
+        x = xrays.to(self.device, self.dtype)
+        return self.criterion(model(c, x), ct.to(self.device), c, x)
 
     @torch.no_grad()
     def evaluate(self, model, ds, batch_size):
