@@ -5,7 +5,7 @@ Two ways to get the frozen base:
 
     # the mission's size: the shipped 64^3 base and the phantoms it was trained on (its test split is unseen)
     python bench/quality.py --preset cpu-medium --data runs/p64/data --base-checkpoint pretrained:phantom-64 \\
-        --out runs/abl --rows seed,guided,all,no_xray_consistency,no_phase_free,no_guidance
+        --out runs/abl --rows seed,guided,all,no_dc,no_xray_consistency,no_phase_free,no_reprojection
 
     # from scratch: generate a dataset, train the base to convergence (early stopping), then the rows
     python bench/quality.py --preset cpu-small --num-patients 128 --out runs/quality
@@ -37,29 +37,33 @@ import numpy as np
 import torch
 
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
-NEW = {"xray_consistency": 1.0, "band_energy": 0.05, "gradient_distribution": 1.0}
+NEW = {"xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05}
 OFF = {k: 0.0 for k in NEW}
 
 
-def _row(label: str, weights: dict, reprojection: str = "cone") -> dict:
-    return {"label": label, "weights": weights, "reprojection": reprojection}
+def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2) -> dict:
+    return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc}
 
 
 ROWS = {
-    "seed": _row("seed's five terms, no re-projection guidance", {**FIVE, **OFF}, "off"),
-    "guided": _row("five terms + re-projection guidance", {**FIVE, **OFF}),
-    "all": _row("all terms + guidance", {**FIVE, **NEW}),
+    "seed": _row("seed's five terms; no re-projection (no guidance, no DC steps)", {**FIVE, **OFF}, "off", 0),
+    "guided": _row("five terms + re-projection guidance, no DC steps", {**FIVE, **OFF}, dc=0),
+    "sharp": _row("all terms, phase-free 10x / 20x stronger (the sharpness knob), no DC steps",
+                  {**FIVE, "xray_consistency": 1.0, "band_energy": 0.05, "gradient_distribution": 1.0}, dc=0),
+    "all": _row("all terms + guidance + 2 DC steps", {**FIVE, **NEW}),
+    "no_dc": _row("all terms + guidance, no DC steps", {**FIVE, **NEW}, dc=0),
     "no_xray_consistency": _row("all - xray_consistency", {**FIVE, **NEW, "xray_consistency": 0.0}),
     "no_phase_free": _row("all - band_energy - gradient_distribution",
                           {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}),
-    "no_guidance": _row("all terms, no re-projection guidance", {**FIVE, **NEW}, "off"),
+    "no_reprojection": _row("all terms, no re-projection (no guidance, no DC steps)", {**FIVE, **NEW}, "off", 0),
     **{f"no_{t}": _row(f"all - {t}", {**FIVE, **NEW, t: 0.0}) for t in FIVE},
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
 
 def row_sets(row: dict) -> list[str]:
-    return [f"loss.{k}={v}" for k, v in row["weights"].items()] + [f'model.reprojection="{row["reprojection"]}"']
+    return [f"loss.{k}={v}" for k, v in row["weights"].items()] + [f'model.reprojection="{row["reprojection"]}"',
+                                                                   f"model.data_consistency_steps={row['dc']}"]
 
 
 def guidance_test(base_ckpt, refiner_ckpt, data_path) -> dict:
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int, default=8, help="base early-stopping patience in epochs")
     p.add_argument("--refine-epochs", type=int, default=12)
     p.add_argument("--ranks", type=int, default=None)
-    p.add_argument("--rows", default="seed,guided,all,no_xray_consistency,no_phase_free,no_guidance",
+    p.add_argument("--rows", default="seed,guided,all,no_dc,no_xray_consistency,no_phase_free,no_reprojection",
                    help=f"comma-separated rows of: {', '.join(ROWS)}")
     a = p.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]

@@ -86,9 +86,10 @@ def load_model_file(path, stage: str | None = None) -> ModelFile:
         want = "the base" if stage == "base" else "the refiner"
         raise DataError(f"{path}: holds a {obj['stage']!r} model, expected {want}")
     stored = obj["config"]
-    if isinstance(stored.get("model"), dict) and "reprojection" not in stored["model"]:
-        # written before re-projection guidance existed: its refiner has none (today's default is "cone")
-        stored = {**stored, "model": {**stored["model"], "reprojection": "off"}}
+    if isinstance(stored.get("model"), dict):
+        # written before re-projection guidance / data-consistency steps existed: its refiner has neither
+        # (today's defaults have both)
+        stored = {**stored, "model": {"reprojection": "off", "data_consistency_steps": 0, **stored["model"]}}
     try:
         cfg = Config.from_dict(stored, source=f"{path} (stored config)")
     except ConfigError as exc:

@@ -154,7 +154,7 @@ def test_infer_reports_baseline_and_detail_metrics(tiny_dataset, tmp_path):
     for key in ("mean_psnr_mean", "coarse_hf_psnr_mean", "refined_band_high_mean", "coarse_bone_dice_mean",
                 "refined_mae_hu_lung_mean", "refined_skill_db_mean"):
         assert key in s, key
-    assert all(set(m) == {"mean", "coarse", "refined"} for m in data["patients"].values())
+    assert all(set(m) == {"mean", "coarse", "refined", "gate"} for m in data["patients"].values())
     skill = [m["refined"]["psnr"] - m["mean"]["psnr"] for m in data["patients"].values()]
     assert s["refined_skill_db_mean"] == pytest.approx(np.mean(skill))
     text = (out / "metrics.txt").read_text()

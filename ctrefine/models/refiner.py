@@ -1,8 +1,12 @@
 """Stage 2: the DetailRefinementNetwork (coarse CT + the same X-rays -> refined CT).
 
-    refined = clamp(coarse + residual, 0, 1)
+    start = data_consistency(coarse)          (learned SIRT steps; identity at initialisation)
+    refined = clamp(start + residual(start), 0, 1)
 
-The residual comes from a small 3D U-Net fed with three things:
+The data-consistency steps (:func:`ctrefine.reprojection.sirt_step`, ``model.data_consistency_steps``
+of them, each with a learned step size that starts at 0) move the coarse volume towards explaining
+the input radiographs -- parameter-free corrections the radiographs dictate. The residual comes
+from a small 3D U-Net fed with four things about that starting volume:
 
 1. the coarse volume itself;
 2. :class:`HighPassBranch` -- its fixed 3D Laplacian (``ctrefine.stencil``: 7-point, replicate
@@ -28,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reprojection import SliceProjector, xray_residual
+from ..reprojection import SliceProjector, sirt_step, xray_residual
 from ..stencil import laplacian2d, laplacian3d
 from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fuse_views
 
@@ -36,6 +40,9 @@ HIGHPASS_GAIN = 4.0  # Laplacian of a [0, 1] volume is small (|L| << 1 in soft t
 # The coarse volume's re-projection residual is ~0.02 (mean |r|, normalised radiograph units, shipped 64^3 base,
 # bench/RESULTS.md section 10); scale it to O(1) inputs.
 RESIDUAL_GAIN = 25.0
+# Step sizes are DC_STEP_SCALE * parameter: AdamW moves a parameter by about the learning rate per step, and the
+# useful SIRT step is ~1.5 (bench/RESULTS.md section 10) -- unscaled, 12 epochs at lr 1e-3 would reach ~0.3.
+DC_STEP_SCALE = 10.0
 
 
 class HighPassBranch(nn.Module):
@@ -72,7 +79,7 @@ class DetailRefinementNetwork(nn.Module):
     """``(coarse (B,1,V,V,V), xrays (B,2,1,S,S)) -> refined (B,1,V,V,V)`` in [0, 1]."""
 
     def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
-                 freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone"):
+                 freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone", data_consistency_steps: int = 0):
         super().__init__()
         if volume_size % 4:
             raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
@@ -83,6 +90,10 @@ class DetailRefinementNetwork(nn.Module):
         self.guidance = XrayDetailGuidance(guidance_channels)
         # "off": no re-projection guidance (models trained before it existed, and the ablation)
         self.projector = None if reprojection == "off" else SliceProjector(v, v, reprojection)
+        if data_consistency_steps and self.projector is None:
+            raise ValueError("data-consistency steps need a re-projection geometry (reprojection='off')")
+        # step sizes start at 0: the identity at initialisation (no parameter at all without steps: older files)
+        self.dc_step = nn.Parameter(torch.zeros(data_consistency_steps)) if data_consistency_steps else None
         n_res = 0 if self.projector is None else 2
         self.stem = conv_norm_act(2 + guidance_channels + n_res, c0, 3)
         if n_res:
@@ -100,6 +111,15 @@ class DetailRefinementNetwork(nn.Module):
         self.head = nn.Conv3d(c0, 1, 3, padding=1)
         nn.init.zeros_(self.head.weight)  # identity start: residual == 0 exactly
         nn.init.zeros_(self.head.bias)
+
+    def data_consistency(self, coarse: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
+        """``coarse`` after the learned SIRT steps (float32 arithmetic; returned in ``coarse``'s dtype)."""
+        if self.dc_step is None:
+            return coarse
+        x = coarse.float()
+        for step in self.dc_step:
+            x = torch.clamp(x + DC_STEP_SCALE * step.float() * sirt_step(self.projector, x, xrays), 0.0, 1.0)
+        return x.to(coarse.dtype)
 
     def reprojection_guidance(self, coarse: torch.Tensor, xrays: torch.Tensor) -> list[torch.Tensor]:
         """Each view's re-projection residual of ``coarse`` back along its rays, ``(B, 2, V, V, V)`` at full,
@@ -130,4 +150,5 @@ class DetailRefinementNetwork(nn.Module):
             raise ValueError(f"expected coarse (B, 1, {self.volume_size}^3), got {tuple(coarse.shape)}")
         if xrays.dim() != 5 or xrays.shape[1:3] != (2, 1):
             raise ValueError(f"expected xrays (B, 2, 1, S, S), got {tuple(xrays.shape)}")
-        return torch.clamp(coarse + self.residual(coarse, xrays).to(coarse.dtype), 0.0, 1.0)
+        start = self.data_consistency(coarse, xrays)
+        return torch.clamp(start + self.residual(start, xrays).to(start.dtype), 0.0, 1.0)

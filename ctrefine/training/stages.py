@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
 from .. import metrics, pretrained
 from ..models import build_base, build_refiner
+from ..reprojection import xray_consistency
 
 # per-epoch validation: MAE adds nothing PSNR does not show; HF-PSNR says whether the detail is right
 # (only these are computed every epoch: all_metrics would add the band FFTs nobody logs here)
@@ -112,7 +113,8 @@ class RefineStage(Stage):
     name = "refine"
     score_key = "refined_psnr"
     val_fields = ("coarse_psnr", "refined_psnr", "gain_db", "coarse_ssim", "refined_ssim", "coarse_hf_ratio",
-                  "refined_hf_ratio", "coarse_hf_psnr", "refined_hf_psnr")
+                  "refined_hf_ratio", "coarse_hf_psnr", "refined_hf_psnr", "coarse_xray_consistency",
+                  "refined_xray_consistency")
 
     @staticmethod
     def check(cfg):
@@ -173,7 +175,10 @@ class RefineStage(Stage):
         for xr, ct, names in iter_batches(ds, list(range(len(ds))), batch_size):
             c = self._coarse(names)
             ref = model(c, xr.to(self.device, self.dtype)).float().cpu()
-            for k, v in {**_pick(c.float().cpu(), ct, "coarse_"), **_pick(ref, ct, "refined_")}.items():
+            proj = self.criterion.projector(ref)  # needs no truth: how well each volume explains the radiographs
+            xc = {f"{k}_xray_consistency": xray_consistency(proj, v, xr) for k, v in (("coarse", c.float().cpu()),
+                                                                                       ("refined", ref))}
+            for k, v in {**_pick(c.float().cpu(), ct, "coarse_"), **_pick(ref, ct, "refined_"), **xc}.items():
                 acc.setdefault(k, []).append(v)
         res = _mean(acc)
         res["gain_db"] = res["refined_psnr"] - res["coarse_psnr"]
