@@ -95,7 +95,10 @@ def main(argv=None) -> int:
         columns = "| metric | mean training volume | coarse (base) | refined (this model) |\n|---|---|---|---|"
         verdict = (f"Refined - coarse: {s['gain_db_mean']:+.2f} ± {s['gain_db_std']:.2f} dB, refined better on "
                    f"{s['refined_wins']}/{s['num_patients']}; skill over the mean baseline {s['coarse_skill_db_mean']:+.2f} "
-                   f"(coarse) -> {s['refined_skill_db_mean']:+.2f} dB (refined).")
+                   f"(coarse) -> {s['refined_skill_db_mean']:+.2f} dB (refined). Refined figures are after `infer`'s "
+                   f"safety gate, which fell back to the coarse volume on {s['gate_fell_back']}/{s['num_patients']} "
+                   f"({s['gate_psnr_change_db']:+.3f} dB); X-ray consistency {s['coarse_xray_consistency_mean']:.4f} "
+                   f"(coarse) -> {s['refined_xray_consistency_mean']:.4f} (refined).")
     card = f"""# `pretrained:{a.name}` -- {title}
 
 **What**: {what} over 320 mm
@@ -125,6 +128,7 @@ Val PSNR by epoch: {curve}.
 {row('hf_psnr', 'HF-PSNR (dB)')}
 {row('band_high', 'band energy high', '{:.3f}')}
 {row('bone_dice', 'bone Dice', '{:.3f}')}
+{row('bone_edge_ratio', 'bone edge ratio', '{:.3f}')}
 
 {verdict}
 
