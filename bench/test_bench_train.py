@@ -45,7 +45,7 @@ def test_train_step(benchmark, stage, kernels, precision, monkeypatch):
             if stage == "base":
                 loss = F.l1_loss(model(xrays).float(), target)
             else:
-                loss, _ = crit(model(coarse, xrays), target, coarse)
+                loss, _ = crit(model(coarse, xrays), target, coarse, xrays)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

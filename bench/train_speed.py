@@ -95,7 +95,7 @@ class Step:
             if self.stage == "base":
                 loss, _ = self.loss_fn(self.forward(self.xrays), self.target)
             else:
-                loss, _ = self.loss_fn(self.forward(self.coarse, self.xrays), self.target, self.coarse)
+                loss, _ = self.loss_fn(self.forward(self.coarse, self.xrays), self.target, self.coarse, self.xrays)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

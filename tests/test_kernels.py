@@ -108,11 +108,12 @@ def test_training_loss_same_numbers_both_paths(monkeypatch):
 
     g = torch.Generator().manual_seed(6)
     p, t, c = (torch.rand(2, 1, 8, 8, 8, generator=g).to(DEVICE) for _ in range(3))
+    xr = torch.rand(2, 2, 1, 8, 8, generator=g).to(DEVICE)
     out = {}
     for mode in ("0", "1"):
         monkeypatch.setenv("CTREFINE_KERNELS", mode)
         q = p.clone().requires_grad_()
-        total, terms = DetailRefinementLoss()(q, t, c)
+        total, terms = DetailRefinementLoss()(q, t, c, xr)
         total.backward()
         out[mode] = (total.detach(), q.grad)
     torch.testing.assert_close(out["0"][0], out["1"][0], atol=1e-6, rtol=1e-5)

@@ -63,7 +63,7 @@ def test_terms_have_finite_gradients():
 def test_loss_applies_config_weights():
     torch.manual_seed(0)
     t, c, p = torch.rand(3, 1, 1, 16, 16, 16)
-    weights = {"l1": 2.0, "frequency": 0.0, "gradient": 1.5, "texture": 0.25, "consistency": 3.0}
+    weights = {"l1": 2.0, "frequency": 0.0, "gradient": 1.5, "texture": 0.25, "consistency": 3.0, "xray_consistency": 0.0}
     total, terms = DetailRefinementLoss(weights)(p, t, c)
     assert "frequency" not in terms
     assert torch.allclose(total, sum(weights[k] * v for k, v in terms.items()))

@@ -38,7 +38,7 @@ def test_refiner_loss_drops(tiny_dataset):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
-        loss, _ = crit(model(coarse, x), ct, coarse)
+        loss, _ = crit(model(coarse, x), ct, coarse, x)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -24,9 +24,9 @@ from ..reprojection import SliceProjector, xray_consistency
 from . import functional, reference
 
 # Defaults of the terms added after the seed's five (set by the 64^3 ablation, bench/RESULTS.md section 10).
-XRAY_CONSISTENCY_WEIGHT = 0.0
-BAND_ENERGY_WEIGHT = 0.0
-GRADIENT_DISTRIBUTION_WEIGHT = 0.0
+XRAY_CONSISTENCY_WEIGHT = 1.0
+BAND_ENERGY_WEIGHT = 0.005
+GRADIENT_DISTRIBUTION_WEIGHT = 0.05
 
 
 @dataclass(frozen=True)
