@@ -103,9 +103,9 @@ def main(argv=None) -> int:
             ax.axis("off")
         row[2].set_xlabel(f"{ec:.3f} -> {er:.3f}")
         row[3].text(1, 3, f"|err| {ec:.3f} -> {er:.3f}", color="black", fontsize=7, backgroundcolor="white")
-    fig.suptitle(f"{it['name']} (PSNR gain {gain:+.2f} dB): spots where the refiner moved bone edges / vessels most "
-                 f"towards the truth (better) and most away (worse); blue = refined closer", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{it['name']} (PSNR gain {gain:+.2f} dB): spots where the refiner moved bone edges / vessels\n"
+                 f"most towards the truth (better) and most away (worse); right column blue = refined closer", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     with atomic_file(a.out) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
