@@ -5,7 +5,7 @@ Two ways to get the frozen base:
 
     # the mission's size: the shipped 64^3 base and the phantoms it was trained on (its test split is unseen)
     python bench/quality.py --preset cpu-medium --data runs/p64/data --base-checkpoint pretrained:phantom-64 \\
-        --out runs/abl --rows seed,guided,all,no_dc,no_xray_consistency,no_phase_free,no_reprojection
+        --out runs/abl --rows seed,all,guided,sharp,no_dc,no_xray_consistency,no_phase_free,augmented
 
     # from scratch: generate a dataset, train the base to convergence (early stopping), then the rows
     python bench/quality.py --preset cpu-small --num-patients 128 --out runs/quality
@@ -41,8 +41,8 @@ NEW = {"xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0
 OFF = {k: 0.0 for k in NEW}
 
 
-def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2) -> dict:
-    return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc}
+def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = ()) -> dict:
+    return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc, "extra": list(extra)}
 
 
 ROWS = {
@@ -55,6 +55,8 @@ ROWS = {
     "no_xray_consistency": _row("all - xray_consistency", {**FIVE, **NEW, "xray_consistency": 0.0}),
     "no_phase_free": _row("all - band_energy - gradient_distribution",
                           {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}),
+    "augmented": _row("all terms + guidance + 2 DC steps, trained on augmented radiographs", {**FIVE, **NEW},
+                      extra=("augment.enabled=true",)),
     "no_reprojection": _row("all terms, no re-projection (no guidance, no DC steps)", {**FIVE, **NEW}, "off", 0),
     **{f"no_{t}": _row(f"all - {t}", {**FIVE, **NEW, t: 0.0}) for t in FIVE},
 }
@@ -63,7 +65,8 @@ COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
 def row_sets(row: dict) -> list[str]:
     return [f"loss.{k}={v}" for k, v in row["weights"].items()] + [f'model.reprojection="{row["reprojection"]}"',
-                                                                   f"model.data_consistency_steps={row['dc']}"]
+                                                                   f"model.data_consistency_steps={row['dc']}",
+                                                                   *row["extra"]]
 
 
 def guidance_test(base_ckpt, refiner_ckpt, data_path) -> dict:
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int, default=8, help="base early-stopping patience in epochs")
     p.add_argument("--refine-epochs", type=int, default=12)
     p.add_argument("--ranks", type=int, default=None)
-    p.add_argument("--rows", default="seed,guided,all,no_dc,no_xray_consistency,no_phase_free,no_reprojection",
+    p.add_argument("--rows", default="seed,all,guided,sharp,no_dc,no_xray_consistency,no_phase_free,augmented",
                    help=f"comma-separated rows of: {', '.join(ROWS)}")
     a = p.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
