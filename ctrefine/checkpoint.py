@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, upgrade_stored
 from .outputs import atomic_file
 from .errors import ConfigError, DataError
 from .models import BUILDERS
@@ -85,13 +85,8 @@ def load_model_file(path, stage: str | None = None) -> ModelFile:
     if stage is not None and obj["stage"] != stage:
         want = "the base" if stage == "base" else "the refiner"
         raise DataError(f"{path}: holds a {obj['stage']!r} model, expected {want}")
-    stored = obj["config"]
-    if isinstance(stored.get("model"), dict):
-        # written before re-projection guidance / data-consistency steps existed: its refiner has neither
-        # (today's defaults have both)
-        stored = {**stored, "model": {"reprojection": "off", "data_consistency_steps": 0, **stored["model"]}}
     try:
-        cfg = Config.from_dict(stored, source=f"{path} (stored config)")
+        cfg = Config.from_dict(upgrade_stored(obj["config"]), source=f"{path} (stored config)")
     except ConfigError as exc:
         raise DataError(str(exc)) from None
     return ModelFile(path, obj["stage"], obj["state_dict"], cfg, obj.get("metrics") or {}, obj.get("epoch"),

@@ -53,6 +53,18 @@ class ModelConfig(_Section):
                                                                 "null = <checkpoint.dir>/base/best_model.pt")
 
 
+# model-section keys added after model files and runs existed, and the value that describes those older ones
+# (today's defaults differ): read wherever a stored config is (model files, resumed runs)
+MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0}
+
+
+def upgrade_stored(raw: dict) -> dict:
+    """A stored config (model file, run folder) with the model keys it predates filled in as they were."""
+    if not isinstance(raw.get("model"), dict):
+        return raw
+    return {**raw, "model": {**MODEL_KEYS_ADDED, **raw["model"]}}
+
+
 class TrainingConfig(_Section):
     batch_size: int = Field(4, ge=1, description="per rank (DeepSpeed's train_micro_batch_size_per_gpu)")
     num_epochs: int = Field(40, ge=1, description="epochs of the cosine schedule (the refine stage's budget)")

@@ -163,6 +163,31 @@ def test_resume_with_another_model_config_names_the_keys(tmp_path):
     Checkpointer(out, 2, 0, 1).check_compatible(load_config("cpu-small", ["training.num_epochs=3"]))  # fine
 
 
+def test_runs_and_model_files_from_before_reprojection_are_read_as_they_were(tmp_path):
+    """A stored config without the keys added since (re-projection guidance, DC steps) describes a refiner
+    with neither: its run resumes with those settings, refuses today's defaults, and its model file builds."""
+    from ctrefine.config import MODEL_KEYS_ADDED
+    from ctrefine.training.checkpointing import Checkpointer
+
+    out = tmp_path / "refine"
+    out.mkdir()
+    old_cfg = load_config("cpu-small", ['model.reprojection="off"', "model.data_consistency_steps=0"])
+    raw = old_cfg.to_dict()
+    for k in MODEL_KEYS_ADDED:
+        del raw["model"][k]
+    (out / "config.json").write_text(json.dumps(raw))
+    (out / "latest.json").write_text('{"tag": "epoch_0001"}')
+    Checkpointer(out, 2, 0, 1).check_compatible(old_cfg)
+    with pytest.raises(UserError, match="model.reprojection"):
+        Checkpointer(out, 2, 0, 1).check_compatible(load_config("cpu-small"))
+    refiner = build_models(old_cfg)[1]
+    torch.save({"format": "ctrefine-model", "stage": "refine", "state_dict": refiner.state_dict(), "config": raw},
+               tmp_path / "old.pt")
+    mf = load_model_file(tmp_path / "old.pt")
+    assert mf.config.model.reprojection == "off" and mf.config.model.data_consistency_steps == 0
+    mf.build()
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
     from ctrefine import cli

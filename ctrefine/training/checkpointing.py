@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import export_fp32, save_model_file
-from ..config import Config
+from ..config import Config, upgrade_stored
 from ..data.io import read_json, write_json
 from ..errors import UserError
 
@@ -52,7 +52,7 @@ class Checkpointer:
         stored = self.out / "config.json"
         if not stored.exists():
             return
-        old = read_json(stored).get("model", {})
+        old = upgrade_stored(read_json(stored)).get("model", {})
         diff = _diff_keys(old, cfg.to_dict()["model"], "model.")
         if diff:
             raise UserError(f"{self.out} holds a run with a different model ({', '.join(diff)}); "
