@@ -2,7 +2,7 @@
 # Reproduces the shipped refiner pretrained:phantom-64-refiner (card: ctrefine/pretrained/phantom-64-refiner.md):
 # the cpu-medium refiner (hidden 16; default loss terms, re-projection guidance, 2 data-consistency steps) on the frozen shipped base pretrained:phantom-64, trained on the same
 # 204 training phantoms of seed family 64 (bench/train_phantom64_base.sh makes them), 12 cosine epochs
-# through the deepspeed launcher (2 CPU ranks). The same run as `bench/quality.py`'s row `all`.
+# through the deepspeed launcher (2 CPU ranks). The same run as `bench/quality.py`'s row `no_phase_free`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64}
