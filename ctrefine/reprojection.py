@@ -93,8 +93,9 @@ class SliceProjector(nn.Module):
         self.register_buffer("voxel_sum", self.backproject(w).sum(1, keepdim=True).clamp_min(1e-6), persistent=False)
 
     def _m(self, name: str) -> torch.Tensor:
-        """A geometry buffer in float32 even when the module was cast (DeepSpeed bf16): interpolation
-        weights in bf16 would add noise of the size of the residuals this module exists to measure."""
+        """A geometry buffer as float32, so the products run in float32 even when the module was cast
+        (DeepSpeed bf16). The cast itself has rounded the weights to bf16 (~0.4 %): training runs see
+        that, fp32 inference does not (bench/RESULTS.md section 10 was trained so)."""
         return getattr(self, name).float()
 
     @staticmethod
