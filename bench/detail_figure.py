@@ -54,14 +54,14 @@ def main(argv=None) -> int:
     from scipy import ndimage
 
     from ctrefine.data.dataset import CTDataset
+    from ctrefine.data.io import read_json
     from ctrefine.metrics import psnr
     from ctrefine.outputs import atomic_file
     from ctrefine.pipeline import load_two_stage
 
     model, _ = load_two_stage(a.base_checkpoint, a.refinement_checkpoint)
     ds = CTDataset(a.data, "test")
-    table = {int(k): v for k, v in __import__("json").loads((ds.root / "dataset.json").read_text())["labels"].items()}
-    ids = {v: k for k, v in table.items()}
+    ids = {name: int(k) for k, name in read_json(ds.root / "dataset.json")["labels"].items()}
     items = [ds[i] for i in range(len(ds))] if a.patient is None else [ds[ds.names.index(a.patient)]]
     with torch.no_grad():
         best = None
