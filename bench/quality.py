@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
-NEW = {"xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05}
+NEW = {"xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
+SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # today's defaults (no_phase_free)
 
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = ()) -> dict:
@@ -53,8 +54,10 @@ ROWS = {
     "all": _row("all terms + guidance + 2 DC steps", {**FIVE, **NEW}),
     "no_dc": _row("all terms + guidance, no DC steps", {**FIVE, **NEW}, dc=0),
     "no_xray_consistency": _row("all - xray_consistency", {**FIVE, **NEW, "xray_consistency": 0.0}),
-    "no_phase_free": _row("all - band_energy - gradient_distribution",
-                          {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}),
+    "no_phase_free": _row("all - band_energy - gradient_distribution", SHIPPED),
+    # the adversarial knob on today's defaults: 0.01 is pix2pix's GAN : L1 ratio (1 : 100), 0.1 ten times stronger
+    "adversarial_low": _row("defaults + adversarial critic, weight 0.01", {**SHIPPED, "adversarial": 0.01}),
+    "adversarial_high": _row("defaults + adversarial critic, weight 0.1", {**SHIPPED, "adversarial": 0.1}),
     "augmented": _row("all terms + guidance + 2 DC steps, trained on augmented radiographs", {**FIVE, **NEW},
                       extra=("augment.enabled=true",)),
     "no_reprojection": _row("all terms, no re-projection (no guidance, no DC steps)", {**FIVE, **NEW}, "off", 0),

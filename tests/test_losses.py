@@ -105,3 +105,45 @@ def test_phase_free_terms_reward_detail_not_its_position():
     p = blurred.clone().requires_grad_(True)
     (R.band_energy_l1(p, t) + R.gradient_distribution_l1(p, t)).backward()
     assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_adversarial_critic_tells_truth_from_blur_and_trains_only_itself():
+    """The optional critic learns to separate sharp truths from blurred refinements; its verdict's gradient
+    reaches the refined volume only; it is built only when its weight is > 0 and never shifts the global RNG."""
+    from ctrefine.losses.adversarial import AdversarialCritic
+    from ctrefine.metrics import highpass
+
+    t = torch.cat([_blob_volume(shift=s, n=32) for s in (0, 5)])
+    blurred = (t.double() - highpass(t.double(), 1.5)).float()
+    coarse = (t.double() - highpass(t.double(), 3.0)).float()
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    critic = AdversarialCritic()
+    assert torch.equal(torch.rand(3), before)  # its own init seed: the refiner's initialisation is unchanged
+    first = critic.step(t, blurred, coarse).item()
+    for _ in range(60):
+        last = critic.step(t, blurred, coarse).item()
+    assert first == pytest.approx(2 * 0.6931, abs=0.05) and last < 0.7 * first
+    with torch.no_grad():
+        assert critic.net(t, coarse).mean() > critic.net(blurred, coarse).mean()
+    grads = [q.grad.clone() for q in critic.net.parameters()]  # left by the last critic step
+    p = blurred.clone().requires_grad_(True)
+    critic.generator_loss(p, coarse).backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert all(torch.equal(g, q.grad) for g, q in zip(grads, critic.net.parameters()))  # the verdict trains no critic
+    assert all(q.requires_grad for q in critic.net.parameters())  # trainable again after the verdict
+    clone = AdversarialCritic()
+    clone.load_state_dict(critic.state_dict())
+    with torch.no_grad():
+        critic.net.eval(), clone.net.eval()
+        assert torch.equal(critic.net(t, coarse), clone.net(t, coarse))
+
+    assert DetailRefinementLoss().critic is None and "critic" not in DetailRefinementLoss().term_names
+    loss = DetailRefinementLoss({"adversarial": 0.1, "xray_consistency": 0.0})
+    assert loss.critic is not None and loss.term_names[-1] == "critic"
+    total, terms = loss(blurred, t, coarse)
+    assert "adversarial" in terms and torch.isfinite(total)
+    with pytest.raises(ValueError, match="needs a critic"):
+        from ctrefine.losses.registry import TERMS, TermContext
+        TERMS["adversarial"].fn(blurred, t, coarse, TermContext())

@@ -72,6 +72,25 @@ def test_two_ranks_both_stages(data12, tmp_path):
     val = (ref / "val_log.csv").read_text().splitlines()
     assert val[0].startswith("epoch,step,coarse_psnr,refined_psnr,gain_db") and len(val) == 4
 
+    # the optional critic under 2 ranks: its gradients are averaged by hand (the engine does not own it)
+    adv = tmp_path / "adv"
+    run(train_cmd("refine", data12, adv, "--set", "training.num_epochs=1", "--set", "loss.adversarial=0.05",
+                  "--set", f"model.base_model_checkpoint={base / 'best_model.pt'}", launcher=True))
+    import csv
+
+    with open(adv / "refine" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["critic"]) > 0 and float(r["adversarial"]) > 0 for r in rows)
+
+
+def fp32_ds_config(folder: Path) -> str:
+    """ds_config.json with bf16 off (see test_resume_is_exact for why)."""
+    ds = json.loads(Path(DS).read_text())
+    ds["bf16"]["enabled"] = False
+    path = folder / "ds_fp32.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
 
 def test_resume_is_exact(data12, tmp_path):
     """Interrupted after epoch 1 + resumed == uninterrupted, bit for bit.
@@ -82,10 +101,7 @@ def test_resume_is_exact(data12, tmp_path):
     """
     from ctrefine.checkpoint import export_fp32
 
-    ds = json.loads(Path(DS).read_text())
-    ds["bf16"]["enabled"] = False
-    ds_fp32 = tmp_path / "ds_fp32.json"
-    ds_fp32.write_text(json.dumps(ds))
+    ds_fp32 = fp32_ds_config(tmp_path)
     full, split = tmp_path / "full", tmp_path / "split"
 
     def cmd(out, *extra):
@@ -106,6 +122,35 @@ def test_resume_is_exact(data12, tmp_path):
     rows = (split / "base" / "val_log.csv").read_text().splitlines()
     assert len(rows) == 3  # header + one row per epoch, no duplicate after resume
     assert (full / "base" / "val_log.csv").read_text() == (split / "base" / "val_log.csv").read_text()
+
+
+def test_refine_resume_with_critic_is_exact(data12, tmp_path):
+    """The adversarial critic lives outside the engine: its weights and optimizer travel in the checkpoint,
+    so an interrupted + resumed refine run with it on equals the uninterrupted one, critic included (fp32)."""
+    from ctrefine.checkpoint import export_fp32
+
+    ds_fp32 = fp32_ds_config(tmp_path)
+
+    def cmd(stage, out, *extra):
+        c = train_cmd(stage, data12, out, *extra)
+        c[c.index("--deepspeed_config") + 1] = ds_fp32
+        return c
+
+    run(cmd("base", tmp_path / "b", "--set", "training.num_epochs=1"))
+    base = f"model.base_model_checkpoint={tmp_path / 'b' / 'base' / 'best_model.pt'}"
+    refine = ("--set", "training.num_epochs=2", "--set", "loss.adversarial=0.1", "--set", base)
+    full, split = tmp_path / "full", tmp_path / "split"
+    run(cmd("refine", full, *refine))
+    run(cmd("refine", split, *refine, "--stop-after-epochs", "1"))
+    assert "resumed refine" in run(cmd("refine", split, *refine)).stdout
+    a, b = (export_fp32(d / "refine" / "ckpt", "epoch_0002") for d in (full, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (torch.load(next((d / "refine" / "ckpt" / "epoch_0002").glob("mp_rank_00_model_states.pt")),
+                         weights_only=False)["stage"]["critic"]["net"] for d in (full, split))
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+    c1 = torch.load(next((full / "refine" / "ckpt" / "epoch_0001").glob("mp_rank_00_model_states.pt")),
+                    weights_only=False)["stage"]["critic"]["net"]
+    assert not all(torch.equal(ca[k], c1[k]) for k in ca)  # the critic did train in epoch 2
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_base", "no_split", "bad_type"])

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from . import reference
 from ..reprojection import SliceProjector
-from .registry import DEFAULT_WEIGHTS, TERMS, Radiographs, canonical_name
+from .adversarial import AdversarialCritic
+from .registry import DEFAULT_WEIGHTS, TERMS, TermContext, canonical_name
 
 __all__ = ["DEFAULT_WEIGHTS", "DetailRefinementLoss", "ReconstructionLoss"]
 
@@ -31,9 +32,13 @@ class ReconstructionLoss(nn.Module):
 class DetailRefinementLoss(nn.Module):
     """``forward(refined, target, coarse, xrays=None) -> (total, {term: value})``; zero-weight terms are
     skipped. ``xrays`` (normalised, ``(B, 2, 1, S, S)``) is needed only by ``xray_consistency``, which
-    re-projects in ``geometry`` (the dataset's: ``cone`` or ``parallel``)."""
+    re-projects in ``geometry`` (the dataset's: ``cone`` or ``parallel``).
 
-    def __init__(self, weights: dict | None = None, geometry: str = "cone"):
+    With ``adversarial`` > 0 the loss owns an :class:`~ctrefine.losses.adversarial.AdversarialCritic`
+    (``self.critic``, else None); the training stage calls :meth:`train_critic` once per step, before
+    this loss, and keeps the critic's state in its checkpoints."""
+
+    def __init__(self, weights: dict | None = None, geometry: str = "cone", device: torch.device | str = "cpu"):
         super().__init__()
         self.geometry = geometry
         self._projectors: dict = {}
@@ -46,10 +51,16 @@ class DetailRefinementLoss(nn.Module):
                 raise ValueError(f"loss weight {k!r} must be a non-negative number, got {v!r}")
             w[name] = float(v)
         self.weights = w
+        self.critic = AdversarialCritic(device) if w["adversarial"] > 0 else None
 
     @property
     def term_names(self) -> tuple[str, ...]:
-        return tuple(self.weights)
+        """Logged columns: every term, and the critic's own loss when there is one."""
+        return tuple(self.weights) + (("critic",) if self.critic else ())
+
+    def train_critic(self, refined: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor | None:
+        """One critic step on this batch (no-op without a critic); its loss, for the log."""
+        return self.critic.step(target, refined, coarse) if self.critic else None
 
     def projector(self, volume: torch.Tensor) -> SliceProjector:
         """The re-projector for this volume size and device (built once, kept)."""
@@ -60,7 +71,7 @@ class DetailRefinementLoss(nn.Module):
 
     def forward(self, refined: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor,
                 xrays: torch.Tensor | None = None):
-        xr = None if xrays is None else Radiographs(xrays, self.projector(refined))
-        terms = {k: TERMS[k].fn(refined, target, coarse, xr) for k, w in self.weights.items() if w > 0}
+        ctx = TermContext(xrays, None if xrays is None else self.projector(refined), self.critic)
+        terms = {k: TERMS[k].fn(refined, target, coarse, ctx) for k, w in self.weights.items() if w > 0}
         total = sum(self.weights[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}

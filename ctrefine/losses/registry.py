@@ -9,9 +9,9 @@ gradient terms reward high frequencies; the texture term matches local contrast;
 term keeps the base's anatomy. The terms added since (X-ray consistency, band energy, gradient
 distribution) carry the defaults the 64^3 ablation supports (below, and bench/RESULTS.md section 10).
 
-A term is ``fn(refined, target, coarse, xrays)``; ``xrays`` is a :class:`Radiographs` (the batch's
-normalised input radiographs and the re-projector of the dataset's geometry), or None for callers
-without radiographs -- a term that needs them then says so.
+A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
+need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
+dataset's geometry; the adversarial critic). A term whose input is missing says so.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 
 from ..reprojection import SliceProjector, xray_consistency
 from . import functional, reference
+from .adversarial import AdversarialCritic
 
 # Defaults of the terms added after the seed's five, from the 64^3 ablation (bench/RESULTS.md section 10, 26 test
 # patients, 12 epochs each): xray_consistency is worth +0.19 dB (all terms +0.73 vs without it +0.54); the two
@@ -30,25 +31,36 @@ from . import functional, reference
 XRAY_CONSISTENCY_WEIGHT = 1.0
 BAND_ENERGY_WEIGHT = 0.0
 GRADIENT_DISTRIBUTION_WEIGHT = 0.0
+# Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside); the
+# ablation measures it at two weights (bench/RESULTS.md section 10).
+ADVERSARIAL_WEIGHT = 0.0
 
 
 @dataclass(frozen=True)
-class Radiographs:
-    """What the X-ray consistency term compares a volume with: normalised radiographs ``(B, 2, 1, S, S)``
-    and the :class:`~ctrefine.reprojection.SliceProjector` of their geometry."""
+class TermContext:
+    """What some terms need beyond the three volumes: normalised radiographs ``(B, 2, 1, S, S)`` and the
+    :class:`~ctrefine.reprojection.SliceProjector` of their geometry (``xray_consistency``), and the
+    critic trained alongside (``adversarial``)."""
 
-    images: torch.Tensor
-    projector: "SliceProjector"
-
-
-# term(refined, target, coarse, xrays) -> scalar
-TermFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "Radiographs | None"], torch.Tensor]
+    images: torch.Tensor | None = None
+    projector: "SliceProjector | None" = None
+    critic: "AdversarialCritic | None" = None
 
 
-def _consistency_with(r: torch.Tensor, xr: "Radiographs | None") -> torch.Tensor:
-    if xr is None:
+# term(refined, target, coarse, context) -> scalar
+TermFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TermContext], torch.Tensor]
+
+
+def _consistency_with(r: torch.Tensor, ctx: TermContext) -> torch.Tensor:
+    if ctx.images is None or ctx.projector is None:
         raise ValueError("the xray_consistency term needs the batch's radiographs")
-    return xray_consistency(xr.projector, r, xr.images).mean()
+    return xray_consistency(ctx.projector, r, ctx.images).mean()
+
+
+def _adversarial(r: torch.Tensor, c: torch.Tensor, ctx: TermContext) -> torch.Tensor:
+    if ctx.critic is None:
+        raise ValueError("the adversarial term needs a critic (DetailRefinementLoss builds one when its weight is > 0)")
+    return ctx.critic.generator_loss(r, c)
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,8 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("gradient_distribution", GRADIENT_DISTRIBUTION_WEIGHT,
              lambda r, t, c, x: reference.gradient_distribution_l1(r, t),
              "L1 between sorted gradient magnitudes (phase-free: as many sharp edges as the truth)"),
+    LossTerm("adversarial", ADVERSARIAL_WEIGHT, lambda r, t, c, x: _adversarial(r, c, x),
+             "softplus(-critic(refined | coarse)): a 3D patch critic's verdict that the correction looks true"),
 )}
 
 DEFAULT_WEIGHTS: dict[str, float] = {name: t.default_weight for name, t in TERMS.items()}

@@ -227,6 +227,7 @@ def run(args) -> int:
     if client is not None:
         start_epoch, global_step = client["epoch"] + 1, client["global_step"]
         best, bad_epochs = client["best"], client["bad_epochs"]
+        stage.load_state_dict(client.get("stage", {}))
         set_rng_state(client["rng"][rank] if rank < len(client["rng"]) else client["rng"][0])
         if rank == 0:
             print(f"resumed {args.stage} from {ckpt.ckpt_dir / client['tag']} (epoch {start_epoch}, step {global_step})",
@@ -307,7 +308,7 @@ def run(args) -> int:
             else:
                 rngs = [rng_state()]
             client = {"epoch": epoch, "global_step": global_step, "best": best, "bad_epochs": bad_epochs,
-                      "rng": rngs, "config": cfg.to_dict()}
+                      "rng": rngs, "config": cfg.to_dict(), "stage": stage.state_dict()}
             tag = ckpt.save(engine, epoch + 1, client)
             if improved and rank == 0:
                 ckpt.export_best(tag, args.stage, cfg, vm, epoch + 1, global_step)

@@ -73,6 +73,13 @@ class Stage:
     def evaluate(self, model, ds: CTDataset, batch_size: int) -> dict[str, float]:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """Training state the stage owns outside the DeepSpeed engine (saved in every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` on resume."""
+
     def finish(self, out: Path) -> None:
         """After the last epoch (rank 0)."""
 
@@ -143,7 +150,8 @@ class RefineStage(Stage):
         self.recompute_coarse = self.cfg.augment.enabled
         cached = datasets[1:] if self.recompute_coarse else datasets
         self.coarse = self._coarse_cache(cached, self.cfg.training.batch_size)
-        self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), dataset_geometry(self.cfg.data.data_path))
+        self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), dataset_geometry(self.cfg.data.data_path),
+                                              self.device)
         return build_refiner(self.cfg)
 
     @torch.no_grad()
@@ -166,8 +174,13 @@ class RefineStage(Stage):
                 c = self.frozen(xrays.to(self.device)).float().to(self.dtype)
         else:
             c = self._coarse(names)
-        x = xrays.to(self.device, self.dtype)
-        return self.criterion(model(c, x), ct.to(self.device), c, x)
+        x, target = xrays.to(self.device, self.dtype), ct.to(self.device)
+        refined = model(c, x)
+        critic_loss = self.criterion.train_critic(refined, target, c)  # None unless loss.adversarial > 0
+        total, terms = self.criterion(refined, target, c, x)
+        if critic_loss is not None:
+            terms["critic"] = critic_loss
+        return total, terms
 
     @torch.no_grad()
     def evaluate(self, model, ds, batch_size):
@@ -183,6 +196,13 @@ class RefineStage(Stage):
         res = _mean(acc)
         res["gain_db"] = res["refined_psnr"] - res["coarse_psnr"]
         return res
+
+    def state_dict(self):
+        return {"critic": self.criterion.critic.state_dict()} if self.criterion.critic else {}
+
+    def load_state_dict(self, state):
+        if self.criterion.critic and "critic" in state:
+            self.criterion.critic.load_state_dict(state["critic"])
 
     def finish(self, out):
         """Prove the frozen base never changed: its fingerprint before and after, in a file."""
