@@ -60,6 +60,8 @@ ROWS = {
     "adversarial_high": _row("defaults + adversarial critic, weight 0.1", {**SHIPPED, "adversarial": 0.1}),
     "augmented": _row("all terms + guidance + 2 DC steps, trained on augmented radiographs", {**FIVE, **NEW},
                       extra=("augment.enabled=true",)),
+    "defaults_augmented": _row("today's defaults, trained on augmented radiographs", SHIPPED,
+                               extra=("augment.enabled=true",)),
     "no_reprojection": _row("all terms, no re-projection (no guidance, no DC steps)", {**FIVE, **NEW}, "off", 0),
     **{f"no_{t}": _row(f"all - {t}", {**FIVE, **NEW, t: 0.0}) for t in FIVE},
 }
