@@ -127,14 +127,14 @@ def tradeoff_figure(results: dict, path: Path) -> None:
                 ax.annotate({"mean": "mean baseline"}.get(stage, stage),
                             (first[f"{stage}_{key}_mean"], first[f"{stage}_psnr_mean"]), fontsize=8,
                             xytext=(4, 4), textcoords="offset points")
-        for slug, r in results.items():
+        for i, (slug, r) in enumerate(results.items()):  # a legend, not labels: rows crowd near the top
             x, y = r["summary"][f"refined_{key}_mean"], r["summary"]["refined_psnr_mean"]
-            ax.scatter([x], [y], s=60)
-            ax.annotate(slug, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            ax.scatter([x], [y], s=60, marker="ovD^<>p*hX"[i // 10 % 10], color=f"C{i % 10}", label=slug)
         ax.set_xlabel(name)
         ax.set_ylabel("PSNR (dB)")
         ax.grid(alpha=0.3)
     axes[1].axvline(1.0, color="grey", lw=0.8, ls="--")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("test split means (the refiners' own outputs): up and right is better; a PSNR gain that moves left is smoothing")
     fig.tight_layout()
     with atomic_file(path) as tmp:

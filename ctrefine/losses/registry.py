@@ -31,8 +31,9 @@ from .adversarial import AdversarialCritic
 XRAY_CONSISTENCY_WEIGHT = 1.0
 BAND_ENERGY_WEIGHT = 0.0
 GRADIENT_DISTRIBUTION_WEIGHT = 0.0
-# Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside); the
-# ablation measures it at two weights (bench/RESULTS.md section 10).
+# Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
+# ablation (bench/RESULTS.md section 10, session 6): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
+# +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
 ADVERSARIAL_WEIGHT = 0.0
 
 
