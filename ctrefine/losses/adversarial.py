@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-WIDTH = 16  # first-layer channels; 3 stride-2 layers: 16 -> 32 -> 64; ~0.2M parameters
+WIDTH = 16  # first-layer channels; 3 stride-2 layers: 16 -> 32 -> 64; 168k parameters
 LR = 2e-4  # the usual GAN critic step (Adam, beta1 = 0.5): fast enough to track a slowly changing refiner
 BETAS = (0.5, 0.999)
 INIT_SEED = 20261130  # the critic's own init seed: building it must not shift the refiner's initialisation
