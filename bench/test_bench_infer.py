@@ -24,7 +24,7 @@ from ctrefine.export import export_onnx, verify
 from ctrefine.models import build_models
 from ctrefine.pipeline import COMPUTE, TwoStage, onnx_feed, onnx_runner
 from ctrefine.quantize import quantize_int8
-from ctrefine.training.driver import cpu_has_native_bf16
+from ctrefine.device import cpu_has_native_bf16
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -80,6 +80,9 @@ class TrainingConfig(_Section):
     channels_last: Literal["auto", "on", "off"] = Field(
         "auto", description="3D convolutions and up-sampling in channels-last-3d on CPU (ctrefine.models.layout); "
                             "auto = on for narrow models (1.4-1.5x at 64^3), off for wide ones (0.8-0.9x)")
+    compile: Literal["off", "on"] = Field(
+        "off", description="torch.compile the trainable model (ctrefine.device): off until measured faster on the "
+                           "device (bench/gpu_check.sh measures both); the first steps then include the compilation")
 
 
 def _loss_field(name: str):

@@ -184,7 +184,7 @@ def test_bf16_export_is_tagged_computed_in_bf16_where_native_and_judged_in_db(ch
 
     from ctrefine import export
     from ctrefine.pipeline import OnnxPredictor
-    from ctrefine.training.driver import cpu_has_native_bf16
+    from ctrefine.device import cpu_has_native_bf16
 
     model, cfg = load_two_stage(*checkpoints)
     lines = []

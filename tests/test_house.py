@@ -221,7 +221,7 @@ def test_version_and_underscore_aliases():
 
 
 def test_precision_follows_the_hardware(monkeypatch):
-    from ctrefine.training import driver
+    from ctrefine import device as driver
 
     bf16 = {"bf16": {"enabled": True}}
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)

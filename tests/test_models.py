@@ -159,12 +159,39 @@ def test_channels_last_layers_change_the_layout_not_the_result(which):
 
 
 def test_channels_last_auto_follows_the_width():
-    from ctrefine.models.layout import use_channels_last
+    from ctrefine.device import channels_last
+    from ctrefine.models.layout import conv_widths
 
     cpu = torch.device("cpu")
-    narrow_base, narrow_ref = build_models(load_config("cpu-medium"))
-    wide_base, wide_ref = build_models(load_config("full"))
-    assert use_channels_last(narrow_base, cpu) and use_channels_last(narrow_ref, cpu)
-    assert not use_channels_last(wide_base, cpu) and not use_channels_last(wide_ref, cpu)  # one 16-ch fusion layer aside
-    assert use_channels_last(wide_ref, cpu, "on") and not use_channels_last(narrow_ref, cpu, "off")
-    assert not use_channels_last(narrow_ref, torch.device("meta"))  # not measured off the CPU: off
+    narrow_base, narrow_ref = (conv_widths(m) for m in build_models(load_config("cpu-medium")))
+    wide_base, wide_ref = (conv_widths(m) for m in build_models(load_config("full")))
+    assert channels_last(narrow_base, cpu) and channels_last(narrow_ref, cpu)
+    assert not channels_last(wide_base, cpu) and not channels_last(wide_ref, cpu)  # one 16-ch fusion layer aside
+    assert channels_last(wide_ref, cpu, "on") and not channels_last(narrow_ref, cpu, "off")
+    assert not channels_last(narrow_ref, torch.device("cuda", 0))  # not measured off the CPU: off
+
+
+def test_gain_expansion_as_a_product_equals_the_gather():
+    """The one-hot product (training) and the Gather (export) give the same gain bit for bit, the same
+    gradient to float32 rounding, and the gain stays float32 under bf16 autocast."""
+    torch.manual_seed(0)
+    fa = FrequencyAttention(4, (10, 12, 8), n_bins=6)
+    with torch.no_grad():
+        fa.base.normal_(0, 2)
+        fa.cond[-1].weight.normal_(0, 0.5)
+    x = torch.randn(2, 4, 10, 12, 8)
+    w = torch.randn(2, 4, 10, 12, 5)
+
+    def run(export: bool):
+        fa.zero_grad(set_to_none=True)
+        fa.use_matmul = export
+        g = fa.gain(x)
+        (g * w).sum().backward()
+        fa.use_matmul = False
+        return g.detach(), fa.base.grad.clone()
+
+    (g0, d0), (g1, d1) = run(True), run(False)
+    assert torch.equal(g0, g1)
+    assert torch.allclose(d0, d1, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fa.gain(x).dtype == torch.float32

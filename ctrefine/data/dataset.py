@@ -215,6 +215,57 @@ def iter_batches(ds: "CTDataset", indices: list[int], batch_size: int, raw: bool
                [it["name"] for it in items])
 
 
+class ResidentSplit:
+    """One split stacked into tensors once, kept where the training step reads them.
+
+    ``xrays (N, 2, 1, S, S)`` normalised in ``xray_dtype`` and ``ct (N, 1, D, H, W)`` float32 on
+    ``device`` (or in pinned host memory, copied per batch without blocking, when ``resident`` is
+    false); ``xrays_raw`` (as stored, for :mod:`ctrefine.data.augment`, which runs on the host) only
+    when ``raw``. A batch is then one ``index_select`` per tensor: no per-step host work, no casts.
+    Values are exactly :func:`iter_batches`'s, in the same order.
+    """
+
+    def __init__(self, ds: "CTDataset", device: torch.device, xray_dtype: torch.dtype = torch.float32,
+                 raw: bool = False, resident: bool = True):
+        items = [ds[i] for i in range(len(ds))]
+        self.names = [it["name"] for it in items]
+        self.device = torch.device(device)
+        home = self.device if resident else torch.device("cpu")
+        pin = not resident and self.device.type == "cuda"
+
+        def stack(key, dtype=None):
+            t = torch.stack([it[key] for it in items]).to(home, dtype)
+            return t.pin_memory() if pin else t
+
+        self.xrays, self.ct = stack("xrays", xray_dtype), stack("ct")
+        self.xrays_raw = torch.stack([it["xrays_raw"] for it in items]) if raw else None
+
+    @staticmethod
+    def nbytes(ds: "CTDataset", xray_dtype: torch.dtype = torch.float32) -> int:
+        """What :class:`ResidentSplit` of ``ds`` holds on the device (read from its first patient)."""
+        if len(ds) == 0:
+            return 0
+        it = ds[0]
+        per = it["xrays"].numel() * torch.empty((), dtype=xray_dtype).element_size() + it["ct"].numel() * 4
+        return per * len(ds)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def batches(self, indices, batch_size: int):
+        """``(xrays, ct, names)`` over ``indices`` in order (``xrays`` raw when the split keeps them)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        for i in range(0, len(idx), batch_size):
+            j = idx[i:i + batch_size]
+            jd = j.to(self.xrays.device)
+            ct = self.ct.index_select(0, jd).to(self.device, non_blocking=True)
+            if self.xrays_raw is not None:
+                xr = self.xrays_raw.index_select(0, j)
+            else:
+                xr = self.xrays.index_select(0, jd).to(self.device, non_blocking=True)
+            yield xr, ct, [self.names[k] for k in j.tolist()]
+
+
 MEAN_VOLUME = "mean_train.nii.gz"
 
 

@@ -63,20 +63,7 @@ def channels_last_layers(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-NARROW = 16  # channels: at or below this finest width the layout pays on CPU (bench/train_speed.py, 64^3, bf16)
-
-
-def use_channels_last(model: nn.Module, device: torch.device, setting: str = "auto") -> bool:
-    """Whether :func:`channels_last_layers` should be applied for training ``model`` on ``device``.
-
-    ``auto``: on a CPU, when at least a fifth of the 3D convolutions (heads with one output channel
-    aside) have at most :data:`NARROW` channels -- a single narrow layer (the refiner's guidance fusion)
-    does not make a wide model narrow. Measured per training step at 64^3, batch 2, bf16, 2 threads: base
-    width 8 1.39x, refiner hidden 16 1.48x; base width 32 0.76x, refiner hidden 64 0.94x -- wide layers
-    are already compute-bound (42-45 % of the bf16 matmul rate) and only pay for the copies. Not
-    measured on GPUs, so off there.
-    """
-    if setting != "auto":
-        return setting == "on"
-    widths = sorted(m.out_channels for m in model.modules() if isinstance(m, nn.Conv3d) and m.out_channels > 1)
-    return device.type == "cpu" and bool(widths) and widths[len(widths) // 5] <= NARROW
+def conv_widths(model: nn.Module) -> list[int]:
+    """Output channels of every 3D convolution of ``model``: what :func:`ctrefine.device.channels_last`
+    decides the layout from."""
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv3d)]

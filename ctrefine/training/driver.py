@@ -32,11 +32,12 @@ import numpy as np
 import torch
 
 from ..config import Config, ds_config_path, load_config, read_json_object
+from ..device import DevicePolicy, rank_device
 from ..data.augment import augment_radiographs
-from ..data.dataset import CTDataset, iter_batches
+from ..data.dataset import CTDataset, ResidentSplit
 from ..data.io import read_json, write_json
 from ..errors import OneLineParser, UserError
-from ..models.layout import channels_last_layers, use_channels_last
+from ..models.layout import channels_last_layers, conv_widths
 from .checkpointing import Checkpointer
 from .logs import CSVLog, tensorboard_writer
 from .stages import STAGES, Stage
@@ -141,42 +142,23 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
-def cpu_has_native_bf16() -> bool:
-    """The CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), read from /proc/cpuinfo (Linux)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+def _resident_splits(policy: DevicePolicy, train_ds: CTDataset, val_ds: CTDataset, raw: bool):
+    """The training split with its radiographs in the compute dtype (raw ones on the host for the
+    augmentation when ``raw``) and the validation split in float32, each on the device if it fits."""
+    def split(ds, dtype, raw=False):
+        return ResidentSplit(ds, policy.device, dtype, raw=raw, resident=policy.keep_resident(ResidentSplit.nbytes(ds, dtype)))
+
+    return split(train_ds, policy.input_dtype, raw), split(val_ds, torch.float32)
 
 
-def choose_precision(ds_cfg: dict, device: torch.device, precision: str = "auto") -> tuple[torch.dtype, str]:
-    """(compute dtype, a note for the user or "").
-
-    ``auto`` takes ds_config's bf16 setting, except on a CPU without hardware bf16: there bf16 3D
-    convolutions are emulated and slow (measured on an AVX2-only AMD EPYC, cpu-small base step,
-    2 threads: fp32 468 ms, bf16 14.9 s), so auto trains in fp32 and says so. ``bf16`` / ``fp32`` force.
-    """
-    want_bf16 = bool(ds_cfg.get("bf16", {}).get("enabled", False))
-    if precision == "fp32" or (precision == "auto" and not want_bf16):
-        return torch.float32, ""
-    if precision == "bf16" or device.type != "cpu" or cpu_has_native_bf16():
-        return torch.bfloat16, ""
-    return torch.float32, ("this CPU has no hardware bf16 (no AVX512-BF16 / AMX): training in fp32, ~30x faster "
-                           "here than emulated bf16 (--precision bf16 forces it)")
-
-
-def _device(local_rank: int, world: int) -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        return device
-    # CPU ranks share the cores
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    return torch.device("cpu")
+def _apply_layout(model, policy: DevicePolicy, t, stage: str, rank: int) -> None:
+    """Channels-last convolutions and compilation, as the policy decides for this model."""
+    if policy.use_channels_last(conv_widths(model), t.channels_last):
+        channels_last_layers(model)
+        if rank == 0:
+            print(f"[{stage}] 3D convolutions in channels-last-3d (training.channels_last={t.channels_last})", flush=True)
+    if policy.compile:
+        model.compile()  # in place: parameter names and checkpoints unchanged
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -194,23 +176,20 @@ def run(args) -> int:
 
     rank, world = init_distributed()
     ckpt.rank, ckpt.world = rank, world
-    device = _device(args.local_rank, world)
+    device = rank_device(args.local_rank, world)
     t = cfg.training
     seed_everything(t.seed)
-    dtype, note = choose_precision(ds_cfg, device, args.precision)
-    ds_cfg = dict(ds_cfg, bf16=dict(ds_cfg.get("bf16", {}), enabled=dtype == torch.bfloat16))
-    if note and rank == 0:
-        print(f"[{args.stage}] {note}", flush=True)
+    policy = DevicePolicy.for_run(device, ds_cfg, args.precision, t.compile)
+    ds_cfg = dict(ds_cfg, bf16=dict(ds_cfg.get("bf16", {}), enabled=policy.dtype == torch.bfloat16))
+    if policy.note and rank == 0:
+        print(f"[{args.stage}] {policy.note}", flush=True)
 
     train_ds = CTDataset(cfg.data.data_path, cfg.data.train_split)
     val_ds = CTDataset(cfg.data.data_path, cfg.data.val_split)
-    stage = stage_cls(cfg, device, dtype)
+    stage = stage_cls(cfg, policy)
     model = stage.build([train_ds, val_ds])
-    if use_channels_last(model, device, t.channels_last):
-        channels_last_layers(model)
-        if rank == 0:
-            print(f"[{args.stage}] 3D convolutions in channels-last-3d (training.channels_last={t.channels_last})",
-                  flush=True)
+    train_split, val_split = _resident_splits(policy, train_ds, val_ds, raw=cfg.augment.enabled)
+    _apply_layout(model, policy, t, args.stage, rank)
     num_epochs = stage.num_epochs()
 
     steps_per_epoch = max(1, -(-len(train_ds) // (t.batch_size * world)))
@@ -255,7 +234,7 @@ def run(args) -> int:
         tic, seen, n_b = time.time(), 0, 0
         ep_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
         aug = torch.Generator().manual_seed(t.seed * 1000 + epoch + 7919 * (rank + 1))  # per epoch: exact resume
-        for xr, ct, names in iter_batches(train_ds, mine, t.batch_size, raw=cfg.augment.enabled):
+        for xr, ct, names in train_split.batches(mine, t.batch_size):
             if cfg.augment.enabled:
                 xr = augment_radiographs(xr, cfg.augment, aug)
             loss, terms = stage.loss(engine, xr, ct, names)
@@ -280,7 +259,7 @@ def run(args) -> int:
         improved, vm = False, {}
         if rank == 0:
             engine.module.eval()
-            vm = stage.evaluate(engine.module, val_ds, t.batch_size)
+            vm = stage.evaluate(engine.module, val_split, t.batch_size)
             engine.module.train()
             improved = vm[stage.score_key] > best
             best, bad_epochs = (vm[stage.score_key], 0) if improved else (best, bad_epochs + 1)

@@ -17,7 +17,8 @@ import torch
 
 from ..checkpoint import load_model_file, state_fingerprint
 from ..config import Config
-from ..data.dataset import CTDataset, dataset_geometry, iter_batches
+from ..device import DevicePolicy
+from ..data.dataset import CTDataset, ResidentSplit, dataset_geometry, iter_batches
 from ..data.io import write_json
 from ..errors import UserError
 from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
@@ -35,8 +36,16 @@ def _pick(pred, ct, prefix: str = "") -> dict:
     return {prefix + k: fn(pred, ct) for k, fn in VAL_METRICS.items()}
 
 
+def _accumulate(acc: dict[str, list], values: dict) -> None:
+    for k, v in values.items():
+        acc.setdefault(k, []).append(v)
+
+
 def _mean(acc: dict[str, list]) -> dict[str, float]:
-    return {k: float(torch.cat(v).mean()) for k, v in acc.items()}
+    """Means over every patient, brought to the host in one transfer."""
+    keys = list(acc)
+    means = torch.stack([torch.cat(acc[k]).double().mean() for k in keys]).cpu()
+    return {k: float(v) for k, v in zip(keys, means)}
 
 
 class Stage:
@@ -46,8 +55,9 @@ class Stage:
     score_key: str  # validation metric maximised: best model choice and early stopping
     val_fields: tuple[str, ...]
 
-    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype):
-        self.cfg, self.device, self.dtype = cfg, device, dtype
+    def __init__(self, cfg: Config, policy: DevicePolicy):
+        self.cfg, self.policy = cfg, policy
+        self.device, self.dtype = policy.device, policy.dtype
 
     @staticmethod
     def check(cfg: Config) -> None:
@@ -70,7 +80,8 @@ class Stage:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, model, ds: CTDataset, batch_size: int) -> dict[str, float]:
+    def evaluate(self, model, split: ResidentSplit, batch_size: int) -> dict[str, float]:
+        """Validation metrics over ``split`` (float32 radiographs on the device), computed on the device."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -101,11 +112,10 @@ class BaseStage(Stage):
         return self.criterion(model(xrays.to(self.device, self.dtype)), ct.to(self.device))
 
     @torch.no_grad()
-    def evaluate(self, model, ds, batch_size):
+    def evaluate(self, model, split, batch_size):
         acc: dict[str, list] = {}
-        for xr, ct, _ in iter_batches(ds, list(range(len(ds))), batch_size):
-            for k, v in _pick(model(xr.to(self.device, self.dtype)).float().cpu(), ct).items():
-                acc.setdefault(k, []).append(v)
+        for xr, ct, _ in split.batches(range(len(split)), batch_size):
+            _accumulate(acc, _pick(model(xr.to(self.dtype)).float(), ct))
         return _mean(acc)
 
 
@@ -116,12 +126,19 @@ def base_checkpoint_path(cfg: Config) -> Path:
     return pretrained.resolve(explicit) if explicit else Path(cfg.checkpoint.dir) / "base" / "best_model.pt"
 
 
+def _refine_val_fields() -> tuple[str, ...]:
+    """The refine stage's val_log columns, from :data:`VAL_METRICS`: coarse and refined side by side,
+    the gain after PSNR, the X-ray consistency last."""
+    out = []
+    for k in (*VAL_METRICS, "xray_consistency"):
+        out += [f"coarse_{k}", f"refined_{k}"] + (["gain_db"] if k == "psnr" else [])
+    return tuple(out)
+
+
 class RefineStage(Stage):
     name = "refine"
     score_key = "refined_psnr"
-    val_fields = ("coarse_psnr", "refined_psnr", "gain_db", "coarse_ssim", "refined_ssim", "coarse_hf_ratio",
-                  "refined_hf_ratio", "coarse_hf_psnr", "refined_hf_psnr", "coarse_xray_consistency",
-                  "refined_xray_consistency")
+    val_fields = _refine_val_fields()
 
     @staticmethod
     def check(cfg):
@@ -148,29 +165,32 @@ class RefineStage(Stage):
         # come from the same radiographs it reads (as at inference): recompute it then for the training
         # set (datasets[0]), cache it otherwise; validation inputs are never augmented, so always cached.
         self.recompute_coarse = self.cfg.augment.enabled
-        cached = datasets[1:] if self.recompute_coarse else datasets
-        self.coarse = self._coarse_cache(cached, self.cfg.training.batch_size)
+        self._cache_coarse(datasets[1:] if self.recompute_coarse else datasets, self.cfg.training.batch_size)
+        self._coarse_val: tuple[tuple[str, ...], dict] | None = None  # the val split's coarse metrics, once a run
         self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), dataset_geometry(self.cfg.data.data_path),
                                               self.device)
         return build_refiner(self.cfg)
 
     @torch.no_grad()
-    def _coarse_cache(self, datasets, batch_size) -> dict[str, torch.Tensor]:
-        """The frozen base's prediction for every patient (the base never changes, so compute once)."""
-        cache = {}
+    def _cache_coarse(self, datasets, batch_size) -> None:
+        """The frozen base's prediction for every patient, once (the base never changes), kept in the
+        compute dtype where the policy keeps the data (on the device when it fits)."""
+        outs, self.coarse_row = [], {}
         for ds in datasets:
             for xr, _, names in iter_batches(ds, list(range(len(ds))), batch_size):
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                    out = self.frozen(xr.to(self.device)).float().cpu()
-                cache.update(zip(names, out))
-        return cache
+                with self.policy.autocast():
+                    outs.append(self.frozen(xr.to(self.device)).float().to(self.dtype))
+                self.coarse_row.update((n, len(self.coarse_row)) for n in names)
+        coarse = torch.cat(outs)
+        self.coarse = coarse if self.policy.keep_resident(coarse.nbytes) else coarse.cpu()
 
     def _coarse(self, names):
-        return torch.stack([self.coarse[n] for n in names]).to(self.device, self.dtype)
+        rows = torch.tensor([self.coarse_row[n] for n in names], device=self.coarse.device)
+        return self.coarse.index_select(0, rows).to(self.device, non_blocking=True)
 
     def loss(self, model, xrays, ct, names):
         if self.recompute_coarse:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            with torch.no_grad(), self.policy.autocast():
                 c = self.frozen(xrays.to(self.device)).float().to(self.dtype)
         else:
             c = self._coarse(names)
@@ -183,19 +203,26 @@ class RefineStage(Stage):
         return total, terms
 
     @torch.no_grad()
-    def evaluate(self, model, ds, batch_size):
+    def evaluate(self, model, split, batch_size):
+        """Refined metrics every call; the coarse volume's only on the first call for a split (the frozen
+        base and the split never change within a run)."""
         acc: dict[str, list] = {}
-        for xr, ct, names in iter_batches(ds, list(range(len(ds))), batch_size):
+        known = self._coarse_val is not None and self._coarse_val[0] == tuple(split.names)
+        for xr, ct, names in split.batches(range(len(split)), batch_size):
             c = self._coarse(names)
-            ref = model(c, xr.to(self.device, self.dtype)).float().cpu()
+            ref = model(c, xr.to(self.dtype)).float()
             proj = self.criterion.projector(ref)  # needs no truth: how well each volume explains the radiographs
-            xc = {f"{k}_xray_consistency": xray_consistency(proj, v, xr) for k, v in (("coarse", c.float().cpu()),
-                                                                                       ("refined", ref))}
-            for k, v in {**_pick(c.float().cpu(), ct, "coarse_"), **_pick(ref, ct, "refined_"), **xc}.items():
-                acc.setdefault(k, []).append(v)
+            _accumulate(acc, {**_pick(ref, ct, "refined_"), "refined_xray_consistency": xray_consistency(proj, ref, xr)})
+            if not known:
+                cf = c.float()
+                _accumulate(acc, {**_pick(cf, ct, "coarse_"), "coarse_xray_consistency": xray_consistency(proj, cf, xr)})
         res = _mean(acc)
+        if known:
+            res.update(self._coarse_val[1])
+        else:
+            self._coarse_val = (tuple(split.names), {k: v for k, v in res.items() if k.startswith("coarse_")})
         res["gain_db"] = res["refined_psnr"] - res["coarse_psnr"]
-        return res
+        return {k: res[k] for k in self.val_fields}
 
     def state_dict(self):
         return {"critic": self.criterion.critic.state_dict()} if self.criterion.critic else {}

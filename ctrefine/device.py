@@ -1,0 +1,132 @@
+"""The one place that decides how ctrefine runs on a device: precision, memory layout, compilation,
+data placement and the metrics' arithmetic.
+
+Training (:mod:`ctrefine.training`), validation, inference and the metrics read these decisions
+from here, so a GPU fast path is a change in this module, not in four. The *mechanisms* live where
+they act (channels-last hooks in :mod:`ctrefine.models.layout`, device-resident splits in
+:mod:`ctrefine.data.dataset`); the *choices* are made below, each with the measurement behind it.
+
+Only torch is imported: every floor of the package may ask.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# At or below this finest width channels-last-3d pays on CPU (bench/train_speed.py, 64^3, bf16, 2 threads:
+# base width 8 1.39x, refiner hidden 16 1.48x; base width 32 0.76x, refiner hidden 64 0.94x).
+NARROW = 16
+# A split is kept on the device when it takes at most this share of the device's free memory (800 phantoms
+# at 64^3 with 128^2 radiographs are ~0.9 GB: a few percent of a data-centre GPU).
+RESIDENT_SHARE = 0.25
+
+
+def rank_device(local_rank: int, world: int) -> torch.device:
+    """This rank's device under DeepSpeed's accelerator: its own GPU, or the CPU with the cores shared
+    between the ranks on this machine (one thread per rank when there are as many ranks as cores)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        return device
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def choose_precision(ds_cfg: dict, device: torch.device, precision: str = "auto") -> tuple[torch.dtype, str]:
+    """(compute dtype, a note for the user or "").
+
+    ``auto`` takes ds_config's bf16 setting, except on a CPU without hardware bf16: there bf16 3D
+    convolutions are emulated and slow (measured on an AVX2-only AMD EPYC, cpu-small base step,
+    2 threads: fp32 468 ms, bf16 14.9 s), so auto trains in fp32 and says so. ``bf16`` / ``fp32`` force.
+    """
+    want_bf16 = bool(ds_cfg.get("bf16", {}).get("enabled", False))
+    if precision == "fp32" or (precision == "auto" and not want_bf16):
+        return torch.float32, ""
+    if precision == "bf16" or device.type != "cpu" or cpu_has_native_bf16():
+        return torch.bfloat16, ""
+    return torch.float32, ("this CPU has no hardware bf16 (no AVX512-BF16 / AMX): training in fp32, ~30x faster "
+                           "here than emulated bf16 (--precision bf16 forces it)")
+
+
+def channels_last(conv_widths: list[int], device: torch.device, setting: str = "auto") -> bool:
+    """Whether a model whose 3D convolutions have ``conv_widths`` output channels (heads with one output
+    aside) should run them in channels-last-3d on ``device``.
+
+    ``auto``: on a CPU, when at least a fifth of those convolutions have at most :data:`NARROW` channels
+    -- one narrow layer (the refiner's guidance fusion) does not make a wide model narrow. Wide layers
+    are already compute-bound there (42-45 % of the bf16 matmul rate) and only pay for the copies. On
+    CUDA cuDNN transposes NCDHW to NDHWC around its bf16 kernels (11.5 % of the `full` refiner's step on
+    an H200), which channels-last removes, but that is not yet measured end to end: off until it is
+    (``training.channels_last=on`` forces it; ``bench/gpu_check.sh`` measures both).
+    """
+    if setting != "auto":
+        return setting == "on"
+    widths = sorted(w for w in conv_widths if w > 1)
+    return device.type == "cpu" and bool(widths) and widths[len(widths) // 5] <= NARROW
+
+
+def metrics_dtype(device: torch.device) -> torch.dtype:
+    """The arithmetic of the image metrics on ``device``.
+
+    float64 on the CPU (where it costs little and the reported figures have always been computed so);
+    float32 on accelerators, where float64 is slow. The difference is far below what a report prints:
+    PSNR within 1e-4 dB and SSIM within 1e-5 of float64 (tests/test_metrics.py holds both).
+    """
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def resident_bytes_ok(nbytes: int, device: torch.device) -> bool:
+    """Whether a split of ``nbytes`` may live on ``device`` for a whole run (always on the CPU: it
+    already does; on CUDA up to :data:`RESIDENT_SHARE` of the free memory)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= RESIDENT_SHARE * free
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """Every per-device decision of one training run, made once (:meth:`for_run`)."""
+
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype of the trainable model (autocast / DeepSpeed bf16)
+    note: str = ""  # why precision differs from what was asked, for the user
+    compile: bool = False  # torch.compile the trainable module (training.compile)
+
+    @classmethod
+    def for_run(cls, device: torch.device, ds_cfg: dict, precision: str = "auto", compile: str = "off"):
+        dtype, note = choose_precision(ds_cfg, device, precision)
+        return cls(device, dtype, note, compile == "on")
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype radiographs are kept in on the device: the model's compute dtype, so no step casts."""
+        return self.dtype
+
+    @property
+    def metrics_dtype(self) -> torch.dtype:
+        return metrics_dtype(self.device)
+
+    def use_channels_last(self, conv_widths: list[int], setting: str) -> bool:
+        return channels_last(conv_widths, self.device, setting)
+
+    def keep_resident(self, nbytes: int) -> bool:
+        return resident_bytes_ok(nbytes, self.device)
+
+    def autocast(self):
+        """Autocast to the compute dtype (a no-op in fp32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
