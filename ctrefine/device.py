@@ -6,15 +6,18 @@ from here, so a GPU fast path is a change in this module, not in four. The *mech
 they act (channels-last hooks in :mod:`ctrefine.models.layout`, device-resident splits in
 :mod:`ctrefine.data.dataset`); the *choices* are made below, each with the measurement behind it.
 
-Only torch is imported: every floor of the package may ask.
+Only torch and :mod:`ctrefine.errors` are imported: every floor of the package may ask.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .errors import ConfigError
 
 # At or below this finest width channels-last-3d pays on CPU (bench/train_speed.py, 64^3, bf16, 2 threads:
 # base width 8 1.39x, refiner hidden 16 1.48x; base width 32 0.76x, refiner hidden 64 0.94x).
@@ -22,6 +25,37 @@ NARROW = 16
 # A split is kept on the device when it takes at most this share of the device's free memory (800 phantoms
 # at 64^3 with 128^2 radiographs are ~0.9 GB: a few percent of a data-centre GPU).
 RESIDENT_SHARE = 0.25
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import kernels  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """The one dispatch between the Triton kernels (``ctrefine.kernels``) and their pure-torch references:
+
+    * ``CTREFINE_KERNELS=0`` -> always the reference (for comparisons and debugging);
+    * ``CTREFINE_KERNELS=1`` -> always the kernels (errors if Triton cannot run them; on CPU this works
+      only under ``TRITON_INTERPRET=1``, which is how the tests exercise this path);
+    * unset / ``auto`` -> kernels for CUDA tensors when Triton imports, else the reference.
+    """
+    mode = os.environ.get("CTREFINE_KERNELS", "auto").strip().lower()
+    if mode in ("0", "off", "false", "ref", "reference"):
+        return False
+    if mode in ("1", "on", "true", "force"):
+        if not triton_available():
+            raise RuntimeError("CTREFINE_KERNELS=1 but Triton kernels cannot be imported")
+        return True
+    if mode not in ("auto", ""):
+        raise ConfigError(f"CTREFINE_KERNELS must be 0, 1 or auto, got {mode!r}")
+    return x.is_cuda and triton_available()
 
 
 def rank_device(local_rank: int, world: int) -> torch.device:

@@ -2,5 +2,5 @@
 
 Each module holds its ``@triton.jit`` kernels, a plain launcher and the ``torch.autograd.Function``;
 nothing else. Which path runs (kernel or pure-torch reference) is decided in one place:
-:func:`ctrefine.losses.functional.use_kernels`.
+:func:`ctrefine.device.use_kernels`.
 """

@@ -118,3 +118,69 @@ def test_training_loss_same_numbers_both_paths(monkeypatch):
         out[mode] = (total.detach(), q.grad)
     torch.testing.assert_close(out["0"][0], out["1"][0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["0"][1], out["1"][1], atol=1e-7, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------- GroupNorm + SiLU
+# (B, C, D, H, W, groups): a group of 1 channel, odd sizes, several chunks per group (45 x 48 > BLOCK)
+GN_CPU = [(2, 4, 3, 5, 7, 2), (1, 8, 4, 4, 4, 8), (2, 6, 5, 9, 11, 3)]
+GN_GPU = [(8, 32, 64, 64, 64, 8), (2, 64, 37, 53, 61, 8)]
+GN_SHAPES = GN_CPU + ([pytest.param(s, marks=pytest.mark.gpu) for s in GN_GPU] if CUDA else [])
+GN_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _gn_inputs(shape, dtype, seed=0):
+    b, c, d, h, w, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (3.0 + 2.0 * torch.randn(b, c, d, h, w, generator=g)).to(DEVICE, dtype).requires_grad_()  # mean >> 0
+    wt = (1 + 0.3 * torch.randn(c, generator=g)).to(DEVICE, dtype).requires_grad_()
+    bias = (0.2 * torch.randn(c, generator=g)).to(DEVICE, dtype).requires_grad_()
+    dy = torch.randn(b, c, d, h, w, generator=g).to(DEVICE, dtype)
+    return x, wt, bias, dy
+
+
+def _gn_run(fn, x, wt, bias, dy, groups):
+    y = fn(x, groups, wt, bias, 1e-5)
+    return (y.detach(), *torch.autograd.grad(y, (x, wt, bias), 2.0 * dy))  # grad_output != 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=str)
+def test_group_norm_silu_matches_reference(shape, dtype):
+    from ctrefine.kernels.groupnorm_silu import GroupNormSiLUFunction
+    from ctrefine.models.norm import group_norm_silu_reference
+
+    x, wt, bias, dy = _gn_inputs(shape, dtype)
+    groups = shape[-1]
+    kern = _gn_run(lambda x_, g_, w_, b_, e_: GroupNormSiLUFunction.apply(x_, w_, b_, g_, e_), x, wt, bias, dy, groups)
+    ref = _gn_run(lambda *a: group_norm_silu_reference(*(t.float() if torch.is_tensor(t) else t for t in a)),
+                  x, wt, bias, dy, groups)  # the truth in fp32
+    for k, r, name in zip(kern, ref, ("y", "dx", "dweight", "dbias")):
+        assert k.dtype == dtype, name
+        scale = r.float().abs().max()
+        torch.testing.assert_close(k.float() / scale, r.float() / scale, **GN_TOL[dtype], msg=name)
+
+
+def test_group_norm_silu_under_autocast_returns_what_the_reference_does(monkeypatch):
+    """Under CUDA autocast GroupNorm runs in fp32 and returns fp32 (CPU autocast keeps bf16); the kernel
+    path returns the same dtype and values."""
+    from ctrefine.models.norm import GroupNormSiLU
+
+    monkeypatch.setenv("CTREFINE_KERNELS", "1")
+    m = GroupNormSiLU(2, 4).to(DEVICE)
+    x = torch.randn(2, 4, 3, 4, 5, device=DEVICE).to(torch.bfloat16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = m(x)
+    monkeypatch.setenv("CTREFINE_KERNELS", "0")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        r = m(x)
+    assert y.dtype == r.dtype == (torch.float32 if CUDA else torch.bfloat16)
+    torch.testing.assert_close(y.float(), r.float(), atol=1e-2 if r.dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+def test_group_norm_silu_module_keeps_the_state_dict_names():
+    """The fused module is a GroupNorm: model files saved with GroupNorm + SiLU load into it."""
+    from ctrefine.models.blocks import ResBlock, conv_norm_act
+
+    assert set(conv_norm_act(4, 8, 3).state_dict()) == {"0.weight", "1.weight", "1.bias"}
+    assert set(ResBlock(8).state_dict()) == {"body.0.weight", "body.1.weight", "body.1.bias", "body.3.weight",
+                                              "body.4.weight", "body.4.bias"}

@@ -22,6 +22,7 @@ import torch.nn as nn
 import contextlib
 
 from ..fourier import NYQUIST_3D, dft_matrices, frequency_magnitude
+from .norm import GroupNormSiLU
 
 
 def _groups(c: int) -> int:
@@ -34,7 +35,7 @@ def _groups(c: int) -> int:
 def conv_norm_act(cin: int, cout: int, dim: int, k: int = 3, stride: int = 1) -> nn.Sequential:
     conv = nn.Conv3d if dim == 3 else nn.Conv2d
     return nn.Sequential(conv(cin, cout, k, stride=stride, padding=k // 2, bias=False),
-                         nn.GroupNorm(_groups(cout), cout), nn.SiLU())
+                         GroupNormSiLU(_groups(cout), cout))
 
 
 class Upsample2x(nn.Module):
@@ -50,7 +51,8 @@ class ResBlock(nn.Module):
     def __init__(self, c: int, dim: int = 3):
         super().__init__()
         conv = nn.Conv3d if dim == 3 else nn.Conv2d
-        self.body = nn.Sequential(conv(c, c, 3, padding=1, bias=False), nn.GroupNorm(_groups(c), c), nn.SiLU(),
+        # the Identity holds index 2 so the parameter names (body.0/1/3/4) are those model files use
+        self.body = nn.Sequential(conv(c, c, 3, padding=1, bias=False), GroupNormSiLU(_groups(c), c), nn.Identity(),
                                   conv(c, c, 3, padding=1, bias=False), nn.GroupNorm(_groups(c), c))
         self.act = nn.SiLU()
 

@@ -1,0 +1,40 @@
+"""GroupNorm followed by SiLU as one module: the fused Triton kernel where :func:`ctrefine.device.use_kernels`
+says so (CUDA), the two PyTorch ops otherwise.
+
+The module *is* a ``nn.GroupNorm`` (same parameters, same names, same initialisation), so model files
+load unchanged and the ONNX export, which runs the reference, writes the same GroupNormalization and
+SiLU nodes as before. The kernel (``ctrefine.kernels.groupnorm_silu``) keeps only the input for the
+backward and never writes the normalised tensor; tests/test_kernels.py holds it to the reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..device import use_kernels
+
+
+def group_norm_silu_reference(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
+    """``silu(group_norm(x))``: the truth the kernel is tested against, and the path off CUDA."""
+    return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+
+def group_norm_silu(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
+    """Kernel or reference, per call."""
+    if use_kernels(x):
+        from ..kernels.groupnorm_silu import GroupNormSiLUFunction
+
+        # CUDA autocast runs group_norm in float32 and returns float32 (CPU autocast keeps the input's
+        # dtype): the kernel returns what the reference would
+        cuda_autocast = x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        out = torch.float32 if cuda_autocast else x.dtype
+        return GroupNormSiLUFunction.apply(x, weight, bias, groups, eps, out)
+    return group_norm_silu_reference(x, groups, weight, bias, eps)
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """``silu(GroupNorm(x))`` in one call (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
