@@ -22,6 +22,7 @@ The predictors come from :mod:`ctrefine.pipeline`; the tables from :mod:`ctrefin
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from .errors import DataError
 from .outputs import claim_output_dir, claim_output_file
 from .metrics import psnr
 from .reprojection import SliceProjector, safety_gate
-from .report import metrics_text, patient_metrics, summarize
+from .report import batch_metrics, metrics_text, summarize
 from .viz import comparison_png
 
 
@@ -73,30 +74,26 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
     table = (read_json(header) if header.exists() else {}).get("labels")
     per_patient: dict[str, dict] = {}
     projector = None
-    with atomic_dir(output_dir) as tmp:
+    device = getattr(predictor, "device", torch.device("cpu"))  # metrics where the model ran
+    with atomic_dir(output_dir) as tmp, ThreadPoolExecutor(1) as writer:
         bar = tqdm(total=n, desc=f"infer ({predictor.kind})", unit="pt", disable=not progress)
+        pending = []
         for i0 in range(0, n, batch_size):
             items = [ds[i] for i in range(i0, min(n, i0 + batch_size))]
             xrays = torch.stack([it["xrays"] for it in items])
             coarse, ungated = predictor(xrays)
             projector = projector or SliceProjector(coarse.shape[-1], geometry=dataset_geometry(data_path))
             refined, records = safety_gate(projector, xrays, coarse, ungated, gate)
-            for it, c, r, u, rec in zip(items, coarse, refined, ungated, records):
-                gt, name = it["ct"], it["name"]
-                vols = {"coarse": c, "refined": r} if baseline is None else {"mean": baseline, "coarse": c, "refined": r}
-                m = per_patient[name] = patient_metrics(vols, gt, it.get("labels"), table)
-                m["gate"] = {**rec, "psnr_ungated": float(psnr(u[None], gt[None]))}
-                folder = tmp / name
-                folder.mkdir()
-                if save_volumes:
-                    aff = it["affine"].numpy()
-                    for fname, vol in (("coarse", c), ("refined", r), ("ground_truth", gt)):
-                        save_nifti(folder / f"{fname}.nii.gz", model_to_hu(vol[0].numpy()), aff)
-                title = "\n".join(f"{k:9s} coarse {m['coarse'][k]:7.3f}  refined {m['refined'][k]:7.3f}"
-                                  for k in ("psnr", "ssim", "hf_psnr", "band_high"))
-                comparison_png(folder / f"{name}_comparison.png", c[0].numpy(), r[0].numpy(), gt[0].numpy(),
-                               it["xrays"][:, 0].numpy(), f"{name}\n{title}")
-                bar.update()
+            gt = torch.stack([it["ct"] for it in items])
+            found = _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device)
+            for it, c, r, m, rec in zip(items, coarse, refined, found, records):
+                m["gate"] = {**rec, "psnr_ungated": m.pop("psnr_ungated")}
+                per_patient[it["name"]] = m
+                # files off the critical path: the writer thread draws and compresses while the next batch runs
+                pending.append(writer.submit(_write_patient, tmp / it["name"], it, c, r, m, save_volumes))
+            bar.update(len(items))
+        for f in pending:
+            f.result()  # a failed write fails the command, before anything is renamed into place
         bar.close()
         summary = summarize(per_patient)
         summary.update({"split": split, "data_path": str(data_path), "predictor": predictor.kind, "gate": gate,
@@ -105,6 +102,33 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
         (tmp / "metrics.txt").write_text(metrics_text(per_patient, summary))
     return summary
+
+
+def _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device) -> list[dict]:
+    """Per patient of a batch: the mean / coarse / refined metrics and the ungated refined PSNR, computed
+    on ``device`` for the whole batch (label metrics on the host)."""
+    vols = {"coarse": coarse, "refined": refined} if baseline is None else \
+        {"mean": baseline, "coarse": coarse, "refined": refined}
+    gt_d = gt.to(device)
+    out = batch_metrics({k: v.to(device) for k, v in vols.items()}, gt_d,
+                        [it.get("labels") for it in items] if table else None, table)
+    for m, p in zip(out, psnr(ungated.to(device), gt_d).tolist()):
+        m["psnr_ungated"] = p
+    return out
+
+
+def _write_patient(folder: Path, item: dict, coarse, refined, m: dict, save_volumes: bool) -> None:
+    """One patient's NIfTIs (HU, its own affine) and comparison PNG into ``folder``."""
+    folder.mkdir()
+    gt, name = item["ct"], item["name"]
+    if save_volumes:
+        aff = item["affine"].numpy()
+        for fname, vol in (("coarse", coarse), ("refined", refined), ("ground_truth", gt)):
+            save_nifti(folder / f"{fname}.nii.gz", model_to_hu(vol[0].numpy()), aff)
+    title = "\n".join(f"{k:9s} coarse {m['coarse'][k]:7.3f}  refined {m['refined'][k]:7.3f}"
+                      for k in ("psnr", "ssim", "hf_psnr", "band_high"))
+    comparison_png(folder / f"{name}_comparison.png", coarse[0].numpy(), refined[0].numpy(), gt[0].numpy(),
+                   item["xrays"][:, 0].numpy(), f"{name}\n{title}")
 
 
 def _mean_baseline(data_path) -> torch.Tensor | None:

@@ -27,17 +27,37 @@ STAGES = ("mean", "coarse", "refined")
 STAGE_NAMES = {"mean": "mean baseline", "coarse": "coarse", "refined": "refined"}
 
 
+def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> list[dict]:
+    """``[{stage: {metric: value}}]``, one per patient, for a batch: ``vols`` maps stages to model-space
+    ``(B, 1, D, H, W)`` volumes (a ``(1, D, H, W)`` one, e.g. the mean baseline, serves every patient),
+    ``truth`` ``(B, 1, D, H, W)``, ``labels`` a list of ``(D, H, W)`` maps or None.
+
+    The label-free metrics are computed on the tensors' device for the whole batch at once (float32 on
+    an accelerator, :func:`ctrefine.device.metrics_dtype`); the label metrics on the host (numpy/scipy).
+    """
+    b = truth.shape[0]
+    per_stage = {}
+    for stage, vol in vols.items():
+        v = vol.to(truth.device)
+        v = v.expand(b, *truth.shape[1:]) if v.dim() == 4 else v
+        per_stage[stage] = {k: val.double().cpu().tolist() for k, val in all_metrics(v, truth).items()}
+    out = [{stage: {k: vals[i] for k, vals in m.items()} for stage, m in per_stage.items()} for i in range(b)]
+    if labels is not None and table:
+        host_truth = model_to_hu(truth.float().cpu().numpy())
+        for stage, vol in vols.items():
+            hu = model_to_hu(vol.float().cpu().numpy())
+            for i in range(b):
+                if labels[i] is not None:
+                    out[i][stage].update(label_metrics(hu[i, 0] if hu.ndim == 5 else hu[0],
+                                                       host_truth[i, 0], labels[i].numpy(), table))
+    return out
+
+
 def patient_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> dict:
     """``{stage: {metric: value}}`` for one patient; ``vols`` maps stages to model-space ``(1, D, H, W)``."""
-    out = {}
     t5 = truth[None] if truth.dim() == 4 else truth
-    for stage, vol in vols.items():
-        m = {k: float(v) for k, v in all_metrics(vol[None] if vol.dim() == 4 else vol, t5).items()}
-        if labels is not None and table:
-            m.update(label_metrics(model_to_hu(vol.reshape(truth.shape[-3:]).numpy()),
-                                   model_to_hu(truth.reshape(truth.shape[-3:]).numpy()), labels.numpy(), table))
-        out[stage] = m
-    return out
+    return batch_metrics({k: v[None] if v.dim() == 4 else v for k, v in vols.items()}, t5,
+                         None if labels is None else [labels], table)[0]
 
 
 def _stats(values) -> tuple[float, float, int]:
