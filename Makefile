@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q bench --benchmark-json=bench/results-cpu.json
+
+# on a CUDA machine with torch + triton and no network (wheels in .whl/): bench/gpu_check.sh's header
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -161,6 +161,11 @@ class DevicePolicy:
     def keep_resident(self, nbytes: int) -> bool:
         return resident_bytes_ok(nbytes, self.device)
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (once an epoch, for honest timings; never per step)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def autocast(self):
         """Autocast to the compute dtype (a no-op in fp32)."""
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)

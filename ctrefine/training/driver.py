@@ -219,7 +219,7 @@ def run(args) -> int:
         keep = global_step if start_epoch else None
         train_log = CSVLog(out / "train_log.csv", ["epoch", "step", "lr", "loss", *stage.term_names, "volumes_per_s"],
                            keep)
-        val_log = CSVLog(out / "val_log.csv", ["epoch", "step", *stage.val_fields], keep)
+        val_log = CSVLog(out / "val_log.csv", ["epoch", "step", *stage.val_fields, "train_s", "val_s"], keep)
         tb = tensorboard_writer(cfg.logging.tensorboard, out / "tb")
 
     from tqdm import tqdm
@@ -254,16 +254,20 @@ def run(args) -> int:
                 if tb:
                     tb.add_scalar(f"{args.stage}/train_loss", loss_v, global_step)
         bar.close()
+        policy.synchronize()
+        train_s = time.time() - tic
 
         # ---- validation (rank 0; ZeRO-2 keeps full parameters on every rank) -------------------------
         improved, vm = False, {}
         if rank == 0:
             engine.module.eval()
-            vm = stage.evaluate(engine.module, val_split, t.batch_size)
+            tv = time.time()
+            vm = stage.evaluate(engine.module, val_split, t.batch_size)  # ends with one transfer: synchronised
+            val_s = time.time() - tv
             engine.module.train()
             improved = vm[stage.score_key] > best
             best, bad_epochs = (vm[stage.score_key], 0) if improved else (best, bad_epochs + 1)
-            val_log.append({"epoch": epoch + 1, "step": global_step, **vm})
+            val_log.append({"epoch": epoch + 1, "step": global_step, **vm, "train_s": train_s, "val_s": val_s})
             if tb:
                 for k, v in vm.items():
                     tb.add_scalar(f"{args.stage}/val_{k}", v, global_step)
