@@ -59,7 +59,7 @@ def test_lower_floors_never_import_higher():
     higher = {"config", "checkpoint", "pipeline", "quantize", "training", "train", "export", "infer", "report", "viz", "launch",
               "cli"}
     lower = [*PKG.glob("data/*.py"), *PKG.glob("models/*.py"), *PKG.glob("losses/*.py"), PKG / "metrics.py",
-             PKG / "conventions.py", PKG / "stencil.py", PKG / "fourier.py", PKG / "errors.py", PKG / "reprojection.py"]
+             PKG / "conventions.py", PKG / "stencil.py", PKG / "fourier.py", PKG / "errors.py", PKG / "reprojection.py", PKG / "device.py"]
     for f in lower:
         bad = {n for n in _imports(f) if n.split(".")[1:2] and n.split(".")[1] in higher}
         assert not bad, f"{f} imports {bad}"

@@ -166,11 +166,10 @@ class FrequencyAttention(nn.Module):
     def __init__(self, channels: int, size: tuple[int, int, int], n_bins: int = 16):
         super().__init__()
         self.n_bins = n_bins
-        bins = radial_bins(size, n_bins)
-        self.register_buffer("bins", bins, persistent=False)
-        # (n_bins, bins) one-hot: the gain expansion as a matrix product (see gain())
-        self.register_buffer("bin_onehot", nn.functional.one_hot(bins.flatten(), n_bins).T.float().contiguous(),
-                             persistent=False)
+        self.register_buffer("bins", radial_bins(size, n_bins), persistent=False)
+        # (n_bins, bins) one-hot, float32, per device: the gain expansion as a matrix product (see gain()).
+        # Not a buffer, so a bf16 cast of the module (DeepSpeed's bf16 mode) leaves it float32.
+        self._onehot: dict[torch.device, torch.Tensor] = {}
         self.matmul = MatmulSpectralGain(size)
         self.use_matmul = False  # torch's FFT by default; matmul_transforms() switches it for export
         self.base = nn.Parameter(torch.zeros(channels, n_bins))
@@ -189,8 +188,11 @@ class FrequencyAttention(nn.Module):
         # and a matrix-product backward, where indexing's backward is a sort-based scatter (10 % of the
         # `full` refiner's step on an H200) -- 2.5-3x faster for the expansion on CPU too. fp32 even
         # under autocast: the gain must not be rounded to bf16.
+        dev = self.bins.device
+        if dev not in self._onehot:
+            self._onehot[dev] = nn.functional.one_hot(self.bins.flatten(), self.n_bins).T.float().contiguous()
         with torch.autocast(x.device.type, enabled=False):
-            return (g @ self.bin_onehot.to(g.dtype)).view(b, c, *self.bins.shape)
+            return (g @ self._onehot[dev]).view(b, c, *self.bins.shape)
 
     def forward(self, x):
         if self.use_matmul:
