@@ -6,6 +6,8 @@
   files are created private; results are not).
 * :func:`check_writable` -- the place a command will write to can be created and written, checked
   *before* the work starts (one-line error instead of a traceback after minutes of work).
+* :func:`folder_lock` -- one ctrefine command at a time writes a given folder (a second one is refused
+  at once, not interleaved).
 * :func:`claim_output_dir` / :func:`claim_output_file` -- the rules for outputs that already exist:
   an empty or missing folder is used; a folder holding an earlier result of the *same kind* is
   replaced only when the user says ``--overwrite``; any other non-empty folder is refused, with or
@@ -35,6 +37,30 @@ def _publish_mode(path: Path) -> None:
     """Give a temporary file/folder the mode a normal create would have had under the umask."""
     base = 0o777 if path.is_dir() else 0o666
     os.chmod(path, base & ~current_umask())
+
+
+LOCK_NAME = ".ctrefine.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what: str):
+    """Hold an exclusive lock on ``folder`` (an advisory ``flock`` on ``folder/.ctrefine.lock``) for the
+    block; another holder makes this a one-line :class:`UserError`. The lock file is left in place
+    (removing it would let a third process lock a different file); it holds nothing."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder}: another ctrefine command is writing this {what} now; wait for it to finish") \
+                from None
+        yield folder
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -220,3 +220,130 @@ def test_scanner_padding_is_air(tmp_path):
     save_nifti(tmp_path / "pad.nii.gz", v, np.diag([2.0, 2.0, 2.0, 1.0]))
     data, _ = load_ct(tmp_path / "pad.nii.gz")
     assert data.min() == -1000.0
+
+
+# ------------------------------------------------------------------------------ code in a checkpoint
+class _Planted:
+    """Unpickling this runs a shell command (what a planted checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Engine:
+    loaded = False
+
+    def load_checkpoint(self, folder, tag):
+        self.loaded = True
+        return None, {"epoch": 0}
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    from ctrefine.training.checkpointing import Checkpointer
+
+    run = tmp_path / "run"
+    tag = run / "ckpt" / "epoch_0001"
+    tag.mkdir(parents=True)
+    (run / "latest.json").write_text(json.dumps({"tag": "epoch_0001", "epoch": 1, "global_step": 3}))
+    ok = {"module": {"w": torch.ones(2)}, "rng": [{"numpy": np.random.get_state()}]}  # what ctrefine saves: allowed
+    torch.save(ok, tag / "mp_rank_00_model_states.pt")
+    engine = _Engine()
+    assert Checkpointer(run, 2, 0, 1).resume(engine) == {"epoch": 0, "tag": "epoch_0001"} and engine.loaded
+
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Planted(marker)}, tag / "mp_rank_00_model_states.pt")
+    engine = _Engine()
+    with pytest.raises(UserError, match="refusing to resume from it, it would call .*system"):
+        Checkpointer(run, 2, 0, 1).resume(engine)
+    assert not marker.exists() and not engine.loaded
+
+    (run / "latest.json").write_text(json.dumps({"tag": "../../elsewhere"}))
+    with pytest.raises(UserError, match="names no checkpoint"):
+        Checkpointer(run, 2, 0, 1).resume(_Engine())
+
+
+# ------------------------------------------------------------------------------ datasets and their names
+def _good_ct(tmp_path, name="good.nii.gz", seed=2):
+    from ctrefine.conventions import canonical_affine
+    from ctrefine.data.phantoms import chest_phantom
+
+    path = tmp_path / name
+    save_nifti(path, chest_phantom(seed, size=64), canonical_affine(64, 5.0))
+    return path
+
+
+def _prepare(ct_paths, out):
+    return cli("prepare", "--ct", *ct_paths, "--out", out, "--size", "16", "--xray-size", "16", "--quiet")
+
+
+def test_prepare_takes_a_new_name_past_a_gap_and_resumes(tmp_path):
+    a, b, c = (_good_ct(tmp_path, f"{n}.nii.gz", s) for n, s in (("a", 2), ("b", 3), ("c", 4)))
+    out = tmp_path / "ds"
+    assert _prepare([a, b], out).returncode == 0
+    first = snapshot(out / "patient_0001")
+    import shutil
+
+    shutil.rmtree(out / "patient_0000")  # a gap in the numbering: patient_0001 is the only one
+    assert _prepare([c], out).returncode == 0
+    assert snapshot(out / "patient_0001") == first  # never overwritten
+    assert json.loads((out / "patient_0002" / "meta.json").read_text())["input"] == str(c.resolve())
+    # an interrupted run (patients written, no splits.json yet) is resumed: finished inputs are not redone
+    (out / "splits.json").unlink()
+    assert _prepare([c, a], out).returncode == 0
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("patient_"))
+    assert names == ["patient_0001", "patient_0002", "patient_0003"]
+    splits = json.loads((out / "splits.json").read_text())
+    assert sorted(n for v in splits.values() for n in v) == names
+
+
+def test_prepare_refuses_a_dataset_another_command_is_writing(tmp_path):
+    from ctrefine.outputs import folder_lock
+
+    out = tmp_path / "ds"
+    with folder_lock(out, "dataset"):
+        one_error_line(_prepare([_good_ct(tmp_path)], out), "another ctrefine command is writing")
+    assert not (out / "patient_0000").exists()
+
+
+@pytest.mark.parametrize("bad", ["../../outside", "/etc", "a/b", "..", ".hidden"])
+def test_splits_naming_paths_outside_the_dataset_are_refused(ckpts, tiny_dataset, tmp_path, bad):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    splits = json.loads((ds / "splits.json").read_text())
+    splits["test"] = [bad]
+    (ds / "splits.json").write_text(json.dumps(splits))
+    one_error_line(cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet"),
+                   "is not a folder name inside the dataset")
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_link_leading_out_of_the_dataset_is_refused(ckpts, tiny_dataset, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    splits = json.loads((ds / "splits.json").read_text())
+    victim = splits["test"][0]
+    shutil.move(ds / victim, tmp_path / "elsewhere")
+    (ds / victim).symlink_to(tmp_path / "elsewhere")
+    one_error_line(cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet"),
+                   f"patient '{victim}'")
+
+
+@pytest.mark.parametrize("name", ["splits.json", "dataset.json"])
+def test_empty_dataset_files_are_one_line_errors(ckpts, tiny_dataset, tmp_path, name):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    (ds / name).write_text("")
+    one_error_line(cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet"),
+                   f"{name}: not valid JSON")
+    r = cli("train", "base", "--config", "cpu-small", "--set", f"data.data_path={ds}", "--set",
+            f"checkpoint.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and f"{name}: not valid JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr[-600:]

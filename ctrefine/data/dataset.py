@@ -17,6 +17,7 @@ never leaves a half patient, and a rerun skips every finished one.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
-from ..outputs import check_writable
+from ..outputs import LOCK_NAME, check_writable
 from .io import DataError, atomic_dir, load_nifti, read_json, save_nifti, write_json, xray_affine
 from .augment import imaging_chain
 from .phantoms import LABELS, Scan, chest_phantom, downsample_area, downsample_labels
@@ -36,6 +37,14 @@ SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train; >=1 val and >=
 
 def patient_name(index: int) -> str:
     return f"patient_{index:04d}"
+
+
+def next_patient_index(root: Path) -> int:
+    """One past the highest ``patient_NNNN`` in ``root`` -- folders, finished or not, and their temporary
+    siblings: a new patient never takes a name that exists or existed, gaps included."""
+    found = [int(m.group(1)) for p in (Path(root).iterdir() if Path(root).is_dir() else ())
+             if (m := re.match(r"\.?patient_(\d{4,})(?:$|\.)", p.name))]
+    return max(found, default=-1) + 1
 
 
 def patient_seed(dataset_seed: int, index: int) -> int:
@@ -129,7 +138,8 @@ def check_dataset_dir(root: Path) -> None:
     """A dataset is made or extended only in a missing or empty folder, or in an existing dataset."""
     root = Path(root)
     check_writable(root, "dataset folder")
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "dataset.json").exists())):
+    if root.exists() and (not root.is_dir() or (any(p.name != LOCK_NAME for p in root.iterdir())
+                                                 and not (root / "dataset.json").exists())):
         raise DataError(f"{root}: exists and is not a ctrefine dataset (no dataset.json); choose a new or empty folder")
 
 
@@ -175,14 +185,14 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     split_path = root / "splits.json"
     if not split_path.exists():  # written once, never recomputed
         write_json(split_path, make_splits([patient_name(i) for i in range(num_patients)], seed))
-    return read_json(split_path)
+    return read_splits(root)
 
 
 def summarize(root) -> str:
     """Human-readable summary of a dataset directory."""
     root = Path(root)
     hdr = read_json(root / "dataset.json")
-    splits = read_json(root / "splits.json")
+    splits = read_splits(root)
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p))
     lines = [f"dataset {root}: {len(names)} patients, target {hdr['size']}^3 over {hdr['fov_mm']:.0f} mm "
              f"({hdr['fov_mm'] / hdr['size']:.2f} mm voxels), radiographs {hdr['xray_size']}^2, "
@@ -279,7 +289,7 @@ def mean_volume(root, split: str = "train") -> np.ndarray:
     path = root / MEAN_VOLUME
     if path.exists():
         return load_nifti(path)[0]
-    names = read_json(root / "splits.json").get(split) or []
+    names = read_splits(root).get(split) or []
     if not names:
         raise DataError(f"{root}: split {split!r} is empty: no mean-volume baseline")
     total, aff = None, None
@@ -294,6 +304,29 @@ def mean_volume(root, split: str = "train") -> np.ndarray:
     return mean
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_splits(root: Path, splits: dict) -> dict:
+    """``splits.json``'s content, checked: lists of plain patient-folder names (no separators, no ``..``,
+    no absolute paths) whose folders lie inside ``root`` (a link leading out is refused). A dataset never
+    makes ctrefine read or write outside its own folder."""
+    path = Path(root) / "splits.json"
+    real_root = Path(root).resolve()
+    for split, names in splits.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{path}: split {split!r} must be a list of patient names")
+        for n in names:
+            if not _PLAIN_NAME.fullmatch(n) or (Path(root) / n).resolve().parent != real_root:
+                raise DataError(f"{path}: patient {n!r} in split {split!r} is not a folder name inside the dataset")
+    return splits
+
+
+def read_splits(root) -> dict:
+    """The dataset's ``splits.json``, checked (:func:`check_splits`)."""
+    return check_splits(Path(root), read_json(Path(root) / "splits.json"))
+
+
 class CTDataset(torch.utils.data.Dataset):
     """Patients of one split: ``xrays (2, 1, S, S)`` normalised (``xrays_raw``: as stored), ``ct (1, D, H, W)``
     in model space.
@@ -306,7 +339,7 @@ class CTDataset(torch.utils.data.Dataset):
         split_path = self.root / "splits.json"
         if not split_path.exists():
             raise DataError(f"{self.root}: no splits.json (not a ctrefine dataset, or generation never finished)")
-        splits = read_json(split_path)
+        splits = read_splits(self.root)
         if split == "all":  # every patient: for a set that no model was trained on (e.g. a shifted test set)
             self.names = sorted(n for names in splits.values() for n in names)
         elif split not in splits:

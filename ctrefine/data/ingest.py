@@ -16,9 +16,11 @@ import numpy as np
 from scipy import ndimage
 
 from ..conventions import FOV_MM, HU_MIN, canonical_affine
-from .dataset import FORMAT_VERSION, check_dataset_dir, ensure_dataset_header, is_complete, make_splits, patient_name, render_patient, \
+from .dataset import FORMAT_VERSION, check_dataset_dir, ensure_dataset_header, is_complete, make_splits, \
+    next_patient_index, patient_name, read_splits, render_patient, \
     write_patient
 from .dicom import load_series
+from ..outputs import LOCK_NAME, folder_lock
 from .io import DataError, load_nifti, read_json, write_json
 from .phantoms import LABELS
 from .projector import Geometry
@@ -114,6 +116,35 @@ def ingest_ct(path, out_root, name: str, size: int = 64, xray_size: int = 128, g
                          labels=lab)
 
 
+def _ingested_inputs(root: Path) -> set[str]:
+    """Resolved input paths of the patients already in ``root`` (from their meta.json)."""
+    out = set()
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and is_complete(p):
+            src = read_json(p / "meta.json").get("input")
+            if isinstance(src, str):
+                out.add(src)
+    return out
+
+
+def _add_to_splits(root: Path) -> None:
+    """Every finished patient into ``splits.json``: a new dataset is split by patient; an existing split
+    is never recomputed, so new patients are held out as test data."""
+    complete = sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p))
+    if (root / "splits.json").exists():
+        splits = read_splits(root)
+        known = {n for names in splits.values() for n in names}
+        new = [n for n in complete if n not in known]
+        if not new:
+            return
+        splits["test"] = sorted(set(splits.get("test", [])) | set(new))
+    elif complete:
+        splits = make_splits(complete, seed=0)
+    else:
+        return
+    write_json(root / "splits.json", splits)
+
+
 def ingest_dataset(paths, out, size: int = 64, xray_size: int = 128, geometry: str = "cone",
                    series: str | None = None, progress: bool = True, on_error=None,
                    labels: list | None = None) -> tuple[list[str], int]:
@@ -128,8 +159,6 @@ def ingest_dataset(paths, out, size: int = 64, xray_size: int = 128, geometry: s
     paths = list(paths)
     if labels is not None and len(labels) != len(paths):
         raise DataError(f"--labels gives {len(labels)} file(s) for {len(paths)} CT(s): give one per CT, in order")
-    from tqdm import tqdm
-
     root = Path(out)
     check_dataset_dir(root)
     header = {"version": FORMAT_VERSION, "source": "ingested", "size": size, "xray_size": xray_size, "fov_mm": FOV_MM,
@@ -137,25 +166,46 @@ def ingest_dataset(paths, out, size: int = 64, xray_size: int = 128, geometry: s
     grid = ("version", "size", "xray_size", "fov_mm", "geometry")  # real CTs beside phantoms is fine; other grids not
     if (root / "dataset.json").exists():
         ensure_dataset_header(root, header, compare=grid)  # refuse before any work
-    existing = sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p)) if root.is_dir() else []
     done, failed = [], 0
-    for i, path in enumerate(tqdm(paths, desc="ingest", unit="ct", disable=not progress)):
-        name = patient_name(len(existing) + len(done))
-        try:
-            ingest_ct(path, root, name, size=size, xray_size=xray_size, geometry=geometry, series=series,
-                      labels=None if labels is None else labels[i])
-            done.append(name)
-        except DataError as exc:
-            failed += 1
-            if on_error:
-                on_error(exc)
-    split_path = root / "splits.json"
-    if done:
-        ensure_dataset_header(root, header, compare=grid)  # a new dataset's header, once something is in it
-        if split_path.exists():  # never re-split: new patients are held out as test data
-            splits = read_json(split_path)
-            splits["test"] = sorted(set(splits["test"]) | set(done))
-        else:
-            splits = make_splits(existing + done, seed=0)
-        write_json(split_path, splits)
+    created, new_header = not root.exists(), not (root / "dataset.json").exists()
+    try:
+        with folder_lock(root, "dataset"):
+            # the header first: an interrupted run leaves a dataset that a rerun resumes
+            ensure_dataset_header(root, header, compare=grid)
+            failed = _ingest_all(root, paths, labels, done, on_error, progress,
+                                 dict(size=size, xray_size=xray_size, geometry=geometry, series=series))
+            _add_to_splits(root)
+    finally:
+        if new_header and not any(p.is_dir() and is_complete(p) for p in root.iterdir()):
+            _remove_empty_dataset(root, created)  # nothing ingested: leave no dataset behind
     return done, failed
+
+
+def _remove_empty_dataset(root: Path, created: bool) -> None:
+    """Undo what this run made of a dataset that got no patient: its header, lock file and, when this run
+    created it, the folder (only if nothing else is in it)."""
+    for name in ("dataset.json", LOCK_NAME):
+        (root / name).unlink(missing_ok=True)
+    if created and not any(root.iterdir()):
+        root.rmdir()
+
+
+def _ingest_all(root: Path, paths, labels, done: list, on_error, progress: bool, opts: dict) -> int:
+    """Ingest every input not already in ``root`` under the next free name; returns how many failed."""
+    from tqdm import tqdm
+
+    failed = 0
+    ingested = _ingested_inputs(root)
+    for i, path in enumerate(tqdm(paths, desc="ingest", unit="ct", disable=not progress)):
+        if str(Path(path).resolve()) in ingested:  # finished by an earlier, interrupted run
+            continue
+        name = patient_name(next_patient_index(root))
+        try:
+            ingest_ct(path, root, name, labels=None if labels is None else labels[i], **opts)
+            done.append(name)
+        except (DataError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            failed += 1  # one bad file is reported and skipped; the others are still ingested
+            if on_error:
+                on_error(exc if isinstance(exc, DataError) else DataError(f"{path}: cannot ingest it "
+                                                                          f"({type(exc).__name__}: {exc})"))
+    return failed

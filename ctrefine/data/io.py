@@ -117,7 +117,17 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A JSON object from ``path``; an empty, damaged or non-object file is a one-line :class:`DataError`."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}; an empty or damaged file?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
 
 
 def load_radiograph(path, convention: str = "attenuation", view: str | None = None) -> np.ndarray:

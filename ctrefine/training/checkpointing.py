@@ -14,6 +14,7 @@ interrupted save never becomes the one a resume reads.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,34 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
     return keys
+
+
+def _checkpoint_globals() -> list:
+    """What a DeepSpeed checkpoint of ctrefine holds besides tensors and plain containers: numpy arrays
+    (the RNG states in the client state) and three small DeepSpeed records of the ZeRO optimizer."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes, LossScaler,
+            ZeroStageEnum, fragment_address]
+
+
+def verify_checkpoint(tag_dir: Path) -> None:
+    """Every ``*.pt`` of a checkpoint folder loads without running code (one-line :class:`UserError`)."""
+    allowed = _checkpoint_globals()
+    for f in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            bad = re.search(r"GLOBAL (\S+)", str(exc))
+            why = f"it would call {bad.group(1)}" if bad else f"unreadable: {type(exc).__name__}"
+            raise UserError(f"{f}: refusing to resume from it, {why}: not a checkpoint as ctrefine writes them "
+                            f"(resume only runs you made)") from None
 
 
 class Checkpointer:
@@ -59,10 +88,20 @@ class Checkpointer:
                             f"use a new checkpoint.dir or the old model settings")
 
     def resume(self, engine) -> dict | None:
-        """Load the newest complete checkpoint into ``engine``; its client state, or None for a fresh run."""
+        """Load the newest complete checkpoint into ``engine``; its client state, or None for a fresh run.
+
+        DeepSpeed's loader unpickles with ``weights_only=False``, which would run code planted in a
+        checkpoint file; so every file of the checkpoint is first read with ``weights_only=True`` and
+        only the globals a ctrefine checkpoint holds (:func:`_checkpoint_globals`) allowed. A file that
+        needs anything else is refused before the engine sees it.
+        """
         if not self.has_run():
             return None
-        tag = read_json(self.latest_path)["tag"]
+        latest = read_json(self.latest_path)
+        tag = latest.get("tag") if isinstance(latest, dict) else None
+        if not isinstance(tag, str) or not re.fullmatch(r"epoch_\d{4,}", tag) or not (self.ckpt_dir / tag).is_dir():
+            raise UserError(f"{self.latest_path}: names no checkpoint of this run ({tag!r}); use a new checkpoint.dir")
+        verify_checkpoint(self.ckpt_dir / tag)
         _, client = engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         client["tag"] = tag
         return client

@@ -34,7 +34,7 @@ import torch
 from ..config import Config, ds_config_path, load_config, read_json_object
 from ..device import DevicePolicy, rank_device
 from ..data.augment import augment_radiographs
-from ..data.dataset import CTDataset, ResidentSplit
+from ..data.dataset import CTDataset, ResidentSplit, read_splits
 from ..data.io import read_json, write_json
 from ..errors import OneLineParser, UserError
 from ..models.layout import channels_last_layers, conv_widths
@@ -74,7 +74,7 @@ def validate(cfg: Config, stage: type[Stage], ds_config) -> dict:
         raise UserError(f"data.data_path {str(data)!r} is not a directory (make one with `ctrefine make-data`)")
     if not (data / "splits.json").exists():
         raise UserError(f"data.data_path {str(data)!r} has no splits.json (not a ctrefine dataset)")
-    splits = read_json(data / "splits.json")
+    splits = read_splits(data)
     for key in ("train_split", "val_split"):
         name = getattr(cfg.data, key)
         if not splits.get(name):
