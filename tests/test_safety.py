@@ -347,3 +347,55 @@ def test_empty_dataset_files_are_one_line_errors(ckpts, tiny_dataset, tmp_path, 
     r = cli("train", "base", "--config", "cpu-small", "--set", f"data.data_path={ds}", "--set",
             f"checkpoint.dir={tmp_path / 'run'}")
     assert r.returncode == 2 and f"{name}: not valid JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr[-600:]
+
+
+# ------------------------------------------------------------------------------ hostile or damaged inputs
+def test_a_nan_in_a_dataset_is_refused_naming_the_file(ckpts, tiny_dataset, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    victim = json.loads((ds / "splits.json").read_text())["test"][0]
+    img, aff = load_nifti(ds / victim / "xray_pa.nii.gz")
+    img[3, 4] = np.nan
+    save_nifti(ds / victim / "xray_pa.nii.gz", img, aff)
+    one_error_line(cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet"),
+                   f"{victim}/xray_pa.nii.gz: contains NaN")
+    assert not (tmp_path / "res").exists()
+
+
+def test_training_stops_when_the_loss_is_never_finite():
+    from ctrefine.training.driver import NONFINITE_STEPS, _stop_if_not_finite
+
+    _stop_if_not_finite(torch.tensor(float(NONFINITE_STEPS - 1)), 50, 0, 49, 1)  # a few bad steps: go on
+    with pytest.raises(UserError, match="NaN or Inf for the last 10 steps"):
+        _stop_if_not_finite(torch.tensor(float(NONFINITE_STEPS)), 50, 0, 50, 1)
+    with pytest.raises(UserError, match="last 3 steps"):  # a short epoch with no finite step at all
+        _stop_if_not_finite(torch.tensor(3.0), 3, 0, 3, 1)
+
+
+def test_images_declaring_a_huge_size_are_refused_before_reading(tmp_path):
+    import resource
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((32767, 32767, 1))
+    hdr.set_data_dtype(np.float32)
+    path = tmp_path / "huge.nii"
+    path.write_bytes(hdr.binaryblock + b"\0" * 4)  # ~350 bytes claiming 4 GB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match="huge.nii: its header declares 32767 x 32767 x 1"):
+        load_nifti(path)
+    with pytest.raises(DataError, match="its header declares"):
+        load_radiograph(path)
+    small = tmp_path / "short.nii"  # within the limit, but the file is shorter than its header says
+    hdr.set_data_shape((64, 64, 64))
+    small.write_bytes(hdr.binaryblock + b"\0" * 16)
+    with pytest.raises(DataError, match="short.nii: holds .* bytes, its header declares"):
+        load_nifti(small)
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("L", (12000, 12000)).save(big)
+    with pytest.raises(DataError, match="big.png: its header declares 12000 x 12000"):
+        load_radiograph(big)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400_000  # KiB: nothing near 2 GB read

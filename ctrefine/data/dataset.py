@@ -322,6 +322,14 @@ def check_splits(root: Path, splits: dict) -> dict:
     return splits
 
 
+def _finite(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_nifti` of a dataset file whose every value must be finite (NaN / Inf: one-line error)."""
+    data, affine = load_nifti(path)
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: contains NaN or Inf values (damaged? regenerate or re-ingest this patient)")
+    return data, affine
+
+
 def read_splits(root) -> dict:
     """The dataset's ``splits.json``, checked (:func:`check_splits`)."""
     return check_splits(Path(root), read_json(Path(root) / "splits.json"))
@@ -354,8 +362,8 @@ class CTDataset(torch.utils.data.Dataset):
 
     def load(self, i: int) -> dict:
         folder = self.root / self.names[i]
-        ct, affine = load_nifti(folder / "ct.nii.gz")
-        xr = np.stack([load_nifti(folder / f"xray_{v}.nii.gz")[0] for v in ("pa", "lateral")])
+        ct, affine = _finite(folder / "ct.nii.gz")
+        xr = np.stack([_finite(folder / f"xray_{v}.nii.gz")[0] for v in ("pa", "lateral")])
         labels = None
         if (folder / "labels.nii.gz").exists():  # phantoms (and ingested CTs given --labels)
             labels = torch.from_numpy(load_nifti(folder / "labels.nii.gz")[0].astype(np.uint8))

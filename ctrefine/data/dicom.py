@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .limits import MAX_VOLUME_VOXELS, check_declared_size
 
 ORIENTATION_TOL = 1e-3  # direction cosines of slices in one series agree to this
 SPACING_TOL = 1e-2  # relative: in-plane spacing per slice, and slice steps along the normal
@@ -94,8 +95,17 @@ def choose_series(folder, series: str | None = None) -> Series:
 
 
 def load_series(folder, series: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stack one checked series -> (HU array indexed (col, row, slice), voxel->RAS affine)."""
+    """Stack one checked series -> (HU array indexed (col, row, slice), voxel->RAS affine); a slice whose
+    geometry tags are missing or not numbers is a one-line :class:`DataError`."""
     s = choose_series(folder, series)
+    try:
+        return _stack(folder, s)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DataError(f"{folder}: series {s.uid} has a slice with a missing or malformed geometry tag "
+                        f"({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
+def _stack(folder, s) -> tuple[np.ndarray, np.ndarray]:
     slices = s.files
     iops = np.array([[float(v) for v in d.ImageOrientationPatient] for d in slices])
     if np.abs(iops - iops[0]).max() > ORIENTATION_TOL:
@@ -106,6 +116,7 @@ def load_series(folder, series: str | None = None) -> tuple[np.ndarray, np.ndarr
     shapes = {(int(d.Rows), int(d.Columns)) for d in slices}
     if len(shapes) > 1:
         raise DataError(f"{folder}: series {s.uid} mixes image sizes {sorted(shapes)}")
+    check_declared_size(folder, (*next(iter(shapes)), len(slices)), MAX_VOLUME_VOXELS)
     row_cos, col_cos = iops[0, :3], iops[0, 3:]
     normal = np.cross(row_cos, col_cos)
     slices = sorted(slices, key=lambda d: float(np.dot(normal, np.array(d.ImagePositionPatient, float))))

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import DataError
 from ..outputs import atomic_dir, atomic_file
 from .dicom import read_dicom
+from .limits import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS, check_declared_size
 
 __all__ = ["DataError", "atomic_file", "atomic_dir", "save_nifti", "load_nifti", "write_json", "read_json",
            "load_radiograph", "square_resize", "xray_affine"]
@@ -42,12 +43,26 @@ def save_nifti(path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> 
         nib.save(img, str(tmp))
 
 
+def _nifti(path, limit: int):
+    """The NIfTI image at ``path`` with its declared size checked before its pixels are read."""
+    img = nib.load(str(path))
+    check_declared_size(path, img.header.get_data_shape(), limit)
+    if not str(path).endswith(".gz"):  # uncompressed: the file must hold what the header declares
+        need = int(img.header.get_data_offset()) + int(np.prod(img.header.get_data_shape(), dtype=np.int64)) * \
+            img.header.get_data_dtype().itemsize
+        if Path(path).stat().st_size < need:
+            raise DataError(f"{path}: holds {Path(path).stat().st_size:,} bytes, its header declares {need:,} (truncated?)")
+    return img
+
+
 def load_nifti(path) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file -> (float32 array, 4x4 affine). Raises :class:`DataError` with the file name."""
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        img = _nifti(path, MAX_VOLUME_VOXELS)
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except DataError:
+        raise
     except Exception as exc:  # nibabel raises many types for truncated / corrupt files
         raise DataError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return data, np.asarray(img.affine, np.float64)
@@ -158,18 +173,20 @@ def load_radiograph(path, convention: str = "attenuation", view: str | None = No
     try:
         ds = None if name.endswith((".nii", ".nii.gz")) else read_dicom(path)  # by content, any extension
         if name.endswith((".nii", ".nii.gz")):
-            nimg = nib.load(str(path))
+            nimg = _nifti(path, MAX_IMAGE_PIXELS)
             img = np.squeeze(np.asarray(nimg.dataobj, dtype=np.float32))
             if img.ndim == 2:
                 img = orient_radiograph(img, nimg.affine, path, view)
         elif ds is not None:
+            check_declared_size(path, (ds.Rows, ds.Columns), MAX_IMAGE_PIXELS)
             img = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
                 getattr(ds, "RescaleIntercept", 0))
             invert = str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1"
         else:
             from PIL import Image
 
-            with Image.open(path) as im:
+            with Image.open(path) as im:  # opening reads the header only
+                check_declared_size(path, im.size, MAX_IMAGE_PIXELS)
                 im.load()
                 img = np.asarray(im)
     except DataError:

@@ -151,6 +151,22 @@ def _resident_splits(policy: DevicePolicy, train_ds: CTDataset, val_ds: CTDatase
     return split(train_ds, policy.input_dtype, raw), split(val_ds, torch.float32)
 
 
+NONFINITE_STEPS = 10  # consecutive steps with a NaN / Inf loss that end a run (DeepSpeed skips each such step)
+
+
+def _stop_if_not_finite(bad: torch.Tensor, steps: int, epoch: int, global_step: int, world: int) -> None:
+    """End the run, on every rank and before anything is validated or saved, when the loss has not been
+    finite for the last :data:`NONFINITE_STEPS` steps (or for every step of a shorter epoch)."""
+    worst = bad.detach().clone()
+    if world > 1:
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+    n = int(worst.item())
+    if n >= min(NONFINITE_STEPS, max(1, steps)):
+        raise UserError(f"the training loss was NaN or Inf for the last {n} steps (epoch {epoch + 1}, step "
+                        f"{global_step}): every such step was skipped, so nothing is learned; check the data and "
+                        f"training.learning_rate (the last good checkpoint is kept)")
+
+
 def _apply_layout(model, policy: DevicePolicy, t, stage: str, rank: int) -> None:
     """Channels-last convolutions and compilation, as the policy decides for this model."""
     if policy.use_channels_last(conv_widths(model), t.channels_last):
@@ -233,6 +249,7 @@ def run(args) -> int:
                    disable=rank != 0 or args.no_progress, leave=False)
         tic, seen, n_b = time.time(), 0, 0
         ep_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        bad = torch.zeros((), device=device)  # consecutive steps with a non-finite loss, counted on the device
         aug = torch.Generator().manual_seed(t.seed * 1000 + epoch + 7919 * (rank + 1))  # per epoch: exact resume
         for xr, ct, names in train_split.batches(mine, t.batch_size):
             if cfg.augment.enabled:
@@ -243,6 +260,7 @@ def run(args) -> int:
             global_step += 1
             seen += len(names) * world
             ep_loss += loss.detach()
+            bad = torch.where(torch.isfinite(loss.detach()), torch.zeros_like(bad), bad + 1)
             n_b += 1
             bar.update(len(names))
             if rank == 0 and (global_step % cfg.logging.log_every == 0 or n_b == 1):
@@ -256,6 +274,7 @@ def run(args) -> int:
         bar.close()
         policy.synchronize()
         train_s = time.time() - tic
+        _stop_if_not_finite(bad, n_b, epoch, global_step, world)
 
         # ---- validation (rank 0; ZeRO-2 keeps full parameters on every rank) -------------------------
         improved, vm = False, {}
