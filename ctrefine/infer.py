@@ -32,19 +32,20 @@ from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, nor
 from .data.dataset import CTDataset, dataset_geometry, mean_volume
 from .data.io import atomic_dir, load_radiograph, read_json, save_nifti, square_resize, write_json
 from .errors import DataError
-from .outputs import claim_output_dir, claim_output_file
+from .outputs import claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
 from .metrics import psnr
 from .reprojection import SliceProjector, safety_gate
 from .report import batch_metrics, metrics_text, summarize
 from .viz import comparison_png
 
 
+RESULT_KIND = "inference result"
+
+
 def is_inference_result(folder: Path) -> bool:
-    """``folder`` holds only what :func:`evaluate_dataset` writes (so replacing it loses nothing else)."""
-    names = [p.name for p in Path(folder).iterdir()]
-    ours = all(n in ("metrics.json", "metrics.txt") or (n.startswith("patient_") and (Path(folder) / n).is_dir())
-               for n in names)
-    return ours and (Path(folder) / "metrics.json").is_file()
+    """``folder`` holds exactly what :func:`evaluate_dataset` wrote, as its manifest lists (so replacing it
+    loses nothing of the user's: a file added inside it makes it the user's folder)."""
+    return is_own_result(folder, RESULT_KIND)
 
 
 def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None = None, split: str = "test",
@@ -58,9 +59,21 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
     include that train split: there it is left out unless ``baseline_data`` names the training set).
     ``gate``: fall back to the coarse volume where the refined one explains the radiographs worse.
     """
+    claim_output_dir(output_dir, RESULT_KIND, is_inference_result, overwrite, protect=(data_path,))  # before the lock
+    with path_lock(output_dir, "output folder"):
+        return _evaluate(predictor, data_path, output_dir, num_patients, split, save_volumes, batch_size, progress,
+                         overwrite, baseline_data, gate)
+
+
+def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volumes, batch_size, progress, overwrite,
+              baseline_data, gate) -> dict:
+    """:func:`evaluate_dataset` under its output lock."""
     from tqdm import tqdm
 
-    claim_output_dir(output_dir, "inference result", is_inference_result, overwrite, protect=(data_path,))
+    def claim():
+        claim_output_dir(output_dir, RESULT_KIND, is_inference_result, overwrite, protect=(data_path,))
+
+    claim()
     ds = CTDataset(data_path, split)
     if len(ds) == 0:
         raise DataError(f"{data_path}: split {split!r} is empty")
@@ -75,7 +88,7 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
     per_patient: dict[str, dict] = {}
     projector = None
     device = getattr(predictor, "device", torch.device("cpu"))  # metrics where the model ran
-    with atomic_dir(output_dir) as tmp, ThreadPoolExecutor(1) as writer:
+    with atomic_dir(output_dir, recheck=claim) as tmp, ThreadPoolExecutor(1) as writer:
         bar = tqdm(total=n, desc=f"infer ({predictor.kind})", unit="pt", disable=not progress)
         pending = []
         for i0 in range(0, n, batch_size):
@@ -101,6 +114,7 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
                         "baseline_data": None if baseline is None else str(baseline_data or data_path)})
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
         (tmp / "metrics.txt").write_text(metrics_text(per_patient, summary))
+        write_manifest(tmp, RESULT_KIND)
     return summary
 
 

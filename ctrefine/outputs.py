@@ -40,6 +40,79 @@ def _publish_mode(path: Path) -> None:
 
 
 LOCK_NAME = ".ctrefine.lock"
+MANIFEST = "ctrefine_manifest.json"
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file and folder under ``folder``, relative, sorted (links are not followed)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def write_manifest(folder, kind: str) -> None:
+    """Record every file and folder a command wrote into ``folder`` (written last, beside them): the proof
+    that a later ``--overwrite`` replaces only ctrefine's own files."""
+    import json
+
+    folder = Path(folder)
+    (folder / MANIFEST).write_text(json.dumps({"kind": kind, "entries": _entries(folder)}, indent=0))
+
+
+def _manifest(folder: Path) -> dict | None:
+    import json
+
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("entries"), list) else None
+
+
+def foreign_entries(folder) -> list[str]:
+    """What is in ``folder`` that its manifest does not list (everything, without a manifest)."""
+    folder = Path(folder)
+    m = _manifest(folder)
+    listed = set(m["entries"]) | {MANIFEST} if m else set()
+    return [e for e in _entries(folder) if e not in listed]
+
+
+def is_own_result(folder, kind: str) -> bool:
+    """``folder`` holds exactly what a ctrefine command of ``kind`` wrote there, nothing more."""
+    m = _manifest(Path(folder))
+    return bool(m) and m.get("kind") == kind and not foreign_entries(folder)
+
+
+@contextlib.contextmanager
+def path_lock(target, what: str):
+    """Exclusive lock for writing ``target`` (which may not exist yet): ``.NAME.ctrefine.lock`` beside it,
+    removed when released. Another holder makes this a one-line :class:`UserError`."""
+    import fcntl
+
+    target = Path(target)
+    lock = target.with_name(f".{target.name}{LOCK_NAME}")
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise UserError(f"{lock}: cannot create the lock for {target} ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{target}: another ctrefine command is writing this {what} now; wait for it or "
+                            f"choose another") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:  # the holder before us removed it as we opened it: take a fresh one
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -82,7 +155,7 @@ def atomic_file(path):
 
 
 @contextlib.contextmanager
-def atomic_dir(final):
+def atomic_dir(final, recheck: Callable[[], None] | None = None):
     """Build a folder under a temporary name beside ``final``; on success put it in place of ``final``.
 
     Callers decide beforehand whether an existing ``final`` may be replaced (:func:`claim_output_dir`);
@@ -97,6 +170,8 @@ def atomic_dir(final):
     try:
         yield tmp
         _publish_mode(tmp)  # mkdtemp made it private; what was created inside already followed the umask
+        if recheck is not None:  # what was claimed at the start may have changed while the work ran
+            recheck()
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.rename(final, old)
@@ -145,6 +220,9 @@ def claim_output_dir(path, kind: str, is_same_kind: Callable[[Path], bool], over
             raise UserError(f"output folder {path} overlaps {p}: choose a folder outside it")
     if real == Path.cwd().resolve() or _inside(Path.cwd().resolve(), real):
         raise UserError(f"output folder {path} is (or contains) the current directory: choose a new folder")
+    if path.is_symlink():
+        raise UserError(f"output folder {path} is a symbolic link: give the folder it points to (ctrefine replaces "
+                        f"a result folder as a whole, which would replace the link)")
     check_writable(path, "output folder")
     if not path.exists():
         return
@@ -153,7 +231,9 @@ def claim_output_dir(path, kind: str, is_same_kind: Callable[[Path], bool], over
     if not any(path.iterdir()):
         return
     if not is_same_kind(path):
-        raise UserError(f"output folder {path} is not empty and does not hold an earlier {kind}: "
+        extra = foreign_entries(path)
+        what = f" (it holds {extra[0]!r}, which ctrefine did not write)" if extra else ""
+        raise UserError(f"output folder {path} is not empty and does not hold only an earlier {kind}{what}: "
                         f"ctrefine never replaces it; choose a new or empty folder")
     if not overwrite:
         raise UserError(f"output folder {path} holds an earlier {kind}; pass --overwrite to replace it")

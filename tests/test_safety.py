@@ -399,3 +399,49 @@ def test_images_declaring_a_huge_size_are_refused_before_reading(tmp_path):
     with pytest.raises(DataError, match="big.png: its header declares 12000 x 12000"):
         load_radiograph(big)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400_000  # KiB: nothing near 2 GB read
+
+
+# ------------------------------------------------------------------------------ result folders are claimed
+def test_overwrite_replaces_only_what_ctrefine_wrote(ckpts, tiny_dataset, tmp_path):
+    res = tmp_path / "res"
+    args = ("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", res, "--quiet", "--no-save-volumes")
+    assert cli(*args).returncode == 0
+    assert (res / "ctrefine_manifest.json").is_file()
+    assert cli(*args, "--overwrite").returncode == 0  # an untouched earlier result is replaced
+    patient = next(p for p in res.iterdir() if p.name.startswith("patient_"))
+    (patient / "my_annotations.json").write_text("{}")
+    (res / "patient_notes").mkdir()
+    before = snapshot(res)
+    one_error_line(cli(*args, "--overwrite"), "my_annotations.json")
+    assert snapshot(res) == before  # nothing deleted, nothing replaced
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "empty", target_is_directory=True)
+    (tmp_path / "empty").mkdir()
+    one_error_line(cli(*args[:-3], link, "--quiet"), "is a symbolic link")
+    assert link.is_symlink() and not any((tmp_path / "empty").iterdir())
+
+
+def test_an_output_folder_is_claimed_for_the_whole_run(ckpts, tiny_dataset, tmp_path):
+    from ctrefine.infer import evaluate_dataset
+    from ctrefine.outputs import path_lock
+    from ctrefine.pipeline import TorchPredictor
+
+    res = tmp_path / "res"
+    with path_lock(res, "output folder"):  # a second run while the first holds the folder
+        one_error_line(cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", res, "--quiet"),
+                       "another ctrefine command is writing")
+    predictor = TorchPredictor(ckpts[1], ckpts[3], device="cpu")
+
+    class UserWritesMeanwhile:  # the user puts a file into the output folder while inference runs
+        def __getattr__(self, name):
+            return getattr(predictor, name)
+
+        def __call__(self, xrays):
+            res.mkdir(exist_ok=True)
+            (res / "mine.txt").write_text("keep me")
+            return predictor(xrays)
+
+    with pytest.raises(UserError, match="mine.txt"):
+        evaluate_dataset(UserWritesMeanwhile(), tiny_dataset, res, progress=False, save_volumes=False)
+    assert [p.name for p in res.iterdir()] == ["mine.txt"] and (res / "mine.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".res")]  # no temporary or lock left
