@@ -21,6 +21,7 @@ import torch
 from . import pretrained
 from .config import ds_config_path, load_config, preset_path
 from .errors import UserError
+from .data.io import read_json, write_json
 from .outputs import check_writable
 
 
@@ -84,9 +85,34 @@ def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progr
             raise UserError(f"{stage} training failed (exit {proc.returncode}); see {log_path}")
 
 
+DEMO_RECORD = "ctrefine_demo.json"  # written first into a demo folder; later, what the demo wrote into it
+DEMO_KIND = "ctrefine demo run"
+
+
+def _record(folder: Path) -> dict:
+    path = folder / DEMO_RECORD
+    rec = read_json(path) if path.is_file() else {}
+    return rec if rec.get("kind") == DEMO_KIND else {}
+
+
 def is_demo_run(folder: Path) -> bool:
-    """``folder`` was made by :func:`run_demo` (its log or its dataset header is there)."""
-    return (folder / "demo.log").is_file() or (folder / "data" / "dataset.json").is_file()
+    """``folder`` was made by :func:`run_demo`: its own record says so (nothing is guessed from other files)."""
+    return bool(_record(Path(folder)))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _onnx_is_ours(out: Path, onnx_path: Path) -> bool:
+    """The ONNX file in a demo folder is the one the demo exported (its sha256 is in the record)."""
+    return _record(out).get("model.onnx") == _sha256(onnx_path)
 
 
 def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: int = 0, ranks: int | None = None,
@@ -111,6 +137,8 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
         raise UserError(f"{out} is not empty and is not an earlier demo run: choose a new --out (the demo never "
                         f"writes into other folders)")
     out.mkdir(parents=True, exist_ok=True)
+    if not is_demo_run(out):
+        write_json(out / DEMO_RECORD, {"kind": DEMO_KIND})
     log = out / "demo.log"
     ranks = ranks or default_ranks()
     m = cfg.model
@@ -139,11 +167,15 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     ref_ckpt = out / "refine" / "best_model.pt"
     onnx_path = out / "model.onnx"
     step("4/5 ONNX export + verification")
+    if onnx_path.exists() and not _onnx_is_ours(out, onnx_path):
+        raise UserError(f"{onnx_path} is not the file this demo exported (its record has another checksum): "
+                        f"move it away or use a new --out; the demo never replaces a file it did not write")
     if onnx_path.exists() and onnx_path.stat().st_mtime > max(base_ckpt.stat().st_mtime, ref_ckpt.stat().st_mtime):
         print(f"   {onnx_path} is newer than both checkpoints: reused")
     else:
         model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
         export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True))
+        write_json(out / DEMO_RECORD, {**_record(out), "model.onnx": _sha256(onnx_path)})
     predictor = OnnxPredictor(onnx_path)
     step(f"5/5 ONNX inference on the test split ({predictor.engine})")
     res = out / "inference_results"

@@ -445,3 +445,15 @@ def test_an_output_folder_is_claimed_for_the_whole_run(ckpts, tiny_dataset, tmp_
         evaluate_dataset(UserWritesMeanwhile(), tiny_dataset, res, progress=False, save_volumes=False)
     assert [p.name for p in res.iterdir()] == ["mine.txt"] and (res / "mine.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".res")]  # no temporary or lock left
+
+
+def test_train_never_writes_into_a_users_folder(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "ck" / "base"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text('{"mine": true}')
+    (run_dir / "train_log.csv").write_text("my,own,csv\n")
+    before = snapshot(tmp_path / "ck")
+    r = cli("train", "base", "--config", "cpu-small", "--set", f"data.data_path={tiny_dataset}", "--set",
+            f"checkpoint.dir={tmp_path / 'ck'}")
+    assert r.returncode == 2 and "not a ctrefine training run" in r.stderr, r.stderr[-800:]
+    assert snapshot(tmp_path / "ck") == before

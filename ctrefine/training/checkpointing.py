@@ -4,6 +4,7 @@ Layout under ``<checkpoint.dir>/<stage>/``::
 
     ckpt/epoch_NNNN/      DeepSpeed checkpoint (model, optimizer, LR schedule) + client state (epoch,
                           step, best score, patience counter, every rank's RNG state, the config)
+    ctrefine_run.json     the marker written first: this folder is a ctrefine run (anything else is never touched)
     latest.json           the newest *complete* checkpoint: written only after the rename below
     best_model.pt         plain fp32 model file (:mod:`ctrefine.checkpoint`) of the best epoch
     best.json             its epoch, step and validation metrics
@@ -65,6 +66,10 @@ def verify_checkpoint(tag_dir: Path) -> None:
                             f"(resume only runs you made)") from None
 
 
+RUN_MARKER = "ctrefine_run.json"  # what makes a folder ctrefine's training run
+RUN_KIND = "ctrefine training run"
+
+
 class Checkpointer:
     def __init__(self, out: Path, keep_last: int, rank: int, world: int):
         self.out, self.keep_last, self.rank, self.world = Path(out), keep_last, rank, world
@@ -73,6 +78,26 @@ class Checkpointer:
 
     def has_run(self) -> bool:
         return self.latest_path.exists()
+
+    def check_owned(self) -> None:
+        """The run folder is missing, empty, or ctrefine's own (its marker file says so): a folder holding
+        anything else is refused before a file is written, so a user's config or CSV is never touched."""
+        if not self.out.exists():
+            return
+        if not self.out.is_dir():
+            raise UserError(f"{self.out}: exists and is a file, not a training run folder")
+        if not any(self.out.iterdir()):
+            return
+        marker = read_json(self.out / RUN_MARKER) if (self.out / RUN_MARKER).is_file() else {}
+        if marker.get("kind") != RUN_KIND:
+            raise UserError(f"{self.out}: holds files that are not a ctrefine training run (no {RUN_MARKER}); "
+                            f"choose another checkpoint.dir (ctrefine never writes into it)")
+
+    def mark(self, stage: str) -> None:
+        """Create the run folder with its marker first (rank 0), before any other file."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not (self.out / RUN_MARKER).exists():
+            write_json(self.out / RUN_MARKER, {"kind": RUN_KIND, "stage": stage})
 
     def check_compatible(self, cfg: Config) -> None:
         """Refuse to resume a run whose model was built from another ``model`` section (names the keys)."""

@@ -186,6 +186,7 @@ def run(args) -> int:
     ckpt = Checkpointer(out, cfg.checkpoint.keep_last, rank=0, world=1)
     if args.resume == "never" and ckpt.has_run():
         raise UserError(f"{out} already holds a run (latest.json); use --resume auto or a new checkpoint.dir")
+    ckpt.check_owned()
     ckpt.check_compatible(cfg)
 
     import deepspeed
@@ -230,7 +231,7 @@ def run(args) -> int:
 
     tb = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        ckpt.mark(args.stage)
         write_json(out / "config.json", cfg.to_dict())
         keep = global_step if start_epoch else None
         train_log = CSVLog(out / "train_log.csv", ["epoch", "step", "lr", "loss", *stage.term_names, "volumes_per_s"],
