@@ -36,8 +36,8 @@ class ModelConfig(_Section):
     volume_size: int = Field(64, ge=16, multiple_of=16,
                              description="target grid side (voxels); 64^3 at 5 mm covers the 320 mm FOV; the base's "
                                          "five scales need a multiple of 16")
-    xray_size: int = Field(128, ge=16, description="radiograph side (pixels); 2x the volume so DRRs carry sub-voxel "
-                                                   "detail")
+    xray_size: int = Field(128, ge=16, le=2048, description="radiograph side (pixels); 2x the volume so DRRs carry "
+                                                            "sub-voxel detail")
     base_width: int = Field(32, ge=1, description="base channel width -> 15.2M parameters at 64^3 (the design's ~16M)")
     hidden_channels: int = Field(64, ge=2, description="refiner width -> 5.0M parameters (the design's ~5M)")
     guidance_channels: int = Field(16, ge=1, description="X-ray detail guidance features per view")

@@ -129,6 +129,33 @@ def onnx_metadata(path) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+def checked_metadata(path, meta: dict) -> tuple[int, str]:
+    """``(xray_size, geometry kind)`` from an ONNX file's metadata, validated like a config (the file may
+    come from anywhere): a missing, malformed or out-of-range value is a one-line :class:`DataError`."""
+    from pydantic import ValidationError
+
+    from .config import ModelConfig
+
+    if "xray_size" not in meta:
+        raise DataError(f"{path}: not a ctrefine ONNX model (no xray_size metadata)")
+    try:
+        xray_size = ModelConfig(xray_size=int(meta["xray_size"])).xray_size
+    except ValidationError as exc:  # (a ValueError too: caught first)
+        raise DataError(f"{path}: metadata xray_size={meta['xray_size'][:40]!r} is not a radiograph size "
+                        f"({exc.errors()[0]['msg']})") from None
+    except ValueError:
+        raise DataError(f"{path}: metadata xray_size={meta['xray_size'][:40]!r} is not an integer") from None
+    try:
+        geo = json.loads(meta.get("geometry") or '{"kind": "cone"}')
+    except ValueError:
+        geo = None
+    kind = geo.get("kind", "cone") if isinstance(geo, dict) else None
+    if kind not in ("cone", "parallel"):
+        raise DataError(f"{path}: metadata geometry={meta.get('geometry', '')[:40]!r} is not a ray geometry "
+                        f"(cone or parallel)")
+    return xray_size, kind
+
+
 def choose_engine(engine: str = "auto") -> str:
     """``auto``: ONNX Runtime where it has CUDA, else OpenVINO when installed (faster on CPU: bench/RESULTS.md
     section 4), else ONNX Runtime. A named engine that is not installed is a one-line error."""
@@ -207,10 +234,7 @@ class OnnxPredictor:
 
     def __init__(self, path, engine: str = "auto", threads: int | None = None):
         meta = onnx_metadata(path)
-        if "xray_size" not in meta:
-            raise DataError(f"{path}: not a ctrefine ONNX model (no xray_size metadata)")
-        self.xray_size = int(meta["xray_size"])
-        self.geometry = json.loads(meta.get("geometry") or '{"kind": "cone"}').get("kind", "cone")
+        self.xray_size, self.geometry = checked_metadata(path, meta)
         self.precision = meta.get("precision", "fp32")  # files from before int8 export carry no tag
         if self.precision not in COMPUTE:
             raise DataError(f"{path}: unknown precision tag {self.precision!r} (this ctrefine reads "

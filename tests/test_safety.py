@@ -457,3 +457,26 @@ def test_train_never_writes_into_a_users_folder(tiny_dataset, tmp_path):
             f"checkpoint.dir={tmp_path / 'ck'}")
     assert r.returncode == 2 and "not a ctrefine training run" in r.stderr, r.stderr[-800:]
     assert snapshot(tmp_path / "ck") == before
+
+
+@pytest.mark.parametrize("meta, needle", [({"xray_size": "abc"}, "is not an integer"),
+                                          ({"xray_size": "1000000"}, "is not a radiograph size"),
+                                          ({"xray_size": "128", "geometry": "{"}, "is not a ray geometry"),
+                                          ({"xray_size": "128", "geometry": "[1]"}, "is not a ray geometry")])
+def test_onnx_metadata_is_validated(tmp_path, meta, needle):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ctrefine.pipeline import OnnxPredictor
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(DataError, match=needle) as exc:
+        OnnxPredictor(path)
+    assert str(path) in str(exc.value) and "\n" not in str(exc.value)
