@@ -42,7 +42,8 @@ def test_prepare_good_and_bad(tmp_path):
                 "--xray-size", "16", "--quiet")
     assert r.returncode == 1
     assert "bad.nii.gz" in r.stderr and "cannot read" in r.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".ctrefine.lock", "dataset.json", "patient_0000", "splits.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".ctrefine.lock", "dataset.json", "mean_train.nii.gz", "patient_0000",
+                                                    "splits.json"]
     assert sorted(p.name for p in (out / "patient_0000").iterdir()) == ["ct.nii.gz", "meta.json", "xray_lateral.nii.gz",
                                                                        "xray_pa.nii.gz"]
 

@@ -480,3 +480,15 @@ def test_onnx_metadata_is_validated(tmp_path, meta, needle):
     with pytest.raises(DataError, match=needle) as exc:
         OnnxPredictor(path)
     assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_infer_never_writes_into_the_dataset(ckpts, tiny_dataset, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    (ds / "mean_train.nii.gz").unlink()  # no baseline cache: infer computes the baseline, and keeps it to itself
+    before = snapshot(ds)
+    assert cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet",
+               "--no-save-volumes").returncode == 0
+    assert snapshot(ds) == before and "mean baseline" in (tmp_path / "res" / "metrics.txt").read_text()

@@ -185,7 +185,10 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     split_path = root / "splits.json"
     if not split_path.exists():  # written once, never recomputed
         write_json(split_path, make_splits([patient_name(i) for i in range(num_patients)], seed))
-    return read_splits(root)
+    splits = read_splits(root)
+    if splits.get("train") and not (root / MEAN_VOLUME).exists():
+        mean_volume(root, write_cache=True)
+    return splits
 
 
 def summarize(root) -> str:
@@ -279,11 +282,13 @@ class ResidentSplit:
 MEAN_VOLUME = "mean_train.nii.gz"
 
 
-def mean_volume(root, split: str = "train") -> np.ndarray:
-    """Voxel-wise mean HU of the ``split`` patients' CTs (the trivial baseline), cached beside splits.json.
+def mean_volume(root, split: str = "train", write_cache: bool = False) -> np.ndarray:
+    """Voxel-wise mean HU of the ``split`` patients' CTs (the trivial baseline), read from the cache beside
+    splits.json when there is one.
 
-    Predicting this one volume for every patient is what any model must beat; the cache is made once
-    (atomically) and reused, since the training split never changes.
+    Predicting this one volume for every patient is what any model must beat. The commands that write a
+    dataset (``make-data``, ``prepare``) write the cache (``write_cache``; atomically), since the
+    training split never changes; readers (``infer``) never write into a dataset.
     """
     root = Path(root)
     path = root / MEAN_VOLUME
@@ -297,10 +302,8 @@ def mean_volume(root, split: str = "train") -> np.ndarray:
         ct, aff = load_nifti(root / n / "ct.nii.gz")
         total = ct.astype(np.float64) if total is None else total + ct
     mean = (total / len(names)).astype(np.float32)
-    try:
+    if write_cache:
         save_nifti(path, mean, aff)
-    except OSError:  # a read-only dataset: recompute next time rather than fail
-        pass
     return mean
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..conventions import FOV_MM, HU_MIN, canonical_affine
-from .dataset import FORMAT_VERSION, check_dataset_dir, ensure_dataset_header, is_complete, make_splits, \
+from .dataset import FORMAT_VERSION, MEAN_VOLUME, check_dataset_dir, mean_volume, ensure_dataset_header, is_complete, make_splits, \
     next_patient_index, patient_name, read_splits, render_patient, \
     write_patient
 from .dicom import load_series
@@ -143,6 +143,8 @@ def _add_to_splits(root: Path) -> None:
     else:
         return
     write_json(root / "splits.json", splits)
+    if splits.get("train") and not (root / MEAN_VOLUME).exists():  # the baseline, once: the train split never changes
+        mean_volume(root, write_cache=True)
 
 
 def ingest_dataset(paths, out, size: int = 64, xray_size: int = 128, geometry: str = "cone",
