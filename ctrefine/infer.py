@@ -32,7 +32,7 @@ from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, nor
 from .data.dataset import CTDataset, dataset_geometry, mean_volume
 from .data.io import atomic_dir, load_radiograph, read_json, save_nifti, square_resize, write_json
 from .errors import DataError
-from .outputs import claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
+from .outputs import atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
 from .metrics import psnr
 from .reprojection import SliceProjector, safety_gate
 from .report import batch_metrics, metrics_text, summarize
@@ -204,9 +204,10 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
     v = ungated.shape[-1]
     refined, (record,) = safety_gate(SliceProjector(v, geometry=predictor.geometry), x, coarse, ungated, gate)
     aff = canonical_affine(v, FOV_MM / v)
-    save_nifti(out, model_to_hu(refined[0, 0].numpy()), aff)
-    save_nifti(coarse_path, model_to_hu(coarse[0, 0].numpy()), aff)
-    write_json(gate_path, {**record, "gate": gate, "geometry": predictor.geometry})
+    with atomic_files([out, coarse_path, gate_path]) as (t_out, t_coarse, t_gate):  # all three, or none
+        save_nifti(t_out, model_to_hu(refined[0, 0].numpy()), aff)
+        save_nifti(t_coarse, model_to_hu(coarse[0, 0].numpy()), aff)
+        write_json(t_gate, {**record, "gate": gate, "geometry": predictor.geometry})
     return out, coarse_path, record
 
 

@@ -155,6 +155,34 @@ def atomic_file(path):
 
 
 @contextlib.contextmanager
+def atomic_files(paths):
+    """Write several files that belong together (a volume and its companions): yields a temporary path
+    for each; on success all are renamed into place one after another, on any error none is, and no
+    temporary is left behind."""
+    paths = [Path(p) for p in paths]
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(_temp_beside(p)) for p in paths]
+        yield tmps
+        for t in tmps:
+            _publish_mode(t)
+        for t, p in zip(tmps, paths):
+            os.replace(t, p)
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
 def atomic_dir(final, recheck: Callable[[], None] | None = None):
     """Build a folder under a temporary name beside ``final``; on success put it in place of ``final``.
 

@@ -492,3 +492,48 @@ def test_infer_never_writes_into_the_dataset(ckpts, tiny_dataset, tmp_path):
     assert cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet",
                "--no-save-volumes").returncode == 0
     assert snapshot(ds) == before and "mean baseline" in (tmp_path / "res" / "metrics.txt").read_text()
+
+
+# ------------------------------------------------------------------------------ a full disk
+def test_outputs_that_belong_together_appear_together(tmp_path):
+    import errno
+
+    from ctrefine.outputs import atomic_files
+
+    a, b, c = (tmp_path / n for n in ("ct.nii.gz", "ct_coarse.nii.gz", "ct_gate.json"))
+    with pytest.raises(OSError):
+        with atomic_files([a, b, c]) as (ta, tb, tc):
+            ta.write_text("refined")
+            tb.write_text("coarse")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tc))
+    assert list(tmp_path.iterdir()) == []  # nothing under a final name, no temporary
+    with atomic_files([a, b, c]) as tmps:
+        for t in tmps:
+            t.write_text(t.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "ct_coarse.nii.gz", "ct_gate.json"]
+
+
+def test_a_checkpoint_that_cannot_be_saved_leaves_nothing_half_written(tmp_path):
+    import errno
+
+    from ctrefine.training.checkpointing import Checkpointer
+
+    class FullDisk:
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            (Path(folder) / tag).mkdir(parents=True)
+            (Path(folder) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    from pathlib import Path
+
+    ck = Checkpointer(tmp_path / "run", 2, 0, 1)
+    ck.mark("base")
+    (tmp_path / "run" / "latest.json").write_text('{"tag": "epoch_0001"}')
+    with pytest.raises(UserError, match="cannot save the checkpoint of epoch 2 .No space left on device.; the run "
+                                        "resumes from"):
+        ck.save(FullDisk(), 2, {"global_step": 5})
+    assert list((tmp_path / "run" / "ckpt").iterdir()) == []
+    assert json.loads((tmp_path / "run" / "latest.json").read_text()) == {"tag": "epoch_0001"}
+    (tmp_path / "run" / "ckpt" / ".tmp_epoch_0003").mkdir()  # what a killed process leaves
+    ck.mark("base")
+    assert list((tmp_path / "run" / "ckpt").iterdir()) == []

@@ -94,10 +94,13 @@ class Checkpointer:
                             f"choose another checkpoint.dir (ctrefine never writes into it)")
 
     def mark(self, stage: str) -> None:
-        """Create the run folder with its marker first (rank 0), before any other file."""
+        """Create the run folder with its marker first (rank 0), before any other file; remove the partial
+        checkpoints a killed earlier invocation may have left (``ckpt/.tmp_*``: never a resume point)."""
         self.out.mkdir(parents=True, exist_ok=True)
         if not (self.out / RUN_MARKER).exists():
             write_json(self.out / RUN_MARKER, {"kind": RUN_KIND, "stage": stage})
+        for stale in self.ckpt_dir.glob(".tmp_epoch_*") if self.ckpt_dir.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)
 
     def check_compatible(self, cfg: Config) -> None:
         """Refuse to resume a run whose model was built from another ``model`` section (names the keys)."""
@@ -135,7 +138,12 @@ class Checkpointer:
         """Save on every rank under a temporary tag, then (rank 0) rename, point latest.json, rotate."""
         tag = f"epoch_{epoch:04d}"
         tmp_tag = f".tmp_{tag}"
-        engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, client_state=client, save_latest=False)
+        try:
+            engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, client_state=client, save_latest=False)
+        except OSError as exc:  # a full disk, say: leave no half checkpoint; the last complete one stays the resume point
+            shutil.rmtree(self.ckpt_dir / tmp_tag, ignore_errors=True)
+            raise UserError(f"{self.ckpt_dir / tmp_tag}: cannot save the checkpoint of epoch {epoch} "
+                            f"({exc.strerror or type(exc).__name__}); the run resumes from {self.latest_path}") from None
         self._barrier()
         if self.rank == 0:
             if (self.ckpt_dir / tag).exists():
