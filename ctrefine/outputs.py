@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -136,22 +138,40 @@ def folder_lock(folder, what: str):
         os.close(fd)
 
 
+def _temp_prefix(path: Path, kind: str = "") -> str:
+    """Temporaries beside ``path`` are named ``.NAME.[tmp-]PID-RANDOM``: the PID tells whose they are."""
+    return f".{path.name}.{kind}{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_orphans(path, kind: str = "") -> None:
+    """Remove temporaries of ``path`` whose writing process no longer exists (a ``kill -9`` leaves them):
+    the next write of the same output cleans up after the one that died."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.{kind}") + r"(\d+)-")
+    for p in path.parent.glob(f".{glob.escape(path.name)}.{kind}*-*") if path.parent.is_dir() else ():
+        m = pattern.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Write a file under a temporary name beside ``path`` (same extension, so writers that pick the
     format from it still do); on success rename it to ``path``. On any error nothing is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
+    with _temp_beside(Path(path)) as tmp:
         yield tmp
         _publish_mode(tmp)
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -171,8 +191,10 @@ def atomic_files(paths):
 
 @contextlib.contextmanager
 def _temp_beside(path: Path):
+    """A temporary file beside ``path`` (same extension), removed unless renamed away."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+    remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix="".join(path.suffixes), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -193,7 +215,8 @@ def atomic_dir(final, recheck: Callable[[], None] | None = None):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_orphans(final, "tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final, "tmp-"), dir=final.parent))
     old = None
     try:
         yield tmp
