@@ -76,6 +76,8 @@ def test_two_interleaved_series_are_refused_then_chosen(tmp_path, vol):
     ("spacing", "mixes pixel spacings"),
     ("duplicate", "same position"),
     ("gap", "not evenly spaced"),
+    ("no_rows", "missing or malformed geometry tag"),
+    ("text_orientation", "missing or malformed geometry tag"),
 ])
 def test_inconsistent_series_is_a_one_line_error(tmp_path, vol, case, needle):
     folder = tmp_path / "f"
@@ -83,6 +85,16 @@ def test_inconsistent_series_is_a_one_line_error(tmp_path, vol, case, needle):
         write_series(folder, vol, orientation_of={2: [0, 1, 0, 1, 0, 0]})
     elif case == "spacing":
         write_series(folder, vol, spacing_of={4: (2.5, 2.5)})
+    elif case in ("no_rows", "text_orientation"):
+        write_series(folder, vol)
+        f = sorted(folder.iterdir())[1]
+        ds = pydicom.dcmread(str(f))
+        if case == "no_rows":
+            del ds.Rows
+        else:
+            del ds.ImageOrientationPatient
+            ds.add_new((0x0020, 0x0037), "LO", "a\\b\\c\\d\\e\\f")  # text where numbers belong
+        ds.save_as(str(f), enforce_file_format=True)
     elif case == "duplicate":
         uid = write_series(folder, vol, prefix="x")
         write_series(folder, vol[:2], uid=uid, prefix="y")  # two slices again, same positions, same UID

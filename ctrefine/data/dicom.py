@@ -100,6 +100,8 @@ def load_series(folder, series: str | None = None) -> tuple[np.ndarray, np.ndarr
     s = choose_series(folder, series)
     try:
         return _stack(folder, s)
+    except DataError:
+        raise
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"{folder}: series {s.uid} has a slice with a missing or malformed geometry tag "
                         f"({type(exc).__name__}: {str(exc)[:80]})") from None
