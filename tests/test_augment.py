@@ -87,6 +87,7 @@ def test_only_training_augments():
 def test_refine_stage_recomputes_the_coarse_volume_from_augmented_radiographs(tiny_dataset, tmp_path):
     from ctrefine.checkpoint import save_model_file
     from ctrefine.models import build_models
+    from ctrefine.device import DevicePolicy
     from ctrefine.training.stages import RefineStage
 
     cfg = resolve({"model": {"volume_size": 32, "xray_size": 64, "base_width": 4, "hidden_channels": 8,
@@ -94,7 +95,7 @@ def test_refine_stage_recomputes_the_coarse_volume_from_augmented_radiographs(ti
                    "augment": {"enabled": True}, "checkpoint": {"dir": str(tmp_path)}})
     base, _ = build_models(cfg)
     save_model_file(tmp_path / "base" / "best_model.pt", "base", base.state_dict(), cfg, {}, epoch=1)
-    stage = RefineStage(cfg, torch.device("cpu"), torch.float32)
+    stage = RefineStage(cfg, DevicePolicy(torch.device("cpu"), torch.float32))
     ds = CTDataset(tiny_dataset, "train")
     model = stage.build([ds])
     assert stage.recompute_coarse
@@ -107,5 +108,5 @@ def test_refine_stage_recomputes_the_coarse_volume_from_augmented_radiographs(ti
         coarse_aug, coarse_clean = stage.frozen(aug), stage.frozen(normalize_xray(xr))
     refined = model(coarse_aug, aug)
     assert torch.allclose(refined, coarse_aug) and not torch.allclose(coarse_aug, coarse_clean)
-    assert not stage.coarse  # nor is a clean coarse volume of the training set computed that nothing reads
+    assert stage.coarse.numel() == 0 and not stage.coarse_row  # nor is a clean coarse volume of the training set computed that nothing reads
     assert torch.isfinite(loss)

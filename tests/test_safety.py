@@ -308,45 +308,44 @@ def test_prepare_refuses_a_dataset_another_command_is_writing(tmp_path):
     assert not (out / "patient_0000").exists()
 
 
-@pytest.mark.parametrize("bad", ["../../outside", "/etc", "a/b", "..", ".hidden"])
-def test_splits_naming_paths_outside_the_dataset_are_refused(ckpts, tiny_dataset, tmp_path, bad):
+def test_splits_naming_paths_outside_the_dataset_are_refused(ckpts, tiny_dataset, tmp_path):
     import shutil
+
+    from ctrefine.data.dataset import CTDataset
 
     ds = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds)
-    splits = json.loads((ds / "splits.json").read_text())
-    splits["test"] = [bad]
-    (ds / "splits.json").write_text(json.dumps(splits))
+    good = json.loads((ds / "splits.json").read_text())
+    for bad in ["../../outside", "/etc", "a/b", "..", ".hidden"]:
+        (ds / "splits.json").write_text(json.dumps({**good, "test": [bad]}))
+        with pytest.raises(DataError, match=f"patient {bad!r} in split 'test' is not a folder name inside"):
+            CTDataset(ds, "train")  # checked where a dataset is opened, whichever split is read
     one_error_line(cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet"),
                    "is not a folder name inside the dataset")
     assert not (tmp_path / "res").exists()
-
-
-def test_a_link_leading_out_of_the_dataset_is_refused(ckpts, tiny_dataset, tmp_path):
-    import shutil
-
-    ds = tmp_path / "ds"
-    shutil.copytree(tiny_dataset, ds)
-    splits = json.loads((ds / "splits.json").read_text())
-    victim = splits["test"][0]
+    # a patient folder that is a link leading out of the dataset
+    (ds / "splits.json").write_text(json.dumps(good))
+    victim = good["test"][0]
     shutil.move(ds / victim, tmp_path / "elsewhere")
     (ds / victim).symlink_to(tmp_path / "elsewhere")
-    one_error_line(cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet"),
-                   f"patient '{victim}'")
+    with pytest.raises(DataError, match=f"patient '{victim}'"):
+        CTDataset(ds, "test")
 
 
-@pytest.mark.parametrize("name", ["splits.json", "dataset.json"])
-def test_empty_dataset_files_are_one_line_errors(ckpts, tiny_dataset, tmp_path, name):
+def test_empty_dataset_files_are_one_line_errors(ckpts, tiny_dataset, tmp_path):
     import shutil
 
     ds = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds)
-    (ds / name).write_text("")
+    (ds / "splits.json").write_text("")
     one_error_line(cli("infer", *ckpts, "--data-path", ds, "--output-dir", tmp_path / "res", "--quiet"),
-                   f"{name}: not valid JSON")
+                   "splits.json: not valid JSON")
+    shutil.copy(tiny_dataset / "splits.json", ds / "splits.json")
+    (ds / "dataset.json").write_text("")
     r = cli("train", "base", "--config", "cpu-small", "--set", f"data.data_path={ds}", "--set",
             f"checkpoint.dir={tmp_path / 'run'}")
-    assert r.returncode == 2 and f"{name}: not valid JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr[-600:]
+    assert r.returncode == 2 and "dataset.json: not valid JSON" in r.stderr and "Traceback" not in r.stderr, \
+        r.stderr[-600:]
 
 
 # ------------------------------------------------------------------------------ hostile or damaged inputs
@@ -403,21 +402,30 @@ def test_images_declaring_a_huge_size_are_refused_before_reading(tmp_path):
 
 # ------------------------------------------------------------------------------ result folders are claimed
 def test_overwrite_replaces_only_what_ctrefine_wrote(ckpts, tiny_dataset, tmp_path):
+    from ctrefine.infer import evaluate_dataset
+    from ctrefine.pipeline import TorchPredictor
+
+    predictor = TorchPredictor(ckpts[1], ckpts[3], device="cpu")
     res = tmp_path / "res"
-    args = ("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", res, "--quiet", "--no-save-volumes")
-    assert cli(*args).returncode == 0
+
+    def infer(out=res, overwrite=False):
+        evaluate_dataset(predictor, tiny_dataset, out, progress=False, save_volumes=False, overwrite=overwrite)
+
+    infer()
     assert (res / "ctrefine_manifest.json").is_file()
-    assert cli(*args, "--overwrite").returncode == 0  # an untouched earlier result is replaced
+    infer(overwrite=True)  # an untouched earlier result is replaced
     patient = next(p for p in res.iterdir() if p.name.startswith("patient_"))
     (patient / "my_annotations.json").write_text("{}")
     (res / "patient_notes").mkdir()
     before = snapshot(res)
-    one_error_line(cli(*args, "--overwrite"), "my_annotations.json")
+    one_error_line(cli("infer", *ckpts, "--data-path", tiny_dataset, "--output-dir", res, "--quiet", "--overwrite"),
+                   "my_annotations.json")
     assert snapshot(res) == before  # nothing deleted, nothing replaced
     link = tmp_path / "link"
-    link.symlink_to(tmp_path / "empty", target_is_directory=True)
     (tmp_path / "empty").mkdir()
-    one_error_line(cli(*args[:-3], link, "--quiet"), "is a symbolic link")
+    link.symlink_to(tmp_path / "empty", target_is_directory=True)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        infer(link)
     assert link.is_symlink() and not any((tmp_path / "empty").iterdir())
 
 

@@ -234,8 +234,8 @@ def run(args) -> int:
         ckpt.mark(args.stage)
         write_json(out / "config.json", cfg.to_dict())
         keep = global_step if start_epoch else None
-        train_log = CSVLog(out / "train_log.csv", ["epoch", "step", "lr", "loss", *stage.term_names, "volumes_per_s"],
-                           keep)
+        train_log = CSVLog(out / "train_log.csv", ["epoch", "step", "lr", "loss", *stage.term_names, "volumes_per_s",
+                                                   "skipped_steps"], keep)
         val_log = CSVLog(out / "val_log.csv", ["epoch", "step", *stage.val_fields, "train_s", "val_s"], keep)
         tb = tensorboard_writer(cfg.logging.tensorboard, out / "tb")
 
@@ -269,7 +269,8 @@ def run(args) -> int:
                 loss_v = loss.item()
                 bar.set_postfix(loss=f"{loss_v:.4f}", vol_s=f"{vps:.1f}")
                 train_log.append({"epoch": epoch + 1, "step": global_step, "lr": sched.get_last_lr()[0], "loss": loss_v,
-                                  "volumes_per_s": vps, **{k: v.item() for k, v in terms.items()}})
+                                  "volumes_per_s": vps, **{k: v.item() for k, v in terms.items()},
+                                  "skipped_steps": engine.skipped_steps})  # DeepSpeed's count of non-finite steps
                 if tb:
                     tb.add_scalar(f"{args.stage}/train_loss", loss_v, global_step)
         bar.close()

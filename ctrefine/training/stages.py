@@ -181,7 +181,8 @@ class RefineStage(Stage):
                 with self.policy.autocast():
                     outs.append(self.frozen(xr.to(self.device)).float().to(self.dtype))
                 self.coarse_row.update((n, len(self.coarse_row)) for n in names)
-        coarse = torch.cat(outs)
+        v = self.cfg.model.volume_size
+        coarse = torch.cat(outs) if outs else torch.empty(0, 1, v, v, v, device=self.device, dtype=self.dtype)
         self.coarse = coarse if self.policy.keep_resident(coarse.nbytes) else coarse.cpu()
 
     def _coarse(self, names):
