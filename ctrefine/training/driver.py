@@ -26,6 +26,7 @@ import random
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -178,152 +179,208 @@ def _apply_layout(model, policy: DevicePolicy, t, stage: str, rank: int) -> None
 
 
 # --------------------------------------------------------------------------------------------- main
-def run(args) -> int:
+@dataclass
+class Run:
+    """What one invocation of the driver holds from set-up to the last epoch."""
+
+    args: argparse.Namespace
+    cfg: Config
+    stage: Stage
+    policy: DevicePolicy
+    ckpt: Checkpointer
+    engine: object
+    sched: object
+    train_split: ResidentSplit
+    val_split: ResidentSplit
+    rank: int
+    world: int
+    num_epochs: int
+    start_epoch: int = 0
+    global_step: int = 0
+    best: float = -float("inf")
+    bad_epochs: int = 0
+    logs: dict = field(default_factory=dict)  # rank 0: "train", "val" CSV logs and "tb" (or None)
+
+    @property
+    def out(self) -> Path:
+        return self.ckpt.out
+
+
+def _checked(args) -> tuple[Config, dict, Checkpointer]:
+    """Every check before distributed start-up: config, dataset, DeepSpeed config, the run folder."""
     cfg = load_config(args.config, args.set)
-    stage_cls = STAGES[args.stage]
-    ds_cfg = validate(cfg, stage_cls, args.deepspeed_config)
+    ds_cfg = validate(cfg, STAGES[args.stage], args.deepspeed_config)
     out = Path(cfg.checkpoint.dir) / args.stage
     ckpt = Checkpointer(out, cfg.checkpoint.keep_last, rank=0, world=1)
     if args.resume == "never" and ckpt.has_run():
         raise UserError(f"{out} already holds a run (latest.json); use --resume auto or a new checkpoint.dir")
     ckpt.check_owned()
     ckpt.check_compatible(cfg)
+    return cfg, ds_cfg, ckpt
 
+
+def _set_up(args) -> Run:
+    """Distributed start-up, the device policy, the stage and its model, resident splits, the engine."""
+    cfg, ds_cfg, ckpt = _checked(args)
     import deepspeed
 
     rank, world = init_distributed()
     ckpt.rank, ckpt.world = rank, world
-    device = rank_device(args.local_rank, world)
     t = cfg.training
     seed_everything(t.seed)
-    policy = DevicePolicy.for_run(device, ds_cfg, args.precision, t.compile)
-    ds_cfg = dict(ds_cfg, bf16=dict(ds_cfg.get("bf16", {}), enabled=policy.dtype == torch.bfloat16))
+    policy = DevicePolicy.for_run(rank_device(args.local_rank, world), ds_cfg, args.precision, t.compile)
     if policy.note and rank == 0:
         print(f"[{args.stage}] {policy.note}", flush=True)
-
     train_ds = CTDataset(cfg.data.data_path, cfg.data.train_split)
     val_ds = CTDataset(cfg.data.data_path, cfg.data.val_split)
-    stage = stage_cls(cfg, policy)
+    stage = STAGES[args.stage](cfg, policy)
     model = stage.build([train_ds, val_ds])
     train_split, val_split = _resident_splits(policy, train_ds, val_ds, raw=cfg.augment.enabled)
     _apply_layout(model, policy, t, args.stage, rank)
     num_epochs = stage.num_epochs()
-
-    steps_per_epoch = max(1, -(-len(train_ds) // (t.batch_size * world)))
-    total_steps = steps_per_epoch * num_epochs
-    ds_cfg = dict(ds_cfg, train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=1,
+    total_steps = max(1, -(-len(train_ds) // (t.batch_size * world))) * num_epochs
+    ds_cfg = dict(ds_cfg, bf16=dict(ds_cfg.get("bf16", {}), enabled=policy.dtype == torch.bfloat16),
+                  train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=1,
                   train_batch_size=t.batch_size * world)
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     engine, _, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, config=ds_cfg,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg, total_steps)))
+    return Run(args, cfg, stage, policy, ckpt, engine, sched, train_split, val_split, rank, world, num_epochs)
 
-    start_epoch, global_step, best, bad_epochs = 0, 0, -float("inf"), 0
-    client = ckpt.resume(engine)
-    if client is not None:
-        start_epoch, global_step = client["epoch"] + 1, client["global_step"]
-        best, bad_epochs = client["best"], client["bad_epochs"]
-        stage.load_state_dict(client.get("stage", {}))
-        set_rng_state(client["rng"][rank] if rank < len(client["rng"]) else client["rng"][0])
-        if rank == 0:
-            print(f"resumed {args.stage} from {ckpt.ckpt_dir / client['tag']} (epoch {start_epoch}, step {global_step})",
-                  flush=True)
 
-    tb = None
-    if rank == 0:
-        ckpt.mark(args.stage)
-        write_json(out / "config.json", cfg.to_dict())
-        keep = global_step if start_epoch else None
-        train_log = CSVLog(out / "train_log.csv", ["epoch", "step", "lr", "loss", *stage.term_names, "volumes_per_s",
-                                                   "skipped_steps"], keep)
-        val_log = CSVLog(out / "val_log.csv", ["epoch", "step", *stage.val_fields, "train_s", "val_s"], keep)
-        tb = tensorboard_writer(cfg.logging.tensorboard, out / "tb")
+def _resume(r: Run) -> None:
+    """Continue from the newest complete checkpoint, if any: counters, stage state, every RNG."""
+    client = r.ckpt.resume(r.engine)
+    if client is None:
+        return
+    r.start_epoch, r.global_step = client["epoch"] + 1, client["global_step"]
+    r.best, r.bad_epochs = client["best"], client["bad_epochs"]
+    r.stage.load_state_dict(client.get("stage", {}))
+    set_rng_state(client["rng"][r.rank] if r.rank < len(client["rng"]) else client["rng"][0])
+    if r.rank == 0:
+        print(f"resumed {r.args.stage} from {r.ckpt.ckpt_dir / client['tag']} (epoch {r.start_epoch}, step "
+              f"{r.global_step})", flush=True)
 
+
+def _open_logs(r: Run) -> None:
+    """Rank 0: the run folder's marker and resolved config, then the CSV logs (rows past a resumed step dropped)."""
+    if r.rank != 0:
+        return
+    r.ckpt.mark(r.args.stage)
+    write_json(r.out / "config.json", r.cfg.to_dict())
+    keep = r.global_step if r.start_epoch else None
+    r.logs = {"train": CSVLog(r.out / "train_log.csv", ["epoch", "step", "lr", "loss", *r.stage.term_names,
+                                                         "volumes_per_s", "skipped_steps"], keep),
+              "val": CSVLog(r.out / "val_log.csv", ["epoch", "step", *r.stage.val_fields, "train_s", "val_s"], keep),
+              "tb": tensorboard_writer(r.cfg.logging.tensorboard, r.out / "tb")}
+
+
+def _train_epoch(r: Run, epoch: int) -> tuple[float, float]:
+    """One epoch of steps; returns (mean training loss, seconds). No host synchronisation per step: the
+    loss is summed and its finiteness counted on the device, read at logged steps and the epoch's end."""
     from tqdm import tqdm
 
-    epochs_run = 0
-    for epoch in range(start_epoch, num_epochs):
-        engine.train()
-        g = torch.Generator().manual_seed(t.seed * 1000 + epoch)  # same order on every rank, every rerun
-        mine = torch.randperm(len(train_ds), generator=g).tolist()[rank::world]
-        bar = tqdm(total=len(mine), desc=f"{args.stage} epoch {epoch + 1}/{num_epochs}", unit="vol",
-                   disable=rank != 0 or args.no_progress, leave=False)
-        tic, seen, n_b = time.time(), 0, 0
-        ep_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        bad = torch.zeros((), device=device)  # consecutive steps with a non-finite loss, counted on the device
-        aug = torch.Generator().manual_seed(t.seed * 1000 + epoch + 7919 * (rank + 1))  # per epoch: exact resume
-        for xr, ct, names in train_split.batches(mine, t.batch_size):
-            if cfg.augment.enabled:
-                xr = augment_radiographs(xr, cfg.augment, aug)
-            loss, terms = stage.loss(engine, xr, ct, names)
-            engine.backward(loss)
-            engine.step()
-            global_step += 1
-            seen += len(names) * world
-            ep_loss += loss.detach()
-            bad = torch.where(torch.isfinite(loss.detach()), torch.zeros_like(bad), bad + 1)
-            n_b += 1
-            bar.update(len(names))
-            if rank == 0 and (global_step % cfg.logging.log_every == 0 or n_b == 1):
-                vps = seen / max(1e-9, time.time() - tic)  # the .item() below syncs, so this rate is honest
-                loss_v = loss.item()
-                bar.set_postfix(loss=f"{loss_v:.4f}", vol_s=f"{vps:.1f}")
-                train_log.append({"epoch": epoch + 1, "step": global_step, "lr": sched.get_last_lr()[0], "loss": loss_v,
-                                  "volumes_per_s": vps, **{k: v.item() for k, v in terms.items()},
-                                  "skipped_steps": engine.skipped_steps})  # DeepSpeed's count of non-finite steps
-                if tb:
-                    tb.add_scalar(f"{args.stage}/train_loss", loss_v, global_step)
-        bar.close()
-        policy.synchronize()
-        train_s = time.time() - tic
-        _stop_if_not_finite(bad, n_b, epoch, global_step, world)
+    t, device = r.cfg.training, r.policy.device
+    r.engine.train()
+    g = torch.Generator().manual_seed(t.seed * 1000 + epoch)  # same order on every rank, every rerun
+    mine = torch.randperm(len(r.train_split), generator=g).tolist()[r.rank::r.world]
+    bar = tqdm(total=len(mine), desc=f"{r.args.stage} epoch {epoch + 1}/{r.num_epochs}", unit="vol",
+               disable=r.rank != 0 or r.args.no_progress, leave=False)
+    tic, seen, n_b = time.time(), 0, 0
+    ep_loss, bad = torch.zeros((), device=device), torch.zeros((), device=device)
+    aug = torch.Generator().manual_seed(t.seed * 1000 + epoch + 7919 * (r.rank + 1))  # per epoch: exact resume
+    for xr, ct, names in r.train_split.batches(mine, t.batch_size):
+        if r.cfg.augment.enabled:
+            xr = augment_radiographs(xr, r.cfg.augment, aug)
+        loss, terms = r.stage.loss(r.engine, xr, ct, names)
+        r.engine.backward(loss)
+        r.engine.step()
+        r.global_step += 1
+        seen += len(names) * r.world
+        ep_loss += loss.detach()
+        bad = torch.where(torch.isfinite(loss.detach()), torch.zeros_like(bad), bad + 1)
+        n_b += 1
+        bar.update(len(names))
+        if r.rank == 0 and (r.global_step % r.cfg.logging.log_every == 0 or n_b == 1):
+            vps = seen / max(1e-9, time.time() - tic)  # the .item() below syncs, so this rate is honest
+            loss_v = loss.item()
+            bar.set_postfix(loss=f"{loss_v:.4f}", vol_s=f"{vps:.1f}")
+            r.logs["train"].append({"epoch": epoch + 1, "step": r.global_step, "lr": r.sched.get_last_lr()[0],
+                                    "loss": loss_v, "volumes_per_s": vps, **{k: v.item() for k, v in terms.items()},
+                                    "skipped_steps": r.engine.skipped_steps})  # DeepSpeed's non-finite steps
+            if r.logs["tb"]:
+                r.logs["tb"].add_scalar(f"{r.args.stage}/train_loss", loss_v, r.global_step)
+    bar.close()
+    r.policy.synchronize()
+    train_s = time.time() - tic
+    _stop_if_not_finite(bad, n_b, epoch, r.global_step, r.world)
+    return ep_loss.item() / max(1, n_b), train_s
 
-        # ---- validation (rank 0; ZeRO-2 keeps full parameters on every rank) -------------------------
-        improved, vm = False, {}
-        if rank == 0:
-            engine.module.eval()
-            tv = time.time()
-            vm = stage.evaluate(engine.module, val_split, t.batch_size)  # ends with one transfer: synchronised
-            val_s = time.time() - tv
-            engine.module.train()
-            improved = vm[stage.score_key] > best
-            best, bad_epochs = (vm[stage.score_key], 0) if improved else (best, bad_epochs + 1)
-            val_log.append({"epoch": epoch + 1, "step": global_step, **vm, "train_s": train_s, "val_s": val_s})
-            if tb:
-                for k, v in vm.items():
-                    tb.add_scalar(f"{args.stage}/val_{k}", v, global_step)
-            msg = ", ".join(f"{k} {v:.4f}" for k, v in vm.items())
-            print(f"[{args.stage}] epoch {epoch + 1}/{num_epochs} train loss {ep_loss.item() / max(1, n_b):.4f} | "
-                  f"val {msg}{' (best)' if improved else ''}", flush=True)
-        flags = [improved, best, bad_epochs]
-        if world > 1:
-            torch.distributed.broadcast_object_list(flags, src=0)
-        improved, best, bad_epochs = flags
 
-        # ---- checkpoint: periodic, on improvement, and at the end -------------------------------------
-        epochs_run += 1
-        last = epoch + 1 == num_epochs
-        stop_early = t.early_stopping_patience > 0 and bad_epochs >= t.early_stopping_patience
+def _validate(r: Run, epoch: int, train_loss: float, train_s: float) -> tuple[bool, dict]:
+    """Rank 0 validates (ZeRO-2 keeps full parameters on every rank) and logs; every rank learns whether
+    the score improved. Returns (improved, validation metrics -- empty on other ranks)."""
+    improved, vm = False, {}
+    if r.rank == 0:
+        module = r.engine.module
+        module.eval()
+        tv = time.time()
+        vm = r.stage.evaluate(module, r.val_split, r.cfg.training.batch_size)  # ends with one transfer: synced
+        val_s = time.time() - tv
+        module.train()
+        improved = vm[r.stage.score_key] > r.best
+        r.best, r.bad_epochs = (vm[r.stage.score_key], 0) if improved else (r.best, r.bad_epochs + 1)
+        r.logs["val"].append({"epoch": epoch + 1, "step": r.global_step, **vm, "train_s": train_s, "val_s": val_s})
+        if r.logs["tb"]:
+            for k, v in vm.items():
+                r.logs["tb"].add_scalar(f"{r.args.stage}/val_{k}", v, r.global_step)
+        msg = ", ".join(f"{k} {v:.4f}" for k, v in vm.items())
+        print(f"[{r.args.stage}] epoch {epoch + 1}/{r.num_epochs} train loss {train_loss:.4f} | "
+              f"val {msg}{' (best)' if improved else ''}", flush=True)
+    flags = [improved, r.best, r.bad_epochs]
+    if r.world > 1:
+        torch.distributed.broadcast_object_list(flags, src=0)
+    improved, r.best, r.bad_epochs = flags
+    return improved, vm
+
+
+def _save(r: Run, epoch: int, improved: bool, vm: dict) -> None:
+    """A checkpoint with every rank's RNG state; the best model file when the score improved."""
+    rngs = [None] * r.world
+    if r.world > 1:
+        torch.distributed.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    client = {"epoch": epoch, "global_step": r.global_step, "best": r.best, "bad_epochs": r.bad_epochs,
+              "rng": rngs, "config": r.cfg.to_dict(), "stage": r.stage.state_dict()}
+    tag = r.ckpt.save(r.engine, epoch + 1, client)
+    if improved and r.rank == 0:
+        r.ckpt.export_best(tag, r.args.stage, r.cfg, vm, epoch + 1, r.global_step)
+    r.ckpt.rotate()
+
+
+def run(args) -> int:
+    r = _set_up(args)
+    _resume(r)
+    _open_logs(r)
+    t = r.cfg.training
+    for epochs_run, epoch in enumerate(range(r.start_epoch, r.num_epochs), start=1):
+        improved, vm = _validate(r, epoch, *_train_epoch(r, epoch))
+        # checkpoint: periodic, on improvement, and at the end
+        stop_early = t.early_stopping_patience > 0 and r.bad_epochs >= t.early_stopping_patience
         interrupted = args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs
-        if improved or last or stop_early or interrupted or (epoch + 1) % cfg.checkpoint.save_every == 0:
-            rngs = [None] * world
-            if world > 1:
-                torch.distributed.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
-            client = {"epoch": epoch, "global_step": global_step, "best": best, "bad_epochs": bad_epochs,
-                      "rng": rngs, "config": cfg.to_dict(), "stage": stage.state_dict()}
-            tag = ckpt.save(engine, epoch + 1, client)
-            if improved and rank == 0:
-                ckpt.export_best(tag, args.stage, cfg, vm, epoch + 1, global_step)
-            ckpt.rotate()
-        if stop_early and rank == 0:
-            print(f"[{args.stage}] early stop: no val improvement for {bad_epochs} epochs", flush=True)
+        if improved or epoch + 1 == r.num_epochs or stop_early or interrupted or \
+                (epoch + 1) % r.cfg.checkpoint.save_every == 0:
+            _save(r, epoch, improved, vm)
+        if stop_early and r.rank == 0:
+            print(f"[{args.stage}] early stop: no val improvement for {r.bad_epochs} epochs", flush=True)
         if stop_early or interrupted:
             break
-    if rank == 0:
-        stage.finish(out)
-        print(f"[{args.stage}] done: best val {stage.score_key} {best:.3f} dB -> {out / 'best_model.pt'}", flush=True)
+    if r.rank == 0:
+        r.stage.finish(r.out)
+        print(f"[{args.stage}] done: best val {r.stage.score_key} {r.best:.3f} dB -> {r.out / 'best_model.pt'}",
+              flush=True)
     return 0
 
 
