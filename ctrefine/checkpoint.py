@@ -72,6 +72,8 @@ def load_model_file(path, stage: str | None = None) -> ModelFile:
     """Read a model file (one-line :class:`DataError` if it is missing, unsafe or not one; ``stage`` checked).
     ``path`` may name a shipped model, ``pretrained:NAME`` (:mod:`ctrefine.pretrained`)."""
     path = pretrained.resolve(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a model file (a training run's is <run>/<stage>/best_model.pt)")
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
     try:

@@ -92,6 +92,8 @@ COMPUTE = {"fp32": "f32", "int8": "f32", "bf16": "bf16"}
 
 def _existing(path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an ONNX file")
     if not path.is_file():
         raise DataError(f"{path}: ONNX model not found")
     return path
@@ -122,8 +124,9 @@ def onnx_metadata(path) -> dict:
     """The ``metadata_props`` ctrefine writes into its ONNX files (window, normalisation, sizes...)."""
     import onnx
 
+    path = _existing(path)
     try:
-        proto = onnx.load(str(_existing(path)), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise DataError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     return {p.key: p.value for p in proto.metadata_props}

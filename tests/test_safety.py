@@ -564,3 +564,13 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     with atomic_dir(tmp_path / "res") as t:
         (t / "metrics.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "m.onnx", "res"])
+
+
+def test_a_folder_given_for_a_model_file_says_so(tmp_path):
+    from ctrefine.checkpoint import load_model_file
+    from ctrefine.pipeline import OnnxPredictor
+
+    with pytest.raises(DataError, match="is a folder, not a model file"):
+        load_model_file(tmp_path)
+    with pytest.raises(DataError, match="is a folder, not an ONNX file"):
+        OnnxPredictor(tmp_path)
