@@ -21,39 +21,17 @@
 # `pip wheel --no-deps -w .whl deepspeed==0.19.8`; ctrefine itself is installed from the checkout).
 # Each phase has its own time cap; a phase that fails is recorded in timeline.txt and the next runs.
 set -u
-OUT=${OUT:-/tmp/gpu_check}; W=${W:-/tmp/gcw}; PY=${PY:-python3}
-R=$W/res; rm -rf "$W"; mkdir -p "$R" "$OUT"
-export PYTHONUNBUFFERED=1
-ROOT=$(pwd)
-T0=$(date +%s)
-say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$R/timeline.txt"; }
-pack() { (cd "$W" && tar czf "$OUT/gpu_check.tgz" res) 2>/dev/null; }
-rc() { echo "$1 rc=$2 at $(( $(date +%s) - T0 ))s" >> "$R/timeline.txt"; }
-
-if [ "${DRY:-0}" = 1 ]; then  # the script itself, checked on a CPU
-  PRESET=cpu-small; NPAT=8; SIZE=32; XS=64; EPOCHS=1; DEMO_N=8; WORKERS=2
-  STEP_ARGS="--smoke"
-  cap() { echo 600; }  # a CPU is slower than the caps are sized for
-else
-  PRESET=full; NPAT=${NPAT:-400}; SIZE=64; XS=128; EPOCHS=2; DEMO_N=160; WORKERS=12
-  STEP_ARGS=""
-  cap() { echo "$1"; }
-  WHEELS=${WHEELS:-.whl}
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site \
-    . "$WHEELS"/*.whl > "$R/pip.log" 2>&1 || say "pip install failed (see pip.log)"
-  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
-fi
-CTR="$PY -m ctrefine.cli"
+OUT=${OUT:-/tmp/gpu_check}; W=${W:-/tmp/gcw}; PY=${PY:-python3}; ARCHIVE=gpu_check.tgz
 PHASES=${PHASES:-kernels step launcher demo summary}
-want() { case " $PHASES " in *" $1 "*) return 0 ;; esac; return 1; }
+. "$(dirname "$0")/gpu_lib.sh"
+if [ "${DRY:-0}" = 1 ]; then  # the script itself, checked on a CPU
+  PRESET=cpu-small; NPAT=8; SIZE=32; XS=64; EPOCHS=1; DEMO_N=8; WORKERS=2; STEP_ARGS="--smoke"
+else
+  PRESET=full; NPAT=${NPAT:-400}; SIZE=64; XS=128; EPOCHS=2; DEMO_N=160; WORKERS=12; STEP_ARGS=""
+fi
 
 say "env"
-{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  "$PY" -c "import torch, triton, deepspeed, ctrefine, sys; print('python', sys.version.split()[0], 'torch', \
-torch.__version__, 'triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'ctrefine', ctrefine.__version__, \
-'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-  git -C "$ROOT" rev-parse --short HEAD 2>/dev/null; date -u +%Y-%m-%d; } > "$R/env.txt" 2>&1
-cat "$R/env.txt"
+write_env
 
 DATA=""
 if want launcher; then
@@ -86,27 +64,11 @@ if want step; then
 fi
 
 [ -n "$DATA" ] && wait $DATA && say "data done"
-want launcher && DS=$("$PY" -c "from ctrefine.config import ds_config_path; print(ds_config_path())")
-busy_start() { command -v nvidia-smi >/dev/null || return 0
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250 > "$R/busy_$1.csv" &
-  SAMPLER=$!; }
-busy_stop() { [ -n "${SAMPLER:-}" ] && kill "$SAMPLER" 2>/dev/null; SAMPLER=""; }
-launch() {  # stage cap args...
-  local stage=$1 c=$2; shift 2
-  busy_start "$stage"
-  timeout "$(cap "$c")" deepspeed --num_gpus 1 --master_port $((29500 + RANDOM % 1000)) --module ctrefine.train "$stage" \
-    --config $PRESET --deepspeed_config "$DS" --no-progress --set data.data_path="$W/data" \
-    --set checkpoint.dir="$W/run" "$@" > "$R/train_$stage.log" 2>&1
-  rc "train_$stage" $?
-  busy_stop
-  for f in train_log val_log; do cp "$W/run/$stage/$f.csv" "$R/${stage}_$f.csv" 2>/dev/null; done
-  pack
-}
 if want launcher; then
   say "base through the launcher, $EPOCHS epochs"
-  launch base 75 --set training.base_num_epochs=$EPOCHS
+  launch base 75 "$W/run" $PRESET "$W/data" --set training.base_num_epochs=$EPOCHS
   say "refiner through the launcher on that base, $EPOCHS epochs"
-  launch refine 75 --set training.num_epochs=$EPOCHS
+  launch refine 75 "$W/run" $PRESET "$W/data" --set training.num_epochs=$EPOCHS
 fi
 
 if want demo; then

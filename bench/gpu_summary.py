@@ -2,7 +2,7 @@
 targets, with the device, date and commit it ran on. Only what the folder holds is written; a phase
 that did not run or failed says so.
 
-    python bench/gpu_summary.py /tmp/gcw/res      # writes /tmp/gcw/res/summary.md
+    python bench/gpu_summary.py /tmp/gcw/res ["TITLE"]     # writes /tmp/gcw/res/summary.md
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def _fmt(x, spec=".1f") -> str:
 
 def step_section(res: Path) -> list[str]:
     path = res / "step" / "gpu_step.json"
+    if not (res / "step.log").exists():
+        return []
     if not path.exists():
         return ["## Isolated step", "", "not measured (see step.log)", ""]
     s = json.loads(path.read_text())
@@ -87,14 +89,16 @@ def launcher_section(res: Path, n_val: int | None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    res = Path((argv or sys.argv[1:])[0])
+    argv = argv or sys.argv[1:]
+    res, title = Path(argv[0]), (argv[1] if len(argv) > 1 else "ctrefine GPU check")
     env = (res / "env.txt").read_text().strip() if (res / "env.txt").exists() else "(no env.txt)"
     splits = res.parent / "data" / "splits.json"
     n_val = len(json.loads(splits.read_text()).get("val", [])) if splits.exists() else None
-    lines = ["# ctrefine GPU check", "", "```", env, "```", "", "## Timeline", "", "```",
+    lines = [f"# {title}", "", "```", env, "```", "", "## Timeline", "", "```",
              (res / "timeline.txt").read_text().strip() if (res / "timeline.txt").exists() else "", "```", ""]
     kt = (res / "kernel_tests.log")
-    lines += ["## Kernel tests", "", (kt.read_text().strip().splitlines() or ["(empty)"])[-1] if kt.exists() else "not run", ""]
+    if kt.exists():
+        lines += ["## Kernel tests", "", (kt.read_text().strip().splitlines() or ["(empty)"])[-1], ""]
     kb = res / "bench_kernels.json"
     if kb.exists():
         rows = json.loads(kb.read_text()).get("benchmarks", [])
@@ -102,9 +106,14 @@ def main(argv=None) -> int:
         lines += [f"| {b['name']} | {1e3 * b['stats']['mean']:.3f} |" for b in rows] + [""]
     lines += step_section(res) + launcher_section(res, n_val)
     demo = res / "demo_metrics.txt"
-    lines += ["## Demo (the check's preset, small dataset; wall time in the timeline)", "", "```",
-              demo.read_text().strip() if demo.exists() else "no results (see demo.log)", "```", "",
-              f"Targets: each stage ≥ {TARGET_VPS} volumes/s through the launcher; GPU busy ≥ {TARGET_BUSY} %; "
+    if (res / "demo.log").exists():
+        lines += ["## Demo (the check's preset, small dataset; wall time in the timeline)", "", "```",
+                  demo.read_text().strip() if demo.exists() else "no results (see demo.log)", "```", ""]
+    for ev in sorted(res.glob("eval_*_metrics.txt")):  # bench/train_full.sh: the test split, every pair
+        text = ev.read_text()
+        table = text[text.find("test split"):] if "test split" in text else text
+        lines += [f"## Evaluation: {ev.name[5:-12]} pair, test split", "", "```", table.strip(), "```", ""]
+    lines += [f"Targets: each stage ≥ {TARGET_VPS} volumes/s through the launcher; GPU busy ≥ {TARGET_BUSY} %; "
               f"validation ≤ {TARGET_VAL_S_PER_100} s per 100 patients; loss kernels ≤ 5 % of a step.", ""]
     (res / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -2,7 +2,8 @@
 
 A model file is what inference and the refine stage need from training, and nothing DeepSpeed-specific::
 
-    {"format": "ctrefine-model", "stage": "base" | "refine", "state_dict": {name: fp32 tensor},
+    {"format": "ctrefine-model", "stage": "base" | "refine", "weights": "fp32" | "fp16",
+     "state_dict": {name: tensor (fp32, or fp16 for weights="fp16"; read back as fp32)},
      "config": <resolved config as a plain dict>, "metrics": {...}, "epoch": int, "global_step": int}
 
 Only tensors and JSON-able values, so it is read with ``torch.load(weights_only=True)``: a ``.pt``
@@ -53,13 +54,20 @@ class ModelFile:
         return model.eval()
 
 
+WEIGHTS = {"fp32": torch.float32, "fp16": torch.float16}  # how a model file may store its floating weights
+
+
 def save_model_file(path, stage: str, state_dict: dict, cfg: Config, metrics: dict | None = None,
-                    epoch: int | None = None, global_step: int | None = None) -> Path:
-    """Write a model file atomically (fp32 CPU tensors, config as a plain dict)."""
+                    epoch: int | None = None, global_step: int | None = None, weights: str = "fp32") -> Path:
+    """Write a model file atomically (CPU tensors, config as a plain dict). ``weights="fp16"`` stores the
+    floating tensors in half precision (half the size, e.g. to carry a 15M-parameter model in one 30 MB
+    file); they are read back as fp32 (:func:`load_model_file`)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    blob = {"format": FORMAT, "stage": stage,
-            "state_dict": {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()},
+    dtype = WEIGHTS[weights]
+    blob = {"format": FORMAT, "stage": stage, "weights": weights,
+            "state_dict": {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
+                           for k, v in state_dict.items()},
             "config": cfg.to_dict(), "metrics": {k: float(v) for k, v in (metrics or {}).items()},
             "epoch": epoch, "global_step": global_step}
     path = Path(path)
@@ -91,8 +99,8 @@ def load_model_file(path, stage: str | None = None) -> ModelFile:
         cfg = Config.from_dict(upgrade_stored(obj["config"]), source=f"{path} (stored config)")
     except ConfigError as exc:
         raise DataError(str(exc)) from None
-    return ModelFile(path, obj["stage"], obj["state_dict"], cfg, obj.get("metrics") or {}, obj.get("epoch"),
-                     obj.get("global_step"))
+    state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+    return ModelFile(path, obj["stage"], state, cfg, obj.get("metrics") or {}, obj.get("epoch"), obj.get("global_step"))
 
 
 def state_fingerprint(state_dict: dict) -> str:
