@@ -136,6 +136,10 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     if out.is_dir() and any(out.iterdir()) and not is_demo_run(out):
         raise UserError(f"{out} is not empty and is not an earlier demo run: choose a new --out (the demo never "
                         f"writes into other folders)")
+    onnx_path = out / "model.onnx"
+    if onnx_path.exists() and not _onnx_is_ours(out, onnx_path):  # before any work, not after training
+        raise UserError(f"{onnx_path} is not the file this demo exported (its record has another checksum): "
+                        f"move it away or use a new --out; the demo never replaces a file it did not write")
     out.mkdir(parents=True, exist_ok=True)
     if not is_demo_run(out):
         write_json(out / DEMO_RECORD, {"kind": DEMO_KIND})
@@ -165,7 +169,6 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     train_stage("refine", preset_file, run_sets + ([f"training.num_epochs={refine_epochs}"] if refine_epochs else []),
                 ranks, log, progress=False)
     ref_ckpt = out / "refine" / "best_model.pt"
-    onnx_path = out / "model.onnx"
     step("4/5 ONNX export + verification")
     if onnx_path.exists() and not _onnx_is_ours(out, onnx_path):
         raise UserError(f"{onnx_path} is not the file this demo exported (its record has another checksum): "

@@ -21,6 +21,21 @@ def test_demo_smoke(tmp_path):
     # a rerun reuses every finished stage (no retraining: the base reports it is done at once)
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and "is newer than both checkpoints: reused" in r2.stdout
+    # a file the demo did not write, where it would write, is never replaced: the rerun refuses
+    (out / "model.onnx").write_bytes(b"the user's own model")
+    r3 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # refused before any work
+    assert r3.returncode == 2 and "is not the file this demo exported" in r3.stderr, r3.stderr[-2000:]
+    assert (out / "model.onnx").read_bytes() == b"the user's own model"
+    # a folder that merely looks like a demo (a ctrefine dataset under data/, a model.onnx) is not one
+    import shutil
+
+    other = tmp_path / "looks_like_a_demo"
+    shutil.copytree(out / "data", other / "data")
+    (other / "model.onnx").write_bytes(b"mine")
+    cmd[cmd.index(str(out))] = str(other)
+    r4 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r4.returncode == 2 and "is not an earlier demo run" in r4.stderr
+    assert (other / "model.onnx").read_bytes() == b"mine" and not (other / "base").exists()
 
 
 def test_demo_at_64_starts_from_the_shipped_frozen_base(tmp_path):
@@ -42,18 +57,3 @@ def test_demo_at_64_starts_from_the_shipped_frozen_base(tmp_path):
     assert check["identical"] and check["file"] == str(pretrained.resolve("pretrained:phantom-64"))
     summary = json.loads((out / "inference_results" / "metrics.json").read_text())["summary"]
     assert summary["num_patients"] >= 1 and "coarse_psnr_mean" in summary
-    # a file the demo did not write, where it would write, is never replaced: the rerun refuses
-    (out / "model.onnx").write_bytes(b"the user's own model")
-    r3 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert r3.returncode == 2 and "is not the file this demo exported" in r3.stderr, r3.stderr[-2000:]
-    assert (out / "model.onnx").read_bytes() == b"the user's own model"
-    # a folder that merely looks like a demo (a ctrefine dataset under data/, a model.onnx) is not one
-    import shutil
-
-    other = tmp_path / "looks_like_a_demo"
-    shutil.copytree(out / "data", other / "data")
-    (other / "model.onnx").write_bytes(b"mine")
-    cmd[cmd.index(str(out))] = str(other)
-    r4 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert r4.returncode == 2 and "is not an earlier demo run" in r4.stderr
-    assert (other / "model.onnx").read_bytes() == b"mine" and not (other / "base").exists()
