@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine with torch + triton and no network (about 8 minutes on one H200):
+# One command for a CUDA machine with torch + triton and no network (phase caps sized for about 8 minutes on one H200; not yet run on one):
 #   kernel tests -> kernel benchmark -> the isolated training step (variants side by side, profile,
 #   the project's kernels' share) and inference throughput at batch 1/8/32 -> both stages through the
 #   deepspeed launcher for a fixed number of epochs, the GPU's busy fraction sampled all the while ->

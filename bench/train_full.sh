@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The mission's models in one GPU call (about 9 minutes on one H200, no network): phantoms of a seed family
+# The mission's models in one GPU call (phase caps sized for about 9 minutes on one H200, not yet run on one; no network): phantoms of a seed family
 # no shipped model has seen -> the `full` base (15.2M) with early stopping on validation PSNR -> the `full`
 # refiner (5.0M) on it, frozen -> both evaluated on the held-out test split beside the mean baseline and
 # the shipped narrow pair -> the two model files in fp16, cut into parts that fit the way back (each

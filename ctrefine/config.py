@@ -200,18 +200,12 @@ def resolve(overrides: dict | None = None) -> Config:
 
 def read_json_object(path, error=ConfigError) -> dict:
     """Read a JSON file that must hold an object; problems become one-line ``error``."""
+    from .data.io import read_json  # the one JSON reader (imported here: loading the schema needs no NIfTI I/O)
+
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise error(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: cannot read ({type(exc).__name__})") from None
-    if not isinstance(raw, dict):
-        raise error(f"{path}: top level must be an object")
-    return raw
+    return read_json(path, error)
 
 
 def apply_overrides(raw: dict, sets: list[str]) -> dict:

@@ -131,17 +131,18 @@ def write_json(path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path) -> dict:
-    """A JSON object from ``path``; an empty, damaged or non-object file is a one-line :class:`DataError`."""
+def read_json(path, error=DataError) -> dict:
+    """A JSON object from ``path``; an empty, damaged or non-object file is a one-line ``error`` (the one
+    JSON reader: datasets, runs, records, and the config files through :func:`ctrefine.config.read_json_object`)."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}; an empty or damaged file?)") from None
+        raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}; an empty or damaged file?)") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+        raise error(f"{path}: cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
     if not isinstance(raw, dict):
-        raise DataError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+        raise error(f"{path}: expected a JSON object, found {type(raw).__name__}")
     return raw
 
 

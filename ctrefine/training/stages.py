@@ -186,7 +186,7 @@ class RefineStage(Stage):
         self.coarse = coarse if self.policy.keep_resident(coarse.nbytes) else coarse.cpu()
 
     def _coarse(self, names):
-        rows = torch.tensor([self.coarse_row[n] for n in names], device=self.coarse.device)
+        rows = torch.tensor([self.coarse_row[n] for n in names]).to(self.coarse.device, non_blocking=True)
         return self.coarse.index_select(0, rows).to(self.device, non_blocking=True)
 
     def loss(self, model, xrays, ct, names):
