@@ -80,6 +80,10 @@ class TrainingConfig(_Section):
     channels_last: Literal["auto", "on", "off"] = Field(
         "auto", description="3D convolutions and up-sampling in channels-last-3d on CPU (ctrefine.models.layout); "
                             "auto = on for narrow models (1.4-1.5x at 64^3), off for wide ones (0.8-0.9x)")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="wall seconds for one invocation of a stage, set-up included: after every epoch the "
+                                "cosine schedule is refitted to the epochs that fit (at most the stage's epochs), so a "
+                                "run in a fixed window still ends annealed; null = no budget")
     compile: Literal["off", "on"] = Field(
         "off", description="torch.compile the trainable model (ctrefine.device): off until measured faster on the "
                            "device (bench/gpu_check.sh measures both); the first steps then include the compilation")

@@ -186,3 +186,18 @@ def test_bad_config_one_line_error(case, data12, tmp_path):
               "no_split": "splits.json"}[case]
     assert expect in lines[0]
     assert not out.exists()
+
+
+def test_time_budget_ends_the_run_annealed(data12, tmp_path):
+    """A budget shorter than the set-up: the run ends after its first epoch, saved, with the schedule
+    (in the checkpoint) refitted to that one epoch."""
+    out = tmp_path / "budget"
+    r = run(train_cmd("base", data12, out, "--set", "training.num_epochs=5", "--set", "training.time_budget_s=1"))
+    assert "time budget 1 s: 1 of 5 epochs fit" in r.stdout
+    base = out / "base"
+    assert len((base / "val_log.csv").read_text().splitlines()) == 2  # header + the one epoch
+    assert json.loads((base / "latest.json").read_text())["epoch"] == 1
+    states = next((base / "ckpt" / "epoch_0001").glob("mp_rank_*model_states.pt"))
+    sched = torch.load(states, weights_only=False)["lr_scheduler"]
+    steps_per_epoch = 5  # 10 training patients (12 minus val and test), batch 2
+    assert sched["lr_lambdas"][0]["total_steps"] == steps_per_epoch

@@ -130,17 +130,32 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def lr_lambda(cfg: Config, total_steps: int):
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at the last step."""
-    warm, floor = cfg.training.warmup_steps, cfg.training.min_lr_ratio
+class CosineSchedule:
+    """LR factor at a step: linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at
+    ``total_steps``. A callable object, not a closure, so LambdaLR's state_dict (inside every DeepSpeed
+    checkpoint) carries ``total_steps``, which a time budget refits while the run goes."""
 
-    def f(step: int) -> float:
+    def __init__(self, total_steps: int, warmup_steps: int, min_lr_ratio: float):
+        self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        warm, floor = self.warmup_steps, self.min_lr_ratio
         if step < warm:
             return (step + 1) / warm
-        prog = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * prog))
+        prog = min(1.0, (step - warm) / max(1, self.total_steps - warm))
+        return floor + (1 - floor) * 0.5 * (1 + float(np.cos(np.pi * prog)))
 
-    return f
+
+def lr_lambda(cfg: Config, total_steps: int) -> CosineSchedule:
+    return CosineSchedule(total_steps, cfg.training.warmup_steps, cfg.training.min_lr_ratio)
+
+
+def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, done: int, planned: int) -> int:
+    """How many epochs an invocation with a wall budget ends after: those ``done`` plus as many more of
+    ``epoch_s`` (the last epoch's wall, its checkpoint included) as fit in what is left; never more
+    than ``planned``, never fewer than ``done``."""
+    more = int(max(0.0, budget_s - elapsed_s) // max(epoch_s, 1e-6))
+    return max(done, min(planned, done + more))
 
 
 def _resident_splits(policy: DevicePolicy, train_ds: CTDataset, val_ds: CTDataset, raw: bool):
@@ -194,7 +209,9 @@ class Run:
     val_split: ResidentSplit
     rank: int
     world: int
-    num_epochs: int
+    num_epochs: int  # the stage's, or fewer when training.time_budget_s refits the schedule
+    steps_per_epoch: int
+    started: float  # time.time() at the invocation's start: what a time budget counts from
     start_epoch: int = 0
     global_step: int = 0
     best: float = -float("inf")
@@ -219,7 +236,7 @@ def _checked(args) -> tuple[Config, dict, Checkpointer]:
     return cfg, ds_cfg, ckpt
 
 
-def _set_up(args) -> Run:
+def _set_up(args, started: float) -> Run:
     """Distributed start-up, the device policy, the stage and its model, resident splits, the engine."""
     cfg, ds_cfg, ckpt = _checked(args)
     import deepspeed
@@ -238,15 +255,16 @@ def _set_up(args) -> Run:
     train_split, val_split = _resident_splits(policy, train_ds, val_ds, raw=cfg.augment.enabled)
     _apply_layout(model, policy, t, args.stage, rank)
     num_epochs = stage.num_epochs()
-    total_steps = max(1, -(-len(train_ds) // (t.batch_size * world))) * num_epochs
+    steps_per_epoch = max(1, -(-len(train_ds) // (t.batch_size * world)))
     ds_cfg = dict(ds_cfg, bf16=dict(ds_cfg.get("bf16", {}), enabled=policy.dtype == torch.bfloat16),
                   train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=1,
                   train_batch_size=t.batch_size * world)
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     engine, _, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, config=ds_cfg,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg, total_steps)))
-    return Run(args, cfg, stage, policy, ckpt, engine, sched, train_split, val_split, rank, world, num_epochs)
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg, steps_per_epoch * num_epochs)))
+    return Run(args, cfg, stage, policy, ckpt, engine, sched, train_split, val_split, rank, world, num_epochs,
+               steps_per_epoch, started)
 
 
 def _resume(r: Run) -> None:
@@ -256,6 +274,7 @@ def _resume(r: Run) -> None:
         return
     r.start_epoch, r.global_step = client["epoch"] + 1, client["global_step"]
     r.best, r.bad_epochs = client["best"], client["bad_epochs"]
+    r.num_epochs = client.get("num_epochs", r.num_epochs)  # as a time budget left it (the schedule: in the engine)
     r.stage.load_state_dict(client.get("stage", {}))
     set_rng_state(client["rng"][r.rank] if r.rank < len(client["rng"]) else client["rng"][0])
     if r.rank == 0:
@@ -353,6 +372,7 @@ def _save(r: Run, epoch: int, improved: bool, vm: dict) -> None:
     else:
         rngs = [rng_state()]
     client = {"epoch": epoch, "global_step": r.global_step, "best": r.best, "bad_epochs": r.bad_epochs,
+              "num_epochs": r.num_epochs,
               "rng": rngs, "config": r.cfg.to_dict(), "stage": r.stage.state_dict()}
     tag = r.ckpt.save(r.engine, epoch + 1, client)
     if improved and r.rank == 0:
@@ -360,23 +380,48 @@ def _save(r: Run, epoch: int, improved: bool, vm: dict) -> None:
     r.ckpt.rotate()
 
 
+def _fit_to_budget(r: Run, epoch: int, epoch_s: float) -> None:
+    """With training.time_budget_s: end after the epochs that fit, the cosine schedule refitted to them."""
+    budget = r.cfg.training.time_budget_s
+    if budget is None:
+        return
+    planned = r.stage.num_epochs()
+    fit = [epochs_within(budget, time.time() - r.started, epoch_s, epoch + 1, planned)]
+    if r.world > 1:  # rank 0's clock decides for every rank
+        torch.distributed.broadcast_object_list(fit, src=0)
+    fit = fit[0]
+    if fit != r.num_epochs:
+        r.num_epochs = fit
+        r.sched.lr_lambdas[0].total_steps = fit * r.steps_per_epoch
+        if r.rank == 0:
+            print(f"[{r.args.stage}] time budget {budget:.0f} s: {fit} of {planned} epochs fit (an epoch takes "
+                  f"{epoch_s:.1f} s); the schedule now ends there", flush=True)
+
+
 def run(args) -> int:
-    r = _set_up(args)
+    r = _set_up(args, time.time())
     _resume(r)
     _open_logs(r)
     t = r.cfg.training
-    for epochs_run, epoch in enumerate(range(r.start_epoch, r.num_epochs), start=1):
+    save_s, epoch, epochs_run = 0.0, r.start_epoch, 0
+    while epoch < r.num_epochs:  # a time budget may lower r.num_epochs as the run goes
+        epochs_run += 1
+        tic = time.time()
         improved, vm = _validate(r, epoch, *_train_epoch(r, epoch))
+        _fit_to_budget(r, epoch, time.time() - tic + save_s)
         # checkpoint: periodic, on improvement, and at the end
         stop_early = t.early_stopping_patience > 0 and r.bad_epochs >= t.early_stopping_patience
         interrupted = args.stop_after_epochs is not None and epochs_run >= args.stop_after_epochs
         if improved or epoch + 1 == r.num_epochs or stop_early or interrupted or \
                 (epoch + 1) % r.cfg.checkpoint.save_every == 0:
+            tic = time.time()
             _save(r, epoch, improved, vm)
+            save_s = max(save_s, time.time() - tic)
         if stop_early and r.rank == 0:
             print(f"[{args.stage}] early stop: no val improvement for {r.bad_epochs} epochs", flush=True)
         if stop_early or interrupted:
             break
+        epoch += 1
     if r.rank == 0:
         r.stage.finish(r.out)
         print(f"[{args.stage}] done: best val {r.stage.score_key} {r.best:.3f} dB -> {r.out / 'best_model.pt'}",
