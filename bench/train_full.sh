@@ -15,7 +15,8 @@
 # default 1000: 800 train / 100 val / 100 test), SEED (dataset seed, default 2027: not the demo's 0 nor the
 # shipped base's family 64), DEADLINE (seconds from the start, default 560), BASE_SHARE (the base's share
 # of the training time, default 0.6), BASE_EPOCHS / REFINE_EPOCHS (most epochs, defaults 60 / 40),
-# PATIENCE (early stopping, default 6).
+# PATIENCE (early stopping, default 6), BASE_LR / REFINE_LR (AdamW peaks, defaults 5e-4 / 3e-4: a short
+# window favours a higher peak than the preset's 2e-4; the narrow CPU models were trained at 1e-3).
 # $OUT gets: train_full.tgz (logs, metrics of every evaluation, summary.md; packed after every phase),
 # base.part*, refine.part*, their *.parts.json indexes, summary.md.
 set -u
@@ -30,7 +31,7 @@ else
   PATIENCE=${PATIENCE:-6}; WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); DEADLINE=${DEADLINE:-560}
   STEP_ARGS="--variants reference kernels kernels+channels-last"; KT_ARGS=""
 fi
-SEED=${SEED:-2027}; BASE_SHARE=${BASE_SHARE:-0.6}
+SEED=${SEED:-2027}; BASE_SHARE=${BASE_SHARE:-0.6}; BASE_LR=${BASE_LR:-5e-4}; REFINE_LR=${REFINE_LR:-3e-4}
 RUN=$W/run; DATA=$W/data
 RESERVE=45  # the evaluations and the packing, after the refiner
 left() { echo $(( T0 + DEADLINE - $(date +%s) )); }
@@ -65,12 +66,14 @@ if want base; then
   B=$(awk -v t="$TRAIN_S" -v f="$BASE_SHARE" 'BEGIN { printf "%d", t * f }')
   say "base ($PRESET): ${B} s, at most $BASE_EPOCHS epochs, early stop after $PATIENCE without improvement"
   launch base $(( B + 25 )) "$RUN" $PRESET "$DATA" --set training.base_num_epochs="$BASE_EPOCHS" \
+    --set training.learning_rate="$BASE_LR" \
     --set training.early_stopping_patience="$PATIENCE" --set training.time_budget_s=$(( B > 40 ? B - 15 : 25 ))
 fi
 if want refine; then
   F=$(( $(left) - RESERVE ))
   say "refiner ($PRESET) on that base, frozen: ${F} s, at most $REFINE_EPOCHS epochs"
   launch refine $(( F + 15 )) "$RUN" $PRESET "$DATA" --set training.num_epochs="$REFINE_EPOCHS" \
+    --set training.learning_rate="$REFINE_LR" \
     --set training.early_stopping_patience="$PATIENCE" --set model.base_model_checkpoint="$RUN/base/best_model.pt" \
     --set training.time_budget_s=$(( F > 40 ? F - 15 : 25 ))
 fi
