@@ -43,7 +43,7 @@ fi
 
 # tests and benchmarks run from a copy: in the checkout, ./ctrefine (without the kernels/ that setup.py maps
 # into the installed package) would shadow the installed ctrefine
-mkdir -p "$W/t" && cp -r tests bench pytest.ini "$W/t/"
+mkdir -p "$W/t" && cp -r "$ROOT/tests" "$ROOT/bench" "$ROOT/pytest.ini" "$W/t/"
 if want kernels; then
 say "kernel tests"
 (cd "$W/t" && timeout "$(cap 90)" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$R/kernel_tests.log" 2>&1)

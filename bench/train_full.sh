@@ -48,7 +48,7 @@ if want data; then
 fi
 # while the phantoms are made: the kernels on this GPU (the training falls back to the references if they
 # fail here), then the isolated step; both from a copy of the tests (./ctrefine would shadow the install)
-mkdir -p "$W/t" && cp -r tests bench pytest.ini "$W/t/"
+mkdir -p "$W/t" && cp -r "$ROOT/tests" "$ROOT/bench" "$ROOT/pytest.ini" "$W/t/"
 if want checks; then
   say "kernel tests"
   (cd "$W/t" && timeout "$(cap 100)" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py $KT_ARGS > "$R/kernel_tests.log" 2>&1)
