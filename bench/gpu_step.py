@@ -10,7 +10,9 @@ backward, AdamW. (``--smoke`` runs fp32 off CUDA: a bf16 *module* takes slow con
 CPU, and the smoke run only checks the script.) Variants (each measured after its warm-up, losses of the first step compared):
 
 * ``reference`` -- ``CTREFINE_KERNELS=0``: PyTorch's GroupNorm + SiLU and the reference losses;
-* ``kernels`` -- the project's Triton kernels (fused GroupNorm + SiLU, the loss kernels): what runs by default on CUDA;
+* ``kernels`` -- ``CTREFINE_KERNELS=auto``: what runs by default on CUDA (the loss kernels; see
+  ``ctrefine.device.AUTO_ON_CUDA``);
+* ``all-kernels`` -- ``CTREFINE_KERNELS=1``: and the fused GroupNorm + SiLU kernel;
 * ``kernels+channels-last`` -- and 3D convolutions in channels-last-3d (:mod:`ctrefine.models.layout`);
 * ``kernels+compile`` -- and ``torch.compile`` of the module (``training.compile=on``).
 
@@ -35,7 +37,7 @@ from ctrefine.models import build_base, build_refiner
 from ctrefine.models.layout import channels_last_layers
 from ctrefine.pipeline import TwoStage
 
-VARIANTS = ("reference", "kernels", "kernels+channels-last", "kernels+compile")
+VARIANTS = ("reference", "kernels", "all-kernels", "kernels+channels-last", "kernels+compile")
 OWN_KERNELS = ("_laplacian_l1", "_spectral", "_moments", "_apply_fwd", "_reduce_bwd", "_apply_bwd")  # Triton names
 
 
@@ -45,9 +47,9 @@ def sync(device):
 
 
 @contextlib.contextmanager
-def kernels(on: bool):
+def kernels(mode: str):
     old = os.environ.get("CTREFINE_KERNELS")
-    os.environ["CTREFINE_KERNELS"] = "auto" if on else "0"
+    os.environ["CTREFINE_KERNELS"] = mode
     try:
         yield
     finally:
@@ -80,7 +82,7 @@ class Step:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
 
     def __call__(self) -> torch.Tensor:
-        with kernels(self.variant != "reference"):
+        with kernels({"reference": "0", "all-kernels": "1"}.get(self.variant, "auto")):
             if self.stage == "base":
                 loss, _ = self.loss(self.model(self.xrays), self.target)
             else:

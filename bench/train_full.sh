@@ -29,7 +29,7 @@ if [ "${DRY:-0}" = 1 ]; then
 else
   PRESET=full; NPAT=${NPAT:-1000}; SIZE=64; XS=128; BASE_EPOCHS=${BASE_EPOCHS:-60}; REFINE_EPOCHS=${REFINE_EPOCHS:-40}
   PATIENCE=${PATIENCE:-6}; WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); DEADLINE=${DEADLINE:-560}
-  STEP_ARGS="--variants reference kernels kernels+channels-last"; KT_ARGS=""
+  STEP_ARGS="--variants reference kernels all-kernels"; KT_ARGS=""
 fi
 SEED=${SEED:-2027}; BASE_SHARE=${BASE_SHARE:-0.6}; BASE_LR=${BASE_LR:-5e-4}; REFINE_LR=${REFINE_LR:-3e-4}
 RUN=$W/run; DATA=$W/data

@@ -38,14 +38,24 @@ def triton_available() -> bool:
     return True
 
 
-def use_kernels(x: torch.Tensor) -> bool:
+# What ``auto`` picks for CUDA tensors, per kernel family, as measured on one H200 (bench/RESULTS.md,
+# section 12): the loss kernels, yes; the fused GroupNorm + SiLU, no -- at the mission's shapes its
+# host-side cost (Python + Triton launch, ~0.6 ms a call forward) outweighs the device time it saves
+# (isolated `full` base step 92.8 ms with it, 76.4 ms without; the refiner's 80.6 vs 81.1 ms).
+AUTO_ON_CUDA = {"loss": True, "groupnorm": False}
+
+
+def use_kernels(x: torch.Tensor, family: str = "loss") -> bool:
     """The one dispatch between the Triton kernels (``ctrefine.kernels``) and their pure-torch references:
 
     * ``CTREFINE_KERNELS=0`` -> always the reference (for comparisons and debugging);
     * ``CTREFINE_KERNELS=1`` -> always the kernels (errors if Triton cannot run them; on CPU this works
       only under ``TRITON_INTERPRET=1``, which is how the tests exercise this path);
-    * unset / ``auto`` -> kernels for CUDA tensors when Triton imports, else the reference.
+    * unset / ``auto`` -> for CUDA tensors, the kernels of the ``family`` that measured faster there
+      (:data:`AUTO_ON_CUDA`) when Triton imports; the reference otherwise.
     """
+    if family not in AUTO_ON_CUDA:
+        raise ValueError(f"unknown kernel family {family!r} (known: {', '.join(AUTO_ON_CUDA)})")
     mode = os.environ.get("CTREFINE_KERNELS", "auto").strip().lower()
     if mode in ("0", "off", "false", "ref", "reference"):
         return False
@@ -55,7 +65,7 @@ def use_kernels(x: torch.Tensor) -> bool:
         return True
     if mode not in ("auto", ""):
         raise ConfigError(f"CTREFINE_KERNELS must be 0, 1 or auto, got {mode!r}")
-    return x.is_cuda and triton_available()
+    return x.is_cuda and AUTO_ON_CUDA[family] and triton_available()
 
 
 def rank_device(local_rank: int, world: int) -> torch.device:

@@ -103,6 +103,20 @@ def test_dispatch(monkeypatch):
         Fn.laplacian_l1(p, t)
 
 
+def test_dispatch_per_family(monkeypatch):
+    """auto follows the per-family measurement; a forced mode covers every family; a typo is an error."""
+    from ctrefine.device import AUTO_ON_CUDA, use_kernels
+
+    x = torch.zeros(1)
+    monkeypatch.setenv("CTREFINE_KERNELS", "auto")
+    assert set(AUTO_ON_CUDA) == {"loss", "groupnorm"} and AUTO_ON_CUDA["groupnorm"] is False
+    assert not use_kernels(x, "groupnorm") and not use_kernels(x, "loss")  # CPU tensors: the references
+    monkeypatch.setenv("CTREFINE_KERNELS", "1")
+    assert use_kernels(x, "groupnorm") and use_kernels(x, "loss")
+    with pytest.raises(ValueError, match="kernel family"):
+        use_kernels(x, "norm")
+
+
 def test_training_loss_same_numbers_both_paths(monkeypatch):
     from ctrefine.losses.loss import DetailRefinementLoss
 

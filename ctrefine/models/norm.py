@@ -1,5 +1,6 @@
 """GroupNorm followed by SiLU as one module: the fused Triton kernel where :func:`ctrefine.device.use_kernels`
-says so (CUDA), the two PyTorch ops otherwise.
+says so (``CTREFINE_KERNELS=1``: measured slower than PyTorch's two ops on an H200, so ``auto`` does not
+pick it), the two PyTorch ops otherwise.
 
 The module *is* a ``nn.GroupNorm`` (same parameters, same names, same initialisation), so model files
 load unchanged and the ONNX export, which runs the reference, writes the same GroupNormalization and
@@ -22,7 +23,7 @@ def group_norm_silu_reference(x: torch.Tensor, groups: int, weight, bias, eps: f
 
 def group_norm_silu(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
     """Kernel or reference, per call."""
-    if use_kernels(x):
+    if use_kernels(x, "groupnorm"):
         from ..kernels.groupnorm_silu import GroupNormSiLUFunction
 
         # CUDA autocast runs group_norm in float32 and returns float32 (CPU autocast keeps the input's
