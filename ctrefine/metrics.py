@@ -154,6 +154,22 @@ NODULE_SHELL = 2  # voxels of lung around a nodule that make its background
 LABEL_MAE = {"lung": ("lung",), "vessel": ("vessel",), "bone": BONE_LABELS,
              "soft": ("heart_blood", "soft_tissue", "fat")}
 
+# Per structure class: (side, HU threshold, the other classes on that side of it). The class's predicted
+# mask is every voxel within one voxel (26-neighbourhood) of its true voxels whose predicted HU lies on
+# its side of the threshold, leaving out voxels truly labelled with one of those other classes (a rib
+# voxel predicted as bone does not count for the vertebra beside it). Dice against the true voxels then
+# says whether the structure is resolved where it is: ~0 when the model draws nothing there, and the mean
+# training volume shows what position alone gives. Thresholds: bone as BONE_HU; vessels against the lung
+# they run in (-850 HU) and soft tissue (40): -400; airway lumen (air, -1000) against its wall: -500.
+_DENSE = ("rib", "vertebra", "other_bone", "vessel", "nodule", "heart_blood", "soft_tissue", "fat", "table", "metal")
+STRUCTURES = {
+    "rib": (">", BONE_HU, ("vertebra", "other_bone", "metal")),
+    "vertebra": (">", BONE_HU, ("rib", "other_bone", "metal")),
+    "other_bone": (">", BONE_HU, ("rib", "vertebra", "metal")),
+    "vessel": (">", -400.0, tuple(n for n in _DENSE if n != "vessel")),
+    "airway": ("<", -500.0, ("lung", "gas", "background")),
+}
+
 
 def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
     """Structure-aware metrics of one volume (numpy/scipy; HU arrays ``(D, H, W)``; ``table``: id -> name)."""
@@ -190,4 +206,27 @@ def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
     for key, names in LABEL_MAE.items():
         m = mask(names)
         out[f"mae_hu_{key}"] = float(np.abs(pred_hu[m] - truth_hu[m]).mean()) if m.any() else float("nan")
+    out.update(structure_metrics(pred_hu, truth_hu, labels, mask))
+    return out
+
+
+def structure_metrics(pred_hu, truth_hu, labels, mask) -> dict[str, float]:
+    """``dice_<class>`` (the predicted mask as :data:`STRUCTURES` defines it) and ``edge_<class>`` (mean
+    gradient magnitude, predicted over true, on the band straddling the class's boundary) per class;
+    NaN where the volume has none of the class."""
+    import numpy as np
+    from scipy import ndimage
+
+    grads = [np.sqrt(sum(g**2 for g in np.gradient(v.astype(np.float64)))) for v in (pred_hu, truth_hu)]
+    out = {}
+    for name, (side, hu, others) in STRUCTURES.items():
+        truth = mask((name,))
+        if not truth.any():
+            out[f"dice_{name}"] = out[f"edge_{name}"] = float("nan")
+            continue
+        near = ndimage.binary_dilation(truth, structure=np.ones((3, 3, 3), bool)) & ~mask(others)
+        pred = near & ((pred_hu > hu) if side == ">" else (pred_hu < hu))
+        out[f"dice_{name}"] = float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+        band = ndimage.binary_dilation(truth) & ~ndimage.binary_erosion(truth)
+        out[f"edge_{name}"] = float(grads[0][band].mean() / max(1e-9, grads[1][band].mean()))
     return out

@@ -14,14 +14,17 @@ import math
 import numpy as np
 
 from .conventions import model_to_hu
-from .metrics import all_metrics, label_metrics
+from .metrics import STRUCTURES, all_metrics, label_metrics
 
 # key -> label, in report order; label metrics appear when the dataset has labels.
 METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSNR (dB)", "hf_ratio": "HF-energy ratio",
            "band_low": "band energy low", "band_mid": "band energy mid", "band_high": "band energy high",
            "bone_dice": "bone Dice", "bone_edge_ratio": "bone edge ratio", "nodule_contrast_ratio": "nodule contrast ratio",
            "mae_hu_lung": "MAE lung (HU)", "mae_hu_vessel": "MAE vessel (HU)", "mae_hu_bone": "MAE bone (HU)",
-           "mae_hu_soft": "MAE soft tissue (HU)"}
+           "mae_hu_soft": "MAE soft tissue (HU)",
+           # per structure class (ctrefine.metrics.STRUCTURES says how a predicted mask is made)
+           **{f"dice_{c}": f"{c.replace('_', ' ')} Dice" for c in STRUCTURES},
+           **{f"edge_{c}": f"{c.replace('_', ' ')} edge ratio" for c in STRUCTURES}}
 METRIC_KEYS = tuple(METRICS)
 STAGES = ("mean", "coarse", "refined")
 STAGE_NAMES = {"mean": "mean baseline", "coarse": "coarse", "refined": "refined"}

@@ -186,3 +186,42 @@ def test_prepare_takes_a_users_segmentation(tmp_path):
     r = subprocess.run(base + ["--out", str(tmp_path / "ds3"), "--labels", str(tmp_path / "seg.nii.gz"),
                                str(tmp_path / "seg.nii.gz")], capture_output=True, text=True)
     assert r.returncode == 2 and "one per CT" in r.stderr
+
+
+def test_structure_dice_follows_its_written_definition():
+    """Per class: a predicted mask only near the class's true voxels, on its side of the threshold, the
+    confusable classes' own voxels left out; a structure drawn nowhere scores 0, an absent class NaN."""
+    from skimage.morphology import ball, binary_dilation, binary_erosion
+
+    shape = (14, 15, 16)
+    table = {str(k): v for k, v in LABELS.items()}
+    lab = np.full(shape, ID["lung"], np.uint8)
+    lab[4:10, 4:10, 2:6] = ID["vertebra"]
+    lab[4:10, 4:10, 6] = ID["rib"]  # touches the vertebra: a bone voxel of one must not count for the other
+    lab[2, 2:12, 10] = ID["vessel"]
+    truth = np.where(lab == ID["lung"], -850.0, 700.0)
+    truth[lab == ID["vessel"]] = 40.0
+    pred = truth.copy()
+    pred[4:7, 4:10, 2:6] = 100.0  # half the vertebra missed (soft-tissue HU)
+    pred[4:10, 4:10, 7] = 500.0   # a bone layer drawn one voxel beside the rib, in the lung
+    got = metrics.label_metrics(pred, truth, lab, table)
+
+    def dice(name, predicted):
+        t = lab == name
+        return 2 * np.sum(predicted & t) / (predicted.sum() + t.sum())
+
+    cube = np.ones((3, 3, 3), bool)
+    near_v = ndimage.binary_dilation(lab == ID["vertebra"], cube) & ~np.isin(lab, [ID["rib"], ID["other_bone"]])
+    assert got["dice_vertebra"] == pytest.approx(dice(ID["vertebra"], near_v & (pred > 200)))
+    assert got["dice_vertebra"] == pytest.approx(2 * 72 / (72 + 144))  # 3 of 6 rows (6x4 each) found, nothing else
+    near_r = ndimage.binary_dilation(lab == ID["rib"], cube) & ~np.isin(lab, [ID["vertebra"], ID["other_bone"]])
+    assert got["dice_rib"] == pytest.approx(dice(ID["rib"], near_r & (pred > 200)))
+    assert got["dice_rib"] == pytest.approx(2 * 36 / (72 + 36))  # the rib, and the layer beside it as extra
+    assert got["dice_vessel"] == pytest.approx(1.0)
+    assert np.isnan(got["dice_airway"]) and np.isnan(got["edge_airway"]) and np.isnan(got["dice_other_bone"])
+    flat = metrics.label_metrics(np.full(shape, -850.0), truth, lab, table)  # nothing drawn
+    assert flat["dice_vessel"] == 0.0 and flat["dice_vertebra"] == 0.0 and flat["edge_vertebra"] == 0.0
+    band = binary_dilation(lab == ID["vessel"], ball(1)) & ~binary_erosion(lab == ID["vessel"], ball(1))
+    gp = np.sqrt(sum(g**2 for g in np.gradient(pred)))
+    gt = np.sqrt(sum(g**2 for g in np.gradient(truth)))
+    assert got["edge_vessel"] == pytest.approx(gp[band].mean() / gt[band].mean())
