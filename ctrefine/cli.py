@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from .errors import OneLineParser, UserError
+from .outputs import FIGURES
 
 
 def _flag(parser, name: str, **kw):
@@ -36,6 +37,15 @@ def _int_type(lo: int, multiple: int = 1, why: str = ""):
 
 
 _positive, _xray_size = _int_type(1), _int_type(16)
+
+
+def _figures(text: str) -> int | None:
+    """argparse type of --figures: a count >= 0, or 'all' (None)."""
+    if text.strip().lower() == "all":
+        return None
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a count >= 0 or 'all', got {text!r}")
+    return int(text)
 _size = _int_type(16, 16, " (the base has five scales)")
 
 
@@ -125,7 +135,8 @@ def _cmd_infer(a) -> int:
         print(f"wrote {refined} and {coarse} (coarse), HU, {pred.kind}; {gate_summary(g)}")
         return 0
     s = evaluate_dataset(pred, a.data_path, a.output_dir, a.num_patients, a.split, not a.no_save_volumes,
-                         progress=not a.quiet, overwrite=a.overwrite, baseline_data=a.baseline_data, gate=not a.no_gate)
+                         progress=not a.quiet, overwrite=a.overwrite, baseline_data=a.baseline_data, gate=not a.no_gate,
+                         figures=a.figures)
     print(f"{s['num_patients']} {a.split} patients -> {a.output_dir}/metrics.txt")
     print(summary_table(s))
     return 0
@@ -244,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace an earlier inference result / existing --out")
     _flag(f, "save-volumes", action="store_true", default=True, help="write NIfTI volumes (default)")
     _flag(f, "no-save-volumes", action="store_true", help="skip the NIfTI volumes")
+    f.add_argument("--figures", type=_figures, default=FIGURES, metavar="N|all",
+                   help=f"comparison PNGs for the first N patients (default {FIGURES}; 0: none; all: every patient)")
     _flag(f, "xray-pa", help="PA radiograph file (radiograph mode)")
     _flag(f, "xray-lateral", help="lateral radiograph file (radiograph mode)")
     f.add_argument("--out", help="output CT .nii.gz (radiograph mode)")

@@ -10,6 +10,7 @@
                                 coarse volume, and the PSNR that choice saved or cost
       output_dir/patient_XXXX/{coarse,refined,ground_truth}.nii.gz   HU, the patient's own affine
       output_dir/patient_XXXX/patient_XXXX_comparison.png            slices, error maps, both X-rays
+                                                                      (the first 16 patients; ``figures``)
 
 * :func:`infer_radiographs` -- a user's own PA + lateral radiograph files, no ground truth: writes the
   refined CT (and the coarse one beside it) as NIfTI in HU, and the gate's record as JSON beside them.
@@ -32,7 +33,7 @@ from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, nor
 from .data.dataset import CTDataset, dataset_geometry, mean_volume
 from .data.io import atomic_dir, load_radiograph, read_json, save_nifti, square_resize, write_json
 from .errors import DataError
-from .outputs import atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
+from .outputs import FIGURES, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
 from .metrics import psnr
 from .reprojection import SliceProjector, safety_gate
 from .report import batch_metrics, metrics_text, summarize
@@ -50,7 +51,8 @@ def is_inference_result(folder: Path) -> bool:
 
 def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None = None, split: str = "test",
                      save_volumes: bool = True, batch_size: int = 4, progress: bool = True,
-                     overwrite: bool = False, baseline_data=None, gate: bool = True) -> dict:
+                     overwrite: bool = False, baseline_data=None, gate: bool = True,
+                     figures: int | None = FIGURES) -> dict:
     """Run ``predictor`` on a split, write the comparison outputs, return the summary dict.
 
     ``output_dir`` must be missing, empty, or (with ``overwrite``) an earlier inference result; it may
@@ -58,15 +60,17 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
     ``baseline_data`` (default: ``data_path`` itself -- except for ``split="all"``, whose patients
     include that train split: there it is left out unless ``baseline_data`` names the training set).
     ``gate``: fall back to the coarse volume where the refined one explains the radiographs worse.
+    ``figures``: comparison PNGs for the first this many patients (None: every one; a PNG costs ~0.3 s of
+    CPU, more than the rest of a patient on a GPU).
     """
     claim_output_dir(output_dir, RESULT_KIND, is_inference_result, overwrite, protect=(data_path,))  # before the lock
     with path_lock(output_dir, "output folder"):
         return _evaluate(predictor, data_path, output_dir, num_patients, split, save_volumes, batch_size, progress,
-                         overwrite, baseline_data, gate)
+                         overwrite, baseline_data, gate, figures)
 
 
 def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volumes, batch_size, progress, overwrite,
-              baseline_data, gate) -> dict:
+              baseline_data, gate, figures) -> dict:
     """:func:`evaluate_dataset` under its output lock."""
     from tqdm import tqdm
 
@@ -103,7 +107,9 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
                 m["gate"] = {**rec, "psnr_ungated": m.pop("psnr_ungated")}
                 per_patient[it["name"]] = m
                 # files off the critical path: the writer thread draws and compresses while the next batch runs
-                pending.append(writer.submit(_write_patient, tmp / it["name"], it, c, r, m, save_volumes))
+                png = figures is None or len(per_patient) <= figures
+                if save_volumes or png:
+                    pending.append(writer.submit(_write_patient, tmp / it["name"], it, c, r, m, save_volumes, png))
             bar.update(len(items))
         for f in pending:
             f.result()  # a failed write fails the command, before anything is renamed into place
@@ -120,7 +126,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
 
 def _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device) -> list[dict]:
     """Per patient of a batch: the mean / coarse / refined metrics and the ungated refined PSNR, computed
-    on ``device`` for the whole batch (label metrics on the host)."""
+    on ``device`` (label-free ones for the whole batch at once, label metrics per patient)."""
     vols = {"coarse": coarse, "refined": refined} if baseline is None else \
         {"mean": baseline, "coarse": coarse, "refined": refined}
     gt_d = gt.to(device)
@@ -131,7 +137,7 @@ def _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device)
     return out
 
 
-def _write_patient(folder: Path, item: dict, coarse, refined, m: dict, save_volumes: bool) -> None:
+def _write_patient(folder: Path, item: dict, coarse, refined, m: dict, save_volumes: bool, png: bool) -> None:
     """One patient's NIfTIs (HU, its own affine) and comparison PNG into ``folder``."""
     folder.mkdir()
     gt, name = item["ct"], item["name"]
@@ -139,6 +145,8 @@ def _write_patient(folder: Path, item: dict, coarse, refined, m: dict, save_volu
         aff = item["affine"].numpy()
         for fname, vol in (("coarse", coarse), ("refined", refined), ("ground_truth", gt)):
             save_nifti(folder / f"{fname}.nii.gz", model_to_hu(vol[0].numpy()), aff)
+    if not png:
+        return
     title = "\n".join(f"{k:9s} coarse {m['coarse'][k]:7.3f}  refined {m['refined'][k]:7.3f}"
                       for k in ("psnr", "ssim", "hf_psnr", "band_high"))
     comparison_png(folder / f"{name}_comparison.png", coarse[0].numpy(), refined[0].numpy(), gt[0].numpy(),

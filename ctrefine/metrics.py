@@ -171,62 +171,85 @@ STRUCTURES = {
 }
 
 
-def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
-    """Structure-aware metrics of one volume (numpy/scipy; HU arrays ``(D, H, W)``; ``table``: id -> name)."""
-    import numpy as np
-    from scipy import ndimage
+def _cross_dilate(m: torch.Tensor, outside: bool = False, iterations: int = 1) -> torch.Tensor:
+    """Binary dilation of a ``(D, H, W)`` bool mask by the 6-neighbour cross (scipy's default structure),
+    voxels outside the volume taken as ``outside``."""
+    x = m.to(torch.uint8)
+    for _ in range(iterations):
+        p = F.pad(x[None, None], (1,) * 6, value=int(outside))[0, 0]
+        c = p[1:-1, 1:-1, 1:-1]
+        x = torch.stack([c, p[:-2, 1:-1, 1:-1], p[2:, 1:-1, 1:-1], p[1:-1, :-2, 1:-1], p[1:-1, 2:, 1:-1],
+                         p[1:-1, 1:-1, :-2], p[1:-1, 1:-1, 2:]]).amax(0)
+    return x.bool()
 
+
+def _erode(m: torch.Tensor) -> torch.Tensor:
+    """Binary erosion by the cross, outside the volume counting as background (scipy's border_value=0)."""
+    return ~_cross_dilate(~m, outside=True)
+
+
+def _cube_dilate(m: torch.Tensor) -> torch.Tensor:
+    return F.max_pool3d(m[None, None].to(torch.float32), 3, 1, 1)[0, 0] > 0
+
+
+def _masked_mean(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean of ``v`` over ``m`` (NaN for an empty mask), without a host synchronisation."""
+    n = m.sum()
+    return torch.where(n > 0, (v * m).sum() / n.clamp(min=1), torch.full_like(n, float("nan"), dtype=v.dtype))
+
+
+def _grad_mag(v: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(sum(g**2 for g in torch.gradient(v)))  # central differences, one-sided at the faces
+
+
+def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
+    """Structure-aware metrics of one volume: HU ``(D, H, W)`` arrays or tensors (computed where the tensors
+    are, float32 on an accelerator, one host transfer at the end); ``table``: label id -> name."""
+    pred_hu = torch.as_tensor(pred_hu)
+    pred_hu = pred_hu.to(metrics_dtype(pred_hu.device))
+    truth_hu = torch.as_tensor(truth_hu).to(pred_hu.device, pred_hu.dtype)
+    labels = torch.as_tensor(labels).to(pred_hu.device)
     ids = {name: int(k) for k, name in table.items()}
-    pred_hu, truth_hu, labels = (np.asarray(a) for a in (pred_hu, truth_hu, labels))
+    nan = torch.full((), float("nan"), dtype=pred_hu.dtype, device=pred_hu.device)
 
     def mask(names):
-        return np.isin(labels, [ids[n] for n in names if n in ids])
+        wanted = [ids[n] for n in names if n in ids]
+        return torch.isin(labels, torch.tensor(wanted, dtype=labels.dtype, device=labels.device))
 
+    grads = (_grad_mag(pred_hu), _grad_mag(truth_hu))
     out = {}
-    bone = mask(BONE_LABELS)
-    pred_bone = pred_hu > BONE_HU
-    denom = bone.sum() + pred_bone.sum()
-    out["bone_dice"] = float(2 * (bone & pred_bone).sum() / denom) if bone.any() else float("nan")
-    band = ndimage.binary_dilation(bone) & ~ndimage.binary_erosion(bone)  # straddles every bone edge
-    if band.any():
-        def grad_mag(v):
-            return np.sqrt(sum(g**2 for g in np.gradient(v.astype(np.float64))))
-
-        out["bone_edge_ratio"] = float(grad_mag(pred_hu)[band].mean() / max(1e-9, grad_mag(truth_hu)[band].mean()))
-    else:
-        out["bone_edge_ratio"] = float("nan")
+    bone, pred_bone = mask(BONE_LABELS), pred_hu > BONE_HU
+    out["bone_dice"] = torch.where(bone.any(), 2 * (bone & pred_bone).sum() / (bone.sum() + pred_bone.sum()).clamp(min=1), nan)
+    out["bone_edge_ratio"] = _edge_ratio(bone, grads)
     nod = mask(("nodule",))
-    shell = ndimage.binary_dilation(nod, iterations=NODULE_SHELL) & mask(("lung",))
-    if nod.any() and shell.any():
-        c_true = truth_hu[nod].mean() - truth_hu[shell].mean()
-        c_pred = pred_hu[nod].mean() - pred_hu[shell].mean()
-        out["nodule_contrast_ratio"] = float(c_pred / c_true) if abs(c_true) > 1e-6 else float("nan")
-    else:
-        out["nodule_contrast_ratio"] = float("nan")
+    shell = _cross_dilate(nod, iterations=NODULE_SHELL) & mask(("lung",))
+    c_true = _masked_mean(truth_hu, nod) - _masked_mean(truth_hu, shell)
+    c_pred = _masked_mean(pred_hu, nod) - _masked_mean(pred_hu, shell)
+    out["nodule_contrast_ratio"] = torch.where(c_true.abs() > 1e-6, c_pred / c_true, nan)
+    err = (pred_hu - truth_hu).abs()
     for key, names in LABEL_MAE.items():
-        m = mask(names)
-        out[f"mae_hu_{key}"] = float(np.abs(pred_hu[m] - truth_hu[m]).mean()) if m.any() else float("nan")
-    out.update(structure_metrics(pred_hu, truth_hu, labels, mask))
-    return out
+        out[f"mae_hu_{key}"] = _masked_mean(err, mask(names))
+    out.update(structure_metrics(pred_hu, labels, grads, mask))
+    values = torch.stack([v.to(pred_hu.dtype) for v in out.values()]).tolist()
+    return dict(zip(out, values))
 
 
-def structure_metrics(pred_hu, truth_hu, labels, mask) -> dict[str, float]:
-    """``dice_<class>`` (the predicted mask as :data:`STRUCTURES` defines it) and ``edge_<class>`` (mean
-    gradient magnitude, predicted over true, on the band straddling the class's boundary) per class;
-    NaN where the volume has none of the class."""
-    import numpy as np
-    from scipy import ndimage
+def _edge_ratio(truth: torch.Tensor, grads) -> torch.Tensor:
+    """Mean gradient magnitude, predicted over true, on the band straddling ``truth``'s boundary."""
+    band = _cross_dilate(truth) & ~_erode(truth)
+    return _masked_mean(grads[0], band) / _masked_mean(grads[1], band).clamp(min=1e-9)
 
-    grads = [np.sqrt(sum(g**2 for g in np.gradient(v.astype(np.float64)))) for v in (pred_hu, truth_hu)]
+
+def structure_metrics(pred_hu, labels, grads, mask) -> dict[str, torch.Tensor]:
+    """``dice_<class>`` (the predicted mask as :data:`STRUCTURES` defines it) and ``edge_<class>``
+    (:func:`_edge_ratio` on the class) per class; NaN where the volume has none of the class."""
     out = {}
     for name, (side, hu, others) in STRUCTURES.items():
         truth = mask((name,))
-        if not truth.any():
-            out[f"dice_{name}"] = out[f"edge_{name}"] = float("nan")
-            continue
-        near = ndimage.binary_dilation(truth, structure=np.ones((3, 3, 3), bool)) & ~mask(others)
+        near = _cube_dilate(truth) & ~mask(others)
         pred = near & ((pred_hu > hu) if side == ">" else (pred_hu < hu))
-        out[f"dice_{name}"] = float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
-        band = ndimage.binary_dilation(truth) & ~ndimage.binary_erosion(truth)
-        out[f"edge_{name}"] = float(grads[0][band].mean() / max(1e-9, grads[1][band].mean()))
+        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum()).clamp(min=1)
+        present = truth.any()
+        out[f"dice_{name}"] = torch.where(present, dice.to(pred_hu.dtype), torch.full_like(dice, float("nan"), dtype=pred_hu.dtype))
+        out[f"edge_{name}"] = _edge_ratio(truth, grads)
     return out

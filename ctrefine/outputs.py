@@ -27,6 +27,8 @@ from typing import Callable
 
 from .errors import UserError
 
+FIGURES = 16  # comparison PNGs an inference result holds by default: its first this many patients
+
 
 def current_umask() -> int:
     """The process umask (read by setting and restoring it: there is no read-only call)."""

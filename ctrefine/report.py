@@ -35,8 +35,9 @@ def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> 
     ``(B, 1, D, H, W)`` volumes (a ``(1, D, H, W)`` one, e.g. the mean baseline, serves every patient),
     ``truth`` ``(B, 1, D, H, W)``, ``labels`` a list of ``(D, H, W)`` maps or None.
 
-    The label-free metrics are computed on the tensors' device for the whole batch at once (float32 on
-    an accelerator, :func:`ctrefine.device.metrics_dtype`); the label metrics on the host (numpy/scipy).
+    Every metric is computed on the tensors' device (float32 on an accelerator,
+    :func:`ctrefine.device.metrics_dtype`): the label-free ones for the whole batch at once, the label
+    metrics per patient.
     """
     b = truth.shape[0]
     per_stage = {}
@@ -46,13 +47,13 @@ def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> 
         per_stage[stage] = {k: val.double().cpu().tolist() for k, val in all_metrics(v, truth).items()}
     out = [{stage: {k: vals[i] for k, vals in m.items()} for stage, m in per_stage.items()} for i in range(b)]
     if labels is not None and table:
-        host_truth = model_to_hu(truth.float().cpu().numpy())
+        truth_hu = model_to_hu(truth.double() if truth.device.type == "cpu" else truth.float())
         for stage, vol in vols.items():
-            hu = model_to_hu(vol.float().cpu().numpy())
+            hu = model_to_hu(vol.to(truth.device, truth_hu.dtype))
             for i in range(b):
                 if labels[i] is not None:
-                    out[i][stage].update(label_metrics(hu[i, 0] if hu.ndim == 5 else hu[0],
-                                                       host_truth[i, 0], labels[i].numpy(), table))
+                    out[i][stage].update(label_metrics(hu[i, 0] if hu.dim() == 5 else hu[0], truth_hu[i, 0],
+                                                       labels[i], table))
     return out
 
 

@@ -311,3 +311,17 @@ def test_split_all_takes_its_baseline_from_the_training_set(checkpoints, tiny_da
     data = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert r.returncode == 0 and all("mean" in m for m in data["patients"].values())
     assert data["summary"]["baseline_data"] == str(tiny_dataset)
+
+
+def test_figures_limit_the_pngs_not_the_metrics(checkpoints, tiny_dataset, tmp_path):
+    """--figures N draws the first N patients only (a PNG is the costliest part of a patient on a GPU);
+    every patient is still measured; 0 writes no patient folder when the volumes are not kept."""
+    from ctrefine.infer import evaluate_dataset
+    from ctrefine.pipeline import TorchPredictor
+
+    pred = TorchPredictor(checkpoints[0], checkpoints[1], device="cpu")
+    s = evaluate_dataset(pred, tiny_dataset, tmp_path / "one", save_volumes=False, progress=False, figures=1, split="all")
+    assert s["num_patients"] > 1
+    assert len(list((tmp_path / "one").glob("patient_*/patient_*_comparison.png"))) == 1
+    evaluate_dataset(pred, tiny_dataset, tmp_path / "none", save_volumes=False, progress=False, figures=0, split="all")
+    assert not list((tmp_path / "none").glob("patient_*")) and (tmp_path / "none" / "metrics.json").exists()
