@@ -129,6 +129,8 @@ def _cmd_infer(a) -> int:
     elif not (a.data_path and a.output_dir):
         raise UserError("dataset mode needs --data-path and --output-dir (or use --xray-pa/--xray-lateral/--out)")
     pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx, a.engine)
+    if not (a.onnx or a.base_checkpoint or a.refinement_checkpoint) and not a.quiet:
+        print(f"models: {pred.source} (the best shipped pair; --base-checkpoint / --refinement-checkpoint pick others)")
     if single:
         refined, coarse, g = infer_radiographs(pred, a.xray_pa, a.xray_lateral, a.out, a.xray_convention, a.overwrite,
                                                lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr), not a.no_gate)
@@ -240,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "left. A 2D NIfTI is oriented by its affine. Outputs: --output-dir must be new, empty "
                                    "or an earlier inference result (replaced only with --overwrite), never the dataset "
                                    "or inside it; an existing --out file is replaced only with --overwrite.")
-    _flag(f, "base-checkpoint", help="best_model.pt of the base stage, or pretrained:NAME (torch path)")
+    _flag(f, "base-checkpoint", help="best_model.pt of the base stage, or pretrained:NAME (torch path; default, "
+                                     "with no --refinement-checkpoint and no --onnx: the best shipped pair)")
     _flag(f, "refinement-checkpoint", help="best_model.pt of the refine stage, or pretrained:NAME (torch path)")
     f.add_argument("--onnx", help="model.onnx from export-onnx (ONNX path)")
     f.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",

@@ -215,7 +215,7 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
     with atomic_files([out, coarse_path, gate_path]) as (t_out, t_coarse, t_gate):  # all three, or none
         save_nifti(t_out, model_to_hu(refined[0, 0].numpy()), aff)
         save_nifti(t_coarse, model_to_hu(coarse[0, 0].numpy()), aff)
-        write_json(t_gate, {**record, "gate": gate, "geometry": predictor.geometry})
+        write_json(t_gate, {**record, "gate": gate, "geometry": predictor.geometry, "models": predictor.source})
     return out, coarse_path, record
 
 

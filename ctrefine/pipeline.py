@@ -252,11 +252,17 @@ class OnnxPredictor:
 
 
 def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "auto"):
-    """The ONNX graph in ``engine`` when ``onnx`` is given, else torch from the two model files."""
+    """The ONNX graph in ``engine`` when ``onnx`` is given, torch from the two model files when both are,
+    and the best shipped pair (:func:`ctrefine.pretrained.default_pair`) when none is."""
     if onnx:
         if base_ckpt or refiner_ckpt:
             raise UserError("give --onnx MODEL or the two checkpoints, not both")
         return OnnxPredictor(onnx, engine)
-    if not (base_ckpt and refiner_ckpt):
-        raise UserError("give --onnx MODEL, or both --base-checkpoint and --refinement-checkpoint")
+    if not base_ckpt and not refiner_ckpt:
+        from .pretrained import default_pair
+
+        base_ckpt, refiner_ckpt = default_pair()
+    elif not (base_ckpt and refiner_ckpt):
+        raise UserError("give both --base-checkpoint and --refinement-checkpoint (or neither, for the best shipped "
+                        "pair), or --onnx MODEL")
     return TorchPredictor(base_ckpt, refiner_ckpt)

@@ -230,6 +230,19 @@ def test_infer_from_radiograph_files(checkpoints, onnx_model, tiny_dataset, tmp_
     gate = json.loads((tmp_path / "ct_gate.json").read_text())
     assert gate["gate"] is True and gate["geometry"] == "cone" and "xray_consistency_refined" in gate
     assert "X-ray consistency coarse" in r.stdout
+    # no model named: the best shipped pair (64^3 from 128^2: the PNGs are resampled to its size), said so
+    r = cli("infer", "--xray_pa", tmp_path / "pa.png", "--xray_lateral", tmp_path / "lat.png", "--out",
+            tmp_path / "shipped.nii.gz")
+    assert r.returncode == 0, r.stderr
+    from ctrefine.pretrained import default_pair
+
+    used = " + ".join(default_pair())
+    assert f"models: {used} (the best shipped pair" in r.stdout
+    assert nib.load(str(tmp_path / "shipped.nii.gz")).shape == (64, 64, 64)
+    assert json.loads((tmp_path / "shipped_gate.json").read_text())["models"] == used
+    r = cli("infer", "--base-checkpoint", "pretrained:phantom-64", "--xray_pa", tmp_path / "pa.png", "--xray_lateral",
+            tmp_path / "lat.png", "--out", tmp_path / "half.nii.gz")
+    assert r.returncode != 0 and "give both --base-checkpoint and --refinement-checkpoint" in r.stderr
     # a PNG of the DRR gives the same normalised input as the DRR itself (up to 16-bit quantisation)
     from ctrefine.conventions import normalize_xray
     from ctrefine.infer import prepare_radiographs

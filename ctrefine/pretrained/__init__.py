@@ -25,6 +25,19 @@ SHIPPED: dict[str, tuple[str, str]] = {
 }
 
 
+# Shipped (base, refiner) pairs, best first by their test-split PSNR on held-out phantoms (the model
+# cards hold the figures): what `infer` uses when it is given no model.
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("phantom-64", "phantom-64-refiner"),
+)
+
+
+def default_pair() -> tuple[str, str]:
+    """``(pretrained:BASE, pretrained:REFINER)``: the best shipped pair (:data:`PAIRS`)."""
+    base, refiner = PAIRS[0]
+    return PREFIX + base, PREFIX + refiner
+
+
 def resolve(spec) -> Path:
     """``pretrained:NAME`` -> the shipped file (digest checked); anything else -> ``Path(spec)``."""
     text = str(spec)
