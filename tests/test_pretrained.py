@@ -53,3 +53,21 @@ def test_infer_works_out_of_the_box_with_the_shipped_models(tmp_path):
     # phantoms, the mean training volume 18-19 dB
     score = float(psnr(hu_to_model(torch.from_numpy(got))[None, None], hu_to_model(torch.from_numpy(truth))[None, None]))
     assert score > 21.0, score
+
+
+def test_every_shipped_pair_loads_and_names_its_own_base():
+    """PAIRS (best first) holds shipped models only; each refiner was trained on the base it is paired
+    with (its config names it), and every file -- fp16 ones too -- loads as fp32 weights."""
+    import torch
+
+    from ctrefine.checkpoint import load_model_file
+
+    assert pretrained.PAIRS and pretrained.default_pair() == tuple(pretrained.PREFIX + n for n in pretrained.PAIRS[0])
+    for base, refiner in pretrained.PAIRS:
+        b = load_model_file(pretrained.PREFIX + base, stage="base")
+        r = load_model_file(pretrained.PREFIX + refiner, stage="refine")
+        assert r.config.model.base_model_checkpoint == pretrained.PREFIX + base
+        assert (b.config.model.volume_size, b.config.model.xray_size) == (r.config.model.volume_size,
+                                                                          r.config.model.xray_size)
+        for mf in (b, r):
+            assert all(v.dtype == torch.float32 for v in mf.state_dict.values() if v.is_floating_point())
