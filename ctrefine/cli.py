@@ -157,13 +157,7 @@ def _cmd_train(argv) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    p = OneLineParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
-    p.add_argument("--version", action="version", version=f"ctrefine {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_make_data(sub) -> None:
     m = sub.add_parser("make-data", help="generate synthetic chest phantoms and their dual-view DRRs",
                        description="Generate procedural chest CT phantoms (HU, 2x the target resolution), render PA and "
                                    "lateral DRRs from them, and write one folder per patient plus a fixed split file. "
@@ -183,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_make_data)
 
+
+def _add_prepare(sub) -> None:
     r = sub.add_parser("prepare", help="ingest real CTs (NIfTI files or DICOM folders) into a dataset",
                        description="Reorient each CT to the canonical orientation, resample to isotropic voxels over the "
                                    "field of view centred on the body, render DRRs, and write the dataset layout. A bad "
@@ -199,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_cmd_prepare)
 
+
+def _add_preview(sub) -> None:
     v = sub.add_parser("preview", help="PNG of one patient: axial, coronal, sagittal CT slices and both radiographs")
     v.add_argument("--data", required=True, help="dataset directory")
     v.add_argument("--patient", default="patient_0000", help="patient folder name (default patient_0000)")
@@ -207,11 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     v.set_defaults(func=_cmd_preview)
 
+
+def _add_info(sub) -> None:
     i = sub.add_parser("info", help="print the parameter counts of the models of a config")
     i.add_argument("--config", default=None, help="preset name (cpu-small, cpu-medium, full) or JSON file (default: full)")
     i.add_argument("--verbose", "-v", action="store_true", help="also list each sub-module")
     i.set_defaults(func=_cmd_info)
 
+
+def _add_export_onnx(sub) -> None:
     e = sub.add_parser("export-onnx", help="export base + refiner as one ONNX graph (fp32, bf16 or int8) and verify it",
                        description="One graph: inputs xray_pa, xray_lateral (batch, 1, S, S); outputs coarse, refined; "
                                    "dynamo exporter, opset 18, FFTs as plain MatMul so ONNX Runtime and OpenVINO both "
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="training patients whose radiographs set the int8 activation ranges (default 16)")
     e.set_defaults(func=_cmd_export_onnx)
 
+
+def _add_infer(sub) -> None:
     f = sub.add_parser("infer", help="reconstruct CTs: evaluate a dataset split, or your own two radiographs",
                        description="Dataset mode (--data-path, --output-dir): metrics.txt, NIfTI volumes and comparison "
                                    "PNGs per patient of the test split. Radiograph mode (--xray-pa, --xray-lateral, "
@@ -270,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_cmd_infer)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="the main job: data -> base -> refiner -> ONNX -> inference, with a summary table",
                        description="Generate a synthetic dataset, take the shipped frozen base (or train one), train the "
                                    "refiner through the deepspeed launcher, export ONNX, run it on the test split, print the "
@@ -287,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = OneLineParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
+    p.add_argument("--version", action="version", version=f"ctrefine {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_make_data, _add_prepare, _add_preview, _add_info, _add_export_onnx, _add_infer, _add_demo):
+        add(sub)
     sub.add_parser("train", help="train a stage in one process (multi-GPU: the deepspeed launcher); see ctrefine "
                    "train --help", add_help=False)
     return p
