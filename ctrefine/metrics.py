@@ -230,6 +230,7 @@ def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
     for key, names in LABEL_MAE.items():
         out[f"mae_hu_{key}"] = _masked_mean(err, mask(names))
     out.update(structure_metrics(pred_hu, labels, grads, mask))
+    out["spine_profile_corr"] = spine_profile_corr(pred_hu, truth_hu, mask(("vertebra",)))
     values = torch.stack([v.to(pred_hu.dtype) for v in out.values()]).tolist()
     return dict(zip(out, values))
 
@@ -238,6 +239,32 @@ def _edge_ratio(truth: torch.Tensor, grads) -> torch.Tensor:
     """Mean gradient magnitude, predicted over true, on the band straddling ``truth``'s boundary."""
     band = _cross_dilate(truth) & ~_erode(truth)
     return _masked_mean(grads[0], band) / _masked_mean(grads[1], band).clamp(min=1e-9)
+
+
+SPINE_DETREND = 5  # slices (25 mm at 64^3): about one vertebra and its disc, the period the profile should show
+
+
+def spine_profile_corr(pred_hu: torch.Tensor, truth_hu: torch.Tensor, vertebra: torch.Tensor) -> torch.Tensor:
+    """Are the vertebrae resolved one by one, not as a smooth column? The mean HU of each axial slice over
+    the spine's footprint (every in-plane position a vertebra label reaches on some slice), over the slices
+    the spine spans, minus its :data:`SPINE_DETREND`-slice moving average; then the correlation of the
+    predicted profile with the true one. A column without vertebral bodies and discs scores ~0; a spine
+    whose bodies and discs sit where the truth's do scores near 1. NaN without a vertebra label."""
+    nan = torch.full((), float("nan"), dtype=pred_hu.dtype, device=pred_hu.device)
+    foot = vertebra.any(dim=0)
+    zs = vertebra.flatten(1).any(dim=1).nonzero()  # one host read a volume: the profile's length depends on it
+    if len(zs) == 0:
+        return nan
+    lo, hi = int(zs[0]), int(zs[-1]) + 1  # the discs between the first and last vertebra included
+
+    def profile(v):
+        p = (v[lo:hi] * foot).sum(dim=(1, 2)) / foot.sum()
+        k = SPINE_DETREND
+        smooth = F.avg_pool1d(F.pad(p[None, None], (k // 2, k // 2), mode="replicate"), k, 1)[0, 0]
+        return p - smooth
+    a, b = profile(pred_hu), profile(truth_hu)
+    den = torch.sqrt((a * a).sum() * (b * b).sum())
+    return torch.where(den > 0, (a * b).sum() / den.clamp(min=1e-12), torch.zeros_like(den))
 
 
 def structure_metrics(pred_hu, labels, grads, mask) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSN
            "mae_hu_soft": "MAE soft tissue (HU)",
            # per structure class (ctrefine.metrics.STRUCTURES says how a predicted mask is made)
            **{f"dice_{c}": f"{c.replace('_', ' ')} Dice" for c in STRUCTURES},
-           **{f"edge_{c}": f"{c.replace('_', ' ')} edge ratio" for c in STRUCTURES}}
+           **{f"edge_{c}": f"{c.replace('_', ' ')} edge ratio" for c in STRUCTURES},
+           "spine_profile_corr": "spine profile corr."}
 METRIC_KEYS = tuple(METRICS)
 STAGES = ("mean", "coarse", "refined")
 STAGE_NAMES = {"mean": "mean baseline", "coarse": "coarse", "refined": "refined"}

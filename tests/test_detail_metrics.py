@@ -225,3 +225,23 @@ def test_structure_dice_follows_its_written_definition():
     gp = np.sqrt(sum(g**2 for g in np.gradient(pred)))
     gt = np.sqrt(sum(g**2 for g in np.gradient(truth)))
     assert got["edge_vessel"] == pytest.approx(gp[band].mean() / gt[band].mean())
+
+
+def test_spine_profile_separates_vertebrae_from_a_column():
+    """The detrended slice profile over the spine: the truth scores 1, a smooth column ~0, vertebrae moved
+    by half a period far below the truth; no vertebra label gives NaN."""
+    from ctrefine.metrics import spine_profile_corr
+
+    d, n = 40, 12
+    lab = torch.zeros(d, n, n, dtype=torch.bool)
+    truth = torch.full((d, n, n), 40.0, dtype=torch.float64)
+    for z in range(2, d - 2):
+        if z % 6 != 0:  # a disc every sixth slice
+            lab[z, 4:8, 4:8] = True
+            truth[z, 4:8, 4:8] = 400.0
+    column = torch.where(lab.any(0, keepdim=True).expand_as(lab) & (torch.arange(d)[:, None, None] > 1)
+                         & (torch.arange(d)[:, None, None] < d - 2), 330.0, 40.0).double()
+    assert float(spine_profile_corr(truth, truth, lab)) == pytest.approx(1.0)
+    assert abs(float(spine_profile_corr(column, truth, lab))) < 0.2
+    assert float(spine_profile_corr(torch.roll(truth, 3, 0), truth, lab)) < 0.5
+    assert torch.isnan(spine_profile_corr(truth, truth, torch.zeros_like(lab)))
