@@ -36,7 +36,8 @@ ROWS = (("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("hf_psnr",
         ("band_high", "band energy high", "{:.3f}"), ("bone_dice", "bone Dice", "{:.3f}"),
         ("bone_edge_ratio", "bone edge ratio", "{:.3f}"), ("dice_vertebra", "vertebra Dice", "{:.3f}"),
         ("dice_rib", "rib Dice", "{:.3f}"), ("dice_vessel", "vessel Dice", "{:.3f}"),
-        ("dice_airway", "airway Dice", "{:.3f}"), ("edge_vertebra", "vertebra edge ratio", "{:.3f}"))
+        ("dice_airway", "airway Dice", "{:.3f}"), ("edge_vertebra", "vertebra edge ratio", "{:.3f}"),
+        ("spine_profile_corr", "spine profile correlation", "{:.3f}"))
 
 
 def parse(argv):
