@@ -60,8 +60,8 @@ def draw(vols: dict[str, np.ndarray], labels: np.ndarray, table: dict, title: st
                 ax.set_title(head, fontsize=9)
             if c == 0:
                 ax.set_ylabel(plane)
-    fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.03, right=0.99, top=0.88, bottom=0.01, wspace=0.04, hspace=0.06)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.03, right=0.99, top=0.84, bottom=0.01, wspace=0.04, hspace=0.06)
     try:
         _save(fig, out, 90)
     finally:
@@ -81,8 +81,9 @@ def main(argv=None) -> int:
     item = ds[ds.names.index(a.patient) if a.patient else 0]
     table = read_json(Path(a.data) / "dataset.json")["labels"]
     vols = volumes(a.pair, item)
-    title = (f"{item['name']} of {a.data} (test split), HU window -1000..1000; "
-             + "; ".join(f"{n}: {b} + {r}" for n, b, r in a.pair))
+    title = "\n".join([f"{item['name']}, test split of {a.data}; HU window -1000..1000"]
+                      + [f"{n}: {Path(b).name if Path(b).exists() else b} + {Path(r).name if Path(r).exists() else r}"
+                         for n, b, r in a.pair])
     draw(vols, item["labels"].numpy(), table, title, Path(a.out))
     print(f"wrote {a.out}")
     return 0
