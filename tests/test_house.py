@@ -69,11 +69,30 @@ def test_cli_module_only_parses():
     tree = ast.parse((PKG / "cli.py").read_text())
     top_imports = {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
     top_from = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert top_imports <= {"argparse", "sys"} and top_from <= {"__future__", "errors"}
-    assert len((PKG / "cli.py").read_text().splitlines()) < 300
+    assert top_imports <= {"argparse", "sys"} and top_from <= {"__future__", "errors", "outputs"}
+    assert len((PKG / "cli.py").read_text().splitlines()) < 350  # eight subcommands, a parser function each
+    # what the CLI imports at parse time stays light: outputs.py (a default shown in --help) needs only the stdlib
+    out = ast.parse((PKG / "outputs.py").read_text())
+    assert {n.module for n in out.body if isinstance(n, ast.ImportFrom)} <= {"__future__", "errors", "typing"}
 
 
 # ------------------------------------------------------------------------------------------- config
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_over_80_lines():
+    """Every function in the package and the kernels reads on one screen or two (a longer one is a
+    pipeline of named steps, like data/phantoms.py's ANATOMY)."""
+    long = []
+    for path in [*PKG.rglob("*.py"), *(PKG.parent / "kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
 def test_loss_registry_is_the_one_source():
     assert Config().loss_weights() == DEFAULT_WEIGHTS == {n: t.default_weight for n, t in TERMS.items()}
     assert DetailRefinementLoss().weights == DEFAULT_WEIGHTS

@@ -23,7 +23,6 @@ occupancy), so sub-voxel vessels still appear with reduced contrast, as in a rea
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,34 +241,59 @@ def spine_offset(d: np.ndarray, sagitta: float, fov: float) -> np.ndarray:
     return sagitta * (1.0 - u ** 2) - sagitta * 2.0 / 3.0
 
 
-def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool | None = None,
-                  with_labels: bool = False, scan: Scan | None = None):
-    """One chest CT phantom, ``(size, size, size)`` float32 in HU, array axes (D, H, W).
+@dataclass
+class _Chest:
+    """What the anatomy steps of :func:`chest_phantom` share: the patient's random stream, the canvas,
+    the scan, and the landmarks one step sets for the later ones (each step draws from ``rng`` in a
+    fixed order, so a phantom depends only on its seed)."""
 
-    Deterministic in ``seed``. ``size`` is the render resolution (2x the training target by default).
-    ``scan`` fixes any of contrast / coverage / table shape / metal (:class:`Scan`; unset fields are
-    drawn); ``table`` (legacy switch) forces a flat table on or none. With ``with_labels`` returns
-    ``(hu, labels)``: the :data:`LABELS` of every voxel, painted with the same geometry (a later
-    structure overwrites an earlier one exactly where its HU does).
+    rng: np.random.Generator
+    grid: Grid
+    cv: "_Canvas"
+    sc: Scan
+    fov: float
+    # set by _body
+    bw: float = 0.0  # chest's lateral / AP semi-axes (mm)
+    bh: float = 0.0
+    apex: float = 0.0  # lung apex (d, mm)
+    breath: float = 0.0  # depth of inspiration: where the diaphragm sits
+    shoulder_d: float = 0.0
+    fat_t: float = 0.0
+    muscle: np.ndarray | None = None  # inside the subcutaneous fat
+    # set by _abdomen, _lungs, _heart_and_great_vessels, _spine
+    dia: np.ndarray | None = None  # diaphragm surface, d of each (h, w)
+    dome_l: float = 0.0
+    lungs: np.ndarray | None = None
+    blood: float = 0.0
+    hila: dict | None = None
+    arch_d: float = 0.0
+    vr0: float = 0.0  # vertebral body radius at the top of the field
+    sagitta: float = 0.0  # of the kyphotic arc
+    hs0: float = 0.0  # AP position of the vertebral axis before the kyphosis
+
+    def spine_h(self, dd):
+        """AP position of the vertebral bodies' axis at height ``dd``."""
+        return self.hs0 + spine_offset(dd, self.sagitta, self.fov)
+
+    def grow(self, dd):
+        """Caudal growth of the vertebrae: 0.8 at the top of the field to 1.25 at the bottom."""
+        return 0.8 + 0.45 * np.clip((np.asarray(dd) + self.fov / 2) / self.fov, 0, 1)
+
+
+def _body(ch: _Chest) -> None:
+    """Body outline along the axis (neck, sloping shoulders, chest, upper abdomen), fat over muscle, the
+    arms, and sometimes breasts.
+
+    Adult chest ~260-300 mm wide and ~180-225 mm deep, neck ~105-125 mm wide (anthropometric survey
+    ranges, e.g. Gordon et al., ANSUR II 2014). The lung apex rises 2-3 cm above the medial clavicle, the
+    acromia sit 0.5-2 cm below the apex, and the trapezius line climbs ~4-7 cm from them to the neck.
     """
-    rng = np.random.default_rng(seed)
-    grid = Grid(size, fov)
-    rot = _rotation(rng)
-    shift = (0.0, rng.uniform(-10, 10), rng.uniform(-15, 15))  # position on the table: AP and left-right
-    if table is not None:
-        scan = dataclasses.replace(scan or Scan(), table="flat" if table else "none")
-    sc = (scan or Scan()).draw(rng, fov)
-    cv = _Canvas(grid, rot, shift)
+    rng, cv, fov = ch.rng, ch.cv, ch.fov
     d, h, w = cv.d, cv.h, cv.w
-
-    # ---- body outline along the axis: neck, sloping shoulders, chest, upper abdomen; the arms ---------
-    # Adult chest ~260-300 mm wide and ~180-225 mm deep, neck ~105-125 mm wide (anthropometric survey
-    # ranges, e.g. Gordon et al., ANSUR II 2014). The lung apex rises 2-3 cm above the medial clavicle, the
-    # acromia sit 0.5-2 cm below the apex, and the trapezius line climbs ~4-7 cm from them to the neck.
-    bw, bh = rng.uniform(128, 150), rng.uniform(88, 112)  # chest's lateral / AP semi-axes (mm)
-    apex = -fov / 2 + rng.uniform(25, 45)  # lung apex, a few cm below the top of the field
-    breath = rng.uniform(30, 85)  # deeper inspiration -> lower diaphragm (larger d)
-    shoulder_d = apex + rng.uniform(5, 20)  # acromion level
+    ch.bw, ch.bh = bw, bh = rng.uniform(128, 150), rng.uniform(88, 112)
+    ch.apex = apex = -fov / 2 + rng.uniform(25, 45)  # a few cm below the top of the field
+    ch.breath = breath = rng.uniform(30, 85)  # deeper inspiration -> lower diaphragm (larger d)
+    ch.shoulder_d = shoulder_d = apex + rng.uniform(5, 20)  # acromion level
     slope = rng.uniform(40, 70)
     neck_w, neck_h = rng.uniform(52, 62), rng.uniform(48, 58)
     up = np.clip((shoulder_d - d) / slope, 0, 1) ** 0.5  # 0 at and below the shoulders, 1 on the neck (rounded)
@@ -277,12 +301,12 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     half_w, half_h = (bw + (neck_w - bw) * up) * waist, bh + (neck_h - bh) * up
     centre_h = up * rng.uniform(8, 18)  # the neck sits behind the chest's centre, over the spine
     body_r = (w / half_w) ** 2 + ((h - centre_h) / half_h) ** 2
-    fat_t = rng.uniform(6, 20)
+    ch.fat_t = fat_t = rng.uniform(6, 20)
     inner_r = (w / (half_w - fat_t)) ** 2 + ((h - centre_h) / (half_h - fat_t * 0.8)) ** 2
     cv.fill(body_r <= 1, FAT, "fat")
-    muscle = inner_r <= 1
-    cv.fill(muscle, SOFT + rng.normal(0, 3), "soft_tissue")
-    _arms(cv, rng, sc.arms, shoulder_d, bw)
+    ch.muscle = inner_r <= 1
+    cv.fill(ch.muscle, SOFT + rng.normal(0, 3), "soft_tissue")
+    _arms(cv, rng, ch.sc.arms, shoulder_d, bw)
     if rng.random() < 0.45:  # breasts: fatty-glandular mounds on the anterior wall at heart level
         bd, bwid, bproj = rng.uniform(-10, 40), rng.uniform(45, 65), rng.uniform(25, 60)
         for side in (-1, 1):
@@ -290,28 +314,39 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
                      + ((h + bh * 0.85) / bproj) ** 2) < 1
             cv.fill(mound & (h < 0) & ~(body_r <= 1), rng.uniform(-90, -30), "fat")
 
-    if sc.table != "none":  # carbon-fibre shell around a foam core; a curved one cradles the back
-        top = bh + rng.uniform(3, 10)
-        if sc.table == "curved":  # surface rises towards the sides (h grows posteriorly)
-            top = top - rng.uniform(20, 40) * (w / (0.5 * fov)) ** 2
-        shell = (h >= top) & (h < top + 12) & (np.abs(w) < 0.55 * fov) & (cv.labels == L["background"])
-        core = (h >= top + 2) & (h < top + 10)
-        cv.fill(shell, 250.0, "table")
-        cv.fill(shell & core, -750.0, "table")
 
-    # ---- diaphragm and abdomen -----------------------------------------------------------------
-    dome_r = breath + rng.uniform(-4, 4) - 12.0  # right dome sits higher (liver)
-    dome_l = breath + rng.uniform(-4, 4)
+def _table(ch: _Chest) -> None:
+    """The scanner table: a carbon-fibre shell around a foam core; a curved one cradles the back."""
+    if ch.sc.table == "none":
+        return
+    rng, cv, fov = ch.rng, ch.cv, ch.fov
+    h, w = cv.h, cv.w
+    top = ch.bh + rng.uniform(3, 10)
+    if ch.sc.table == "curved":  # surface rises towards the sides (h grows posteriorly)
+        top = top - rng.uniform(20, 40) * (w / (0.5 * fov)) ** 2
+    shell = (h >= top) & (h < top + 12) & (np.abs(w) < 0.55 * fov) & (cv.labels == L["background"])
+    core = (h >= top + 2) & (h < top + 10)
+    cv.fill(shell, 250.0, "table")
+    cv.fill(shell & core, -750.0, "table")
+
+
+def _abdomen(ch: _Chest) -> None:
+    """The diaphragm's two domes (the right one higher, over the liver) and the upper abdomen below them:
+    liver, spleen (both enhancing with contrast), and a stomach with an air-fluid level."""
+    rng, cv = ch.rng, ch.cv
+    d, h, w = cv.d, cv.h, cv.w
+    dome_r = ch.breath + rng.uniform(-4, 4) - 12.0
+    ch.dome_l = dome_l = ch.breath + rng.uniform(-4, 4)
 
     def dome(center_w, top_d):
         r2 = ((w - center_w) / 85.0) ** 2 + ((h - 5) / 95.0) ** 2
         return top_d + 55.0 * np.clip(r2, 0, 1.5)
 
-    dia = np.where(w < 0, dome(-60, dome_r), dome(60, dome_l))
-    abdomen = muscle & (d > dia)
+    ch.dia = np.where(w < 0, dome(-60, dome_r), dome(60, dome_l))
+    abdomen = ch.muscle & (d > ch.dia)
     liver = abdomen & (w < 30 + 0.2 * (d - dome_r)) & (((w + 40) / 110) ** 2 + ((h + 5) / 85) ** 2 < 1)
     cv.fill(abdomen, SOFT, "soft_tissue")
-    enhance = rng.uniform(30, 60) if sc.contrast else 0.0  # portal-venous uptake of liver and spleen
+    enhance = rng.uniform(30, 60) if ch.sc.contrast else 0.0  # portal-venous uptake of liver and spleen
     cv.fill(liver, LIVER + enhance, "soft_tissue")
     spleen = (((d - dome_l - rng.uniform(25, 40)) / 45) ** 2 + ((h - 35) / 30) ** 2 + ((w - 80) / 25) ** 2) < 1
     cv.fill(spleen & abdomen, 45.0 + enhance, "soft_tissue")
@@ -321,131 +356,146 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     cv.fill(stomach & abdomen & (h < level), -900.0, "gas")
     cv.fill(stomach & abdomen & (h >= level), 20.0, "soft_tissue")
 
-    # ---- lungs with parenchymal texture ---------------------------------------------------------
+
+def _lungs(ch: _Chest) -> None:
+    """Both lungs, narrow at the apex, down to the diaphragm, with parenchymal texture and the supine
+    gradient (the posterior, dependent lung is denser by a few tens of HU)."""
+    rng, cv = ch.rng, ch.cv
+    d, h, w = cv.d, cv.h, cv.w
     lungs = np.zeros(d.shape, bool)
     for side in (-1, 1):
         cw = side * rng.uniform(58, 72)
         aw, ah = rng.uniform(42, 55), rng.uniform(62, 80)
-        grow = np.sqrt(np.clip((d - apex) / 70.0, 0, 1))  # narrow apex
+        grow = np.sqrt(np.clip((d - ch.apex) / 70.0, 0, 1))  # narrow apex
         shape = ((w - cw) / (aw * grow + 1e-3)) ** 2 + ((h - 8) / (ah * grow + 1e-3)) ** 2
-        lungs |= (shape <= 1) & (d > apex) & (d < dia) & muscle
+        lungs |= (shape <= 1) & (d > ch.apex) & (d < ch.dia) & ch.muscle
     texture = ndimage.gaussian_filter(rng.normal(0, 1, d.shape).astype(np.float32), 1.2)
     texture *= 35.0 / (texture.std() + 1e-6)
-    # supine: gravity-dependent (posterior) lung is denser than the anterior lung by a few tens of HU
     dependent = rng.uniform(20, 60) * np.clip((h + 60) / 160, 0, 1)
     cv.fill(lungs, LUNG + texture + dependent, "lung")
+    ch.lungs = lungs
 
-    # ---- heart (myocardium around blood-filled chambers), aorta, pulmonary arteries -------------
-    # IV contrast (arterial phase) lifts the blood pool to 150-350 HU and leaves the myocardium dark.
-    blood = rng.uniform(150, 350) if sc.contrast else BLOOD
-    hd, hh, hw = dome_l - rng.uniform(35, 50), rng.uniform(-35, -20), rng.uniform(10, 30)
+
+def _heart_and_great_vessels(ch: _Chest) -> None:
+    """The heart (myocardium around blood-filled chambers), the aorta and the pulmonary arteries to both
+    hila. IV contrast (arterial phase) lifts the blood pool to 150-350 HU and leaves the myocardium dark."""
+    rng, cv, fov, muscle = ch.rng, ch.cv, ch.fov, ch.muscle
+    d, h, w = cv.d, cv.h, cv.w
+    ch.blood = blood = rng.uniform(150, 350) if ch.sc.contrast else BLOOD
+    hd, hh, hw = ch.dome_l - rng.uniform(35, 50), rng.uniform(-35, -20), rng.uniform(10, 30)
     ang = np.deg2rad(rng.uniform(20, 40))
     u = (w - hw) * np.cos(ang) + (h - hh) * np.sin(ang)
     v = -(w - hw) * np.sin(ang) + (h - hh) * np.cos(ang)
     sd, su, sv = rng.uniform(45, 55), rng.uniform(55, 68), rng.uniform(42, 50)
-    shell = (d - hd) ** 2 / sd ** 2 + u ** 2 / su ** 2 + v ** 2 / sv ** 2
-    heart = shell < 1
+    heart = (d - hd) ** 2 / sd ** 2 + u ** 2 / su ** 2 + v ** 2 / sv ** 2 < 1
     wall = rng.uniform(8, 12)  # myocardium ~1 cm (left ventricle); the septum divides the two sides
     chambers = ((d - hd) ** 2 / (sd - wall) ** 2 + u ** 2 / (su - wall) ** 2 + v ** 2 / (sv - wall) ** 2 < 1) \
         & (np.abs(u - rng.uniform(-8, 8)) > 4.5)
     cv.fill(heart & muscle, SOFT + 10.0, "soft_tissue")
     cv.fill(chambers & muscle, blood, "heart_blood")
-    lungs &= ~heart
+    ch.lungs &= ~heart
     ar = rng.uniform(11, 15)
-    arch_d = apex + rng.uniform(45, 60)
+    ch.arch_d = arch_d = ch.apex + rng.uniform(45, 60)
     aorta_pts = np.array([
         [hd - 30, -15, 8], [arch_d + 25, -18, 5], [arch_d, -5, 10], [arch_d + 3, 22, 22],
-        [arch_d + 30, 38, 24], [dome_l + 10, 42, 20], [fov / 2, 45, 15],
+        [arch_d + 30, 38, 24], [ch.dome_l + 10, 42, 20], [fov / 2, 45, 15],
     ])
     cv.blend(cv.capsule_occupancy(*_polyline(aorta_pts, ar)), blood, "heart_blood", where=muscle)
     # Pulmonary trunk from the right ventricle's outflow, up and to the left, splitting to both hila.
-    hila = {side: np.array([hd - 45 + rng.uniform(-8, 8), 5 + rng.uniform(-5, 5), side * rng.uniform(28, 38)])
-            for side in (-1, 1)}
+    ch.hila = {side: np.array([hd - 45 + rng.uniform(-8, 8), 5 + rng.uniform(-5, 5), side * rng.uniform(28, 38)])
+               for side in (-1, 1)}
     split = np.array([arch_d + rng.uniform(18, 28), rng.uniform(-12, -4), rng.uniform(8, 16)])
     pa0 = [np.array([hd - 25, hh - 8, hw - 10]), split, split]
-    pa1 = [split, hila[-1], hila[1]]
+    pa1 = [split, ch.hila[-1], ch.hila[1]]
     cv.blend(cv.capsule_occupancy(np.array(pa0), np.array(pa1), np.array([rng.uniform(11, 14), 9.0, 8.5])),
              blood, "heart_blood", where=muscle)
-    lungs &= cv.vol < -300  # the great vessels displace lung
+    ch.lungs &= cv.vol < -300  # the great vessels displace lung
 
-    # ---- lung vessel trees and nodules ---------------------------------------------------------
+
+def _lung_vessels_and_nodules(ch: _Chest) -> None:
+    """Branching vessel trees from each hilum, and one to four nodules (some calcified) in the lungs."""
+    rng, cv, grid = ch.rng, ch.cv, ch.grid
+    d, h, w = cv.d, cv.h, cv.w
     segs = []
     for side in (-1, 1):
-        hilum = hila[side]
         for direction in ([-1.0, 0.1, side * 0.5], [0.9, 0.2, side * 0.5], [0.1, -0.3, side * 1.0],
                           [0.2, 0.8, side * 0.6], [-0.6, -0.5, side * 0.6], [0.6, -0.1, side * 0.9]):
-            _vessel_tree(rng, hilum, np.array(direction) + rng.normal(0, 0.15, 3), rng.uniform(26, 36),
+            _vessel_tree(rng, ch.hila[side], np.array(direction) + rng.normal(0, 0.15, 3), rng.uniform(26, 36),
                          rng.uniform(3.5, 5.0), 7, segs)
     p0, p1, r = (np.array(x) for x in zip(*segs))
-    cv.blend(cv.capsule_occupancy(p0, p1, r), blood, "vessel", where=lungs)
-
-    lung_idx = np.argwhere(ndimage.binary_erosion(lungs, iterations=3))
+    cv.blend(cv.capsule_occupancy(p0, p1, r), ch.blood, "vessel", where=ch.lungs)
+    lung_idx = np.argwhere(ndimage.binary_erosion(ch.lungs, iterations=3))
     centers_mm = grid.centers()
     for _ in range(rng.integers(1, 5)):
         if len(lung_idx) == 0:
             break
-        i = lung_idx[rng.integers(len(lung_idx))]
-        c_arr = centers_mm[i]
-        c_pat = cv.to_patient(c_arr)
+        c_pat = cv.to_patient(centers_mm[lung_idx[rng.integers(len(lung_idx))]])
         rad = rng.uniform(3, 10)
         hu = 300.0 if rng.random() < 0.15 else rng.uniform(20, 60)  # some nodules are calcified
         dist = np.sqrt((d - c_pat[0]) ** 2 + (h - c_pat[1]) ** 2 + (w - c_pat[2]) ** 2)
         occ = np.clip((rad - dist) / grid.spacing + 0.5, 0, 1).astype(np.float32)
         cv.blend(occ, hu, "nodule")
 
-    # ---- spine: kyphotic curve, vertebrae growing caudally, discs, canal, pedicles, processes -------
-    # Vertebral bodies widen and heighten from T1 to T12 (widths ~28 -> ~40 mm, heights ~15 -> ~23 mm:
-    # Panjabi et al., Spine 1991); normal thoracic kyphosis is a Cobb angle of about 20-45 degrees
-    # (Fon et al., Radiology 1980), drawn here as an arc whose sagitta is (chord/2) tan(angle/4).
-    vr0 = rng.uniform(16, 20)
+
+def _spine(ch: _Chest) -> None:
+    """The spine: a kyphotic curve, vertebrae growing caudally with discs between, cortex and end plates,
+    the canal, the posterior arch, pedicles and processes.
+
+    Vertebral bodies widen and heighten from T1 to T12 (widths ~28 -> ~40 mm, heights ~15 -> ~23 mm:
+    Panjabi et al., Spine 1991); normal thoracic kyphosis is a Cobb angle of about 20-45 degrees
+    (Fon et al., Radiology 1980), drawn here as an arc whose sagitta is (chord/2) tan(angle/4).
+    """
+    rng, cv, fov = ch.rng, ch.cv, ch.fov
+    d, h, w = cv.d, cv.h, cv.w
+    ch.vr0 = vr0 = rng.uniform(16, 20)
     cobb = np.deg2rad(rng.uniform(20, 45))
-    sagitta = fov / 2 * np.tan(cobb / 4)
-    hs0 = bh - fat_t - rng.uniform(35, 45) - vr0 * 0.5
-
-    def spine_h(dd):  # AP position of the vertebral bodies' axis
-        return hs0 + spine_offset(dd, sagitta, fov)
-
-    def grow(dd):  # caudal growth factor, 0.8 at the top of the field to 1.25 at the bottom
-        return 0.8 + 0.45 * np.clip((np.asarray(dd) + fov / 2) / fov, 0, 1)
-
+    ch.sagitta = fov / 2 * np.tan(cobb / 4)
+    ch.hs0 = ch.bh - ch.fat_t - rng.uniform(35, 45) - vr0 * 0.5
     height0, disc0 = rng.uniform(18, 21), rng.uniform(5, 7)
     starts, heights = [], []
     z = -fov / 2 - rng.uniform(0, height0 + disc0) - height0
     while z < fov / 2 + height0:
-        starts.append(z); heights.append(height0 * grow(z))
-        z += (height0 + disc0) * grow(z)
+        starts.append(z)
+        heights.append(height0 * ch.grow(z))
+        z += (height0 + disc0) * ch.grow(z)
     starts, heights = np.array(starts), np.array(heights)
     k_of = np.clip(np.searchsorted(starts, d, side="right") - 1, 0, len(starts) - 1)
     pos, hk = d - starts[k_of], heights[k_of]
     in_body = pos < hk
-    hs, vr = spine_h(d), vr0 * grow(d)
+    hs, vr = ch.spine_h(d), vr0 * ch.grow(d)
     ring = np.sqrt((h - hs) ** 2 + w ** 2)
     cv.fill((ring < vr) & ~in_body, DISC, "soft_tissue")
     cv.fill((ring < vr) & in_body, CANCELLOUS + rng.normal(0, 20), "vertebra")
     cv.fill((ring < vr) & (ring >= vr - 2.5) & in_body, CORTICAL, "vertebra")
     cv.fill((ring < vr) & in_body & ((pos < 1.6) | (pos > hk - 1.6)), CORTICAL, "vertebra")  # end plates
-    canal_h = hs + vr + 10
-    canal = np.sqrt((h - canal_h) ** 2 + w ** 2)
+    canal = np.sqrt((h - (hs + vr + 10)) ** 2 + w ** 2)
     cv.fill((canal < 14) & (canal >= 8) & in_body, 750.0, "vertebra")  # posterior arch (laminae)
     cv.fill(canal < 8, CSF, "soft_tissue")
     proc0, proc1, proc_r = [], [], []
     for z0, hz in zip(starts, heights):
         zc = z0 + hz / 2
-        ch, vz = float(spine_h(zc) + vr0 * grow(zc) + 10), float(vr0 * grow(zc))
-        proc0.append([zc, ch + 12, 0]); proc1.append([zc + 18, ch + 38, 0]); proc_r.append(4.0)  # spinous
+        c_h, vz = float(ch.spine_h(zc) + vr0 * ch.grow(zc) + 10), float(vr0 * ch.grow(zc))
+        proc0.append([zc, c_h + 12, 0]); proc1.append([zc + 18, c_h + 38, 0]); proc_r.append(4.0)  # spinous
         for s in (-1, 1):
-            proc0.append([zc, ch, s * 10]); proc1.append([zc - 3, ch - 2, s * (26 + 0.45 * vz)]); proc_r.append(4.5)  # transverse
-            proc0.append([zc, ch - 14 - 0.3 * vz, s * 0.55 * vz]); proc1.append([zc, ch - 4, s * 9]); proc_r.append(3.5)  # pedicle
-    cv.blend(cv.capsule_occupancy(np.array(proc0), np.array(proc1), np.array(proc_r)), 700.0, "vertebra", where=muscle)
+            proc0.append([zc, c_h, s * 10]); proc1.append([zc - 3, c_h - 2, s * (26 + 0.45 * vz)]); proc_r.append(4.5)  # transverse
+            proc0.append([zc, c_h - 14 - 0.3 * vz, s * 0.55 * vz]); proc1.append([zc, c_h - 4, s * 9]); proc_r.append(3.5)  # pedicle
+    cv.blend(cv.capsule_occupancy(np.array(proc0), np.array(proc1), np.array(proc_r)), 700.0, "vertebra",
+             where=ch.muscle)
 
-    # ---- airways: trachea to the carina, main and lobar bronchi, segmental branches, walls ----------
-    # Adult trachea ~15-20 mm across with a ~2 mm wall, carina at T4-T5 just below the aortic arch; the
-    # right main bronchus is short, wide and steep (~25 deg from the axis), the left long and oblique
-    # (~45 deg) (standard anatomy, e.g. Gray's Anatomy, 41st ed.).
+
+def _airways(ch: _Chest) -> None:
+    """Trachea to the carina, main and lobar bronchi, segmental branches; soft-tissue walls around air.
+
+    Adult trachea ~15-20 mm across with a ~2 mm wall, carina at T4-T5 just below the aortic arch; the
+    right main bronchus is short, wide and steep (~25 deg from the axis), the left long and oblique
+    (~45 deg) (standard anatomy, e.g. Gray's Anatomy, 41st ed.).
+    """
+    rng, cv, fov = ch.rng, ch.cv, ch.fov
+
     def spine_front(dd):  # anterior surface of the vertebral bodies
-        return spine_h(dd) - vr0 * grow(dd)
+        return ch.spine_h(dd) - ch.vr0 * ch.grow(dd)
 
-    carina_d, carina_w, gap = arch_d + rng.uniform(10, 20), rng.uniform(-6, 0), rng.uniform(12, 18)
+    carina_d, carina_w, gap = ch.arch_d + rng.uniform(10, 20), rng.uniform(-6, 0), rng.uniform(12, 18)
     carina = np.array([carina_d, spine_front(carina_d) - gap, carina_w])
     tz = np.linspace(-fov / 2 - 10, carina_d, 5)  # the trachea keeps its distance in front of the spine
     trachea = np.stack([tz, spine_front(tz) - gap, np.linspace(carina_w + 3, carina_w, 5)], 1)
@@ -470,34 +520,38 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
                      radius * 0.75, 3, segs_air)
         air += segs_air
     a0, a1, ar_ = (np.array(x) for x in zip(*air))
-    body_in = muscle & ~((cv.labels == L["vertebra"]) | (cv.labels == L["heart_blood"]))
+    body_in = ch.muscle & ~((cv.labels == L["vertebra"]) | (cv.labels == L["heart_blood"]))
     wall_occ = cv.capsule_occupancy(a0, a1, ar_)
     cv.blend(wall_occ, SOFT, "soft_tissue", where=body_in)  # bronchial wall ~ soft tissue
     lumen_occ = cv.capsule_occupancy(a0, a1, np.maximum(ar_ - np.maximum(1.0, 0.2 * ar_), 0.4))
     cv.blend(lumen_occ, AIR, "airway", where=body_in)
-    lungs &= wall_occ < 0.5
+    ch.lungs &= wall_occ < 0.5
 
-    # ---- ribs, costal cartilage, sternum, clavicles, scapulae ----------------------------------------
+
+def _ribs(ch: _Chest) -> None:
+    """Twelve rib pairs (cortical shell over marrow) whose heads ride the spine, the upper seven joined to
+    the sternum by costal cartilage."""
+    rng, cv, fov = ch.rng, ch.cv, ch.fov
     spacing = rng.uniform(21, 26)
     drop = rng.uniform(30, 55)
-    ew, eh = bw - fat_t - rng.uniform(8, 14), bh - fat_t - rng.uniform(8, 14)
+    ew, eh = ch.bw - ch.fat_t - rng.uniform(8, 14), ch.bh - ch.fat_t - rng.uniform(8, 14)
     rib0, rib1, rib_r, cart0, cart1, cart_r = [], [], [], [], [], []
     for k in range(12):
-        d0 = apex + 8 + k * spacing
+        d0 = ch.apex + 8 + k * spacing
         t_end = np.pi * (0.92 if k < 7 else (0.75 if k < 10 else 0.5))
         rr = rng.uniform(3.0, 5.0)
         for side in (-1, 1):
             th = np.linspace(0.30, t_end, 18)
             pts = np.stack([
                 d0 + drop * (th - th[0]) / (np.pi * 0.9 - th[0]) + rng.normal(0, 0.8, len(th)),
-                eh * np.cos(th) + 2 + spine_offset(d0, sagitta, fov) * (1 + np.cos(th)) / 2,  # heads ride the spine
+                eh * np.cos(th) + 2 + spine_offset(d0, ch.sagitta, fov) * (1 + np.cos(th)) / 2,  # heads ride the spine
                 side * ew * np.sin(th) * np.clip(0.6 + 0.4 * th, 0, 1),
             ], 1)
             a, b, r = _polyline(pts, rr)
             rib0.append(a); rib1.append(b); rib_r.append(r)
             if k < 7:  # cartilage to the sternum
                 end = pts[-1]
-                tgt = np.array([end[0] + 8, -bh + fat_t + 10, side * 14])
+                tgt = np.array([end[0] + 8, -ch.bh + ch.fat_t + 10, side * 14])
                 cart0.append(end[None]); cart1.append(tgt[None]); cart_r.append(np.array([rr]))
     cv.blend(cv.capsule_occupancy(np.concatenate(cart0), np.concatenate(cart1), np.concatenate(cart_r)), 150.0,
              "soft_tissue")  # costal cartilage
@@ -505,9 +559,15 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
     cv.blend(cv.capsule_occupancy(r0, r1, rr_all), rng.uniform(750, 950), "rib")  # cortical shell ...
     cv.blend(cv.capsule_occupancy(r0, r1, np.maximum(rr_all - 1.5, 0.8)), rng.uniform(220, 350), "rib")  # ... marrow
 
-    # sternum: a wide manubrium, the body, a small xiphoid; inclined, its top deeper than its lower end
+
+def _shoulder_girdle_and_sternum(ch: _Chest) -> None:
+    """The sternum (a wide manubrium, the body, a small xiphoid; inclined, its top deeper than its lower
+    end), S-shaped clavicles and the scapulae on the back."""
+    rng, cv, muscle = ch.rng, ch.cv, ch.muscle
+    d, h, w = cv.d, cv.h, cv.w
+    bh, fat_t, apex = ch.bh, ch.fat_t, ch.apex
     top = apex + rng.uniform(22, 32)  # jugular notch, at T2-T3, a few cm below the apex
-    man, bot = top + rng.uniform(35, 45), dome_l - 15
+    man, bot = top + rng.uniform(35, 45), ch.dome_l - 15
     front = -bh + fat_t + 2 + rng.uniform(6, 12) * np.clip((bot - d) / max(bot - top, 1.0), 0, 1)
     st_half = np.where(d < man, 24.0, 15.0)
     sternum = (np.abs(w) < st_half) & (h > front) & (h < front + 12) & (d > top) & (d < bot)
@@ -520,38 +580,61 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, table: bool |
         wall = -bh + fat_t  # the anterior chest wall under the fat
         medial = apex + rng.uniform(18, 28)
         a, b, r = _polyline(np.array([[medial, wall + 14, s * 16], [medial - 4, wall + 6, s * 45],
-                                      [0.5 * (medial + shoulder_d) - 2, wall + 10, s * 80],
-                                      [shoulder_d + 4, -10, s * (bw - 22)]]), 6.5)
+                                      [0.5 * (medial + ch.shoulder_d) - 2, wall + 10, s * 80],
+                                      [ch.shoulder_d + 4, -10, s * (ch.bw - 22)]]), 6.5)
         clav0.append(a); clav1.append(b); clav_r.append(r)
     cv.blend(cv.capsule_occupancy(np.concatenate(clav0), np.concatenate(clav1), np.concatenate(clav_r)), 800.0,
              "other_bone", where=muscle)
     for s in (-1, 1):
-        scap = (((d - apex - 45) / 65) ** 2 + ((w - s * 85) / 45) ** 2 < 1) & (np.abs(h - (bh - fat_t - 14 - 0.15 * np.abs(w - s * 85))) < 3.5)
+        scap = (((d - apex - 45) / 65) ** 2 + ((w - s * 85) / 45) ** 2 < 1) & \
+            (np.abs(h - (bh - fat_t - 14 - 0.15 * np.abs(w - s * 85))) < 3.5)
         cv.fill(scap & muscle, 700.0, "other_bone")
 
-    # ---- scan: ECG electrodes, axial coverage ----------------------------------------------------------
-    if sc.metal:  # snaps on the anterior skin, each with a thin lead running off it
+
+def _scan_effects(ch: _Chest) -> None:
+    """What the scan adds or takes: ECG electrodes on the skin (snaps with a thin lead), and a shorter
+    axial coverage, anywhere in the field, with no data (air) outside it."""
+    rng, cv, fov, sc = ch.rng, ch.cv, ch.fov, ch.sc
+    if sc.metal:
         m0, m1, mr = [], [], []
         for _ in range(int(rng.integers(3, 6))):
-            dz, wz = rng.uniform(-60, 60), rng.uniform(-0.8, 0.8) * bw
-            hz = -bh * np.sqrt(max(1e-3, 1 - (wz / bw) ** 2)) - 3.0
+            dz, wz = rng.uniform(-60, 60), rng.uniform(-0.8, 0.8) * ch.bw
+            hz = -ch.bh * np.sqrt(max(1e-3, 1 - (wz / ch.bw) ** 2)) - 3.0
             m0 += [[dz, hz, wz], [dz, hz - 1, wz]]
             m1 += [[dz, hz, wz], [dz + rng.uniform(-40, 40), hz - 4, wz + rng.uniform(-60, 60)]]
             mr += [2.5, 0.6]
         cv.blend(cv.capsule_occupancy(np.array(m0), np.array(m1), np.array(mr)), METAL, "metal")
-    if sc.coverage_mm < fov:  # a shorter scan, anywhere in the field: no data (air) outside it
+    if sc.coverage_mm < fov:
         centre = rng.uniform(-(fov - sc.coverage_mm) / 2, (fov - sc.coverage_mm) / 2)
-        outside = np.abs(grid.centers() - centre) > sc.coverage_mm / 2  # along the scanner axis (array D)
+        outside = np.abs(ch.grid.centers() - centre) > sc.coverage_mm / 2  # along the scanner axis (array D)
         cv.vol[outside] = AIR
         cv.labels[outside] = L["background"]
 
-    return (cv.vol, cv.labels) if with_labels else cv.vol
+
+# The anatomy in the order it is painted (a later structure overwrites an earlier one where it lies).
+ANATOMY = (_body, _table, _abdomen, _lungs, _heart_and_great_vessels, _lung_vessels_and_nodules, _spine,
+           _airways, _ribs, _shoulder_girdle_and_sternum, _scan_effects)
 
 
-# On a tie in a majority vote the structure you would look for (bone, nodule, vessel) wins over soft
-# tissue, and tissue over air: a half-lung, half-wall voxel is ~ -400 HU, not lung-like.
-TIE_ORDER = ("metal", "rib", "vertebra", "other_bone", "nodule", "vessel", "heart_blood", "soft_tissue", "fat", "table",
-             "lung", "airway", "gas", "background")
+def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, with_labels: bool = False,
+                  scan: Scan | None = None):
+    """One chest CT phantom, ``(size, size, size)`` float32 in HU, array axes (D, H, W).
+
+    Deterministic in ``seed``. ``size`` is the render resolution (2x the training target by default).
+    ``scan`` fixes any of contrast / coverage / table shape / metal / arms (:class:`Scan`; unset fields
+    are drawn). The body is painted by the :data:`ANATOMY` steps in turn. With ``with_labels`` returns
+    ``(hu, labels)``: the :data:`LABELS` of every voxel, painted with the same geometry (a later
+    structure overwrites an earlier one exactly where its HU does).
+    """
+    rng = np.random.default_rng(seed)
+    grid = Grid(size, fov)
+    rot = _rotation(rng)
+    shift = (0.0, rng.uniform(-10, 10), rng.uniform(-15, 15))  # position on the table: AP and left-right
+    sc = (scan or Scan()).draw(rng, fov)
+    ch = _Chest(rng, grid, _Canvas(grid, rot, shift), sc, fov)
+    for step in ANATOMY:
+        step(ch)
+    return (ch.cv.vol, ch.cv.labels) if with_labels else ch.cv.vol
 
 
 def downsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
