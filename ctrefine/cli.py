@@ -5,7 +5,7 @@ Every command's work lives in the package (``data``, ``viz``, ``export``, ``infe
 A :class:`~ctrefine.errors.UserError` becomes one line on stderr (``ctrefine: error: ...``) and exit
 status 2; Ctrl-C is one line and exit 130; anything else is a bug and keeps its traceback.
 
-Flags use dashes (``--num-patients``); the seed's underscore spellings (``--base_checkpoint``,
+Flags use dashes (``--num-patients``); underscore spellings (``--base_checkpoint``,
 ``--data_path``, ``--output_dir``, ...) are accepted as aliases.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .outputs import FIGURES
 
 
 def _flag(parser, name: str, **kw):
-    """Add ``--a-b`` with the alias ``--a_b`` (one style, the seed's spelling still works)."""
+    """Add ``--a-b`` with the alias ``--a_b`` (one style; the underscore spelling still works)."""
     names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
     return parser.add_argument(*names, dest=kw.pop("dest", name.replace("-", "_")), **kw)
 

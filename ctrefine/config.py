@@ -1,6 +1,6 @@
 """The one config path: a typed schema (pydantic), JSON presets that override it, ``--set`` on top.
 
-Schema (the seed's): ``model / training / loss / data / checkpoint / logging``. A preset only lists
+Schema: ``model / training / loss / data / checkpoint / logging``. A preset only lists
 what it changes. Validation is strict: an unknown key, a value of the wrong type or out of range is a
 one-line :class:`~ctrefine.errors.ConfigError` naming the key -- a typo must never silently fall back
 to a default. Each field's ``description`` says why its default is what it is.
@@ -112,7 +112,7 @@ class _LossBase(_Section):
         return self
 
 
-# One field per registered loss term (weight >= 0; the seed's names; "perceptual" accepted for "texture").
+# One field per registered loss term (weight >= 0; "perceptual" accepted as another name of "texture").
 LossConfig = create_model("LossConfig", __base__=_LossBase, **{name: _loss_field(name) for name in TERMS})
 
 

@@ -1,4 +1,4 @@
-"""The fixed conventions every stage of ctrefine agrees on (see shared DESIGN.md §2).
+"""The fixed conventions every stage of ctrefine agrees on.
 
 Nothing else in the package hard-codes the HU window, the X-ray physics constants, the
 acquisition geometry defaults or the radiograph normalisation: import them from here.

@@ -1,7 +1,7 @@
 """Jobs that run other parts as processes: a training stage through the ``deepspeed`` launcher, and
 the main job (``ctrefine demo``): data -> base -> refiner -> ONNX -> ONNX inference (OpenVINO on CPU, ONNX Runtime on CUDA) -> table.
 
-Where a shipped base fits the preset (:data:`SHIPPED_BASE`), the demo is the seed's workflow: that
+Where a shipped base fits the preset (:data:`SHIPPED_BASE`), the demo is the two-stage workflow: that
 base, frozen, and only the refiner trained here (``train_base=True`` trains the base as well).
 
 The demo reuses finished work on a rerun: the dataset (resumable generation), each training stage

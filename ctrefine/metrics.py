@@ -1,4 +1,4 @@
-"""Image-quality metrics on model-space volumes in [0, 1] (DESIGN.md §2), vectorised in torch.
+"""Image-quality metrics on model-space volumes in [0, 1] (:mod:`ctrefine.conventions`), vectorised in torch.
 
 * PSNR = 10 log10(1 / MSE) over the whole 3D volume (data range 1).
 * SSIM = 3D SSIM with the defaults of ``skimage.metrics.structural_similarity(data_range=1)``:

@@ -34,7 +34,7 @@ QUANT_OPS = ("Conv",)
 # only a residual on top of it, so the refiner tolerates int8 and the base does not.
 INT8_MODULES = ("refiner.",)
 FP32_MODULES = ("refiner.stem.", "refiner.head.")
-PSNR_TOL_DB = 0.05  # the bound on what a faster engine may cost, mean over the test split
+PSNR_TOL_DB = 0.05  # what a faster engine may cost, mean PSNR over the test split
 
 
 def calibration_batches(data_path, n: int, split: str = "train") -> list[dict]:

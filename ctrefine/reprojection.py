@@ -2,7 +2,7 @@
 
 The refiner's one advantage over the base is the radiographs themselves (rendered from the
 full-resolution anatomy). This module asks the question directly: *does this volume explain the
-input radiographs?* It is used in three places, always through the same two functions:
+input radiographs?* It is used in four places, always through the same two functions:
 
 * the ``xray_consistency`` loss term (:mod:`ctrefine.losses.registry`);
 * the refiner's re-projection guidance: the residual "input radiograph minus the coarse volume's

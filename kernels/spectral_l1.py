@@ -16,8 +16,8 @@ Here:
 3. Backward: the kernel writes ``dloss/dX = g/N * m * w * X/|X|`` (0 where ``X = 0``, matching
    torch's ``abs`` subgradient), and torch's own ``rfftn`` backward carries it to ``p`` and ``t``.
 
-The weight's sharpness and cut-off are arguments (the reference owns their values); the FFT and the
-``torch.autograd.Function`` live in ``ctrefine.losses.functional``.
+The weight's sharpness and cut-off are arguments (the reference owns their values). Kernels, launchers,
+the ``torch.autograd.Function`` and the loss's kernel path are all in this file.
 """
 from __future__ import annotations
 
@@ -109,3 +109,31 @@ def spectral_weighted_abs_backward(spec_ri: torch.Tensor, full_shape, grad_outpu
     _spectral_bwd[grid](spec_ri, gx, go, 1.0 / n_full, m, d, h, w, wr, SHARP=sharp, CUT=cut,
                         BLOCK=BLOCK, num_warps=NUM_WARPS)
     return gx
+
+
+class SpectralWeightedAbs(torch.autograd.Function):
+    """Half spectrum ``rfftn(p - t)`` -> full-spectrum mean of ``w(f)|X|`` (the fused weighting kernel)."""
+
+    @staticmethod
+    def forward(ctx, spec, full_shape, sharp, cut):
+        ri = torch.view_as_real(spec.contiguous()).contiguous()
+        ctx.save_for_backward(ri)
+        ctx.full_shape, ctx.sharp, ctx.cut = full_shape, sharp, cut
+        return spectral_weighted_abs_forward(ri, full_shape, sharp, cut)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (ri,) = ctx.saved_tensors
+        g = spectral_weighted_abs_backward(ri, ctx.full_shape, grad_output, ctx.sharp, ctx.cut)
+        return torch.view_as_complex(g), None, None, None
+
+
+def spectral_l1_loss(pred: torch.Tensor, target: torch.Tensor, sharp: float, cut: float) -> torch.Tensor:
+    """The kernel path of ``ctrefine.losses.functional.spectral_l1``: one ``rfftn`` of the difference, then
+    the fused weighting (``sharp`` and ``cut`` are the reference's weight parameters)."""
+    if pred.shape != target.shape or pred.dim() < 3:
+        raise ValueError(f"spectral_l1 expects two tensors of one shape (..., D, H, W), got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    diff = pred.float() - target.float()
+    spec = torch.fft.rfftn(diff, dim=(-3, -2, -1), norm="ortho")
+    return SpectralWeightedAbs.apply(spec, tuple(diff.shape), sharp, cut)

@@ -92,7 +92,7 @@ _AXIS_NAMES = ("left-right", "anterior-posterior", "head-foot")
 
 
 def _is_legacy_drr_affine(aff: np.ndarray) -> bool:
-    """ctrefine < 0.2 wrote radiographs with ``diag(pitch, pitch, 1, 1)``: rows first, as stored."""
+    """An older ctrefine DRR file: affine ``diag(pitch, pitch, 1, 1)`` (no anatomical axes), rows first, as stored."""
     return aff[0, 0] > 0 and np.allclose(aff, np.diag([aff[0, 0], aff[0, 0], 1.0, 1.0]))
 
 

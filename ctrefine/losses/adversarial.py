@@ -3,7 +3,7 @@
 Every other term compares the refined volume with the truth voxel by voxel (or band by band), so
 detail whose exact position the refiner is unsure of is still averaged towards a blur. A critic asks a
 different question -- *does this correction look like a true one?* -- and rewards plausible detail
-without demanding its exact phase. It is the knob between fidelity and sharpness the issue asks for:
+without demanding its exact phase. It is a knob between fidelity and sharpness:
 ``loss.adversarial`` (0 = off, the default; the 64^3 ablation in bench/RESULTS.md section 10 measures
 it at two weights).
 

@@ -9,7 +9,7 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
   grow with the volume size), ``w(f) = sigmoid(10 (|f| - 0.1))`` with |f| in cycles/voxel: about 0.27
   at DC, 0.5 at |f| = 0.1, > 0.99 above |f| = 0.56 -- high frequencies dominate.
 * :func:`l1`: ``mean |pred - target|`` (the base stage's loss and the refiner's intensity anchor).
-* :func:`local_stats_loss` (the "texture" term; the seed's "perceptual"). No pretrained network weights can be downloaded
+* :func:`local_stats_loss` (the "texture" term, also accepted as "perceptual"). No pretrained network weights can be downloaded
   here, and a VGG trained on photographs is a poor judge of CT texture anyway. This term is what it
   says: L1 between multi-scale local means and local standard deviations (3^3 windows at 1x, 2x, 4x
   down-sampling) of the two volumes. Matching local std is a texture/contrast criterion that a
