@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ctrefine.config import load_config
 from ctrefine.losses.loss import DetailRefinementLoss, ReconstructionLoss

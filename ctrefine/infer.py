@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
-from .data.dataset import CTDataset, dataset_geometry, mean_volume
-from .data.io import atomic_dir, load_radiograph, read_json, save_nifti, square_resize, write_json
+from .data.dataset import CTDataset, mean_volume
+from .data.io import atomic_dir, load_radiograph, save_nifti, square_resize, write_json
 from .errors import DataError
 from .outputs import FIGURES, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
 from .metrics import psnr
@@ -87,8 +87,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
                         f"{predictor.xray_size}^2")
     n = len(ds) if num_patients is None else min(num_patients, len(ds))
     baseline = None if split == "all" and baseline_data is None else _mean_baseline(baseline_data or data_path)
-    header = Path(data_path) / "dataset.json"
-    table = (read_json(header) if header.exists() else {}).get("labels")
+    table = ds.header.labels
     per_patient: dict[str, dict] = {}
     projector = None
     device = getattr(predictor, "device", torch.device("cpu"))  # metrics where the model ran
@@ -99,7 +98,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
             items = [ds[i] for i in range(i0, min(n, i0 + batch_size))]
             xrays = torch.stack([it["xrays"] for it in items])
             coarse, ungated = predictor(xrays)
-            projector = projector or SliceProjector(coarse.shape[-1], geometry=dataset_geometry(data_path))
+            projector = projector or SliceProjector(coarse.shape[-1], geometry=ds.header.geometry)
             refined, records = safety_gate(projector, xrays, coarse, ungated, gate)
             gt = torch.stack([it["ct"] for it in items])
             found = _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device)

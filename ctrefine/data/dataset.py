@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -194,7 +195,7 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
 def summarize(root) -> str:
     """Human-readable summary of a dataset directory."""
     root = Path(root)
-    hdr = read_json(root / "dataset.json")
+    hdr = DatasetHeader.read(root).raw
     splits = read_splits(root)
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p))
     lines = [f"dataset {root}: {len(names)} patients, target {hdr['size']}^3 over {hdr['fov_mm']:.0f} mm "
@@ -209,11 +210,36 @@ def summarize(root) -> str:
     return "\n".join(lines)
 
 
-def dataset_geometry(root) -> str:
-    """The ray geometry (``cone`` / ``parallel``) a dataset's radiographs were rendered with (``cone``, the
-    default of every maker here, for a folder without a header)."""
-    header = Path(root) / "dataset.json"
-    return read_json(header)["geometry"]["kind"] if header.exists() else "cone"
+@dataclass(frozen=True)
+class DatasetHeader:
+    """A dataset's ``dataset.json``, read in this one place: how its patients were made. A folder
+    without one (a hand-made dataset) reads as empty: no grid to check, cone geometry, no label table."""
+
+    raw: dict
+
+    @classmethod
+    def read(cls, root) -> "DatasetHeader":
+        path = Path(root) / "dataset.json"
+        return cls(read_json(path) if path.exists() else {})
+
+    @property
+    def size(self) -> int | None:
+        return self.raw.get("size")
+
+    @property
+    def xray_size(self) -> int | None:
+        return self.raw.get("xray_size")
+
+    @property
+    def geometry(self) -> str:
+        """The ray geometry (``cone`` / ``parallel``) its radiographs were rendered with (``cone``, the
+        default of every maker here, without a header)."""
+        return self.raw.get("geometry", {}).get("kind", "cone")
+
+    @property
+    def labels(self) -> dict | None:
+        """Label id (as a string) -> structure name, where the patients have label maps."""
+        return self.raw.get("labels")
 
 
 def iter_batches(ds: "CTDataset", indices: list[int], batch_size: int, raw: bool = False):
@@ -358,6 +384,7 @@ class CTDataset(torch.utils.data.Dataset):
         else:
             self.names = list(splits[split])
         self.split = split
+        self.header = DatasetHeader.read(self.root)
         self._cache: dict[int, dict] = {} if cache else None
 
     def __len__(self) -> int:

@@ -637,6 +637,12 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, with_labels: 
     return (ch.cv.vol, ch.cv.labels) if with_labels else ch.cv.vol
 
 
+# On a tie in a majority vote the structure you would look for (bone, nodule, vessel) wins over soft
+# tissue, and tissue over air: a half-lung, half-wall voxel is ~ -400 HU, not lung-like.
+TIE_ORDER = ("metal", "rib", "vertebra", "other_bone", "nodule", "vessel", "heart_blood", "soft_tissue", "fat", "table",
+             "lung", "airway", "gas", "background")
+
+
 def downsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
     """Majority vote of each ``factor^3`` block (ties broken by :data:`TIE_ORDER`): labels on the target grid
     that line up with the area-averaged CT."""

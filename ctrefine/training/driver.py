@@ -35,8 +35,8 @@ import torch
 from ..config import Config, ds_config_path, load_config, read_json_object
 from ..device import DevicePolicy, rank_device
 from ..data.augment import augment_radiographs
-from ..data.dataset import CTDataset, ResidentSplit, read_splits
-from ..data.io import read_json, write_json
+from ..data.dataset import CTDataset, DatasetHeader, ResidentSplit, read_splits
+from ..data.io import write_json
 from ..errors import OneLineParser, UserError
 from ..models.layout import channels_last_layers, conv_widths
 from .checkpointing import Checkpointer
@@ -80,10 +80,10 @@ def validate(cfg: Config, stage: type[Stage], ds_config) -> dict:
         name = getattr(cfg.data, key)
         if not splits.get(name):
             raise UserError(f"dataset {str(data)!r} has no patients in split {name!r} (data.{key})")
-    hdr = read_json(data / "dataset.json") if (data / "dataset.json").exists() else {}
+    hdr = DatasetHeader.read(data)
     m = cfg.model
-    if hdr and (hdr.get("size") != m.volume_size or hdr.get("xray_size") != m.xray_size):
-        raise UserError(f"dataset {str(data)!r} is {hdr.get('size')}^3 / {hdr.get('xray_size')}^2 but the config expects "
+    if hdr.raw and (hdr.size != m.volume_size or hdr.xray_size != m.xray_size):
+        raise UserError(f"dataset {str(data)!r} is {hdr.size}^3 / {hdr.xray_size}^2 but the config expects "
                         f"{m.volume_size}^3 / {m.xray_size}^2")
     stage.check(cfg)
     ds_path = Path(ds_config) if ds_config else ds_config_path()

@@ -18,7 +18,7 @@ import torch
 from ..checkpoint import load_model_file, state_fingerprint
 from ..config import Config
 from ..device import DevicePolicy
-from ..data.dataset import CTDataset, ResidentSplit, dataset_geometry, iter_batches
+from ..data.dataset import CTDataset, DatasetHeader, ResidentSplit, iter_batches
 from ..data.io import write_json
 from ..errors import UserError
 from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
@@ -142,7 +142,7 @@ class RefineStage(Stage):
 
     @staticmethod
     def check(cfg):
-        geo, want = dataset_geometry(cfg.data.data_path), cfg.model.reprojection
+        geo, want = DatasetHeader.read(cfg.data.data_path).geometry, cfg.model.reprojection
         if want != "off" and want != geo:
             raise UserError(f"model.reprojection={want!r} but {cfg.data.data_path} was rendered with {geo!r} "
                             f"geometry; set model.reprojection={geo!r}")
@@ -167,8 +167,7 @@ class RefineStage(Stage):
         self.recompute_coarse = self.cfg.augment.enabled
         self._cache_coarse(datasets[1:] if self.recompute_coarse else datasets, self.cfg.training.batch_size)
         self._coarse_val: tuple[tuple[str, ...], dict] | None = None  # the val split's coarse metrics, once a run
-        self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), dataset_geometry(self.cfg.data.data_path),
-                                              self.device)
+        self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), datasets[0].header.geometry, self.device)
         return build_refiner(self.cfg)
 
     @torch.no_grad()
