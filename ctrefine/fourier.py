@@ -1,8 +1,11 @@
 """The one frequency grid of ctrefine: ``|f|`` in cycles/voxel for every bin of a 3D FFT.
 
-Shared by the high-pass weight of the spectral loss (:mod:`ctrefine.losses.reference`) and the radial
-bands of the frequency attention (:mod:`ctrefine.models.blocks`), so "frequency" means the same thing
-in the loss that trains the refiner and in the block that re-weights its spectrum. The Triton kernel
+Shared by the high-pass weight and the band energies of the spectral losses
+(:mod:`ctrefine.losses.reference`), the radial bands of the frequency attention
+(:mod:`ctrefine.models.blocks`) and the band ratios of :mod:`ctrefine.metrics`, so "frequency" means the
+same thing in the loss that trains the refiner, in the block that re-weights its spectrum and in the
+report; :func:`radial_bins` and :func:`hermitian_multiplicity` are the one home of the band index and of
+what a half spectrum's bin stands for. The Triton kernel
 recomputes the same quantity from the bin index (it cannot read a torch helper) and is tested
 against the reference that uses this grid.
 """
@@ -25,6 +28,24 @@ def frequency_magnitude(shape, onesided: bool = False, device=None) -> torch.Ten
     fh = torch.fft.fftfreq(h, device=device).view(1, -1, 1)
     fw = (torch.fft.rfftfreq(w, device=device) if onesided else torch.fft.fftfreq(w, device=device)).view(1, 1, -1)
     return torch.sqrt(fd**2 + fh**2 + fw**2)
+
+
+def radial_bins(shape, n_bins: int, device=None) -> torch.Tensor:
+    """Radial band of every ``rfftn`` bin of a (D, H, W) grid: ``n_bins`` equal bands of ``|f|`` over
+    ``[0, sqrt(3)/2]``, as long integers in ``[0, n_bins)``."""
+    mag = frequency_magnitude(shape, onesided=True, device=device)
+    return (mag / NYQUIST_3D * n_bins).long().clamp_(max=n_bins - 1)
+
+
+def hermitian_multiplicity(shape, device=None) -> torch.Tensor:
+    """How many bins of the full spectrum each ``rfftn`` bin of a real (D, H, W) grid stands for: 2 (itself
+    and its mirror), except 1 on the ``k_w = 0`` plane and, for even W, the Nyquist plane ``k_w = W/2``."""
+    d, h, w = (int(s) for s in shape)
+    mult = torch.full((d, h, w // 2 + 1), 2.0, device=device)
+    mult[..., 0] = 1.0
+    if w % 2 == 0:
+        mult[..., -1] = 1.0
+    return mult
 
 
 def dft_matrices(n: int, dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -53,11 +53,15 @@ def _pair(pred, target):
     return p, t
 
 
+def _psnr_of(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``10 log10(1 / MSE)`` per volume of two ``(B, ...)`` tensors (data range 1); +inf where they agree."""
+    mse = ((a - b) ** 2).flatten(1).mean(1)
+    return torch.where(mse > 0, 10.0 * torch.log10(1.0 / mse), torch.full_like(mse, float("inf")))
+
+
 def psnr(pred, target) -> torch.Tensor:
     """Per-volume PSNR in dB (data range 1); identical volumes give +inf."""
-    p, t = _pair(pred, target)
-    mse = ((p - t) ** 2).flatten(1).mean(1)
-    return torch.where(mse > 0, 10.0 * torch.log10(1.0 / mse), torch.full_like(mse, float("inf")))
+    return _psnr_of(*_pair(pred, target))
 
 
 def mae(pred, target) -> torch.Tensor:
@@ -120,8 +124,7 @@ def highpass(x: torch.Tensor, sigma: float = HF_SIGMA) -> torch.Tensor:
 def hf_psnr(pred, target) -> torch.Tensor:
     """PSNR of the detail band (see the module docstring); +inf when the bands are identical."""
     p, t = _pair(pred, target)
-    mse = ((highpass(p) - highpass(t)) ** 2).flatten(1).mean(1)
-    return torch.where(mse > 0, 10.0 * torch.log10(1.0 / mse), torch.full_like(mse, float("inf")))
+    return _psnr_of(highpass(p), highpass(t))
 
 
 def band_ratios(pred, target) -> dict[str, torch.Tensor]:

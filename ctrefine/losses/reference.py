@@ -31,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..fourier import NYQUIST_3D, frequency_magnitude
+from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
 from ..stencil import laplacian3d
 
 SPECTRAL_SHARPNESS = 10.0  # slope of the high-pass weight's sigmoid
@@ -107,13 +107,7 @@ def consistency_l1(refined: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _energy_bands(shape: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Band index of every ``rfftn`` bin, each bin's multiplicity (interior bins stand for their mirror)."""
-    mag = frequency_magnitude(shape, True, device)
-    band = (mag / NYQUIST_3D * ENERGY_BANDS).long().clamp_(max=ENERGY_BANDS - 1)
-    mult = torch.full_like(mag, 2.0)
-    mult[..., 0] = 1.0
-    if shape[-1] % 2 == 0:
-        mult[..., -1] = 1.0
-    return band, mult
+    return radial_bins(shape, ENERGY_BANDS, device), hermitian_multiplicity(shape, device)
 
 
 def band_energy_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

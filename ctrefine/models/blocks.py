@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import contextlib
 
-from ..fourier import NYQUIST_3D, dft_matrices, frequency_magnitude
+from ..fourier import dft_matrices, radial_bins
 from .norm import GroupNormSiLU
 
 
@@ -77,15 +77,6 @@ def fuse_views(pa: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
     p = lift_view(pa, "pa", lat.shape[-1])
     l_ = lift_view(lat, "lateral", pa.shape[-1])
     return torch.cat([p, l_, p * l_], dim=1)
-
-
-def radial_bins(size: tuple[int, int, int], n_bins: int) -> torch.Tensor:
-    """Radial frequency band of every ``rfftn`` bin of a (D, H, W) grid, in ``[0, n_bins)``.
-
-    |f| is in cycles/voxel (:func:`ctrefine.fourier.frequency_magnitude`); its maximum is sqrt(3)/2.
-    """
-    mag = frequency_magnitude(size, onesided=True)
-    return (mag / NYQUIST_3D * n_bins).long().clamp_(max=n_bins - 1)
 
 
 def apply_spectral_gain(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
