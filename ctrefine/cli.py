@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import OneLineParser, UserError
+from .errors import OneLineParser, UserError, run_main
 from .outputs import FIGURES
 
 
@@ -309,21 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def work() -> int:
         if argv[:1] == ["train"]:  # pass everything through, --help included
             return _cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except UserError as exc:
-        print(f"ctrefine: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ctrefine: interrupted (outputs are written atomically: nothing half-written was left)", file=sys.stderr)
-        return 130
-    except OSError as exc:  # a disk, permission or path problem of the user's machine, not a bug
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"ctrefine: error: {where}{exc.strerror or type(exc).__name__}", file=sys.stderr)
-        return 2
+
+    return run_main("ctrefine", work, "outputs are written atomically: nothing half-written was left")
 
 
 if __name__ == "__main__":

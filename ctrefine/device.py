@@ -68,6 +68,15 @@ def use_kernels(x: torch.Tensor, family: str = "loss") -> bool:
     return x.is_cuda and AUTO_ON_CUDA[family] and triton_available()
 
 
+def free_port() -> int:
+    """A free TCP port on this machine, for a distributed run's rendezvous (``MASTER_PORT``)."""
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
 def rank_device(local_rank: int, world: int) -> torch.device:
     """This rank's device under DeepSpeed's accelerator: its own GPU, or the CPU with the cores shared
     between the ranks on this machine (one thread per rank when there are as many ranks as cores)."""

@@ -10,7 +10,6 @@ The demo reuses finished work on a rerun: the dataset (resumable generation), ea
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 
 from . import pretrained
 from .config import ds_config_path, load_config, preset_path
+from .device import free_port
 from .errors import UserError
 from .data.io import read_json, write_json
 from .outputs import check_writable
@@ -43,12 +43,6 @@ def demo_preset(preset: str) -> str:
     if torch.cuda.is_available():
         return "full"
     return "cpu-medium" if shipped_base("cpu-medium") else "cpu-small"
-
-
-def free_port() -> int:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
 
 
 def default_ranks() -> int:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +31,11 @@ import numpy as np
 import torch
 
 from ..config import Config, ds_config_path, load_config, read_json_object
-from ..device import DevicePolicy, rank_device
+from ..device import DevicePolicy, free_port, rank_device
 from ..data.augment import augment_radiographs
 from ..data.dataset import CTDataset, DatasetHeader, ResidentSplit, read_splits
 from ..data.io import write_json
-from ..errors import OneLineParser, UserError
+from ..errors import OneLineParser, UserError, run_main
 from ..models.layout import channels_last_layers, conv_widths
 from .checkpointing import Checkpointer
 from .logs import CSVLog, tensorboard_writer
@@ -100,11 +98,8 @@ def init_distributed():
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:  # not started by a launcher: single process, no mpi4py needed
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
@@ -431,12 +426,5 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"ctrefine.train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ctrefine.train: interrupted; the last complete checkpoint (latest.json) is where a rerun resumes",
-              file=sys.stderr)
-        return 130
+    return run_main("ctrefine.train", lambda: run(args),
+                    "the last complete checkpoint (latest.json) is where a rerun resumes")
