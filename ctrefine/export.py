@@ -29,10 +29,12 @@ from .errors import DataError, UserError
 from .models.blocks import matmul_transforms
 from .pipeline import OnnxPredictor, TorchPredictor, TwoStage, installed_engines, onnx_feed, onnx_runner, \
     set_onnx_metadata
-from .quantize import PSNR_TOL_DB, calibration_batches, quantize_int8, split_psnr
+from .quantize import calibration_batches, quantize_int8
+from .report import split_psnr
 
 OPSET = 18
 PARITY_TOL = 1e-4  # fp32: max |ONNX - torch| in model space [0, 1]
+PSNR_TOL_DB = 0.05  # bf16, int8: what a faster file may cost, mean PSNR over the judged split
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
@@ -102,7 +104,7 @@ def verify(model: TwoStage, onnx_path, inputs: list[torch.Tensor], engine: str =
 
 class ParityError(UserError):
     """The exported graph does not reproduce torch: max |error| above :data:`PARITY_TOL` (fp32), or a
-    mean PSNR change above :data:`ctrefine.quantize.PSNR_TOL_DB` (int8)."""
+    mean PSNR change above :data:`PSNR_TOL_DB` (int8)."""
 
 
 def export_and_verify(model: TwoStage, cfg: Config, out, log=print, precision: str = "fp32", data_path=None,
@@ -112,7 +114,7 @@ def export_and_verify(model: TwoStage, cfg: Config, out, log=print, precision: s
 
     fp32: max |engine - torch| on random batches of 1 and 3 and on up to 4 patients of ``data_path``'s
     ``split`` must stay within :data:`PARITY_TOL`; returns the worst error. bf16 / int8: the mean refined
-    PSNR on ``data_path``'s ``split`` may move by at most :data:`~ctrefine.quantize.PSNR_TOL_DB` from
+    PSNR on ``data_path``'s ``split`` may move by at most :data:`PSNR_TOL_DB` from
     torch fp32; returns the worst change (dB). Raises :class:`ParityError` otherwise (the file stays,
     for inspection).
     """
@@ -150,9 +152,7 @@ def _export_lossy(model, cfg, out, log, precision, data_path, split, calibration
         raise UserError(f"--precision {precision} needs --data-path: a dataset whose {split} patients judge the "
                         "result" + (" and whose training patients calibrate the activation ranges"
                                     if precision == "int8" else ""))
-    ds = CTDataset(data_path, split)
-    if len(ds) == 0:
-        raise DataError(f"{data_path}: split {split!r} is empty: nothing to judge the {precision} file on")
+    ds = CTDataset(data_path, split).nonempty(f"nothing to judge the {precision} file on")
     size = ds[0]["xrays"].shape[-1]
     if size != cfg.model.xray_size:
         raise DataError(f"{data_path}: radiographs are {size}^2 but the model expects {cfg.model.xray_size}^2")

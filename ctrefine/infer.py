@@ -78,9 +78,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
         claim_output_dir(output_dir, RESULT_KIND, is_inference_result, overwrite, protect=(data_path,))
 
     claim()
-    ds = CTDataset(data_path, split)
-    if len(ds) == 0:
-        raise DataError(f"{data_path}: split {split!r} is empty")
+    ds = CTDataset(data_path, split).nonempty()
     first = ds[0]
     if first["xrays"].shape[-1] != predictor.xray_size:
         raise DataError(f"{data_path}: radiographs are {first['xrays'].shape[-1]}^2 but the model expects "

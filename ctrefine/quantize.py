@@ -10,18 +10,16 @@ extra requantisations cost more than they save), and the DFT products stay fp32 
 spectrum exact.
 
 A quantised model is not bit-compatible with torch, so its parity is the change in PSNR against the
-ground truth on held-out patients (:func:`split_psnr`, :data:`PSNR_TOL_DB`), not a max |error|.
+ground truth on held-out patients (:func:`ctrefine.report.split_psnr`, judged in :mod:`ctrefine.export`),
+not a max |error|.
 """
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-import torch
 
 from .data.dataset import CTDataset
-from .errors import DataError
-from .metrics import psnr
 from .outputs import atomic_file
 from .pipeline import onnx_feed, set_onnx_metadata
 
@@ -34,14 +32,11 @@ QUANT_OPS = ("Conv",)
 # only a residual on top of it, so the refiner tolerates int8 and the base does not.
 INT8_MODULES = ("refiner.",)
 FP32_MODULES = ("refiner.stem.", "refiner.head.")
-PSNR_TOL_DB = 0.05  # what a faster engine may cost, mean PSNR over the test split
 
 
 def calibration_batches(data_path, n: int, split: str = "train") -> list[dict]:
     """The first ``n`` patients of ``split`` as ONNX feeds (batch 1): the inputs the model will really see."""
-    ds = CTDataset(data_path, split, cache=False)
-    if len(ds) == 0:
-        raise DataError(f"{data_path}: split {split!r} is empty; int8 calibration needs training patients")
+    ds = CTDataset(data_path, split, cache=False).nonempty("int8 calibration needs training patients")
     return [onnx_feed(ds[i]["xrays"][None]) for i in range(min(n, len(ds)))]
 
 
@@ -80,17 +75,3 @@ def _runs_int8(weight_name: str) -> bool:
     return weight_name.startswith(INT8_MODULES) and not weight_name.startswith(FP32_MODULES)
 
 
-@torch.no_grad()
-def split_psnr(predictor, data_path, split: str = "test", batch_size: int = 4) -> dict:
-    """Refined-volume PSNR (dB) of each patient of ``split`` against its ground truth."""
-    ds = CTDataset(data_path, split, cache=False)
-    count = len(ds)
-    if count == 0:
-        raise DataError(f"{data_path}: split {split!r} is empty")
-    out = {}
-    for i0 in range(0, count, batch_size):
-        items = [ds[i] for i in range(i0, min(count, i0 + batch_size))]
-        _, refined = predictor(torch.stack([it["xrays"] for it in items]))
-        for it, value in zip(items, psnr(refined, torch.stack([it["ct"] for it in items]))):
-            out[it["name"]] = float(value)
-    return out
