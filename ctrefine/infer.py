@@ -31,9 +31,9 @@ import torch
 
 from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
 from .data.dataset import CTDataset, mean_volume
-from .data.io import atomic_dir, load_radiograph, save_nifti, square_resize, write_json
+from .data.io import load_radiograph, save_nifti, square_resize, write_json
 from .errors import DataError
-from .outputs import FIGURES, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
+from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
 from .metrics import psnr
 from .reprojection import SliceProjector, safety_gate
 from .report import batch_metrics, metrics_text, summarize

@@ -8,7 +8,8 @@ from nibabel.processing import resample_to_output
 from ctrefine.conventions import canonical_affine, hu_to_model
 from ctrefine.data.dataset import CTDataset
 from ctrefine.data.ingest import ingest_ct, load_ct
-from ctrefine.data.io import DataError, load_nifti, save_nifti
+from ctrefine.data.io import load_nifti, save_nifti
+from ctrefine.errors import DataError
 from ctrefine.data.phantoms import chest_phantom
 
 

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
-from ..outputs import LOCK_NAME, check_writable
-from .io import DataError, atomic_dir, load_nifti, read_json, save_nifti, write_json, xray_affine
+from ..outputs import LOCK_NAME, atomic_dir, check_writable
+from ..errors import DataError
+from .io import load_nifti, read_json, save_nifti, write_json, xray_affine
 from .augment import imaging_chain
 from .phantoms import LABELS, Scan, chest_phantom, downsample_area, downsample_labels
 from .projector import Geometry, render_drrs

@@ -21,7 +21,8 @@ from .dataset import FORMAT_VERSION, MEAN_VOLUME, check_dataset_dir, mean_volume
     write_patient
 from .dicom import load_series
 from ..outputs import LOCK_NAME, folder_lock
-from .io import DataError, load_nifti, read_json, write_json
+from ..errors import DataError
+from .io import load_nifti, read_json, write_json
 from .phantoms import LABELS
 from .projector import Geometry
 

@@ -21,12 +21,11 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import DataError
-from ..outputs import atomic_dir, atomic_file
+from ..outputs import atomic_file
 from .dicom import read_dicom
 from .limits import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS, check_declared_size
 
-__all__ = ["DataError", "atomic_file", "atomic_dir", "save_nifti", "load_nifti", "write_json", "read_json",
-           "load_radiograph", "square_resize", "xray_affine"]
+__all__ = ["save_nifti", "load_nifti", "write_json", "read_json", "load_radiograph", "square_resize", "xray_affine"]
 
 
 def save_nifti(path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
