@@ -256,3 +256,11 @@ def test_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(driver, "cpu_has_native_bf16", lambda: True)  # AMX / AVX512-BF16: bf16 as configured
     assert driver.choose_precision(bf16, cpu) == (torch.bfloat16, "")
     assert driver.choose_precision(bf16, cpu, "fp32") == (torch.float32, "")
+
+
+def test_loading_the_config_schema_imports_no_torch():
+    """The config and the loss-term table it is built from are plain Python: `ctrefine --help`, config
+    validation and tools that only read a run's settings do not pay for torch."""
+    code = "import sys, ctrefine.config; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -12,17 +12,20 @@ distribution) carry the defaults the 64^3 ablation supports (below, and bench/RE
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
 need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
 dataset's geometry; the adversarial critic). A term whose input is missing says so.
+
+Importing this table imports no torch: the config schema is built from it (``ctrefine.config``), and
+each term's implementation is imported the first time the term is computed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ..reprojection import SliceProjector, xray_consistency
-from . import functional, reference
-from .adversarial import AdversarialCritic
+    from ..reprojection import SliceProjector
+    from .adversarial import AdversarialCritic
 
 # Defaults of the further terms, from the 64^3 ablation (bench/RESULTS.md section 10, 26 test
 # patients, 12 epochs each): xray_consistency is worth +0.19 dB (all terms +0.73 vs without it +0.54); the two
@@ -44,15 +47,29 @@ class TermContext:
     critic trained alongside (``adversarial``)."""
 
     images: torch.Tensor | None = None
-    projector: "SliceProjector | None" = None
-    critic: "AdversarialCritic | None" = None
+    projector: SliceProjector | None = None
+    critic: AdversarialCritic | None = None
 
 
-# term(refined, target, coarse, context) -> scalar
-TermFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TermContext], torch.Tensor]
+# term(refined, target, coarse, context) -> scalar tensor
+TermFn = Callable[[Any, Any, Any, TermContext], Any]
+
+
+def _reference():
+    from . import reference
+
+    return reference
+
+
+def _functional():
+    from . import functional
+
+    return functional
 
 
 def _consistency_with(r: torch.Tensor, ctx: TermContext) -> torch.Tensor:
+    from ..reprojection import xray_consistency
+
     if ctx.images is None or ctx.projector is None:
         raise ValueError("the xray_consistency term needs the batch's radiographs")
     return xray_consistency(ctx.projector, r, ctx.images).mean()
@@ -74,22 +91,22 @@ class LossTerm:
 
 
 TERMS: dict[str, LossTerm] = {t.name: t for t in (
-    LossTerm("l1", 1.0, lambda r, t, c, x: reference.l1(r, t), "mean |refined - truth|"),
-    LossTerm("frequency", 0.5, lambda r, t, c, x: functional.spectral_l1(r, t),
+    LossTerm("l1", 1.0, lambda r, t, c, x: _reference().l1(r, t), "mean |refined - truth|"),
+    LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
-    LossTerm("gradient", 0.3, lambda r, t, c, x: functional.laplacian_l1(r, t),
+    LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t),
              "L1 of the 3D Laplacians (Triton kernel on CUDA)"),
-    # The seed calls this "perceptual"; no pretrained weights exist here, so it is named for what it is.
-    LossTerm("texture", 0.2, lambda r, t, c, x: reference.local_stats_loss(r, t),
+    # Also accepted as "perceptual"; no pretrained weights exist here, so it is named for what it is.
+    LossTerm("texture", 0.2, lambda r, t, c, x: _reference().local_stats_loss(r, t),
              "multi-scale local mean/std L1", aliases=("perceptual",)),
-    LossTerm("consistency", 0.1, lambda r, t, c, x: reference.consistency_l1(r, c),
+    LossTerm("consistency", 0.1, lambda r, t, c, x: _reference().consistency_l1(r, c),
              "L1 of the low-passed refined vs coarse volume"),
     LossTerm("xray_consistency", XRAY_CONSISTENCY_WEIGHT, lambda r, t, c, x: _consistency_with(r, x),
              "mean |normalised input radiograph - fitted re-projection of the refined volume| (needs no truth)"),
-    LossTerm("band_energy", BAND_ENERGY_WEIGHT, lambda r, t, c, x: reference.band_energy_l1(r, t),
+    LossTerm("band_energy", BAND_ENERGY_WEIGHT, lambda r, t, c, x: _reference().band_energy_l1(r, t),
              "L1 of log radial power per frequency band (phase-free: rewards detail at the right scale)"),
     LossTerm("gradient_distribution", GRADIENT_DISTRIBUTION_WEIGHT,
-             lambda r, t, c, x: reference.gradient_distribution_l1(r, t),
+             lambda r, t, c, x: _reference().gradient_distribution_l1(r, t),
              "L1 between sorted gradient magnitudes (phase-free: as many sharp edges as the truth)"),
     LossTerm("adversarial", ADVERSARIAL_WEIGHT, lambda r, t, c, x: _adversarial(r, c, x),
              "softplus(-critic(refined | coarse)): a 3D patch critic's verdict that the correction looks true"),
