@@ -22,7 +22,8 @@ import torch
 from ctrefine.config import resolve
 from ctrefine.export import export_onnx, verify
 from ctrefine.models import build_models
-from ctrefine.pipeline import COMPUTE, TwoStage, onnx_feed, onnx_runner
+from ctrefine.engines import COMPUTE, onnx_feed, onnx_runner
+from ctrefine.pipeline import TwoStage
 from ctrefine.quantize import quantize_int8
 from ctrefine.device import cpu_has_native_bf16
 

@@ -27,8 +27,8 @@ from .data.dataset import CTDataset
 from .outputs import atomic_file
 from .errors import DataError, UserError
 from .models.blocks import matmul_transforms
-from .pipeline import OnnxPredictor, TorchPredictor, TwoStage, installed_engines, onnx_feed, onnx_runner, \
-    set_onnx_metadata
+from .engines import installed_engines, onnx_feed, onnx_runner, set_onnx_metadata
+from .pipeline import OnnxPredictor, TorchPredictor, TwoStage
 from .quantize import calibration_batches, quantize_int8
 from .report import split_psnr
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .data.dataset import CTDataset
 from .outputs import atomic_file
-from .pipeline import onnx_feed, set_onnx_metadata
+from .engines import onnx_feed, set_onnx_metadata
 
 QUANT_OPS = ("Conv",)
 # Which convolutions run in int8, by the module owning the weight. Measured on the converged cpu-small

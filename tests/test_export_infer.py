@@ -15,7 +15,8 @@ from ctrefine.conventions import hu_to_model
 from ctrefine.data.io import load_nifti, save_nifti
 from ctrefine.export import PARITY_TOL, export_onnx, verify
 from ctrefine.models import build_models
-from ctrefine.pipeline import load_two_stage, onnx_metadata, ort_session
+from ctrefine.engines import onnx_metadata, ort_session
+from ctrefine.pipeline import load_two_stage
 from ctrefine.metrics import all_metrics
 
 
