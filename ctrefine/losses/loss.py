@@ -38,10 +38,12 @@ class DetailRefinementLoss(nn.Module):
     (``self.critic``, else None); the training stage calls :meth:`train_critic` once per step, before
     this loss, and keeps the critic's state in its checkpoints."""
 
-    def __init__(self, weights: dict | None = None, geometry: str = "cone", device: torch.device | str = "cpu"):
+    def __init__(self, weights: dict | None = None, geometry: str = "cone", device: torch.device | str = "cpu",
+                 projector: SliceProjector | None = None):
         super().__init__()
         self.geometry = geometry
-        self._projectors: dict = {}
+        # the run's re-projector when the caller has one (the refine stage shares its own with validation)
+        self._projectors: dict = {} if projector is None else {(projector.volume_size, projector.ray_sum.device): projector}
         w = dict(DEFAULT_WEIGHTS)
         for k, v in (weights or {}).items():
             name = canonical_name(k)

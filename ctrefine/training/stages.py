@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
 from .. import metrics, pretrained
 from ..models import build_base, build_refiner
-from ..reprojection import xray_consistency
+from ..reprojection import SliceProjector, xray_consistency
 
 # per-epoch validation: MAE adds nothing PSNR does not show; HF-PSNR says whether the detail is right
 # (only these are computed every epoch: all_metrics would add the band FFTs nobody logs here)
@@ -167,7 +167,10 @@ class RefineStage(Stage):
         self.recompute_coarse = self.cfg.augment.enabled
         self._cache_coarse(datasets[1:] if self.recompute_coarse else datasets, self.cfg.training.batch_size)
         self._coarse_val: tuple[tuple[str, ...], dict] | None = None  # the val split's coarse metrics, once a run
-        self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), datasets[0].header.geometry, self.device)
+        # one re-projector for the run: the loss's X-ray consistency term and validation's figures
+        self.projector = SliceProjector(self.cfg.model.volume_size, geometry=datasets[0].header.geometry).to(self.device)
+        self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), datasets[0].header.geometry, self.device,
+                                              projector=self.projector)
         return build_refiner(self.cfg)
 
     @torch.no_grad()
@@ -211,7 +214,7 @@ class RefineStage(Stage):
         for xr, ct, names in split.batches(range(len(split)), batch_size):
             c = self._coarse(names)
             ref = model(c, xr.to(self.dtype)).float()
-            proj = self.criterion.projector(ref)  # needs no truth: how well each volume explains the radiographs
+            proj = self.projector  # needs no truth: how well each volume explains the radiographs
             _accumulate(acc, {**_pick(ref, ct, "refined_"), "refined_xray_consistency": xray_consistency(proj, ref, xr)})
             if not known:
                 cf = c.float()
