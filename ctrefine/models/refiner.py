@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reprojection import SliceProjector, sirt_step, xray_residual
+from ..reprojection import SliceProjector, pool_to, sirt_step, xray_residual
 from ..stencil import laplacian2d, laplacian3d
 from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fuse_views
 
@@ -113,7 +113,8 @@ class DetailRefinementNetwork(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def data_consistency(self, coarse: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
-        """``coarse`` after the learned SIRT steps (float32 arithmetic; returned in ``coarse``'s dtype)."""
+        """``coarse`` after the learned SIRT steps (float32 arithmetic; returned in ``coarse``'s dtype).
+        ``xrays`` may already be at the re-projection size (:func:`pool_to`): then nothing is reduced again."""
         if self.dc_step is None:
             return coarse
         x = coarse.float()
@@ -127,9 +128,10 @@ class DetailRefinementNetwork(nn.Module):
         bp = RESIDUAL_GAIN * self.projector.backproject(xray_residual(self.projector, coarse.float(), xrays))
         return [v.to(coarse.dtype) for v in (bp, F.avg_pool3d(bp, 2), F.avg_pool3d(bp, 4))]
 
-    def residual(self, coarse: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
+    def residual(self, coarse: torch.Tensor, xrays: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The correction of ``coarse``; ``pooled``: the radiographs at the re-projection size, if at hand."""
         inputs = [coarse, self.highpass(coarse), self.guidance(xrays, self.volume_size)]
-        bp = None if self.projector is None else self.reprojection_guidance(coarse, xrays)
+        bp = None if self.projector is None else self.reprojection_guidance(coarse, xrays if pooled is None else pooled)
         x0 = self.enc0(self.stem(torch.cat(inputs + ([] if bp is None else [bp[0]]), dim=1)))
         x1 = self.down1(x0)
         if bp is not None:
@@ -150,5 +152,7 @@ class DetailRefinementNetwork(nn.Module):
             raise ValueError(f"expected coarse (B, 1, {self.volume_size}^3), got {tuple(coarse.shape)}")
         if xrays.dim() != 5 or xrays.shape[1:3] != (2, 1):
             raise ValueError(f"expected xrays (B, 2, 1, S, S), got {tuple(xrays.shape)}")
-        start = self.data_consistency(coarse, xrays)
-        return torch.clamp(start + self.residual(start, xrays).to(start.dtype), 0.0, 1.0)
+        # the radiographs at the re-projection size, reduced once for every SIRT step and the guidance
+        pooled = None if self.projector is None else pool_to(xrays, self.projector.image_size)
+        start = self.data_consistency(coarse, xrays if pooled is None else pooled)
+        return torch.clamp(start + self.residual(start, xrays, pooled).to(start.dtype), 0.0, 1.0)
