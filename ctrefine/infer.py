@@ -83,6 +83,9 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
     if first["xrays"].shape[-1] != predictor.xray_size:
         raise DataError(f"{data_path}: radiographs are {first['xrays'].shape[-1]}^2 but the model expects "
                         f"{predictor.xray_size}^2")
+    if ds.header.geometry != predictor.geometry:  # the gate and the refiner re-project in the model's geometry
+        raise DataError(f"{data_path}: radiographs rendered in {ds.header.geometry!r} geometry but the model was "
+                        f"trained for {predictor.geometry!r} ones")
     n = len(ds) if num_patients is None else min(num_patients, len(ds))
     baseline = None if split == "all" and baseline_data is None else _mean_baseline(baseline_data or data_path)
     table = ds.header.labels
@@ -96,7 +99,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
             items = [ds[i] for i in range(i0, min(n, i0 + batch_size))]
             xrays = torch.stack([it["xrays"] for it in items])
             coarse, ungated = predictor(xrays)
-            projector = projector or SliceProjector(coarse.shape[-1], geometry=ds.header.geometry)
+            projector = projector or SliceProjector(coarse.shape[-1], geometry=predictor.geometry)
             refined, records = safety_gate(projector, xrays, coarse, ungated, gate)
             gt = torch.stack([it["ct"] for it in items])
             found = _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device)

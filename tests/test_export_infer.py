@@ -339,3 +339,22 @@ def test_figures_limit_the_pngs_not_the_metrics(checkpoints, tiny_dataset, tmp_p
     assert len(list((tmp_path / "one").glob("patient_*/patient_*_comparison.png"))) == 1
     evaluate_dataset(pred, tiny_dataset, tmp_path / "none", save_volumes=False, progress=False, figures=0, split="all")
     assert not list((tmp_path / "none").glob("patient_*")) and (tmp_path / "none" / "metrics.json").exists()
+
+
+def test_a_dataset_of_another_geometry_is_refused(checkpoints, tiny_dataset, tmp_path):
+    """The refiner and the safety gate re-project in the model's geometry: a dataset rendered in another
+    is a one-line error before any work, not a silently wrong gate."""
+    import shutil
+
+    from ctrefine.errors import DataError
+    from ctrefine.infer import evaluate_dataset
+    from ctrefine.pipeline import TorchPredictor
+
+    data = tmp_path / "parallel"
+    shutil.copytree(tiny_dataset, data)
+    header = json.loads((data / "dataset.json").read_text())
+    header["geometry"]["kind"] = "parallel"
+    (data / "dataset.json").write_text(json.dumps(header))
+    with pytest.raises(DataError, match="rendered in 'parallel' geometry but the model was trained for 'cone'"):
+        evaluate_dataset(TorchPredictor(*checkpoints, device="cpu"), data, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
