@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
-from .data.dataset import CTDataset, mean_volume
+from .data.dataset import CTDataset, iter_items, mean_volume
 from .data.io import load_radiograph, save_nifti, square_resize, write_json
 from .errors import DataError
 from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
@@ -95,8 +95,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
     with atomic_dir(output_dir, recheck=claim) as tmp, ThreadPoolExecutor(1) as writer:
         bar = tqdm(total=n, desc=f"infer ({predictor.kind})", unit="pt", disable=not progress)
         pending = []
-        for i0 in range(0, n, batch_size):
-            items = [ds[i] for i in range(i0, min(n, i0 + batch_size))]
+        for items in iter_items(ds, range(n), batch_size):
             xrays = torch.stack([it["xrays"] for it in items])
             coarse, ungated = predictor(xrays)
             projector = projector or SliceProjector(coarse.shape[-1], geometry=predictor.geometry)

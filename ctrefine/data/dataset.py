@@ -243,14 +243,21 @@ class DatasetHeader:
         return self.raw.get("labels")
 
 
-def iter_batches(ds: "CTDataset", indices: list[int], batch_size: int, raw: bool = False):
+def iter_items(ds: "CTDataset", indices, batch_size: int):
+    """The patients at ``indices``, in order, as lists of at most ``batch_size`` item dicts: the one walk
+    over a split (:func:`iter_batches` stacks what training and judging need; ``infer`` keeps the items)."""
+    indices = list(indices)
+    for i in range(0, len(indices), batch_size):
+        yield [ds[j] for j in indices[i:i + batch_size]]
+
+
+def iter_batches(ds: "CTDataset", indices, batch_size: int, raw: bool = False):
     """``(xrays (B,2,1,S,S), ct (B,1,D,H,W), names)`` over ``indices`` in order, ``batch_size`` at a time.
 
     ``raw``: the radiographs as stored (line integrals, for :mod:`ctrefine.data.augment`), not normalised.
     """
     key = "xrays_raw" if raw else "xrays"
-    for i in range(0, len(indices), batch_size):
-        items = [ds[j] for j in indices[i:i + batch_size]]
+    for items in iter_items(ds, indices, batch_size):
         yield (torch.stack([it[key] for it in items]), torch.stack([it["ct"] for it in items]),
                [it["name"] for it in items])
 
