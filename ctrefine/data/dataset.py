@@ -299,13 +299,6 @@ class ResidentSplit:
     def __len__(self) -> int:
         return len(self.names)
 
-    def nonempty(self, purpose: str = "") -> "CTDataset":
-        """This dataset, or a one-line :class:`DataError` when its split holds no patient (``purpose``:
-        what needed them)."""
-        if not self.names:
-            raise DataError(f"{self.root}: split {self.split!r} is empty" + (f": {purpose}" if purpose else ""))
-        return self
-
     def batches(self, indices, batch_size: int):
         """``(xrays, ct, names)`` over ``indices`` in order (``xrays`` raw when the split keeps them)."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
