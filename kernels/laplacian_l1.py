@@ -28,28 +28,24 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _neighbour_minus_centre(P, T, offs, step, m, c):
+    """(p - t) at ``offs + step`` minus the centre's ``c``, where ``m`` (inside the volume); 0 elsewhere."""
+    nb = tl.load(P + offs + step, mask=m, other=0.0).to(tl.float32) - tl.load(T + offs + step, mask=m, other=0.0).to(tl.float32)
+    return tl.where(m, nb - c, 0.0)
+
+
+@triton.jit
 def _lap_e(P, T, offs, d, h, w, D, H, W, HW, valid):
-    """L(p - t) at flat positions ``offs`` (indices d, h, w); 0 where ``valid`` is false."""
+    """L(p - t) at flat positions ``offs`` (indices d, h, w); 0 where ``valid`` is false. The six face
+    neighbours, each only where it lies inside the volume (zero-flux borders, as the reference)."""
     c = tl.load(P + offs, mask=valid, other=0.0).to(tl.float32) - tl.load(T + offs, mask=valid, other=0.0).to(tl.float32)
     acc = tl.zeros_like(c)
-    m = valid & (w > 0)
-    acc += tl.where(m, tl.load(P + offs - 1, mask=m, other=0.0).to(tl.float32)
-                    - tl.load(T + offs - 1, mask=m, other=0.0).to(tl.float32) - c, 0.0)
-    m = valid & (w < W - 1)
-    acc += tl.where(m, tl.load(P + offs + 1, mask=m, other=0.0).to(tl.float32)
-                    - tl.load(T + offs + 1, mask=m, other=0.0).to(tl.float32) - c, 0.0)
-    m = valid & (h > 0)
-    acc += tl.where(m, tl.load(P + offs - W, mask=m, other=0.0).to(tl.float32)
-                    - tl.load(T + offs - W, mask=m, other=0.0).to(tl.float32) - c, 0.0)
-    m = valid & (h < H - 1)
-    acc += tl.where(m, tl.load(P + offs + W, mask=m, other=0.0).to(tl.float32)
-                    - tl.load(T + offs + W, mask=m, other=0.0).to(tl.float32) - c, 0.0)
-    m = valid & (d > 0)
-    acc += tl.where(m, tl.load(P + offs - HW, mask=m, other=0.0).to(tl.float32)
-                    - tl.load(T + offs - HW, mask=m, other=0.0).to(tl.float32) - c, 0.0)
-    m = valid & (d < D - 1)
-    acc += tl.where(m, tl.load(P + offs + HW, mask=m, other=0.0).to(tl.float32)
-                    - tl.load(T + offs + HW, mask=m, other=0.0).to(tl.float32) - c, 0.0)
+    acc += _neighbour_minus_centre(P, T, offs, -1, valid & (w > 0), c)
+    acc += _neighbour_minus_centre(P, T, offs, 1, valid & (w < W - 1), c)
+    acc += _neighbour_minus_centre(P, T, offs, -W, valid & (h > 0), c)
+    acc += _neighbour_minus_centre(P, T, offs, W, valid & (h < H - 1), c)
+    acc += _neighbour_minus_centre(P, T, offs, -HW, valid & (d > 0), c)
+    acc += _neighbour_minus_centre(P, T, offs, HW, valid & (d < D - 1), c)
     return acc
 
 
