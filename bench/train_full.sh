@@ -22,6 +22,7 @@
 set -u
 OUT=${OUT:-/tmp/train_full}; W=${W:-/tmp/tfw}; PY=${PY:-python3}; ARCHIVE=train_full.tgz
 PHASES=${PHASES:-data checks base refine eval pack}
+[ "${DRY:-0}" = 1 ] && PHASES=${PHASES/checks /}  # the checks' step smoke runs in tests/test_gpu_check.py
 . "$(dirname "$0")/gpu_lib.sh"
 if [ "${DRY:-0}" = 1 ]; then
   PRESET=cpu-small; NPAT=${NPAT:-8}; SIZE=32; XS=64; BASE_EPOCHS=1; REFINE_EPOCHS=1; PATIENCE=0; WORKERS=2

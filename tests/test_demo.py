@@ -1,4 +1,6 @@
-"""The main job end to end, at smoke-test size: data -> base -> refiner -> ONNX -> ORT inference."""
+"""The main job end to end, as `make demo` runs it on a CPU, at smoke-test size: data -> the shipped base ->
+refiner -> ONNX -> inference. (Base training through the launcher: tests/test_train.py and the dry run of
+bench/train_full.sh.)"""
 import subprocess
 import sys
 
@@ -7,18 +9,33 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_smoke(tmp_path):
-    out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "ctrefine.cli", "demo", "--out", str(out), "--preset", "cpu-small", "--num-patients",
-           "8", "--base-epochs", "1", "--refine-epochs", "1", "--ranks", "1", "--quiet"]
+def test_demo_at_64_starts_from_the_shipped_frozen_base(tmp_path):
+    """The default CPU demo, as `make demo` runs it: 64^3, the shipped base (not trained, not copied), only
+    the refiner trained, ONNX export + inference; a rerun reuses every finished stage; a file the demo did
+    not write is never replaced, and a folder that only looks like a demo is refused."""
+    import json
+    import shutil
+
+    from ctrefine import pretrained
+    from ctrefine.launch import SHIPPED_BASE, demo_preset
+
+    assert SHIPPED_BASE["cpu-medium"] in pretrained.SHIPPED and demo_preset("auto") == "cpu-medium"
+    out = tmp_path / "demo64"
+    cmd = [sys.executable, "-m", "ctrefine.cli", "demo", "--out", str(out), "--num-patients", "6", "--refine-epochs", "1",
+           "--ranks", "1", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "preset cpu-medium" in r.stdout and "shipped pretrained:phantom-64, frozen" in r.stdout
     assert "refined wins" in r.stdout and "gain (refined - coarse)" in r.stdout
-    for f in ("data/splits.json", "base/best_model.pt", "refine/best_model.pt", "model.onnx",
-              "inference_results/metrics.txt", "inference_results/metrics.json"):
+    assert not (out / "base").exists()  # nothing trained or copied for the base
+    for f in ("data/splits.json", "refine/best_model.pt", "model.onnx", "inference_results/metrics.txt"):
         assert (out / f).exists(), f
     assert list((out / "inference_results").glob("patient_*/patient_*_comparison.png"))
-    # a rerun reuses every finished stage (no retraining: the base reports it is done at once)
+    check = json.loads((out / "refine" / "frozen_base_check.json").read_text())
+    assert check["identical"] and check["file"] == str(pretrained.resolve("pretrained:phantom-64"))
+    summary = json.loads((out / "inference_results" / "metrics.json").read_text())["summary"]
+    assert summary["num_patients"] >= 1 and "coarse_psnr_mean" in summary
+    # a rerun reuses every finished stage (the refiner reports it is done at once; the ONNX file is kept)
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0 and "is newer than both checkpoints: reused" in r2.stdout
     # a file the demo did not write, where it would write, is never replaced: the rerun refuses
@@ -27,33 +44,10 @@ def test_demo_smoke(tmp_path):
     assert r3.returncode == 2 and "is not the file this demo exported" in r3.stderr, r3.stderr[-2000:]
     assert (out / "model.onnx").read_bytes() == b"the user's own model"
     # a folder that merely looks like a demo (a ctrefine dataset under data/, a model.onnx) is not one
-    import shutil
-
     other = tmp_path / "looks_like_a_demo"
     shutil.copytree(out / "data", other / "data")
     (other / "model.onnx").write_bytes(b"mine")
     cmd[cmd.index(str(out))] = str(other)
     r4 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r4.returncode == 2 and "is not an earlier demo run" in r4.stderr
-    assert (other / "model.onnx").read_bytes() == b"mine" and not (other / "base").exists()
-
-
-def test_demo_at_64_starts_from_the_shipped_frozen_base(tmp_path):
-    """The default CPU demo: 64^3, the shipped base (not trained, not copied), only the refiner trained."""
-    import json
-
-    from ctrefine import pretrained
-    from ctrefine.launch import SHIPPED_BASE, demo_preset
-
-    assert SHIPPED_BASE["cpu-medium"] in pretrained.SHIPPED and demo_preset("auto") == "cpu-medium"
-    out = tmp_path / "demo64"
-    cmd = [sys.executable, "-m", "ctrefine.cli", "demo", "--out", str(out), "--num-patients", "8", "--refine-epochs", "1",
-           "--ranks", "1", "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "preset cpu-medium" in r.stdout and "shipped pretrained:phantom-64, frozen" in r.stdout
-    assert not (out / "base").exists()  # nothing trained or copied for the base
-    check = json.loads((out / "refine" / "frozen_base_check.json").read_text())
-    assert check["identical"] and check["file"] == str(pretrained.resolve("pretrained:phantom-64"))
-    summary = json.loads((out / "inference_results" / "metrics.json").read_text())["summary"]
-    assert summary["num_patients"] >= 1 and "coarse_psnr_mean" in summary
+    assert (other / "model.onnx").read_bytes() == b"mine" and not (other / "refine").exists()
