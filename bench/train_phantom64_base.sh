@@ -3,7 +3,7 @@
 # 256 phantoms of seed family 64 (disjoint from the demo's seed 0), the cpu-medium base at 64^3 from
 # 128^2 through the deepspeed launcher (2 CPU ranks, one thread each), 60 cosine epochs, early stopping
 # on val PSNR. About 2 min of data and 32 min of training on a 2-core AVX512-BF16 CPU. Then:
-#   python bench/ship_pretrained.py --name phantom-64 --run OUT/ship/base --data OUT/data --command ... --wall-time ...
+#   python bench/ship_pretrained.py --name phantom-64 --model OUT/ship/base/best_model.pt --val-log OUT/ship/base/val_log.csv --data OUT/data --command ... --wall-time ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64}
