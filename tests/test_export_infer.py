@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -358,3 +359,30 @@ def test_a_dataset_of_another_geometry_is_refused(checkpoints, tiny_dataset, tmp
     with pytest.raises(DataError, match="rendered in 'parallel' geometry but the model was trained for 'cone'"):
         evaluate_dataset(TorchPredictor(*checkpoints, device="cpu"), data, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_ship_pretrained_writes_a_loadable_pair_with_cards(checkpoints, tiny_dataset, tmp_path, monkeypatch):
+    """bench/ship_pretrained.py: a base stored in fp16 and read back as fp32, its refiner re-pointed at
+    the shipped base, each measured on the test split and carded (with the structure rows)."""
+    from ctrefine import pretrained
+    from ctrefine.checkpoint import load_model_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import ship_pretrained
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(pretrained, "ROOT", tmp_path)
+    monkeypatch.setattr(pretrained, "SHIPPED", {})
+    log = tmp_path / "val.csv"
+    log.write_text("epoch,psnr,refined_psnr\n1,20.0,20.5\n2,21.0,21.5\n")
+    common = ["--val-log", str(log), "--data", str(tiny_dataset), "--command", "test", "--wall-time", "1 s"]
+    assert ship_pretrained.main(["--name", "t-base", "--model", str(checkpoints[0]), "--weights", "fp16", *common]) == 0
+    pretrained.SHIPPED["t-base"] = ("t-base.pt", pretrained.sha256(tmp_path / "t-base.pt"))
+    assert ship_pretrained.main(["--name", "t-ref", "--model", str(checkpoints[1]), "--base", "t-base", *common]) == 0
+    base = load_model_file(tmp_path / "t-base.pt", stage="base")
+    assert all(v.dtype == torch.float32 for v in base.state_dict.values() if v.is_floating_point())
+    assert load_model_file(tmp_path / "t-ref.pt", stage="refine").config.model.base_model_checkpoint == "pretrained:t-base"
+    card = (tmp_path / "t-ref.md").read_text()
+    assert "| refined (this model) |" in card and "vertebra Dice" in card and "fp32 weights" in card
+    assert "fp16 weights, read back as fp32" in (tmp_path / "t-base.md").read_text()
