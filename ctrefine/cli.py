@@ -157,12 +157,7 @@ def _cmd_train(argv) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parser
-def _add_make_data(sub) -> None:
-    m = sub.add_parser("make-data", help="generate synthetic chest phantoms and their dual-view DRRs",
-                       description="Generate procedural chest CT phantoms (HU, 2x the target resolution), render PA and "
-                                   "lateral DRRs from them, and write one folder per patient plus a fixed split file. "
-                                   "Resumable: finished patients are skipped; an existing dataset made with other "
-                                   "parameters is refused.")
+def _add_make_data(m) -> None:
     m.add_argument("--out", required=True, help="dataset directory to create or resume")
     _flag(m, "num-patients", type=_positive, required=True, help="number of patients")
     m.add_argument("--seed", type=int, default=0, help="dataset seed (patient i's phantom depends only on seed and i)")
@@ -175,15 +170,9 @@ def _add_make_data(sub) -> None:
     _flag(m, "xray-realism", action="store_true", help="render the radiographs through a random non-ideal imaging "
           "chain (scatter, blur, noise, beam hardening), e.g. for a shifted test set")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
-    m.set_defaults(func=_cmd_make_data)
 
 
-def _add_prepare(sub) -> None:
-    r = sub.add_parser("prepare", help="ingest real CTs (NIfTI files or DICOM folders) into a dataset",
-                       description="Reorient each CT to the canonical orientation, resample to isotropic voxels over the "
-                                   "field of view centred on the body, render DRRs, and write the dataset layout. A bad "
-                                   "file is reported on one line and skipped; the exit status is 1 if any failed. An "
-                                   "existing dataset of another grid is refused; new patients join its test split.")
+def _add_prepare(r) -> None:
     r.add_argument("--ct", nargs="+", required=True, help="NIfTI files and/or DICOM series folders")
     r.add_argument("--out", required=True, help="dataset directory")
     r.add_argument("--size", type=_size, default=64, help="target volume side in voxels, a multiple of 16 (default 64)")
@@ -193,35 +182,22 @@ def _add_prepare(sub) -> None:
     r.add_argument("--labels", nargs="+", default=None, help="optional segmentations (NIfTI on each CT's grid, "
                                                              "ctrefine's label numbering), one per --ct in order")
     r.add_argument("--quiet", action="store_true")
-    r.set_defaults(func=_cmd_prepare)
 
 
-def _add_preview(sub) -> None:
-    v = sub.add_parser("preview", help="PNG of one patient: axial, coronal, sagittal CT slices and both radiographs")
+def _add_preview(v) -> None:
     v.add_argument("--data", required=True, help="dataset directory")
     v.add_argument("--patient", default="patient_0000", help="patient folder name (default patient_0000)")
     v.add_argument("--out", required=True, help="output .png")
     v.add_argument("--dpi", type=_positive, default=80)
     v.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    v.set_defaults(func=_cmd_preview)
 
 
-def _add_info(sub) -> None:
-    i = sub.add_parser("info", help="print the parameter counts of the models of a config")
+def _add_info(i) -> None:
     i.add_argument("--config", default=None, help="preset name (cpu-small, cpu-medium, full) or JSON file (default: full)")
     i.add_argument("--verbose", "-v", action="store_true", help="also list each sub-module")
-    i.set_defaults(func=_cmd_info)
 
 
-def _add_export_onnx(sub) -> None:
-    e = sub.add_parser("export-onnx", help="export base + refiner as one ONNX graph (fp32, bf16 or int8) and verify it",
-                       description="One graph: inputs xray_pa, xray_lateral (batch, 1, S, S); outputs coarse, refined; "
-                                   "dynamo exporter, opset 18, FFTs as plain MatMul so ONNX Runtime and OpenVINO both "
-                                   "read it. fp32: parity with torch in each installed engine on random inputs (batch 1 "
-                                   "and 3) and, with --data-path, real ones; exit 2 if max |error| > 1e-4. bf16: the same "
-                                   "graph, computed in bf16 by OpenVINO on CPUs with native bf16. int8: the refiner's Conv "
-                                   "quantised (QDQ), calibrated on --data-path's training patients. bf16, int8: exit 2 if "
-                                   "the mean PSNR on --split moves by more than 0.05 dB from torch fp32.")
+def _add_export_onnx(e) -> None:
     _flag(e, "base-checkpoint", required=True, help="best_model.pt of the base stage, or a shipped one (pretrained:NAME)")
     _flag(e, "refinement-checkpoint", required=True, help="best_model.pt of the refine stage, or pretrained:NAME")
     e.add_argument("--out", required=True, help="output .onnx file (an existing one only with --overwrite)")
@@ -233,19 +209,9 @@ def _add_export_onnx(sub) -> None:
                         "(fastest on AVX2-only CPUs) -- bench/RESULTS.md section 4")
     _flag(e, "calibration-patients", type=_positive, default=16,
           help="training patients whose radiographs set the int8 activation ranges (default 16)")
-    e.set_defaults(func=_cmd_export_onnx)
 
 
-def _add_infer(sub) -> None:
-    f = sub.add_parser("infer", help="reconstruct CTs: evaluate a dataset split, or your own two radiographs",
-                       description="Dataset mode (--data-path, --output-dir): metrics.txt, NIfTI volumes and comparison "
-                                   "PNGs per patient of the test split. Radiograph mode (--xray-pa, --xray-lateral, "
-                                   "--out): PNG/TIFF/NIfTI/DICOM radiographs -> refined CT NIfTI. Uses torch checkpoints "
-                                   "or, with --onnx, ONNX Runtime / OpenVINO. Radiographs are read as displayed: head up; PA with "
-                                   "the patient's right on the image left; lateral with the patient's front on the image "
-                                   "left. A 2D NIfTI is oriented by its affine. Outputs: --output-dir must be new, empty "
-                                   "or an earlier inference result (replaced only with --overwrite), never the dataset "
-                                   "or inside it; an existing --out file is replaced only with --overwrite.")
+def _add_infer(f) -> None:
     _flag(f, "base-checkpoint", help="best_model.pt of the base stage, or pretrained:NAME (torch path; default, "
                                      "with no --refinement-checkpoint and no --onnx: the best shipped pair)")
     _flag(f, "refinement-checkpoint", help="best_model.pt of the refine stage, or pretrained:NAME (torch path)")
@@ -272,15 +238,9 @@ def _add_infer(sub) -> None:
     _flag(f, "no-gate", action="store_true", help="keep the refined volume even where it explains the radiographs worse "
           "than the coarse one (default: fall back to coarse there, and say so)")
     f.add_argument("--quiet", action="store_true")
-    f.set_defaults(func=_cmd_infer)
 
 
-def _add_demo(sub) -> None:
-    d = sub.add_parser("demo", help="the main job: data -> base -> refiner -> ONNX -> inference, with a summary table",
-                       description="Generate a synthetic dataset, take the shipped frozen base (or train one), train the "
-                                   "refiner through the deepspeed launcher, export ONNX, run it on the test split, print the "
-                                   "table. Preset auto: full on CUDA; on CPU cpu-medium (64^3, shipped base pretrained:"
-                                   "phantom-64). Re-running reuses finished work (dataset, stages, an up-to-date ONNX file).")
+def _add_demo(d) -> None:
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--preset", choices=("auto", "cpu-small", "cpu-medium", "full"), default="auto")
     _flag(d, "num-patients", type=_positive, default=None, help="default 128 (CPU presets) / 1000 (full)")
@@ -291,7 +251,53 @@ def _add_demo(sub) -> None:
     _flag(d, "refine-epochs", type=_positive, default=None, help="override the preset's training.num_epochs (refiner)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     d.add_argument("--quiet", action="store_true")
-    d.set_defaults(func=_cmd_demo)
+
+
+def _commands() -> dict:
+    """Every subcommand: the function adding its arguments, the one running it, its help and description."""
+    return {
+        "make-data": (_add_make_data, _cmd_make_data, dict(
+            help="generate synthetic chest phantoms and their dual-view DRRs",
+            description="Generate procedural chest CT phantoms (HU, 2x the target resolution), render PA and "
+                        "lateral DRRs from them, and write one folder per patient plus a fixed split file. "
+                        "Resumable: finished patients are skipped; an existing dataset made with other "
+                        "parameters is refused.")),
+        "prepare": (_add_prepare, _cmd_prepare, dict(
+            help="ingest real CTs (NIfTI files or DICOM folders) into a dataset",
+            description="Reorient each CT to the canonical orientation, resample to isotropic voxels over the "
+                        "field of view centred on the body, render DRRs, and write the dataset layout. A bad "
+                        "file is reported on one line and skipped; the exit status is 1 if any failed. An "
+                        "existing dataset of another grid is refused; new patients join its test split.")),
+        "preview": (_add_preview, _cmd_preview, dict(
+            help="PNG of one patient: axial, coronal, sagittal CT slices and both radiographs")),
+        "info": (_add_info, _cmd_info, dict(
+            help="print the parameter counts of the models of a config")),
+        "export-onnx": (_add_export_onnx, _cmd_export_onnx, dict(
+            help="export base + refiner as one ONNX graph (fp32, bf16 or int8) and verify it",
+            description="One graph: inputs xray_pa, xray_lateral (batch, 1, S, S); outputs coarse, refined; "
+                        "dynamo exporter, opset 18, FFTs as plain MatMul so ONNX Runtime and OpenVINO both "
+                        "read it. fp32: parity with torch in each installed engine on random inputs (batch 1 "
+                        "and 3) and, with --data-path, real ones; exit 2 if max |error| > 1e-4. bf16: the same "
+                        "graph, computed in bf16 by OpenVINO on CPUs with native bf16. int8: the refiner's Conv "
+                        "quantised (QDQ), calibrated on --data-path's training patients. bf16, int8: exit 2 if "
+                        "the mean PSNR on --split moves by more than 0.05 dB from torch fp32.")),
+        "infer": (_add_infer, _cmd_infer, dict(
+            help="reconstruct CTs: evaluate a dataset split, or your own two radiographs",
+            description="Dataset mode (--data-path, --output-dir): metrics.txt, NIfTI volumes and comparison "
+                        "PNGs per patient of the test split. Radiograph mode (--xray-pa, --xray-lateral, "
+                        "--out): PNG/TIFF/NIfTI/DICOM radiographs -> refined CT NIfTI. Uses torch checkpoints "
+                        "or, with --onnx, ONNX Runtime / OpenVINO. Radiographs are read as displayed: head up; PA with "
+                        "the patient's right on the image left; lateral with the patient's front on the image "
+                        "left. A 2D NIfTI is oriented by its affine. Outputs: --output-dir must be new, empty "
+                        "or an earlier inference result (replaced only with --overwrite), never the dataset "
+                        "or inside it; an existing --out file is replaced only with --overwrite.")),
+        "demo": (_add_demo, _cmd_demo, dict(
+            help="the main job: data -> base -> refiner -> ONNX -> inference, with a summary table",
+            description="Generate a synthetic dataset, take the shipped frozen base (or train one), train the "
+                        "refiner through the deepspeed launcher, export ONNX, run it on the test split, print the "
+                        "table. Preset auto: full on CUDA; on CPU cpu-medium (64^3, shipped base pretrained:"
+                        "phantom-64). Re-running reuses finished work (dataset, stages, an up-to-date ONNX file).")),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="ctrefine", description="Dual-view X-ray -> CT reconstruction with detail refinement.")
     p.add_argument("--version", action="version", version=f"ctrefine {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_make_data, _add_prepare, _add_preview, _add_info, _add_export_onnx, _add_infer, _add_demo):
-        add(sub)
+    for name, (add_arguments, command, about) in _commands().items():
+        parser = sub.add_parser(name, **about)
+        add_arguments(parser)
+        parser.set_defaults(func=command)
     sub.add_parser("train", help="train a stage in one process (multi-GPU: the deepspeed launcher); see ctrefine "
                    "train --help", add_help=False)
     return p
