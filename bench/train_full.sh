@@ -81,7 +81,7 @@ fi
 
 evaluate() {  # NAME BASE REFINER: the test split, mean baseline beside, metrics into the results
   timeout "$(cap 40)" $CTR infer --base-checkpoint "$2" --refinement-checkpoint "$3" --data-path "$DATA" \
-    --output-dir "$W/eval_$1" --no-save-volumes --quiet > "$R/eval_$1.log" 2>&1
+    --output-dir "$W/eval_$1" --no-save-volumes --figures 4 --quiet > "$R/eval_$1.log" 2>&1
   rc "eval_$1" $?
   for f in metrics.json metrics.txt; do cp "$W/eval_$1/$f" "$R/eval_${1}_$f" 2>/dev/null; done
 }
