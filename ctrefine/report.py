@@ -39,7 +39,7 @@ def split_psnr(predictor, data_path, split: str = "test", batch_size: int = 4) -
     precision is judged where bit parity cannot be asked of it (``ctrefine.export``)."""
     ds = CTDataset(data_path, split, cache=False).nonempty()
     out = {}
-    for xrays, ct, names in iter_batches(ds, list(range(len(ds))), batch_size):
+    for xrays, ct, names in iter_batches(ds, range(len(ds)), batch_size):
         _, refined = predictor(xrays)
         out.update(zip(names, psnr(refined, ct).tolist()))
     return out

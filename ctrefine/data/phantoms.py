@@ -251,7 +251,6 @@ class _Chest:
     grid: Grid
     cv: "_Canvas"
     sc: Scan
-    fov: float
     # set by _body
     bw: float = 0.0  # chest's lateral / AP semi-axes (mm)
     bh: float = 0.0
@@ -270,6 +269,10 @@ class _Chest:
     vr0: float = 0.0  # vertebral body radius at the top of the field
     sagitta: float = 0.0  # of the kyphotic arc
     hs0: float = 0.0  # AP position of the vertebral axis before the kyphosis
+
+    @property
+    def fov(self) -> float:
+        return self.grid.fov
 
     def spine_h(self, dd):
         """AP position of the vertebral bodies' axis at height ``dd``."""
@@ -631,7 +634,7 @@ def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, with_labels: 
     rot = _rotation(rng)
     shift = (0.0, rng.uniform(-10, 10), rng.uniform(-15, 15))  # position on the table: AP and left-right
     sc = (scan or Scan()).draw(rng, fov)
-    ch = _Chest(rng, grid, _Canvas(grid, rot, shift), sc, fov)
+    ch = _Chest(rng, grid, _Canvas(grid, rot, shift), sc)
     for step in ANATOMY:
         step(ch)
     return (ch.cv.vol, ch.cv.labels) if with_labels else ch.cv.vol
