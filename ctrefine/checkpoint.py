@@ -103,6 +103,18 @@ def load_model_file(path, stage: str | None = None) -> ModelFile:
     return ModelFile(path, obj["stage"], state, cfg, obj.get("metrics") or {}, obj.get("epoch"), obj.get("global_step"))
 
 
+def load_weights_into(model: torch.nn.Module, path, stage: str) -> str:
+    """Copy a model file's weights into ``model`` (a fine-tuning start); a one-line :class:`DataError`
+    when its stage or architecture differs. Returns the file's :func:`state_fingerprint`."""
+    mf = load_model_file(path, stage=stage)
+    mine = model.state_dict()
+    odd = sorted(set(mine) ^ set(mf.state_dict)) or [k for k in mine if mine[k].shape != mf.state_dict[k].shape]
+    if odd:
+        raise DataError(f"{mf.path}: its {stage} model is not this config's architecture (first difference: {odd[0]})")
+    model.load_state_dict(mf.state_dict)
+    return state_fingerprint(mf.state_dict)
+
+
 def state_fingerprint(state_dict: dict) -> str:
     """sha256 over the names, dtypes and bytes of every tensor (order-independent)."""
     h = hashlib.sha256()

@@ -57,8 +57,31 @@ def _cmd_make_data(a) -> int:
 
     make_dataset(a.out, a.num_patients, seed=a.seed, size=a.size, xray_size=a.xray_size, geometry=a.geometry,
                  workers=a.workers, progress=not a.quiet, scan=Scan.parse(a.scan),
-                 xray_realism=AugmentConfig().model_dump() if a.xray_realism else None)
+                 xray_realism=AugmentConfig().model_dump() if a.xray_realism else None,
+                 phantom_version=a.phantom_version)
     print(summarize(a.out))
+    return 0
+
+
+def _cmd_realism(a) -> int:
+    from pathlib import Path
+
+    from .data.io import write_json
+    from .data.realism import dataset_stats, format_report, summarize_stats
+    from .outputs import atomic_files, claim_output_file
+
+    outs = [Path(a.out + ext) for ext in (".md", ".json")] if a.out else []
+    for path in outs:
+        claim_output_file(path, a.overwrite)
+    summaries = {Path(d).name or str(d): summarize_stats(dataset_stats(d, a.max_patients, a.render, not a.quiet))
+                 for d in a.data}
+    text = format_report(summaries)
+    print(text)
+    if outs:
+        with atomic_files(outs) as (md, js):
+            md.write_text(text + "\n")
+            write_json(js, summaries)
+        print(f"wrote {outs[0]} and {outs[1]}")
     return 0
 
 
@@ -169,7 +192,20 @@ def _add_make_data(m) -> None:
                    "(default: drawn): contrast=BOOL, coverage_mm=MM, table=flat|curved|none, metal=BOOL, arms=raised|down")
     _flag(m, "xray-realism", action="store_true", help="render the radiographs through a random non-ideal imaging "
           "chain (scatter, blur, noise, beam hardening), e.g. for a shifted test set")
+    _flag(m, "phantom-version", type=int, choices=(2, 3), default=None, help="3: bone, fat, lung and contrast "
+          "calibrated to real chest CTs; 2: the phantoms of datasets made before (default: an existing dataset's "
+          "own, else 3)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_realism(r) -> None:
+    r.add_argument("data", nargs="+", help="dataset directories with label maps (make-data, or prepare --labels)")
+    r.add_argument("--out", default=None, help="also write the report to OUT.md and its figures to OUT.json")
+    _flag(r, "max-patients", type=_positive, default=None, help="measure only the first N patients of each dataset")
+    r.add_argument("--render", action="store_true", help="phantoms: also measure each label on the 2x render grid "
+                   "(regenerated from the patient's seed; ~1 s a patient)")
+    r.add_argument("--overwrite", action="store_true", help="replace existing OUT.md / OUT.json")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_prepare(r) -> None:
@@ -268,6 +304,12 @@ def _commands() -> dict:
                         "field of view centred on the body, render DRRs, and write the dataset layout. A bad "
                         "file is reported on one line and skipped; the exit status is 1 if any failed. An "
                         "existing dataset of another grid is refused; new patients join its test split.")),
+        "realism": (_add_realism, _cmd_realism, dict(
+            help="how realistic a dataset's CTs are: label HU, bone/lung/fat shares, rib and vertebra sizes",
+            description="Measure each dataset (phantoms, or real CTs prepared with --labels) the same way and "
+                        "print one table, datasets side by side, with published reference ranges and their "
+                        "sources (ctrefine.data.realism.REFERENCES); a figure inside its range is marked with a "
+                        "check, outside with a cross. Reads only the datasets; writes only --out.")),
         "preview": (_add_preview, _cmd_preview, dict(
             help="PNG of one patient: axial, coronal, sagittal CT slices and both radiographs")),
         "info": (_add_info, _cmd_info, dict(

@@ -84,6 +84,10 @@ class TrainingConfig(_Section):
         None, gt=0, description="wall seconds for one invocation of a stage, set-up included: after every epoch the "
                                 "cosine schedule is refitted to the epochs that fit (at most the stage's epochs), so a "
                                 "run in a fixed window still ends annealed; null = no budget")
+    init_checkpoint: str | None = Field(
+        None, description="start the stage's model from this model file (same stage and architecture; "
+                          "pretrained:NAME allowed) instead of a random init: fine-tuning, e.g. a shipped model on "
+                          "recalibrated phantoms; a resumed run continues from its own checkpoint; null = random")
     compile: Literal["off", "on"] = Field(
         "off", description="torch.compile the trainable model (ctrefine.device): off until measured faster on the "
                            "device (bench/gpu_check.sh measures both); the first steps then include the compilation")

@@ -201,3 +201,30 @@ def test_time_budget_ends_the_run_annealed(data12, tmp_path):
     sched = torch.load(states, weights_only=False)["lr_scheduler"]
     steps_per_epoch = 5  # 10 training patients (12 minus val and test), batch 2
     assert sched["lr_lambdas"][0]["total_steps"] == steps_per_epoch
+
+
+def test_init_checkpoint_starts_from_a_model_file(data12, tmp_path):
+    """Fine-tuning: a run started from a model file (learning rate ~0) validates as that file did, unlike
+    a random start; a file of the other stage or another width is one line before anything is written."""
+    first = tmp_path / "first"
+    run(train_cmd("base", data12, first, "--set", "training.num_epochs=1"))
+    best = first / "base" / "best_model.pt"
+    tuned = tmp_path / "tuned"
+    r = run(train_cmd("base", data12, tuned, "--set", "training.num_epochs=1", "--set", f"training.init_checkpoint={best}",
+                      "--set", "training.learning_rate=1e-12"))
+    assert f"initialised from {best}" in r.stdout
+    was, now = _val_figures(first)[0], _val_figures(tuned)[0]
+    assert abs(float(now["psnr"]) - float(was["psnr"])) < 0.02, (was, now)
+    untrained = tmp_path / "untrained"
+    run(train_cmd("base", data12, untrained, "--set", "training.num_epochs=1", "--set", "training.learning_rate=1e-12"))
+    assert float(_val_figures(untrained)[0]["psnr"]) < float(was["psnr"]) - 1.0  # so the start was the file's
+    for extra, expect in ((["--set", "model.base_width=4"], "not this config's architecture"),
+                          ([], "holds a 'base' model, expected the refiner")):
+        stage = "base" if extra else "refine"
+        out = tmp_path / f"bad_{stage}"
+        cmd = train_cmd(stage, data12, out, "--set", f"training.init_checkpoint={best}",
+                        "--set", f"model.base_model_checkpoint={best}", *extra)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
+        assert not out.exists()

@@ -30,10 +30,11 @@ from ..outputs import LOCK_NAME, atomic_dir, check_writable
 from ..errors import DataError
 from .io import load_nifti, read_json, save_nifti, write_json, xray_affine
 from .augment import imaging_chain
-from .phantoms import LABELS, Scan, chest_phantom, downsample_area, downsample_labels
+from .phantoms import LABELS, PHANTOM_VERSIONS, Materials, Scan, chest_phantom, downsample_area, downsample_labels
 from .projector import Geometry, render_drrs
 
 FORMAT_VERSION = 2  # 2: phantoms v2 (airways, curved spine, heart chambers, contrast, scan variation, metal label)
+PHANTOM_VERSION = 3  # what make-data paints by default (phantoms.PHANTOM_VERSIONS); a header without one: 2
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}  # the rest is train; >=1 val and >=1 test once N >= 3
 
 
@@ -91,22 +92,37 @@ def is_complete(folder: Path) -> bool:
 
 def _make_one(args) -> str:
     """Worker: generate, render and write one phantom patient (skips a finished one)."""
-    root, index, dataset_seed, size, xray_size, geometry, fov, render_factor, scan, realism = args
+    root, index, dataset_seed, size, xray_size, geometry, fov, render_factor, scan, realism, version = args
     torch.set_num_threads(1)  # one patient per core; the pool provides the parallelism
     name = patient_name(index)
     if is_complete(Path(root) / name):
         return name
     seed = patient_seed(dataset_seed, index)
-    hu, labels = chest_phantom(seed, size * render_factor, fov, with_labels=True, scan=Scan(**(scan or {})))
+    hu, labels = chest_phantom(seed, size * render_factor, fov, with_labels=True, scan=Scan(**(scan or {})),
+                               version=version)
     ct, xrays = render_patient(hu, size, xray_size, geometry, fov)
     if realism:  # a fixed, non-ideal imaging chain per patient (a test set unlike the training DRRs)
         chain = imaging_chain(torch.from_numpy(xrays), SimpleNamespace(**realism), torch.Generator().manual_seed(seed))
         xrays = chain.numpy()
     meta = {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size, "xray_size": xray_size,
             "render_size": size * render_factor, "fov_mm": fov, "spacing_mm": fov / size,
-            "geometry": geometry.as_dict(), "xray_units": "line integral of mu (dimensionless)"}
+            "geometry": geometry.as_dict(), "xray_units": "line integral of mu (dimensionless)",
+            "phantom_version": version}
+    if version >= 3:
+        meta["anatomy"] = Materials.draw(seed).as_dict()
     write_patient(Path(root), name, ct, xrays, meta, labels=downsample_labels(labels, render_factor))
     return name
+
+
+def _phantom_version(root: Path, asked: int | None) -> int:
+    """The phantom version a (new or resumed) dataset is made with; a resumed one keeps its own."""
+    have = DatasetHeader.read(root).phantom_version if (root / "dataset.json").exists() else None
+    version = asked if asked is not None else (have or PHANTOM_VERSION)
+    if version not in PHANTOM_VERSIONS:
+        raise DataError(f"--phantom-version {version}: not one of {', '.join(map(str, PHANTOM_VERSIONS))}")
+    if have is not None and version != have:
+        raise DataError(f"{root}: existing dataset has phantom version {have}, asked for {version}; use a new --out")
+    return version
 
 
 def make_splits(names: list[str], seed: int) -> dict:
@@ -148,14 +164,16 @@ def check_dataset_dir(root: Path) -> None:
 def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_size: int = 128,
                  geometry: str = "cone", workers: int | None = None, fov: float = FOV_MM,
                  render_factor: int = 2, progress: bool = True, scan: dict | None = None,
-                 xray_realism: dict | None = None) -> dict:
+                 xray_realism: dict | None = None, phantom_version: int | None = None) -> dict:
     """Generate ``num_patients`` phantom patients under ``out`` (resumable); returns the splits.
 
     ``scan`` fixes fields of :class:`~ctrefine.data.phantoms.Scan` for every patient (e.g.
     ``{"contrast": True, "coverage_mm": 250}``); ``xray_realism`` (the fields of
     :class:`ctrefine.config.AugmentConfig`) passes every radiograph once through
     :func:`~ctrefine.data.augment.imaging_chain`. Both are recorded in ``dataset.json``: a dataset is
-    only ever resumed with the same ones.
+    only ever resumed with the same ones. ``phantom_version`` picks the phantoms
+    (:data:`~ctrefine.data.phantoms.PHANTOM_VERSIONS`): by default the existing dataset's, else
+    :data:`PHANTOM_VERSION`.
     """
     from multiprocessing import get_context
 
@@ -165,12 +183,14 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     check_dataset_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     geo = Geometry(geometry)
+    version = _phantom_version(root, phantom_version)
     params = {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size, "xray_size": xray_size,
               "fov_mm": fov, "geometry": geo.as_dict(), "render_factor": render_factor, "num_patients": num_patients,
-              "scan": scan or None, "xray_realism": xray_realism or None,
+              "scan": scan or None, "xray_realism": xray_realism or None, "phantom_version": version,
               "labels": {str(k): v for k, v in LABELS.items()}}
-    ensure_dataset_header(root, params, compare=[k for k in params if k != "labels"])  # older datasets: no table
-    jobs = [(str(root), i, seed, size, xray_size, geo, fov, render_factor, scan, xray_realism)
+    # older datasets: no label table, no phantom version (checked above)
+    ensure_dataset_header(root, params, compare=[k for k in params if k not in ("labels", "phantom_version")])
+    jobs = [(str(root), i, seed, size, xray_size, geo, fov, render_factor, scan, xray_realism, version)
             for i in range(num_patients)]
     todo = [j for j in jobs if not is_complete(root / patient_name(j[1]))]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
@@ -196,12 +216,14 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
 def summarize(root) -> str:
     """Human-readable summary of a dataset directory."""
     root = Path(root)
-    hdr = DatasetHeader.read(root).raw
+    header = DatasetHeader.read(root)
+    hdr = header.raw
     splits = read_splits(root)
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p))
     lines = [f"dataset {root}: {len(names)} patients, target {hdr['size']}^3 over {hdr['fov_mm']:.0f} mm "
              f"({hdr['fov_mm'] / hdr['size']:.2f} mm voxels), radiographs {hdr['xray_size']}^2, "
-             f"geometry {hdr['geometry']['kind']}",
+             f"geometry {hdr['geometry']['kind']}"
+             + (f", phantoms v{header.phantom_version}" if header.phantom_version else ""),
              "splits: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())]
     if names:
         ct, aff = load_nifti(root / names[0] / "ct.nii.gz")
@@ -236,6 +258,14 @@ class DatasetHeader:
         """The ray geometry (``cone`` / ``parallel``) its radiographs were rendered with (``cone``, the
         default of every maker here, without a header)."""
         return self.raw.get("geometry", {}).get("kind", "cone")
+
+    @property
+    def phantom_version(self) -> int | None:
+        """Which phantoms its patients are (2 for phantom datasets made before versions were recorded;
+        ``None`` for ingested CTs)."""
+        if self.raw.get("source") != "phantom":
+            return None
+        return int(self.raw.get("phantom_version", 2))
 
     @property
     def labels(self) -> dict | None:

@@ -60,6 +60,53 @@ class Grid:
         return (np.asarray(mm) + self.fov / 2) / self.spacing - 0.5
 
 
+PHANTOM_VERSIONS = (2, 3)  # 2: uncalibrated bone (reproduces datasets made before v3); 3: calibrated (below)
+
+
+@dataclass(frozen=True)
+class Materials:
+    """Calibrated tissue of one phantom (version 3), drawn per patient from its own random stream so the
+    anatomy's geometry is the version-2 phantom's of the same seed.
+
+    Bone is cancellous marrow inside a thin cortex, painted with partial-volume occupancy on the render
+    grid so a 0.5 mm shell lifts a 2.5 mm voxel by a fifth of its contrast, as area averaging would.
+    Vertebral trabecular attenuation falls with age from ~300 HU in young adults to ~100-160 HU in the
+    elderly (Pickhardt et al., Ann Intern Med 2013: L1 trabecular HU, <110 osteoporotic, >160 normal);
+    the vertebral cortical shell is ~0.4 mm (Silva et al., Bone 1994); rib cortex ~0.5-1.5 mm; costal
+    cartilage calcifies with age. Subcutaneous fat varies from a few mm to several cm (body habitus).
+    """
+
+    age: float  # years
+    cancellous: float  # vertebral trabecular bone (HU)
+    cortical: float  # compact bone (HU)
+    shell_mm: float  # vertebral cortical shell and end plates
+    rib_cortex_mm: float
+    rib_marrow: float  # HU: adult rib marrow is partly fatty, its trabeculae sparser than the vertebrae's
+    cartilage: float  # costal cartilage (HU), calcifying with age
+    extra_fat_mm: float  # subcutaneous fat beyond the version-2 layer
+    lung: float  # parenchyma before texture and the dependent gradient (HU)
+
+    @classmethod
+    def draw(cls, seed: int) -> "Materials":
+        rng = np.random.default_rng([seed, 3])
+        age = rng.uniform(20, 85)
+        young = (85 - age) / 65  # 1 at 20 years, 0 at 85
+        cancellous = float(np.clip(130 + 140 * young + rng.normal(0, 25), 80, 320))
+        return cls(age=age, cancellous=cancellous,
+                   cortical=float(np.clip(1150 + 350 * young + rng.normal(0, 80), 950, 1700)),
+                   shell_mm=rng.uniform(0.4, 0.9), rib_cortex_mm=rng.uniform(0.3, 0.8),
+                   rib_marrow=cancellous * rng.uniform(0.3, 0.7),
+                   cartilage=100 + max(0.0, age - 30) * rng.uniform(0.0, 4.0),
+                   extra_fat_mm=float(np.clip(rng.gamma(2.0, 4.0), 0, 25)), lung=rng.uniform(-900, -850))
+
+    def mix(self, cortex_share: float) -> float:
+        """HU of a bone whose voxels hold ``cortex_share`` compact bone and the rest cancellous."""
+        return self.cancellous + cortex_share * (self.cortical - self.cancellous)
+
+    def as_dict(self) -> dict:
+        return {k: round(float(v), 3) for k, v in self.__dict__.items()}
+
+
 def _rotation(rng: np.random.Generator) -> np.ndarray:
     """Small random rigid rotation: up to +-5 deg about the body axis (D), +-2 deg tilt about W and H."""
     yaw, pitch, roll = np.deg2rad(rng.uniform(-5, 5)), np.deg2rad(rng.uniform(-2, 2)), np.deg2rad(rng.uniform(-2, 2))
@@ -191,9 +238,10 @@ class Scan:
                                 f"({kind if isinstance(kind, str) else '|'.join(kind)}; coverage_mm 50-{FOV_MM:g})")
         return out
 
-    def draw(self, rng: np.random.Generator, fov: float) -> "Scan":
-        """A concrete scan: the given fields kept, the others drawn (draws happen in a fixed order)."""
-        draws = (rng.random() < 0.4,  # contrast-enhanced chest CT is common (staging, angiography)
+    def draw(self, rng: np.random.Generator, fov: float, contrast_share: float = 0.4) -> "Scan":
+        """A concrete scan: the given fields kept, the others drawn (draws happen in a fixed order);
+        ``contrast_share``: how many scans are contrast-enhanced (common: staging, angiography)."""
+        draws = (rng.random() < contrast_share,
                  fov if rng.random() < 0.5 else rng.uniform(0.75, 1.0) * fov,  # short scans: 240-320 mm
                  ("flat", "curved", "none")[rng.choice(3, p=(0.35, 0.35, 0.3))],
                  rng.random() < 0.08,
@@ -202,15 +250,19 @@ class Scan:
             (self.contrast, self.coverage_mm, self.table, self.metal, self.arms), draws)))
 
 
-def _arms(cv: "_Canvas", rng: np.random.Generator, arms: str, shoulder_d: float, bw: float) -> None:
+def _arms(cv: "_Canvas", rng: np.random.Generator, arms: str, shoulder_d: float, bw: float,
+          mat: Materials | None) -> None:
     """Both arms: skin and fat around muscle, a humerus (cortex around a fatty marrow) and its head.
 
     ``"raised"``: the upper arms rise from the shoulders beside the head, so only their proximal part
     shows, lateral to the neck at the top of the field. ``"down"``: they hang against the chest wall and
     run out of the 320 mm field laterally (truncated, as on a scan reconstructed with a small field).
     Upper-arm girth ~26-34 cm (radius ~40-55 mm with soft tissue), humeral shaft ~20-25 mm across with a
-    ~45 mm head (standard adult ranges).
+    ~45 mm head (standard adult ranges). Version 3 (``mat``) takes its bone densities from the patient's
+    :class:`Materials`.
     """
+    cortical, head_shell, cancellous = (CORTICAL, 700.0, CANCELLOUS) if mat is None else \
+        (mat.cortical, mat.mix(0.5), mat.cancellous)
     arm_r, hum_r, head_r = rng.uniform(38, 50), rng.uniform(10, 12.5), rng.uniform(20, 24)
     for s in (-1, 1):
         if arms == "raised":
@@ -224,11 +276,11 @@ def _arms(cv: "_Canvas", rng: np.random.Generator, arms: str, shoulder_d: float,
         cv.blend(cv.capsule_occupancy(start[None], far[None], np.array([arm_r])), FAT, "fat")
         cv.blend(cv.capsule_occupancy(start[None], far[None], np.array([arm_r - rng.uniform(5, 12)])),
                  SOFT, "soft_tissue")
-        cv.blend(cv.capsule_occupancy(joint[None], far[None], np.array([hum_r])), CORTICAL, "other_bone")
+        cv.blend(cv.capsule_occupancy(joint[None], far[None], np.array([hum_r])), cortical, "other_bone")
         cv.blend(cv.capsule_occupancy(joint[None] + axis * head_r, far[None], np.array([hum_r - 3.0])),
                  rng.uniform(-40, 60), "soft_tissue")  # yellow (fatty) marrow of the shaft
-        cv.blend(cv.capsule_occupancy(joint[None], joint[None], np.array([head_r])), 700.0, "other_bone")
-        cv.blend(cv.capsule_occupancy(joint[None], joint[None], np.array([head_r - 2.5])), CANCELLOUS, "other_bone")
+        cv.blend(cv.capsule_occupancy(joint[None], joint[None], np.array([head_r])), head_shell, "other_bone")
+        cv.blend(cv.capsule_occupancy(joint[None], joint[None], np.array([head_r - 2.5])), cancellous, "other_bone")
 
 
 def spine_offset(d: np.ndarray, sagitta: float, fov: float) -> np.ndarray:
@@ -251,6 +303,7 @@ class _Chest:
     grid: Grid
     cv: "_Canvas"
     sc: Scan
+    mat: Materials | None = None  # version 3; None paints the version-2 phantom
     # set by _body
     bw: float = 0.0  # chest's lateral / AP semi-axes (mm)
     bh: float = 0.0
@@ -293,7 +346,7 @@ def _body(ch: _Chest) -> None:
     """
     rng, cv, fov = ch.rng, ch.cv, ch.fov
     d, h, w = cv.d, cv.h, cv.w
-    ch.bw, ch.bh = bw, bh = rng.uniform(128, 150), rng.uniform(88, 112)
+    ch.bw, ch.bh = bw, bh = rng.uniform(128, 150), rng.uniform(88, 112)  # before any extra fat (version 3)
     ch.apex = apex = -fov / 2 + rng.uniform(25, 45)  # a few cm below the top of the field
     ch.breath = breath = rng.uniform(30, 85)  # deeper inspiration -> lower diaphragm (larger d)
     ch.shoulder_d = shoulder_d = apex + rng.uniform(5, 20)  # acromion level
@@ -305,16 +358,22 @@ def _body(ch: _Chest) -> None:
     centre_h = up * rng.uniform(8, 18)  # the neck sits behind the chest's centre, over the spine
     body_r = (w / half_w) ** 2 + ((h - centre_h) / half_h) ** 2
     ch.fat_t = fat_t = rng.uniform(6, 20)
+    if ch.mat is not None:  # habitus: more fat widens the body and thickens its layer; the neck keeps its size
+        extra = ch.mat.extra_fat_mm * (1 - up)
+        half_w, half_h, fat_t = half_w + extra, half_h + 0.8 * extra, fat_t + extra
+        # the landmarks inside the fat (spine, ribs, sternum) keep their places: bh - fat_t is unchanged
+        ch.bw, ch.bh, ch.fat_t = bw + ch.mat.extra_fat_mm, bh + ch.mat.extra_fat_mm, ch.fat_t + ch.mat.extra_fat_mm
+        body_r = (w / half_w) ** 2 + ((h - centre_h) / half_h) ** 2
     inner_r = (w / (half_w - fat_t)) ** 2 + ((h - centre_h) / (half_h - fat_t * 0.8)) ** 2
     cv.fill(body_r <= 1, FAT, "fat")
     ch.muscle = inner_r <= 1
     cv.fill(ch.muscle, SOFT + rng.normal(0, 3), "soft_tissue")
-    _arms(cv, rng, ch.sc.arms, shoulder_d, bw)
+    _arms(cv, rng, ch.sc.arms, shoulder_d, ch.bw, ch.mat)
     if rng.random() < 0.45:  # breasts: fatty-glandular mounds on the anterior wall at heart level
         bd, bwid, bproj = rng.uniform(-10, 40), rng.uniform(45, 65), rng.uniform(25, 60)
         for side in (-1, 1):
             mound = (((d - bd) / (bwid * 0.9)) ** 2 + ((w - side * rng.uniform(55, 75)) / bwid) ** 2
-                     + ((h + bh * 0.85) / bproj) ** 2) < 1
+                     + ((h + ch.bh * 0.85) / bproj) ** 2) < 1
             cv.fill(mound & (h < 0) & ~(body_r <= 1), rng.uniform(-90, -30), "fat")
 
 
@@ -375,7 +434,8 @@ def _lungs(ch: _Chest) -> None:
     texture = ndimage.gaussian_filter(rng.normal(0, 1, d.shape).astype(np.float32), 1.2)
     texture *= 35.0 / (texture.std() + 1e-6)
     dependent = rng.uniform(20, 60) * np.clip((h + 60) / 160, 0, 1)
-    cv.fill(lungs, LUNG + texture + dependent, "lung")
+    parenchyma = (LUNG if ch.mat is None else ch.mat.lung) + texture + dependent
+    cv.fill(lungs, parenchyma if ch.mat is None else np.maximum(parenchyma, AIR), "lung")  # never below air
     ch.lungs = lungs
 
 
@@ -466,13 +526,19 @@ def _spine(ch: _Chest) -> None:
     pos, hk = d - starts[k_of], heights[k_of]
     in_body = pos < hk
     hs, vr = ch.spine_h(d), vr0 * ch.grow(d)
-    ring = np.sqrt((h - hs) ** 2 + w ** 2)
-    cv.fill((ring < vr) & ~in_body, DISC, "soft_tissue")
-    cv.fill((ring < vr) & in_body, CANCELLOUS + rng.normal(0, 20), "vertebra")
-    cv.fill((ring < vr) & (ring >= vr - 2.5) & in_body, CORTICAL, "vertebra")
-    cv.fill((ring < vr) & in_body & ((pos < 1.6) | (pos > hk - 1.6)), CORTICAL, "vertebra")  # end plates
+    jitter = rng.normal(0, 20)
+    if ch.mat is None:
+        ring = np.sqrt((h - hs) ** 2 + w ** 2)
+        cv.fill((ring < vr) & ~in_body, DISC, "soft_tissue")
+        cv.fill((ring < vr) & in_body, CANCELLOUS + jitter, "vertebra")
+        cv.fill((ring < vr) & (ring >= vr - 2.5) & in_body, CORTICAL, "vertebra")
+        cv.fill((ring < vr) & in_body & ((pos < 1.6) | (pos > hk - 1.6)), CORTICAL, "vertebra")  # end plates
+    else:
+        nxt = np.append(starts[1:], np.inf)[k_of]
+        _vertebral_bodies(ch, hs, vr, np.where(in_body, np.minimum(pos, hk - pos), -np.minimum(pos - hk, nxt - d)))
     canal = np.sqrt((h - (hs + vr + 10)) ** 2 + w ** 2)
-    cv.fill((canal < 14) & (canal >= 8) & in_body, 750.0, "vertebra")  # posterior arch (laminae)
+    posterior = 750.0 if ch.mat is None else ch.mat.mix(POSTERIOR_CORTEX)
+    cv.fill((canal < 14) & (canal >= 8) & in_body, posterior, "vertebra")  # posterior arch (laminae)
     cv.fill(canal < 8, CSF, "soft_tissue")
     proc0, proc1, proc_r = [], [], []
     for z0, hz in zip(starts, heights):
@@ -482,8 +548,32 @@ def _spine(ch: _Chest) -> None:
         for s in (-1, 1):
             proc0.append([zc, c_h, s * 10]); proc1.append([zc - 3, c_h - 2, s * (26 + 0.45 * vz)]); proc_r.append(4.5)  # transverse
             proc0.append([zc, c_h - 14 - 0.3 * vz, s * 0.55 * vz]); proc1.append([zc, c_h - 4, s * 9]); proc_r.append(3.5)  # pedicle
-    cv.blend(cv.capsule_occupancy(np.array(proc0), np.array(proc1), np.array(proc_r)), 700.0, "vertebra",
-             where=ch.muscle)
+    cv.blend(cv.capsule_occupancy(np.array(proc0), np.array(proc1), np.array(proc_r)),
+             700.0 if ch.mat is None else ch.mat.mix(POSTERIOR_CORTEX), "vertebra", where=ch.muscle)
+
+
+POSTERIOR_CORTEX = 0.1  # share of compact bone in laminae, pedicles and processes (thick cortex, little marrow)
+BODY_WIDTH, BODY_DEPTH = 0.9, 0.8  # version 3 vertebral bodies: radii relative to the version-2 round body
+
+
+def _vertebral_bodies(ch: _Chest, hs, vr, axial) -> None:
+    """Version 3 vertebral bodies: elliptic (wider than deep), their back against the canal, cancellous
+    bone inside a thin cortical shell and end plates, painted by partial-volume occupancy.
+
+    ``hs``, ``vr``: the version-2 body's axis and radius at each voxel; ``axial``: signed distance (mm)
+    to the nearest end plate (positive inside a body, negative in a disc)."""
+    cv, mat, sp = ch.cv, ch.mat, ch.grid.spacing
+    lat, ap = BODY_WIDTH * vr, BODY_DEPTH * BODY_WIDTH * vr
+    dh, dw = ch.cv.h - (hs + vr - ap), ch.cv.w
+    rn = np.sqrt((dh / ap) ** 2 + (dw / lat) ** 2)
+    radial = np.hypot(dh, dw) * (1.0 / np.maximum(rn, 1e-6) - 1.0)  # along the ray from the axis to the edge
+
+    def occupancy(inset):
+        return np.clip(np.minimum(radial - inset, axial - inset) / sp + 0.5, 0, 1).astype(np.float32)
+
+    cv.fill((rn < 1) & (axial <= 0), DISC, "soft_tissue")
+    cv.blend(occupancy(0.0), mat.cortical, "vertebra")
+    cv.blend(occupancy(mat.shell_mm), mat.cancellous, "vertebra")
 
 
 def _airways(ch: _Chest) -> None:
@@ -556,11 +646,16 @@ def _ribs(ch: _Chest) -> None:
                 end = pts[-1]
                 tgt = np.array([end[0] + 8, -ch.bh + ch.fat_t + 10, side * 14])
                 cart0.append(end[None]); cart1.append(tgt[None]); cart_r.append(np.array([rr]))
-    cv.blend(cv.capsule_occupancy(np.concatenate(cart0), np.concatenate(cart1), np.concatenate(cart_r)), 150.0,
-             "soft_tissue")  # costal cartilage
+    mat = ch.mat
+    cv.blend(cv.capsule_occupancy(np.concatenate(cart0), np.concatenate(cart1), np.concatenate(cart_r)),
+             150.0 if mat is None else mat.cartilage, "soft_tissue")  # costal cartilage
     r0, r1, rr_all = np.concatenate(rib0), np.concatenate(rib1), np.concatenate(rib_r)
-    cv.blend(cv.capsule_occupancy(r0, r1, rr_all), rng.uniform(750, 950), "rib")  # cortical shell ...
-    cv.blend(cv.capsule_occupancy(r0, r1, np.maximum(rr_all - 1.5, 0.8)), rng.uniform(220, 350), "rib")  # ... marrow
+    cortex, marrow = rng.uniform(750, 950), rng.uniform(220, 350)
+    cortex_mm = 1.5
+    if mat is not None:
+        cortex, marrow, cortex_mm = mat.cortical, mat.rib_marrow, mat.rib_cortex_mm
+    cv.blend(cv.capsule_occupancy(r0, r1, rr_all), cortex, "rib")  # cortical shell ...
+    cv.blend(cv.capsule_occupancy(r0, r1, np.maximum(rr_all - cortex_mm, 0.8)), marrow, "rib")  # ... marrow
 
 
 def _shoulder_girdle_and_sternum(ch: _Chest) -> None:
@@ -574,9 +669,10 @@ def _shoulder_girdle_and_sternum(ch: _Chest) -> None:
     front = -bh + fat_t + 2 + rng.uniform(6, 12) * np.clip((bot - d) / max(bot - top, 1.0), 0, 1)
     st_half = np.where(d < man, 24.0, 15.0)
     sternum = (np.abs(w) < st_half) & (h > front) & (h < front + 12) & (d > top) & (d < bot)
-    cv.fill(sternum, 450.0, "other_bone")
+    mat = ch.mat
+    cv.fill(sternum, 450.0 if mat is None else mat.mix(0.15), "other_bone")
     xiphoid = (np.abs(w) < 7) & (h > front) & (h < front + 6) & (d >= bot) & (d < bot + rng.uniform(20, 35))
-    cv.fill(xiphoid & muscle, 250.0, "other_bone")
+    cv.fill(xiphoid & muscle, 250.0 if mat is None else mat.cartilage, "other_bone")
     clav0, clav1, clav_r = [], [], []
     for s in (-1, 1):
         # S-shaped: convex forward along its medial two thirds, concave where it turns back to the acromion
@@ -586,12 +682,15 @@ def _shoulder_girdle_and_sternum(ch: _Chest) -> None:
                                       [0.5 * (medial + ch.shoulder_d) - 2, wall + 10, s * 80],
                                       [ch.shoulder_d + 4, -10, s * (ch.bw - 22)]]), 6.5)
         clav0.append(a); clav1.append(b); clav_r.append(r)
-    cv.blend(cv.capsule_occupancy(np.concatenate(clav0), np.concatenate(clav1), np.concatenate(clav_r)), 800.0,
-             "other_bone", where=muscle)
+    clav0, clav1, clav_r = np.concatenate(clav0), np.concatenate(clav1), np.concatenate(clav_r)
+    cv.blend(cv.capsule_occupancy(clav0, clav1, clav_r), 800.0 if mat is None else mat.cortical, "other_bone",
+             where=muscle)
+    if mat is not None:  # a tubular bone: marrow inside a ~2 mm cortex
+        cv.blend(cv.capsule_occupancy(clav0, clav1, clav_r - 2.0), mat.cancellous, "other_bone", where=muscle)
     for s in (-1, 1):
         scap = (((d - apex - 45) / 65) ** 2 + ((w - s * 85) / 45) ** 2 < 1) & \
             (np.abs(h - (bh - fat_t - 14 - 0.15 * np.abs(w - s * 85))) < 3.5)
-        cv.fill(scap & muscle, 700.0, "other_bone")
+        cv.fill(scap & muscle, 700.0 if mat is None else mat.mix(POSTERIOR_CORTEX), "other_bone")
 
 
 def _scan_effects(ch: _Chest) -> None:
@@ -614,27 +713,34 @@ def _scan_effects(ch: _Chest) -> None:
         cv.labels[outside] = L["background"]
 
 
+# How many scans are contrast-enhanced, by phantom version (v3: most clinical chest CTs the tool is judged
+# on are enhanced; 0.55 keeps unenhanced scans common enough to learn).
+CONTRAST_SHARE = {2: 0.4, 3: 0.55}
+
 # The anatomy in the order it is painted (a later structure overwrites an earlier one where it lies).
 ANATOMY = (_body, _table, _abdomen, _lungs, _heart_and_great_vessels, _lung_vessels_and_nodules, _spine,
            _airways, _ribs, _shoulder_girdle_and_sternum, _scan_effects)
 
 
 def chest_phantom(seed: int, size: int = 128, fov: float = FOV_MM, with_labels: bool = False,
-                  scan: Scan | None = None):
+                  scan: Scan | None = None, version: int = 3):
     """One chest CT phantom, ``(size, size, size)`` float32 in HU, array axes (D, H, W).
 
     Deterministic in ``seed``. ``size`` is the render resolution (2x the training target by default).
     ``scan`` fixes any of contrast / coverage / table shape / metal / arms (:class:`Scan`; unset fields
-    are drawn). The body is painted by the :data:`ANATOMY` steps in turn. With ``with_labels`` returns
+    are drawn). ``version`` 3 calibrates bone, fat, lung and the enhanced share (:class:`Materials`);
+    version 2 reproduces the phantoms of datasets made before it, bit for bit. The body is painted by the :data:`ANATOMY` steps in turn. With ``with_labels`` returns
     ``(hu, labels)``: the :data:`LABELS` of every voxel, painted with the same geometry (a later
     structure overwrites an earlier one exactly where its HU does).
     """
+    if version not in PHANTOM_VERSIONS:
+        raise DataError(f"phantom version {version} is not one of {PHANTOM_VERSIONS}")
     rng = np.random.default_rng(seed)
     grid = Grid(size, fov)
     rot = _rotation(rng)
     shift = (0.0, rng.uniform(-10, 10), rng.uniform(-15, 15))  # position on the table: AP and left-right
-    sc = (scan or Scan()).draw(rng, fov)
-    ch = _Chest(rng, grid, _Canvas(grid, rot, shift), sc)
+    sc = (scan or Scan()).draw(rng, fov, contrast_share=CONTRAST_SHARE[version])
+    ch = _Chest(rng, grid, _Canvas(grid, rot, shift), sc, Materials.draw(seed) if version >= 3 else None)
     for step in ANATOMY:
         step(ch)
     return (ch.cv.vol, ch.cv.labels) if with_labels else ch.cv.vol

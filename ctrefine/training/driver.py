@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import load_weights_into
+from ..models import BUILDERS
 from ..config import Config, ds_config_path, load_config, read_json_object
 from ..device import DevicePolicy, free_port, rank_device
 from ..data.augment import augment_radiographs
@@ -84,6 +86,8 @@ def validate(cfg: Config, stage: type[Stage], ds_config) -> dict:
         raise UserError(f"dataset {str(data)!r} is {hdr.size}^3 / {hdr.xray_size}^2 but the config expects "
                         f"{m.volume_size}^3 / {m.xray_size}^2")
     stage.check(cfg)
+    if cfg.training.init_checkpoint:  # tried now (on a throw-away model): a bad file fails before anything is written
+        load_weights_into(BUILDERS[stage.name](cfg), cfg.training.init_checkpoint, stage.name)
     ds_path = Path(ds_config) if ds_config else ds_config_path()
     ds = read_json_object(ds_path, UserError)
     for owned in ("optimizer", "scheduler"):
@@ -247,6 +251,10 @@ def _set_up(args, started: float) -> Run:
     val_ds = CTDataset(cfg.data.data_path, cfg.data.val_split)
     stage = STAGES[args.stage](cfg, policy)
     model = stage.build([train_ds, val_ds])
+    if t.init_checkpoint:
+        sha = load_weights_into(model, t.init_checkpoint, stage.name)
+        if rank == 0:
+            print(f"[{args.stage}] initialised from {t.init_checkpoint} (sha256 {sha[:12]})", flush=True)
     train_split, val_split = _resident_splits(policy, train_ds, val_ds, raw=cfg.augment.enabled)
     _apply_layout(model, policy, t, args.stage, rank)
     num_epochs = stage.num_epochs()
