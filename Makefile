@@ -19,6 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/ctrefine demo --out $(DEMO_DIR)
 
 test: $(VENV)/.installed
+	bash tests/install_browser.sh
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed

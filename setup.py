@@ -32,7 +32,8 @@ setup(
         "ctrefine.pretrained",
     ],
     package_dir={"ctrefine.kernels": "kernels", "ctrefine.presets": "configs"},
-    package_data={"ctrefine.presets": ["*.json"], "ctrefine.pretrained": ["*.pt", "*.md"]},
+    package_data={"ctrefine": ["viewer_template.html"], "ctrefine.presets": ["*.json"],
+                  "ctrefine.pretrained": ["*.pt", "*.md"]},
     install_requires=[
         "torch==2.13.0",
         "numpy>=1.24",

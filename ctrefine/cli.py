@@ -63,6 +63,16 @@ def _cmd_make_data(a) -> int:
     return 0
 
 
+def _cmd_view(a) -> int:
+    from .outputs import claim_output_file
+    from .viewer import cases_from_paths, write_viewer
+
+    claim_output_file(a.out, a.overwrite)
+    cases = cases_from_paths(a.paths)
+    print(f"wrote {write_viewer(a.out, cases, a.title)} ({len(cases)} case(s); open it in any browser)")
+    return 0
+
+
 def _cmd_realism(a) -> int:
     from pathlib import Path
 
@@ -198,6 +208,13 @@ def _add_make_data(m) -> None:
     m.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_view(v) -> None:
+    v.add_argument("paths", nargs="+", help="an infer result folder (or one of its patient folders), or NIfTI volumes")
+    v.add_argument("--out", required=True, help="the .html page to write")
+    v.add_argument("--title", default="ctrefine viewer", help="page title")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
 def _add_realism(r) -> None:
     r.add_argument("data", nargs="+", help="dataset directories with label maps (make-data, or prepare --labels)")
     r.add_argument("--out", default=None, help="also write the report to OUT.md and its figures to OUT.json")
@@ -304,6 +321,13 @@ def _commands() -> dict:
                         "field of view centred on the body, render DRRs, and write the dataset layout. A bad "
                         "file is reported on one line and skipped; the exit status is 1 if any failed. An "
                         "existing dataset of another grid is refused; new patients join its test split.")),
+        "view": (_add_view, _cmd_view, dict(
+            help="one self-contained HTML page to look at volumes: three planes, windows, layers",
+            description="Write a single HTML file (no network access, no external scripts) with the volumes inside "
+                        "(8 bits over -1000..1500 HU, gzip): axial / coronal / sagittal planes with sliders and a "
+                        "shared crosshair, lung / soft-tissue / bone windows or a free width and level, and for an "
+                        "infer result the layers coarse / refined / truth / |error| with each patient's metrics. "
+                        "NIfTI volumes are turned to ctrefine's orientation by axis flips only (never resampled).")),
         "realism": (_add_realism, _cmd_realism, dict(
             help="how realistic a dataset's CTs are: label HU, bone/lung/fat shares, rib and vertebra sizes",
             description="Measure each dataset (phantoms, or real CTs prepared with --labels) the same way and "

@@ -11,6 +11,8 @@
       output_dir/patient_XXXX/{coarse,refined,ground_truth}.nii.gz   HU, the patient's own affine
       output_dir/patient_XXXX/patient_XXXX_comparison.png            slices, error maps, both X-rays
                                                                       (the first 16 patients; ``figures``)
+      output_dir/viewer.html    one self-contained page (:mod:`ctrefine.viewer`) with the same patients:
+                                three planes, windows, layers coarse / refined / truth / |error|
 
 * :func:`infer_radiographs` -- a user's own PA + lateral radiograph files, no ground truth: writes the
   refined CT (and the coarse one beside it) as NIfTI in HU, and the gate's record as JSON beside them.
@@ -37,6 +39,7 @@ from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_
 from .metrics import psnr
 from .reprojection import SliceProjector, safety_gate
 from .report import batch_metrics, metrics_text, summarize
+from .viewer import Case, write_viewer
 from .viz import comparison_png
 
 
@@ -90,6 +93,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
     baseline = None if split == "all" and baseline_data is None else _mean_baseline(baseline_data or data_path)
     table = ds.header.labels
     per_patient: dict[str, dict] = {}
+    cases: list[Case] = []  # the viewer's patients: those that get a figure
     projector = None
     device = getattr(predictor, "device", torch.device("cpu"))  # metrics where the model ran
     with atomic_dir(output_dir, recheck=claim) as tmp, ThreadPoolExecutor(1) as writer:
@@ -107,6 +111,8 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
                 per_patient[it["name"]] = m
                 # files off the critical path: the writer thread draws and compresses while the next batch runs
                 png = figures is None or len(per_patient) <= figures
+                if png:
+                    cases.append(_viewer_case(it, c, r, m))
                 if save_volumes or png:
                     pending.append(writer.submit(_write_patient, tmp / it["name"], it, c, r, m, save_volumes, png))
             bar.update(len(items))
@@ -119,6 +125,8 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
                         "baseline_data": None if baseline is None else str(baseline_data or data_path)})
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
         (tmp / "metrics.txt").write_text(metrics_text(per_patient, summary))
+        if cases:
+            write_viewer(tmp / "viewer.html", cases, f"ctrefine: {data_path} ({split}), {predictor.source}")
         write_manifest(tmp, RESULT_KIND)
     return summary
 
@@ -150,6 +158,15 @@ def _write_patient(folder: Path, item: dict, coarse, refined, m: dict, save_volu
                       for k in ("psnr", "ssim", "hf_psnr", "band_high"))
     comparison_png(folder / f"{name}_comparison.png", coarse[0].numpy(), refined[0].numpy(), gt[0].numpy(),
                    item["xrays"][:, 0].numpy(), f"{name}\n{title}")
+
+
+def _viewer_case(item: dict, coarse, refined, m: dict) -> Case:
+    """One patient for the viewer: HU volumes, the radiographs as the model read them, headline metrics."""
+    vols = {"coarse": coarse, "refined": refined, "truth": item["ct"]}
+    flat = {f"{k} {f}": m[k][f] for k in ("mean", "coarse", "refined") if k in m for f in ("psnr", "ssim", "hf_psnr")}
+    flat["gate"] = "fell back to coarse" if m["gate"]["fell_back"] else "refined kept"
+    return Case(item["name"], {k: model_to_hu(v[0].numpy()) for k, v in vols.items()},
+                (item["xrays"][0, 0].numpy(), item["xrays"][1, 0].numpy()), flat)
 
 
 def _mean_baseline(data_path) -> torch.Tensor | None:
@@ -195,7 +212,8 @@ def prepare_radiographs(pa_path, lateral_path, size: int, convention: str = "att
 def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: str = "attenuation",
                       overwrite: bool = False, warn=None, gate: bool = True) -> tuple[Path, Path, dict]:
     """Reconstruct a CT from two radiograph files; writes ``out`` (refined, after the safety gate),
-    ``*_coarse`` and ``*_gate.json`` (the gate's record) beside it; returns the two paths and the record.
+    ``*_coarse``, ``*_gate.json`` (the gate's record) and ``*_viewer.html`` (:mod:`ctrefine.viewer`)
+    beside it; returns the two paths and the record.
 
     Every output is checked (writable; an existing file only with ``overwrite``) before inference.
     """
@@ -204,17 +222,24 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
         raise DataError(f"{out}: output must be a .nii or .nii.gz file")
     stem = out.name[:-7] if out.name.endswith(".nii.gz") else out.name[:-4]
     coarse_path, gate_path = out.with_name(f"{stem}_coarse.nii.gz"), out.with_name(f"{stem}_gate.json")
-    for p in (out, coarse_path, gate_path):
+    viewer_path = out.with_name(f"{stem}_viewer.html")
+    for p in (out, coarse_path, gate_path, viewer_path):
         claim_output_file(p, overwrite)
     x = prepare_radiographs(pa_path, lateral_path, predictor.xray_size, convention, warn)
     coarse, ungated = predictor(x)
     v = ungated.shape[-1]
     refined, (record,) = safety_gate(SliceProjector(v, geometry=predictor.geometry), x, coarse, ungated, gate)
     aff = canonical_affine(v, FOV_MM / v)
-    with atomic_files([out, coarse_path, gate_path]) as (t_out, t_coarse, t_gate):  # all three, or none
-        save_nifti(t_out, model_to_hu(refined[0, 0].numpy()), aff)
-        save_nifti(t_coarse, model_to_hu(coarse[0, 0].numpy()), aff)
+    vols = {"coarse": model_to_hu(coarse[0, 0].numpy()), "refined": model_to_hu(refined[0, 0].numpy())}
+    with atomic_files([out, coarse_path, gate_path, viewer_path]) as (t_out, t_coarse, t_gate, t_view):  # all, or none
+        save_nifti(t_out, vols["refined"], aff)
+        save_nifti(t_coarse, vols["coarse"], aff)
         write_json(t_gate, {**record, "gate": gate, "geometry": predictor.geometry, "models": predictor.source})
+        case = Case(stem, vols, (x[0, 0, 0].numpy(), x[0, 1, 0].numpy()),
+                    {"X-ray consistency coarse": record["xray_consistency_coarse"],
+                     "X-ray consistency refined": record["xray_consistency_refined"],
+                     "gate": "fell back to coarse" if record["fell_back"] else "refined kept"})
+        write_viewer(t_view, [case], f"ctrefine: {Path(pa_path).name} + {Path(lateral_path).name}, {predictor.source}")
     return out, coarse_path, record
 
 

@@ -77,6 +77,10 @@ def test_infer_dataset_outputs(mode, checkpoints, onnx_model, tiny_dataset, tmp_
     assert sorted(data["patients"]) == sorted(splits["test"])  # test split only, never training patients
     text = (out / "metrics.txt").read_text()
     assert "refined wins" in text and "gain" in text
+    page = (out / "viewer.html").read_text()  # the viewer: every patient with a figure, its layers and metrics
+    for name in data["patients"]:
+        assert f'"name":"{name}"' in page
+    assert '"coarse":{"shape":[32,32,32]' in page and '"truth":' in page and '"refined psnr":' in page
     for name, m in data["patients"].items():
         folder = out / name
         for f in ("coarse.nii.gz", "refined.nii.gz", "ground_truth.nii.gz", f"{name}_comparison.png"):
@@ -229,6 +233,7 @@ def test_infer_from_radiograph_files(checkpoints, onnx_model, tiny_dataset, tmp_
     img = nib.load(str(tmp_path / "ct.nii.gz"))
     assert img.shape == (32, 32, 32) and nib.aff2axcodes(img.affine) == ("I", "P", "L")
     assert (tmp_path / "ct_coarse.nii.gz").exists()
+    assert '"name":"ct"' in (tmp_path / "ct_viewer.html").read_text()
     gate = json.loads((tmp_path / "ct_gate.json").read_text())
     assert gate["gate"] is True and gate["geometry"] == "cone" and "xray_consistency_refined" in gate
     assert "X-ray consistency coarse" in r.stdout
@@ -338,8 +343,10 @@ def test_figures_limit_the_pngs_not_the_metrics(checkpoints, tiny_dataset, tmp_p
     s = evaluate_dataset(pred, tiny_dataset, tmp_path / "one", save_volumes=False, progress=False, figures=1, split="all")
     assert s["num_patients"] > 1
     assert len(list((tmp_path / "one").glob("patient_*/patient_*_comparison.png"))) == 1
+    assert (tmp_path / "one" / "viewer.html").read_text().count('"gate":') == 1  # the viewer has the same patients
     evaluate_dataset(pred, tiny_dataset, tmp_path / "none", save_volumes=False, progress=False, figures=0, split="all")
     assert not list((tmp_path / "none").glob("patient_*")) and (tmp_path / "none" / "metrics.json").exists()
+    assert not (tmp_path / "none" / "viewer.html").exists()
 
 
 def test_a_dataset_of_another_geometry_is_refused(checkpoints, tiny_dataset, tmp_path):
