@@ -41,6 +41,7 @@ class ModelFile:
     metrics: dict = field(default_factory=dict)
     epoch: int | None = None
     global_step: int | None = None
+    uncertainty: dict | None = None  # a refiner's calibration (ctrefine.uncertainty.Calibration.as_dict)
 
     def build(self) -> torch.nn.Module:
         """The model of this file's stage with its weights, in eval mode (one-line error on a mismatch)."""
@@ -58,7 +59,8 @@ WEIGHTS = {"fp32": torch.float32, "fp16": torch.float16}  # how a model file may
 
 
 def save_model_file(path, stage: str, state_dict: dict, cfg: Config, metrics: dict | None = None,
-                    epoch: int | None = None, global_step: int | None = None, weights: str = "fp32") -> Path:
+                    epoch: int | None = None, global_step: int | None = None, weights: str = "fp32",
+                    uncertainty: dict | None = None) -> Path:
     """Write a model file atomically (CPU tensors, config as a plain dict). ``weights="fp16"`` stores the
     floating tensors in half precision (half the size, e.g. to carry a 15M-parameter model in one 30 MB
     file); they are read back as fp32 (:func:`load_model_file`)."""
@@ -70,6 +72,8 @@ def save_model_file(path, stage: str, state_dict: dict, cfg: Config, metrics: di
                            for k, v in state_dict.items()},
             "config": cfg.to_dict(), "metrics": {k: float(v) for k, v in (metrics or {}).items()},
             "epoch": epoch, "global_step": global_step}
+    if uncertainty is not None:
+        blob["uncertainty"] = uncertainty
     path = Path(path)
     with atomic_file(path) as tmp:
         torch.save(blob, tmp)
@@ -100,7 +104,11 @@ def load_model_file(path, stage: str | None = None) -> ModelFile:
     except ConfigError as exc:
         raise DataError(str(exc)) from None
     state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in obj["state_dict"].items()}
-    return ModelFile(path, obj["stage"], state, cfg, obj.get("metrics") or {}, obj.get("epoch"), obj.get("global_step"))
+    unc = obj.get("uncertainty")
+    if unc is not None and not isinstance(unc, dict):
+        raise DataError(f"{path}: its uncertainty entry is not a calibration record")
+    return ModelFile(path, obj["stage"], state, cfg, obj.get("metrics") or {}, obj.get("epoch"), obj.get("global_step"),
+                     unc)
 
 
 def load_weights_into(model: torch.nn.Module, path, stage: str) -> str:

@@ -74,24 +74,9 @@ def _cmd_view(a) -> int:
 
 
 def _cmd_realism(a) -> int:
-    from pathlib import Path
+    from .data.realism import realism_report
 
-    from .data.io import write_json
-    from .data.realism import dataset_stats, format_report, summarize_stats
-    from .outputs import atomic_files, claim_output_file
-
-    outs = [Path(a.out + ext) for ext in (".md", ".json")] if a.out else []
-    for path in outs:
-        claim_output_file(path, a.overwrite)
-    summaries = {Path(d).name or str(d): summarize_stats(dataset_stats(d, a.max_patients, a.render, not a.quiet))
-                 for d in a.data}
-    text = format_report(summaries)
-    print(text)
-    if outs:
-        with atomic_files(outs) as (md, js):
-            md.write_text(text + "\n")
-            write_json(js, summaries)
-        print(f"wrote {outs[0]} and {outs[1]}")
+    realism_report(a.data, a.out, a.max_patients, a.render, not a.quiet, a.overwrite)
     return 0
 
 

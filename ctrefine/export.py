@@ -38,9 +38,10 @@ PSNR_TOL_DB = 0.05  # bf16, int8: what a faster file may cost, mean PSNR over th
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def _metadata(cfg: Config, geometry: dict | None, precision: str = "fp32") -> dict[str, str]:
+def _metadata(cfg: Config, geometry: dict | None, precision: str = "fp32", uncertainty: dict | None = None) -> dict[str, str]:
     m = cfg.model
-    return {
+    extra = {"uncertainty": json.dumps(uncertainty)} if uncertainty else {}  # the refiner's calibration, if any
+    return {**extra,
         "ctrefine_version": __version__,
         "volume_size": str(m.volume_size),
         "xray_size": str(m.xray_size),
@@ -83,7 +84,7 @@ def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None,
         data_file = tmp.with_name(tmp.name + ".data")
         if data_file.exists():
             data_file.unlink()
-        set_onnx_metadata(proto, _metadata(cfg, geometry, precision))
+        set_onnx_metadata(proto, _metadata(cfg, geometry, precision, getattr(model, "uncertainty", None)))
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return out
@@ -168,7 +169,7 @@ def _export_lossy(model, cfg, out, log, precision, data_path, split, calibration
             log(f"exporting the fp32 graph (dynamo exporter, opset {OPSET}) ...")
             fp32 = export_onnx(model, cfg, Path(work) / "fp32.onnx")
             log(f"quantising Conv to int8 (QDQ, per-channel weights), calibrated on {len(feeds)} training patients ...")
-            meta = {**_metadata(cfg, None, "int8"),
+            meta = {**_metadata(cfg, None, "int8", getattr(model, "uncertainty", None)),
                     "calibration": f"min/max activation ranges over {len(feeds)} patients of the train split"}
             path = quantize_int8(fp32, out, feeds, meta)
         log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, int8 Conv, fp32 elsewhere)")

@@ -39,6 +39,7 @@ from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_
 from .metrics import psnr
 from .reprojection import SliceProjector, safety_gate
 from .report import batch_metrics, metrics_text, summarize
+from .uncertainty import dataset_summary as uncertainty_summary, gated_std_hu, patient_figures
 from .viewer import Case, write_viewer
 from .viz import comparison_png
 
@@ -94,6 +95,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
     table = ds.header.labels
     per_patient: dict[str, dict] = {}
     cases: list[Case] = []  # the viewer's patients: those that get a figure
+    cal = getattr(predictor, "uncertainty", None)  # calibrated uncertainty, when the refiner carries it
     projector = None
     device = getattr(predictor, "device", torch.device("cpu"))  # metrics where the model ran
     with atomic_dir(output_dir, recheck=claim) as tmp, ThreadPoolExecutor(1) as writer:
@@ -106,8 +108,13 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
             refined, records = safety_gate(projector, xrays, coarse, ungated, gate)
             gt = torch.stack([it["ct"] for it in items])
             found = _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device)
-            for it, c, r, m, rec in zip(items, coarse, refined, found, records):
+            stds = [None] * len(items) if cal is None else \
+                gated_std_hu(cal, predictor, xrays, coarse, ungated, records)[:, 0].numpy()
+            for it, c, r, m, rec, std in zip(items, coarse, refined, found, records, stds):
                 m["gate"] = {**rec, "psnr_ungated": m.pop("psnr_ungated")}
+                if std is not None:
+                    m["uncertainty"] = patient_figures(std, model_to_hu(r[0].numpy()), model_to_hu(it["ct"][0].numpy()))
+                    it = {**it, "std_hu": std}
                 per_patient[it["name"]] = m
                 # files off the critical path: the writer thread draws and compresses while the next batch runs
                 png = figures is None or len(per_patient) <= figures
@@ -120,7 +127,10 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
             f.result()  # a failed write fails the command, before anything is renamed into place
         bar.close()
         summary = summarize(per_patient)
-        summary.update({"split": split, "data_path": str(data_path), "predictor": predictor.kind, "gate": gate,
+        summary.update(uncertainty_summary(per_patient))
+        summary.update({"uncertainty": "none: the refiner file carries no calibration" if cal is None
+                        else f"test-time perturbation, {cal.passes} passes, calibrated on validation patients",
+                        "split": split, "data_path": str(data_path), "predictor": predictor.kind, "gate": gate,
                         "source": predictor.source, "precision": predictor.precision, "compute": predictor.compute,
                         "baseline_data": None if baseline is None else str(baseline_data or data_path)})
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
@@ -152,6 +162,8 @@ def _write_patient(folder: Path, item: dict, coarse, refined, m: dict, save_volu
         aff = item["affine"].numpy()
         for fname, vol in (("coarse", coarse), ("refined", refined), ("ground_truth", gt)):
             save_nifti(folder / f"{fname}.nii.gz", model_to_hu(vol[0].numpy()), aff)
+        if item.get("std_hu") is not None:
+            save_nifti(folder / "uncertainty.nii.gz", item["std_hu"], aff)
     if not png:
         return
     title = "\n".join(f"{k:9s} coarse {m['coarse'][k]:7.3f}  refined {m['refined'][k]:7.3f}"
@@ -162,11 +174,13 @@ def _write_patient(folder: Path, item: dict, coarse, refined, m: dict, save_volu
 
 def _viewer_case(item: dict, coarse, refined, m: dict) -> Case:
     """One patient for the viewer: HU volumes, the radiographs as the model read them, headline metrics."""
-    vols = {"coarse": coarse, "refined": refined, "truth": item["ct"]}
+    vols = {k: model_to_hu(v[0].numpy()) for k, v in (("coarse", coarse), ("refined", refined), ("truth", item["ct"]))}
     flat = {f"{k} {f}": m[k][f] for k in ("mean", "coarse", "refined") if k in m for f in ("psnr", "ssim", "hf_psnr")}
     flat["gate"] = "fell back to coarse" if m["gate"]["fell_back"] else "refined kept"
-    return Case(item["name"], {k: model_to_hu(v[0].numpy()) for k, v in vols.items()},
-                (item["xrays"][0, 0].numpy(), item["xrays"][1, 0].numpy()), flat)
+    if item.get("std_hu") is not None:
+        vols["uncertainty"] = item["std_hu"]
+        flat.update({f"uncertainty {k}": v for k, v in m["uncertainty"].items()})
+    return Case(item["name"], vols, (item["xrays"][0, 0].numpy(), item["xrays"][1, 0].numpy()), flat)
 
 
 def _mean_baseline(data_path) -> torch.Tensor | None:
@@ -222,8 +236,10 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
         raise DataError(f"{out}: output must be a .nii or .nii.gz file")
     stem = out.name[:-7] if out.name.endswith(".nii.gz") else out.name[:-4]
     coarse_path, gate_path = out.with_name(f"{stem}_coarse.nii.gz"), out.with_name(f"{stem}_gate.json")
-    viewer_path = out.with_name(f"{stem}_viewer.html")
-    for p in (out, coarse_path, gate_path, viewer_path):
+    viewer_path, std_path = out.with_name(f"{stem}_viewer.html"), out.with_name(f"{stem}_std.nii.gz")
+    cal = getattr(predictor, "uncertainty", None)
+    paths = [out, coarse_path, gate_path, viewer_path] + ([std_path] if cal else [])
+    for p in paths:
         claim_output_file(p, overwrite)
     x = prepare_radiographs(pa_path, lateral_path, predictor.xray_size, convention, warn)
     coarse, ungated = predictor(x)
@@ -231,20 +247,33 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
     refined, (record,) = safety_gate(SliceProjector(v, geometry=predictor.geometry), x, coarse, ungated, gate)
     aff = canonical_affine(v, FOV_MM / v)
     vols = {"coarse": model_to_hu(coarse[0, 0].numpy()), "refined": model_to_hu(refined[0, 0].numpy())}
-    with atomic_files([out, coarse_path, gate_path, viewer_path]) as (t_out, t_coarse, t_gate, t_view):  # all, or none
+    if cal is not None:  # the trust signal without ground truth: this input's sigma among the validation patients'
+        vols["uncertainty"] = gated_std_hu(cal, predictor, x, coarse, ungated, [record])[0, 0].numpy()
+        mean_std = patient_figures(vols["uncertainty"], vols["refined"], None)["mean_std_hu"]
+        record["uncertainty"] = {"mean_std_hu": mean_std, "val_percentile": cal.percentile(mean_std)}
+    with atomic_files(paths) as (t_out, t_coarse, t_gate, t_view, *t_std):  # all, or none
         save_nifti(t_out, vols["refined"], aff)
         save_nifti(t_coarse, vols["coarse"], aff)
+        if t_std:
+            save_nifti(t_std[0], vols["uncertainty"], aff)
         write_json(t_gate, {**record, "gate": gate, "geometry": predictor.geometry, "models": predictor.source})
         case = Case(stem, vols, (x[0, 0, 0].numpy(), x[0, 1, 0].numpy()),
                     {"X-ray consistency coarse": record["xray_consistency_coarse"],
                      "X-ray consistency refined": record["xray_consistency_refined"],
-                     "gate": "fell back to coarse" if record["fell_back"] else "refined kept"})
+                     "gate": "fell back to coarse" if record["fell_back"] else "refined kept",
+                     **{f"uncertainty {k}": val for k, val in record.get("uncertainty", {}).items() if val is not None}})
         write_viewer(t_view, [case], f"ctrefine: {Path(pa_path).name} + {Path(lateral_path).name}, {predictor.source}")
     return out, coarse_path, record
 
 
 def gate_summary(record: dict) -> str:
-    """One line on what the safety gate saw and did for one patient."""
+    """What the safety gate saw and did for one patient, and (when measured) how uncertain the result is."""
     verdict = "fell back to the coarse volume" if record["fell_back"] else "kept the refined volume"
-    return (f"X-ray consistency coarse {record['xray_consistency_coarse']:.4f}, refined "
+    text = (f"X-ray consistency coarse {record['xray_consistency_coarse']:.4f}, refined "
             f"{record['xray_consistency_refined']:.4f} (lower explains the radiographs better): the gate {verdict}")
+    u = record.get("uncertainty")
+    if u is None:
+        return text + "\nuncertainty: none (this refiner carries no calibration)"
+    where = "" if u["val_percentile"] is None else \
+        f", above {u['val_percentile']:.0f} % of the validation patients' (higher: trust this volume less)"
+    return text + f"\nuncertainty: mean predicted std {u['mean_std_hu']:.0f} HU in the body{where}"

@@ -11,6 +11,8 @@ Export and inference both build on this module and on :mod:`ctrefine.checkpoint`
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -19,6 +21,7 @@ from .checkpoint import load_model_file
 from .config import Config
 from .engines import COMPUTE, checked_metadata, onnx_feed, onnx_metadata, onnx_runner
 from .errors import DataError, UserError
+from .uncertainty import Calibration
 
 
 class TwoStage(nn.Module):
@@ -40,7 +43,9 @@ def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, Config]:
     r = load_model_file(refiner_ckpt, stage="refine")
     if b.config.model.volume_size != r.config.model.volume_size or b.config.model.xray_size != r.config.model.xray_size:
         raise DataError(f"{base_ckpt} and {refiner_ckpt} were trained for different volume or radiograph sizes")
-    return TwoStage(b.build(), r.build()).eval(), r.config
+    model = TwoStage(b.build(), r.build()).eval()
+    model.uncertainty = r.uncertainty  # the refiner's calibration record (or None): predictors and export read it
+    return model, r.config
 
 
 # ------------------------------------------------------------------------------------- predictors
@@ -63,6 +68,8 @@ class TorchPredictor:
 
     def _setup(self, model, cfg, device, source):
         self.model, self.cfg, self.source = model, cfg, source
+        raw = getattr(model, "uncertainty", None)
+        self.uncertainty = None if raw is None else Calibration.from_dict(raw, source)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.xray_size = cfg.model.xray_size
@@ -90,10 +97,22 @@ class OnnxPredictor:
         self.engine, self._run, self.compute = onnx_runner(path, engine, threads, COMPUTE[self.precision])
         self.kind = f"onnx:{self.engine}"
         self.source = str(path)
+        self.uncertainty = _onnx_calibration(path, meta.get("uncertainty"))
 
     def __call__(self, xrays: torch.Tensor):
         c, r = self._run(onnx_feed(xrays))
         return torch.from_numpy(np.asarray(c)), torch.from_numpy(np.asarray(r))
+
+
+def _onnx_calibration(path, text: str | None) -> Calibration | None:
+    """The uncertainty calibration an exported graph carries in its metadata (validated), or None."""
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raise DataError(f"{path}: metadata uncertainty is not JSON") from None
+    return Calibration.from_dict(raw, str(path))
 
 
 def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "auto"):

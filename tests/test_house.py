@@ -70,7 +70,7 @@ def test_cli_module_only_parses():
     top_imports = {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
     top_from = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
     assert top_imports <= {"argparse", "sys"} and top_from <= {"__future__", "errors", "outputs"}
-    assert len((PKG / "cli.py").read_text().splitlines()) < 350  # eight subcommands, a parser function each
+    assert len((PKG / "cli.py").read_text().splitlines()) < 390  # ten subcommands, a parser function each
     # what the CLI imports at parse time stays light: outputs.py (a default shown in --help) needs only the stdlib
     out = ast.parse((PKG / "outputs.py").read_text())
     ours = {n.module for n in out.body if isinstance(n, ast.ImportFrom) and n.level}

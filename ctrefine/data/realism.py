@@ -266,3 +266,26 @@ def format_report(summaries: dict) -> str:
 def _row_order(key: str):
     group = ("median_hu/", "render_median_hu/", "fraction/", "enhanced", "rib", "render_rib", "vertebral", "anatomy/")
     return (next((i for i, g in enumerate(group) if key.startswith(g)), len(group)), key)
+
+
+def realism_report(datasets, out: str | None = None, max_patients: int | None = None, render: bool = False,
+                   progress: bool = True, overwrite: bool = False) -> dict:
+    """``ctrefine realism``: measure each dataset, print the table; with ``out`` also write ``OUT.md`` and
+    ``OUT.json`` (together or not at all, an existing one only with ``overwrite``). Returns the summaries."""
+    from ..outputs import atomic_files, claim_output_file
+    from .io import write_json
+
+    outs = [Path(out + ext) for ext in (".md", ".json")] if out else []
+    for path in outs:
+        claim_output_file(path, overwrite)
+    names = [Path(d).name or str(d) for d in datasets]
+    names = names if len(set(names)) == len(names) else [str(d) for d in datasets]  # two ".../data": full paths
+    summaries = {n: summarize_stats(dataset_stats(d, max_patients, render, progress)) for n, d in zip(names, datasets)}
+    text = format_report(summaries)
+    print(text)
+    if outs:
+        with atomic_files(outs) as (md, js):
+            md.write_text(text + "\n")
+            write_json(js, summaries)
+        print(f"wrote {outs[0]} and {outs[1]}")
+    return summaries
