@@ -52,6 +52,7 @@ def parse(argv):
     p.add_argument("--trained-on", default="the deepspeed launcher, 2 CPU ranks (gloo), ZeRO-2, bf16",
                    help="launcher, device and precision, for the card")
     p.add_argument("--weights", choices=tuple(MAX_MIB), default="fp32", help="precision the file is stored in")
+    p.add_argument("--note", default="", help="a sentence for the card's training paragraph (e.g. where it started)")
     return p.parse_args(argv)
 
 
@@ -64,6 +65,7 @@ def measure(mf: ModelFile, data: Path) -> tuple[dict, tuple[str, ...]]:
     else:
         base = load_model_file(cfg.model.base_model_checkpoint, stage="base")
         model, stages = TwoStage(base.build(), mf.build()).eval(), ("mean", "coarse", "refined")
+        model.uncertainty = mf.uncertainty  # measured with the card's figures when the refiner carries one
     with tempfile.TemporaryDirectory() as tmp:
         s = evaluate_dataset(TorchPredictor.from_model(model, cfg, device="cpu"), data, Path(tmp) / "r",
                              save_volumes=False, progress=False, figures=0)
@@ -90,6 +92,17 @@ def verdict(s: dict, stage: str) -> str:
             f"safety gate, which fell back to the coarse volume on {s['gate_fell_back']}/{s['num_patients']} "
             f"({s['gate_psnr_change_db']:+.3f} dB); X-ray consistency {s['coarse_xray_consistency_mean']:.4f} "
             f"(coarse) -> {s['refined_xray_consistency_mean']:.4f} (refined).")
+
+
+def uncertainty_line(mf: ModelFile, s: dict) -> str:
+    if not mf.uncertainty or "uncertainty_coverage90" not in s:
+        return ""
+    u = mf.uncertainty
+    return (f"\n\n**Uncertainty** (`ctrefine.uncertainty`, calibrated on the val split by "
+            f"`bench/calibrate_uncertainty.py`): {u['passes']} perturbed passes, scale {u['scale']:.3f}, floor "
+            f"{u['floor_hu']:.1f} HU. On the test split: 90 % interval coverage {s['uncertainty_coverage90']:.3f}, "
+            f"voxel rank correlation of sigma with |error| {s['uncertainty_spearman_voxel']:.3f}, patient rank "
+            f"correlation of mean sigma with PSNR {s.get('uncertainty_spearman_patient_psnr', float('nan')):.3f}.")
 
 
 def card(a, mf: ModelFile, s: dict, stages, val: list[dict], dst: Path, digest: str) -> str:
@@ -122,6 +135,7 @@ sha256 `{digest}` ({dst.stat().st_size / 2**20:.1f} MiB).
 
 **Data**: {header.get('num_patients')} procedural phantoms (`ctrefine make-data --num-patients {header.get('num_patients')}
 --seed {header.get('seed')} --size {m.volume_size} --xray-size {m.xray_size}`, dataset format {header.get('version')},
+phantom version {header.get('phantom_version', 2)},
 {header.get('geometry', {}).get('kind', 'cone')}-beam DRRs), split by patient: train {len(splits['train'])}, val
 {len(splits['val'])}, test {len(splits['test'])}. Seed family {header.get('seed')}: disjoint from the demo's dataset
 (seed 0) and the shift-test sets (1001, 1002), so their patients are unseen by this model.
@@ -129,14 +143,14 @@ sha256 `{digest}` ({dst.stat().st_size / 2**20:.1f} MiB).
 **Training**: `{a.command}` -- {a.trained_on}, batch {t.batch_size} per rank, AdamW lr {t.learning_rate:g} with
 warm-up and cosine decay over at most {planned} epochs{budget}, early stopping on val PSNR (patience
 {t.early_stopping_patience}); ran {len(val)} epochs in {a.wall_time}; best epoch {best['epoch']} (val PSNR
-{float(best[score]):.2f} dB). Val PSNR by epoch: {curve}.
+{float(best[score]):.2f} dB). Val PSNR by epoch: {curve}. {a.note}
 
 **Test split** ({s['num_patients']} held-out patients; `python bench/ship_pretrained.py ...`; structure Dice
 as `ctrefine.metrics.STRUCTURES` defines the predicted mask):
 
 {table(s, stages)}
 
-{verdict(s, mf.stage)}
+{verdict(s, mf.stage)}{uncertainty_line(mf, s)}
 
 **Use**: {use}. **Limits**: phantoms only -- a real chest CT is out of its domain
 (bench/RESULTS.md); radiographs must be rendered/normalised as ctrefine's DRRs.
@@ -153,7 +167,8 @@ def main(argv=None) -> int:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
             update={"base_model_checkpoint": pretrained.PREFIX + a.base})})
     dst = pretrained.ROOT / f"{a.name}.pt"
-    save_model_file(dst, mf.stage, mf.state_dict, cfg, mf.metrics, mf.epoch, mf.global_step, weights=a.weights)
+    save_model_file(dst, mf.stage, mf.state_dict, cfg, mf.metrics, mf.epoch, mf.global_step, weights=a.weights,
+                    uncertainty=mf.uncertainty)
     if dst.stat().st_size > MAX_MIB[a.weights] * 2**20:
         dst.unlink()
         raise SystemExit(f"{a.model}: more than the {MAX_MIB[a.weights]} MiB a shipped {a.weights} file may be")
