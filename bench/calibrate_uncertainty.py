@@ -15,6 +15,7 @@ beside one plain pass. The refined volume is the unperturbed pass: its PSNR does
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from ctrefine.data.phantoms import LABELS
 from ctrefine.metrics import psnr
 from ctrefine.pipeline import TorchPredictor
 from ctrefine.reprojection import SliceProjector, safety_gate
-from ctrefine.uncertainty import PASSES, Calibration, body, coverage, fit, raw_spread, spearman
+from ctrefine.uncertainty import PASSES, body, coverage, fit, signals, spearman
 
 NOMINAL = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -56,29 +57,32 @@ def collect(pred, data, split, passes: int) -> list[dict]:
         t0 = time.perf_counter()
         coarse, ungated = pred(x)
         t1 = time.perf_counter()
-        sc, sr = raw_spread(pred, x, coarse, ungated, passes)
-        t2 = time.perf_counter()
         proj = proj or SliceProjector(coarse.shape[-1], geometry=pred.geometry)
         refined, recs = safety_gate(proj, x, coarse, ungated, True)
-        for i, (it, rec) in enumerate(zip(items, recs)):
-            raw = (sc if rec["fell_back"] else sr)[i, 0].numpy() * 2500.0
+        sigs = signals(pred, x, coarse, ungated, recs, passes)
+        t2 = time.perf_counter()
+        for i, (it, rec, sig) in enumerate(zip(items, recs, sigs)):
             pred_hu, truth_hu = model_to_hu(refined[i, 0].numpy()), model_to_hu(it["ct"][0].numpy())
             m = body(truth_hu, pred_hu)
             lab = it.get("labels")
-            out.append({"name": it["name"], "err": np.abs(pred_hu - truth_hu)[m], "raw": raw[m],
+            out.append({"name": it["name"], "err": np.abs(pred_hu - truth_hu)[m], "sig": {k: v[m] for k, v in sig.items()},
                         "labels": None if lab is None else np.asarray(lab).reshape(m.shape)[m].astype(int),
                         "psnr": float(psnr(refined[i:i + 1], it["ct"][None]).item()),
                         "plain_s": (t1 - t0) / len(items), "spread_s": (t2 - t1) / len(items)})
     return out
 
 
-def measure(cal: Calibration, pats: list[dict]) -> dict:
+def _std(cal, p) -> np.ndarray:
+    return cal.std_hu(cal.raw(p["sig"]))
+
+
+def measure(cal, pats: list[dict]) -> dict:
     err = np.concatenate([p["err"] for p in pats])
-    std = np.sqrt((cal.scale * np.concatenate([p["raw"] for p in pats])) ** 2 + cal.floor_hu ** 2)
+    std = np.concatenate([_std(cal, p) for p in pats])
     pick = np.random.default_rng(0).permutation(err.size)[:200_000]
     out = {"patients": len(pats), "coverage90": coverage(err, std), "spearman_voxel": spearman(std[pick], err[pick]),
            "reliability": {str(q): coverage(err, std, norm.ppf(0.5 + q / 2)) for q in NOMINAL},
-           "mean_std": [float(np.sqrt((cal.scale * p["raw"]) ** 2 + cal.floor_hu ** 2).mean()) for p in pats],
+           "mean_std": [float(_std(cal, p).mean()) for p in pats],
            "psnr": [p["psnr"] for p in pats], "extra_time": float(np.mean([p["spread_s"] / p["plain_s"] for p in pats]))}
     if pats[0]["labels"] is not None:
         labels = np.concatenate([p["labels"] for p in pats])
@@ -109,13 +113,14 @@ def main(argv=None) -> None:
     a = parse(argv)
     pred = TorchPredictor(a.base, a.refiner, device="cpu")
     val = collect(pred, a.data, "val", a.passes)
-    cal = fit(np.concatenate([p["err"] for p in val]), np.concatenate([p["raw"] for p in val]), a.passes)
-    val_means = tuple(float(np.sqrt((cal.scale * p["raw"]) ** 2 + cal.floor_hu ** 2).mean()) for p in val)
-    cal = Calibration(cal.scale, cal.floor_hu, cal.passes, cal.seed, val_means)
+    cal = fit(np.concatenate([p["err"] for p in val]),
+              {k: np.concatenate([p["sig"][k] for p in val]) for k in val[0]["sig"]}, a.passes)
+    cal = dataclasses.replace(cal, val_mean_std_hu=tuple(float(_std(cal, p).mean()) for p in val))
     mf = load_model_file(a.refiner, stage="refine")
     save_model_file(a.out, "refine", mf.state_dict, mf.config, mf.metrics, mf.epoch, mf.global_step,
                     uncertainty=cal.as_dict())
-    print(f"calibration on {len(val)} val patients: scale {cal.scale:.3f}, floor {cal.floor_hu:.1f} HU -> {a.out}")
+    print(f"calibration on {len(val)} val patients: weights grad {cal.w_grad:g}, correction {cal.w_corr:g}; "
+          f"scale {cal.scale:.3f}, floor {cal.floor_hu:.1f} HU -> {a.out}")
     results, pooled = {"val (fit)": measure(cal, val)}, []
     for spec in a.set:
         name, _, rest = spec.partition("=")

@@ -4,7 +4,8 @@
 # steps) on the frozen base of bench/train_phantom64_base.sh (OUT/ship/base/best_model.pt, shipped as
 # pretrained:phantom-64), trained on the same 204 training phantoms (version 3, seed family 64),
 # fine-tuned from the version-2 refiner (shipped at commit ddee144: 12 epochs from scratch on the
-# version-2 pair) for EPOCHS cosine epochs through the deepspeed launcher (2 CPU ranks).
+# version-2 pair) for EPOCHS cosine epochs through the deepspeed launcher (2 CPU ranks); BUDGET=SECONDS
+# fits the schedule into a wall-clock budget (training.time_budget_s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
@@ -16,4 +17,5 @@ INIT=${INIT:-$OUT/init_refiner_v2.pt}
 OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine --config cpu-medium \
     --set data.data_path="$OUT/data" --set checkpoint.dir="$OUT/ship" --set training.init_checkpoint="$INIT" \
     --set model.base_model_checkpoint="$OUT/ship/base/best_model.pt" \
-    --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" --no-progress
+    --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
+    --no-progress

@@ -109,7 +109,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
             gt = torch.stack([it["ct"] for it in items])
             found = _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device)
             stds = [None] * len(items) if cal is None else \
-                gated_std_hu(cal, predictor, xrays, coarse, ungated, records)[:, 0].numpy()
+                gated_std_hu(cal, predictor, xrays, coarse, ungated, records)
             for it, c, r, m, rec, std in zip(items, coarse, refined, found, records, stds):
                 m["gate"] = {**rec, "psnr_ungated": m.pop("psnr_ungated")}
                 if std is not None:
@@ -248,7 +248,7 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
     aff = canonical_affine(v, FOV_MM / v)
     vols = {"coarse": model_to_hu(coarse[0, 0].numpy()), "refined": model_to_hu(refined[0, 0].numpy())}
     if cal is not None:  # the trust signal without ground truth: this input's sigma among the validation patients'
-        vols["uncertainty"] = gated_std_hu(cal, predictor, x, coarse, ungated, [record])[0, 0].numpy()
+        vols["uncertainty"] = gated_std_hu(cal, predictor, x, coarse, ungated, [record])[0]
         mean_std = patient_figures(vols["uncertainty"], vols["refined"], None)["mean_std_hu"]
         record["uncertainty"] = {"mean_std_hu": mean_std, "val_percentile": cal.percentile(mean_std)}
     with atomic_files(paths) as (t_out, t_coarse, t_gate, t_view, *t_std):  # all, or none
