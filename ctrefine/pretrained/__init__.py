@@ -18,10 +18,11 @@ ROOT = Path(__file__).parent  # the shipped files are package data beside this m
 
 # name -> (file inside this package, sha256 of the file). Add an entry with its model card.
 SHIPPED: dict[str, tuple[str, str]] = {
-    # 64^3 from 128^2, cpu-medium base (0.96M), phantoms of seed family 64; card: phantom-64.md
-    "phantom-64": ("phantom-64.pt", "bc24c49f524a3a9e526dd0aba06bf2ad6d84a56b05e32fe3be7c01096f9da8fb"),
-    # its refiner (hidden 16, 0.2M, re-projection guidance + 2 DC steps), same data: +0.83 dB, 26/26 on its test split; card: phantom-64-refiner.md
-    "phantom-64-refiner": ("phantom-64-refiner.pt", "d4d34b0076551100eeb6b2ea1d593048d518dbe37e13694c5ed901e59f2c2d8f"),
+    # 64^3 from 128^2, cpu-medium base (0.96M), calibrated (version-3) phantoms of seed family 64; card: phantom-64.md
+    "phantom-64": ("phantom-64.pt", "0a132eec4630a18162e82876be26c4a5d2ed63cac6bac547835b7741da8d01c9"),
+    # its refiner (hidden 16, 0.2M, re-projection guidance + 2 DC steps, calibrated uncertainty), same data:
+    # +0.81 dB, 26/26 on its test split; card: phantom-64-refiner.md
+    "phantom-64-refiner": ("phantom-64-refiner.pt", "f67e51f543cec58c8514ad1e70be941ddbaa71a38bc3b55b101e40268eef6fcf"),
 }
 
 
