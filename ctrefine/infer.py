@@ -11,8 +11,9 @@
       output_dir/patient_XXXX/{coarse,refined,ground_truth}.nii.gz   HU, the patient's own affine
       output_dir/patient_XXXX/patient_XXXX_comparison.png            slices, error maps, both X-rays
                                                                       (the first 16 patients; ``figures``)
-      output_dir/viewer.html    one self-contained page (:mod:`ctrefine.viewer`) with the same patients:
-                                three planes, windows, layers coarse / refined / truth / |error|
+      output_dir/viewer.html    one self-contained page (:mod:`ctrefine.viewer`) with the same patients
+                                (at most ``VIEWER_MAX``): three planes, windows, layers coarse / refined /
+                                truth / |error| (/ uncertainty)
 
 * :func:`infer_radiographs` -- a user's own PA + lateral radiograph files, no ground truth: writes the
   refined CT (and the coarse one beside it) as NIfTI in HU, and the gate's record as JSON beside them.
@@ -45,6 +46,7 @@ from .viz import comparison_png
 
 
 RESULT_KIND = "inference result"
+VIEWER_MAX = 32  # patients in one viewer.html (~0.3 MB each at 64^3): a page stays a few MB
 
 
 def is_inference_result(folder: Path) -> bool:
@@ -118,7 +120,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
                 per_patient[it["name"]] = m
                 # files off the critical path: the writer thread draws and compresses while the next batch runs
                 png = figures is None or len(per_patient) <= figures
-                if png:
+                if png and len(cases) < VIEWER_MAX:
                     cases.append(_viewer_case(it, c, r, m))
                 if save_volumes or png:
                     pending.append(writer.submit(_write_patient, tmp / it["name"], it, c, r, m, save_volumes, png))
