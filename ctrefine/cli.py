@@ -147,6 +147,8 @@ def _cmd_infer(a) -> int:
     elif not (a.data_path and a.output_dir):
         raise UserError("dataset mode needs --data-path and --output-dir (or use --xray-pa/--xray-lateral/--out)")
     pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx, a.engine)
+    if a.no_uncertainty:
+        pred.uncertainty = None
     if not (a.onnx or a.base_checkpoint or a.refinement_checkpoint) and not a.quiet:
         print(f"models: {pred.source} (the best shipped pair; --base-checkpoint / --refinement-checkpoint pick others)")
     if single:
@@ -273,6 +275,8 @@ def _add_infer(f) -> None:
     f.add_argument("--out", help="output CT .nii.gz (radiograph mode)")
     _flag(f, "xray-convention", choices=("attenuation", "intensity"), default="attenuation",
           help="attenuation: bone bright (default); intensity: raw detector, bone dark")
+    _flag(f, "no-uncertainty", action="store_true", help="skip the calibrated per-voxel uncertainty of a refiner "
+          "that carries one (its extra passes cost ~3-4x the inference time)")
     _flag(f, "no-gate", action="store_true", help="keep the refined volume even where it explains the radiographs worse "
           "than the coarse one (default: fall back to coarse there, and say so)")
     f.add_argument("--quiet", action="store_true")

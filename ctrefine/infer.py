@@ -275,7 +275,7 @@ def gate_summary(record: dict) -> str:
             f"{record['xray_consistency_refined']:.4f} (lower explains the radiographs better): the gate {verdict}")
     u = record.get("uncertainty")
     if u is None:
-        return text + "\nuncertainty: none (this refiner carries no calibration)"
+        return text + "\nuncertainty: none (the refiner carries no calibration, or --no-uncertainty)"
     where = "" if u["val_percentile"] is None else \
         f", above {u['val_percentile']:.0f} % of the validation patients' (higher: trust this volume less)"
     return text + f"\nuncertainty: mean predicted std {u['mean_std_hu']:.0f} HU in the body{where}"

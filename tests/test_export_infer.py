@@ -432,7 +432,11 @@ def test_a_calibrated_refiner_adds_uncertainty_everywhere_and_an_old_one_says_it
     gate = json.loads((tmp_path / "u_gate.json").read_text())
     assert gate["uncertainty"]["val_percentile"] in (0.0, 25.0, 50.0, 75.0, 100.0)
     assert load_nifti(tmp_path / "u_std.nii.gz")[0].shape == (32, 32, 32)
+    r = cli("infer", "--base-checkpoint", checkpoints[0], "--refinement-checkpoint", calibrated, "--xray-pa",
+            tmp_path / "pa.png", "--xray-lateral", tmp_path / "lateral.png", "--out", tmp_path / "n.nii.gz",
+            "--no-uncertainty")
+    assert r.returncode == 0 and "uncertainty: none" in r.stdout and not (tmp_path / "n_std.nii.gz").exists()
     r = cli("infer", "--base-checkpoint", checkpoints[0], "--refinement-checkpoint", checkpoints[1], "--xray-pa",
             tmp_path / "pa.png", "--xray-lateral", tmp_path / "lateral.png", "--out", tmp_path / "p.nii.gz")
-    assert r.returncode == 0 and "uncertainty: none (this refiner carries no calibration)" in r.stdout
+    assert r.returncode == 0 and "uncertainty: none (the refiner carries no calibration" in r.stdout
     assert not (tmp_path / "p_std.nii.gz").exists()
