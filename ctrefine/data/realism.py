@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from ..errors import DataError
 from .io import load_nifti, read_json
-from .phantoms import L
+from .phantoms import L, Scan, chest_phantom
 
 BONE_LABELS = ("rib", "vertebra", "other_bone")
 FAT_HU = (-190.0, -30.0)  # adipose tissue window of CT body-composition studies (Yoshizumi et al., Radiology 1999)
@@ -162,8 +162,6 @@ def patient_stats(folder: Path, render=None) -> PatientStats:
 def _regenerate(folder: Path, header):
     """A phantom patient's volume and labels on its render grid, rebuilt from its seed (``None`` for an
     ingested CT, whose render grid is not stored)."""
-    from .phantoms import Scan, chest_phantom
-
     meta = read_json(folder / "meta.json")
     if meta.get("source") != "phantom":
         return None
