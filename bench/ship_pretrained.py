@@ -30,6 +30,7 @@ from ctrefine.data.io import read_json
 from ctrefine.infer import evaluate_dataset
 from ctrefine.models import build_refiner
 from ctrefine.pipeline import TorchPredictor, TwoStage
+from ctrefine.uncertainty import build_head
 
 MAX_MIB = {"fp32": 10, "fp16": 32}  # what the repository takes per shipped file
 ROWS = (("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("hf_psnr", "HF-PSNR (dB)", "{:.2f}"),
@@ -64,8 +65,8 @@ def measure(mf: ModelFile, data: Path) -> tuple[dict, tuple[str, ...]]:
         model, stages = TwoStage(mf.build(), build_refiner(cfg)).eval(), ("mean", "coarse")
     else:
         base = load_model_file(cfg.model.base_model_checkpoint, stage="base")
-        model, stages = TwoStage(base.build(), mf.build()).eval(), ("mean", "coarse", "refined")
-        model.uncertainty = mf.uncertainty  # measured with the card's figures when the refiner carries one
+        head, cal = build_head(mf.uncertainty, str(mf.path))  # measured with the card's figures when there is one
+        model, stages = TwoStage(base.build(), mf.build(), head, cal).eval(), ("mean", "coarse", "refined")
     with tempfile.TemporaryDirectory() as tmp:
         s = evaluate_dataset(TorchPredictor.from_model(model, cfg, device="cpu"), data, Path(tmp) / "r",
                              save_volumes=False, progress=False, figures=0)
@@ -98,9 +99,10 @@ def uncertainty_line(mf: ModelFile, s: dict) -> str:
     if not mf.uncertainty or "uncertainty_coverage90" not in s:
         return ""
     u = mf.uncertainty
-    return (f"\n\n**Uncertainty** (`ctrefine.uncertainty`, calibrated on the val split by "
-            f"`bench/calibrate_uncertainty.py`): {u['passes']} perturbed passes, scale {u['scale']:.3f}, floor "
-            f"{u['floor_hu']:.1f} HU. On the test split: 90 % interval coverage {s['uncertainty_coverage90']:.3f}, "
+    return (f"\n\n**Uncertainty** (`ctrefine.uncertainty`, trained and calibrated by `bench/fit_uncertainty.py`): "
+            f"a {u['channels']}-channel head trained on {u['train_patients']} training patients' errors for "
+            f"{u['epochs']} epochs (class weight frequency^-{u['class_power']:g}), scaled x{u['scale']:.3f} on the val "
+            f"split. On the test split: 90 % interval coverage {s['uncertainty_coverage90']:.3f}, "
             f"voxel rank correlation of sigma with |error| {s['uncertainty_spearman_voxel']:.3f}, patient rank "
             f"correlation of mean sigma with PSNR {s.get('uncertainty_spearman_patient_psnr', float('nan')):.3f}.")
 

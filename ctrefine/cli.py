@@ -148,7 +148,7 @@ def _cmd_infer(a) -> int:
         raise UserError("dataset mode needs --data-path and --output-dir (or use --xray-pa/--xray-lateral/--out)")
     pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx, a.engine)
     if a.no_uncertainty:
-        pred.uncertainty = None
+        pred.drop_uncertainty()
     if not (a.onnx or a.base_checkpoint or a.refinement_checkpoint) and not a.quiet:
         print(f"models: {pred.source} (the best shipped pair; --base-checkpoint / --refinement-checkpoint pick others)")
     if single:

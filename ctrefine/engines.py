@@ -144,7 +144,7 @@ def choose_engine(engine: str = "auto") -> str:
 
 
 def onnx_runner(path, engine: str = "auto", threads: int | None = None, compute: str = "f32"):
-    """``(engine, run, compute)``: ``run(feed: dict of numpy) -> [coarse, refined]`` numpy arrays, and the
+    """``(engine, run, compute)``: ``run(feed: dict of numpy) -> [coarse, refined (, coarse_std, refined_std)]`` numpy arrays, and the
     precision the engine really computes float layers in. ``compute="bf16"`` is honoured by OpenVINO on
     CPUs with native bf16; ONNX Runtime's CPU provider has no bf16 convolutions and computes f32."""
     engine = choose_engine(engine)

@@ -2,8 +2,9 @@
 
 Graph: inputs ``xray_pa`` and ``xray_lateral`` ``(batch, 1, S, S)`` (normalised as in
 :func:`ctrefine.conventions.normalize_xray`), outputs ``coarse`` and ``refined`` ``(batch, 1, V, V, V)``
-in model space. Batch is dynamic. Dynamo exporter, opset 18. The frequency attention's FFTs are
-exported as real matrix products (:class:`ctrefine.models.blocks.MatmulSpectralGain`), not as ONNX
+in model space (and, for a refiner with an uncertainty head, ``coarse_std`` and ``refined_std``: each
+volume's per-voxel sigma in model units, :mod:`ctrefine.uncertainty`). Batch is dynamic. Dynamo
+exporter, opset 18. The frequency attention's FFTs are exported as real matrix products (:class:`ctrefine.models.blocks.MatmulSpectralGain`), not as ONNX
 ``DFT``: plain MatMul is what ONNX Runtime *and* OpenVINO read and accelerate. ``metadata_props`` make
 the file self-describing: intensity window, X-ray normalisation, geometry, sizes, precision, version.
 
@@ -59,6 +60,15 @@ def _metadata(cfg: Config, geometry: dict | None, precision: str = "fp32", uncer
     }
 
 
+def output_names(model: TwoStage) -> list[str]:
+    """The graph's outputs: the two volumes, and with an uncertainty head their sigma (model units)."""
+    return ["coarse", "refined"] + ([] if model.head is None else ["coarse_std", "refined_std"])
+
+
+def _record(model: TwoStage) -> dict | None:
+    return None if model.calibration is None else model.calibration.as_dict()
+
+
 def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None, precision: str = "fp32") -> Path:
     """Export ``model`` to ``out`` (written atomically), add metadata (``precision`` tag: fp32 or bf16,
     the same graph), run ``onnx.checker``."""
@@ -77,14 +87,14 @@ def export_onnx(model: TwoStage, cfg: Config, out, geometry: dict | None = None,
             warnings.simplefilter("ignore")
             with matmul_transforms(model):  # the portable form of the FFTs (see MatmulSpectralGain)
                 torch.onnx.export(model, example, str(tmp), dynamo=True, opset_version=OPSET,
-                                  input_names=["xray_pa", "xray_lateral"], output_names=["coarse", "refined"],
+                                  input_names=["xray_pa", "xray_lateral"], output_names=output_names(model),
                                   dynamic_shapes={"xray_pa": {0: batch}, "xray_lateral": {0: batch}},
                                   verbose=False)
         proto = onnx.load(str(tmp))  # pulls any external-data file back inline (the model is far below 2 GB)
         data_file = tmp.with_name(tmp.name + ".data")
         if data_file.exists():
             data_file.unlink()
-        set_onnx_metadata(proto, _metadata(cfg, geometry, precision, getattr(model, "uncertainty", None)))
+        set_onnx_metadata(proto, _metadata(cfg, geometry, precision, _record(model)))
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return out
@@ -169,7 +179,7 @@ def _export_lossy(model, cfg, out, log, precision, data_path, split, calibration
             log(f"exporting the fp32 graph (dynamo exporter, opset {OPSET}) ...")
             fp32 = export_onnx(model, cfg, Path(work) / "fp32.onnx")
             log(f"quantising Conv to int8 (QDQ, per-channel weights), calibrated on {len(feeds)} training patients ...")
-            meta = {**_metadata(cfg, None, "int8", getattr(model, "uncertainty", None)),
+            meta = {**_metadata(cfg, None, "int8", _record(model)),
                     "calibration": f"min/max activation ranges over {len(feeds)} patients of the train split"}
             path = quantize_int8(fp32, out, feeds, meta)
         log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, int8 Conv, fp32 elsewhere)")

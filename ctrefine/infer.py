@@ -46,6 +46,8 @@ from .viz import comparison_png
 
 
 RESULT_KIND = "inference result"
+NO_UNCERTAINTY = ("none: the refiner file carries no uncertainty head (or --no-uncertainty; a file calibrated by "
+                  "test-time perturbation, the earlier method, is read without it)")
 VIEWER_MAX = 32  # patients in one viewer.html (~0.3 MB each at 64^3): a page stays a few MB
 
 
@@ -105,13 +107,12 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
         pending = []
         for items in iter_items(ds, range(n), batch_size):
             xrays = torch.stack([it["xrays"] for it in items])
-            coarse, ungated = predictor(xrays)
+            coarse, ungated, coarse_std, refined_std = predictor.predict(xrays)
             projector = projector or SliceProjector(coarse.shape[-1], geometry=predictor.geometry)
             refined, records = safety_gate(projector, xrays, coarse, ungated, gate)
             gt = torch.stack([it["ct"] for it in items])
             found = _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device)
-            stds = [None] * len(items) if cal is None else \
-                gated_std_hu(cal, predictor, xrays, coarse, ungated, records)
+            stds = [None] * len(items) if cal is None else gated_std_hu(coarse_std, refined_std, records)
             for it, c, r, m, rec, std in zip(items, coarse, refined, found, records, stds):
                 m["gate"] = {**rec, "psnr_ungated": m.pop("psnr_ungated")}
                 if std is not None:
@@ -130,8 +131,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
         bar.close()
         summary = summarize(per_patient)
         summary.update(uncertainty_summary(per_patient))
-        summary.update({"uncertainty": "none: the refiner file carries no calibration" if cal is None
-                        else f"test-time perturbation, {cal.passes} passes, calibrated on validation patients",
+        summary.update({"uncertainty": NO_UNCERTAINTY if cal is None else cal.describe(),
                         "split": split, "data_path": str(data_path), "predictor": predictor.kind, "gate": gate,
                         "source": predictor.source, "precision": predictor.precision, "compute": predictor.compute,
                         "baseline_data": None if baseline is None else str(baseline_data or data_path)})
@@ -244,13 +244,13 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
     for p in paths:
         claim_output_file(p, overwrite)
     x = prepare_radiographs(pa_path, lateral_path, predictor.xray_size, convention, warn)
-    coarse, ungated = predictor(x)
+    coarse, ungated, coarse_std, refined_std = predictor.predict(x)
     v = ungated.shape[-1]
     refined, (record,) = safety_gate(SliceProjector(v, geometry=predictor.geometry), x, coarse, ungated, gate)
     aff = canonical_affine(v, FOV_MM / v)
     vols = {"coarse": model_to_hu(coarse[0, 0].numpy()), "refined": model_to_hu(refined[0, 0].numpy())}
     if cal is not None:  # the trust signal without ground truth: this input's sigma among the validation patients'
-        vols["uncertainty"] = gated_std_hu(cal, predictor, x, coarse, ungated, [record])[0]
+        vols["uncertainty"] = gated_std_hu(coarse_std, refined_std, [record])[0]
         mean_std = patient_figures(vols["uncertainty"], vols["refined"], None)["mean_std_hu"]
         record["uncertainty"] = {"mean_std_hu": mean_std, "val_percentile": cal.percentile(mean_std)}
     with atomic_files(paths) as (t_out, t_coarse, t_gate, t_view, *t_std):  # all, or none
@@ -275,7 +275,7 @@ def gate_summary(record: dict) -> str:
             f"{record['xray_consistency_refined']:.4f} (lower explains the radiographs better): the gate {verdict}")
     u = record.get("uncertainty")
     if u is None:
-        return text + "\nuncertainty: none (the refiner carries no calibration, or --no-uncertainty)"
+        return text + "\nuncertainty: none (the refiner carries no uncertainty head, or --no-uncertainty)"
     where = "" if u["val_percentile"] is None else \
         f", above {u['val_percentile']:.0f} % of the validation patients' (higher: trust this volume less)"
     return text + f"\nuncertainty: mean predicted std {u['mean_std_hu']:.0f} HU in the body{where}"

@@ -1,10 +1,11 @@
 """The deployable two-stage model and its predictors.
 
-* :class:`TwoStage` -- base then refiner as one module: two radiographs in, coarse and refined out.
-  This is what is exported to ONNX and what the torch predictor runs.
+* :class:`TwoStage` -- base then refiner as one module: two radiographs in, coarse and refined out,
+  and with an uncertainty head (:mod:`ctrefine.uncertainty`) their per-voxel sigma too. This is what
+  is exported to ONNX and what the torch predictor runs.
 * :func:`load_two_stage` -- build it from two model files (:mod:`ctrefine.checkpoint`).
 * :class:`TorchPredictor` / :class:`OnnxPredictor` -- ``(B, 2, 1, S, S)`` radiographs ->
-  ``(coarse, refined)`` model-space volumes, with torch, or with the exported ONNX file in ONNX Runtime
+  ``(coarse, refined)`` model-space volumes (:meth:`predict`: and their sigma, or None), with torch, or with the exported ONNX file in ONNX Runtime
   or OpenVINO (:mod:`ctrefine.engines`); :func:`make_predictor` picks.
 
 Export and inference both build on this module and on :mod:`ctrefine.checkpoint`, never on each other.
@@ -21,20 +22,28 @@ from .checkpoint import load_model_file
 from .config import Config
 from .engines import COMPUTE, checked_metadata, onnx_feed, onnx_metadata, onnx_runner
 from .errors import DataError, UserError
-from .uncertainty import Calibration
+from .uncertainty import Calibration, build_head
 
 
 class TwoStage(nn.Module):
-    """Base then refiner: two radiographs in, coarse and refined volumes out."""
+    """Base then refiner: two radiographs in, coarse and refined volumes out; with a ``head``, also the
+    sigma of each (model units): ``(coarse, refined, coarse_std, refined_std)``."""
 
-    def __init__(self, base: nn.Module, refiner: nn.Module):
+    def __init__(self, base: nn.Module, refiner: nn.Module, head: nn.Module | None = None,
+                 calibration: Calibration | None = None):
         super().__init__()
-        self.base, self.refiner = base, refiner
+        self.base, self.refiner, self.head = base, refiner, head
+        self.calibration = calibration  # the head's record (validation figures), or None
 
     def forward(self, xray_pa: torch.Tensor, xray_lateral: torch.Tensor):
         x = torch.stack([xray_pa, xray_lateral], dim=1)
         coarse = self.base(x)
-        return coarse, self.refiner(coarse, x)
+        refined = self.refiner(coarse, x)
+        if self.head is None:
+            return coarse, refined
+        n = coarse.shape[0]  # one head pass over both answers the safety gate may return
+        std = self.head(torch.cat([coarse, coarse]), torch.cat([coarse, refined]), torch.cat([x, x]))
+        return coarse, refined, std[:n], std[n:]
 
 
 def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, Config]:
@@ -43,9 +52,11 @@ def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, Config]:
     r = load_model_file(refiner_ckpt, stage="refine")
     if b.config.model.volume_size != r.config.model.volume_size or b.config.model.xray_size != r.config.model.xray_size:
         raise DataError(f"{base_ckpt} and {refiner_ckpt} were trained for different volume or radiograph sizes")
-    model = TwoStage(b.build(), r.build()).eval()
-    model.uncertainty = r.uncertainty  # the refiner's calibration record (or None): predictors and export read it
-    return model, r.config
+    head, cal = build_head(r.uncertainty, str(r.path))
+    if cal is not None and cal.volume_size != r.config.model.volume_size:
+        raise DataError(f"{r.path}: its uncertainty head is for {cal.volume_size}^3 volumes, the refiner's are "
+                        f"{r.config.model.volume_size}^3")
+    return TwoStage(b.build(), r.build(), head, cal).eval(), r.config
 
 
 # ------------------------------------------------------------------------------------- predictors
@@ -68,19 +79,26 @@ class TorchPredictor:
 
     def _setup(self, model, cfg, device, source):
         self.model, self.cfg, self.source = model, cfg, source
-        raw = getattr(model, "uncertainty", None)
-        self.uncertainty = None if raw is None else Calibration.from_dict(raw, source)
+        self.uncertainty = model.calibration
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.xray_size = cfg.model.xray_size
         # the ray geometry the refiner was trained on (models from before re-projection guidance: cone)
         self.geometry = cfg.model.reprojection if cfg.model.reprojection != "off" else "cone"
 
+    def drop_uncertainty(self) -> None:
+        """Run without the uncertainty head (``infer --no-uncertainty``)."""
+        self.model.head, self.model.calibration, self.uncertainty = None, None, None
+
     @torch.no_grad()
-    def __call__(self, xrays: torch.Tensor):
+    def predict(self, xrays: torch.Tensor):
+        """``(coarse, refined, coarse_std, refined_std)`` on the CPU, model units; the stds None without a head."""
         x = xrays.to(self.device)
-        c, r = self.model(x[:, 0], x[:, 1])
-        return c.float().cpu(), r.float().cpu()
+        out = [t.float().cpu() for t in self.model(x[:, 0], x[:, 1])]
+        return tuple(out) if len(out) == 4 else (*out, None, None)
+
+    def __call__(self, xrays: torch.Tensor):
+        return self.predict(xrays)[:2]
 
 
 class OnnxPredictor:
@@ -98,10 +116,24 @@ class OnnxPredictor:
         self.kind = f"onnx:{self.engine}"
         self.source = str(path)
         self.uncertainty = _onnx_calibration(path, meta.get("uncertainty"))
+        self._use_std = self.uncertainty is not None
+
+    def drop_uncertainty(self) -> None:
+        """Ignore the graph's sigma outputs (``infer --no-uncertainty``; the graph still computes them)."""
+        self.uncertainty, self._use_std = None, False
+
+    def predict(self, xrays: torch.Tensor):
+        """``(coarse, refined, coarse_std, refined_std)``, model units; the stds None for a graph without them."""
+        out = [torch.from_numpy(np.asarray(t)) for t in self._run(onnx_feed(xrays))]
+        if not self._use_std:
+            return out[0], out[1], None, None
+        if len(out) != 4:
+            raise DataError(f"{self.source}: its metadata describes an uncertainty head but the graph has "
+                            f"{len(out)} outputs, not 4")
+        return tuple(out)
 
     def __call__(self, xrays: torch.Tensor):
-        c, r = self._run(onnx_feed(xrays))
-        return torch.from_numpy(np.asarray(c)), torch.from_numpy(np.asarray(r))
+        return self.predict(xrays)[:2]
 
 
 def _onnx_calibration(path, text: str | None) -> Calibration | None:

@@ -28,3 +28,13 @@ def laplacian2d(x: torch.Tensor) -> torch.Tensor:
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
     c = p[:, :, 1:-1, 1:-1]
     return p[:, :, :-2, 1:-1] + p[:, :, 2:, 1:-1] + p[:, :, 1:-1, :-2] + p[:, :, 1:-1, 2:] - 4.0 * c
+
+
+def gradient_magnitude3d(x: torch.Tensor) -> torch.Tensor:
+    """``|grad x|`` by central differences (half the difference of the two face neighbours, replicate
+    padding, so a border voxel sees a one-sided half difference) over the last three dims of ``(B, C, D, H, W)``."""
+    p = F.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate")
+    gd = p[:, :, 2:, 1:-1, 1:-1] - p[:, :, :-2, 1:-1, 1:-1]
+    gh = p[:, :, 1:-1, 2:, 1:-1] - p[:, :, 1:-1, :-2, 1:-1]
+    gw = p[:, :, 1:-1, 1:-1, 2:] - p[:, :, 1:-1, 1:-1, :-2]
+    return 0.5 * torch.sqrt(gd * gd + gh * gh + gw * gw + 1e-12)

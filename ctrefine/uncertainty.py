@@ -1,25 +1,17 @@
-"""Per-voxel uncertainty of the refined volume, calibrated: where the reconstruction can be trusted.
+"""Per-voxel uncertainty of a reconstruction, calibrated: where it can be trusted.
 
 Along each ray the radiographs say how much attenuation there is, not where: a volume reconstructed
-from two of them is firm in some places and guessed in others. The guess shows as *sensitivity*: the
-pipeline is re-run on ``passes`` copies of its radiographs, each perturbed within the imaging-chain
-ranges of :class:`ctrefine.config.AugmentConfig` (detector blur, quantum noise, display gamma), and
-the root-mean-square deviation of those refined volumes from the unperturbed one is the raw spread
-``r`` (model units). The answer itself is always the unperturbed pass, so the volume does not change.
+from two of them is firm in some places and guessed in others. A small network, the uncertainty head
+(:class:`ctrefine.models.uncertainty_head.UncertaintyHead`), reads the coarse volume and the answer
+and predicts, per voxel, the 90th percentile of the answer's |error| -- trained on the refiner's own
+errors on training patients (:mod:`ctrefine.training.uncertainty_fit`), then scaled by one factor so
+that on validation patients the central 90 % interval ``+-1.645 sigma`` holds 90 % of the body's
+voxels. It runs inside the pipeline as one extra cheap pass, on the refined volume and on the coarse one
+(the safety gate may return either), and travels in the refiner's model file (``uncertainty``: the
+:class:`Calibration` record and the head's weights) and in the exported ONNX graph (two more
+outputs). A refiner file without one infers as before, without uncertainty, and says so.
 
-Measured on validation patients, that spread alone ranks voxels by their error only weakly (rank
-correlation ~0.31 for the narrow pair): at 5 mm most error sits on edges placed a voxel off. So the raw
-signal adds two things the pipeline knows without ground truth: the local edge strength of the answer
-(Sobel gradient magnitude, HU a voxel: a misplaced edge costs its contrast) and the size of the
-refiner's correction ``|refined - coarse|`` (where it changed most, it is least sure) --
-``raw = spread + w_grad * |grad| + w_corr * |correction|`` (0.43 with the weights the fit picks there).
-It becomes an error bar on validation patients (:func:`fit`): the weights that rank the body's voxels
-best, then ``sigma = sqrt((scale * raw)^2 + floor^2)`` fitted to the 90th percentile of |error| in ten
-bins of ``raw``, then one factor on both so that the body's 90 % interval ``+-1.645 sigma`` holds 90 %. The
-:class:`Calibration` lives in the refiner's model file (``uncertainty``; ``bench/calibrate_uncertainty.py``
-writes it), with the validation patients' mean sigma, so a user's radiographs -- no ground truth -- can
-be placed among them (:meth:`Calibration.percentile`). A refiner file without one infers as before,
-without uncertainty.
+This module holds the record, the choice of sigma after the gate, and the calibration figures.
 """
 from __future__ import annotations
 
@@ -30,49 +22,53 @@ import numpy as np
 import torch
 
 from .conventions import HU_MAX, HU_MIN
-from .data.augment import gaussian_blur
 from .errors import DataError
 
-PASSES = 4  # perturbed passes per volume (the issue's budget: at most four)
+KIND = "error-head"  # the record's kind; files calibrated by test-time perturbation (earlier) carry none
+QUANTILE = 0.9  # the head predicts this quantile of |error|
 Z90 = 1.6448536  # half-width of a central 90 % Gaussian interval, in standard deviations
 BODY_HU = -950.0  # voxels denser than this (in truth or prediction) are the body: calibration ignores air
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """How raw spread becomes a standard deviation in HU, fitted on validation patients."""
+    """The head's shape and geometry, its validation-fitted scale, and the validation patients' mean sigma."""
 
+    volume_size: int
+    geometry: str  # the ray geometry its re-projection residual uses (the refiner's)
+    channels: int
+    dilations: tuple[int, ...]
     scale: float
-    floor_hu: float
-    passes: int = PASSES
-    seed: int = 0
-    val_mean_std_hu: tuple[float, ...] = ()  # per validation patient: the mean sigma in the body
-    w_grad: float = 0.0  # weight of the answer's edge strength in the raw signal
-    w_corr: float = 0.0  # weight of the refiner's correction |refined - coarse|
+    val_mean_std_hu: tuple[float, ...] = ()  # per validation patient: the mean sigma in the body (HU)
+    class_power: float = 0.0  # training weighted each structure class by frequency^-power (0: every voxel alike)
+    train_patients: int = 0
+    epochs: int = 0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "val_mean_std_hu": list(self.val_mean_std_hu)}
+        return {"kind": KIND, **asdict(self), "dilations": list(self.dilations),
+                "val_mean_std_hu": list(self.val_mean_std_hu)}
 
     @classmethod
-    def from_dict(cls, raw, source: str) -> "Calibration":
+    def from_dict(cls, raw, source: str) -> "Calibration | None":
+        """The record, validated (one-line :class:`DataError` if malformed); None for a record of an earlier
+        kind (test-time perturbation), which this version no longer computes."""
+        if not isinstance(raw, dict):
+            raise DataError(f"{source}: its uncertainty calibration is malformed")
+        if raw.get("kind") != KIND:
+            return None
         try:
-            cal = cls(float(raw["scale"]), float(raw["floor_hu"]), int(raw["passes"]), int(raw.get("seed", 0)),
-                      tuple(float(v) for v in raw.get("val_mean_std_hu", ())), float(raw.get("w_grad", 0.0)),
-                      float(raw.get("w_corr", 0.0)))
+            cal = cls(int(raw["volume_size"]), str(raw["geometry"]), int(raw["channels"]),
+                      tuple(int(d) for d in raw["dilations"]), float(raw["scale"]),
+                      tuple(float(v) for v in raw.get("val_mean_std_hu", ())), float(raw.get("class_power", 0.0)),
+                      int(raw.get("train_patients", 0)), int(raw.get("epochs", 0)))
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{source}: its uncertainty calibration is malformed") from None
-        if not (all(math.isfinite(v) and v >= 0 for v in (cal.scale, cal.floor_hu, cal.w_grad, cal.w_corr))
-                and 1 <= cal.passes <= 16):
-            raise DataError(f"{source}: its uncertainty calibration is out of range ({cal.scale}, {cal.floor_hu}, "
-                            f"{cal.passes} passes)")
+        if not (8 <= cal.volume_size <= 512 and cal.volume_size % 2 == 0 and cal.geometry in ("cone", "parallel")
+                and 1 <= cal.channels <= 256 and 1 <= len(cal.dilations) <= 8 and all(1 <= d <= 16 for d in cal.dilations)
+                and math.isfinite(cal.scale) and cal.scale > 0 and all(math.isfinite(v) for v in cal.val_mean_std_hu)):
+            raise DataError(f"{source}: its uncertainty calibration is out of range ({cal.volume_size}^3, "
+                            f"{cal.geometry!r}, {cal.channels} channels, dilations {cal.dilations}, scale {cal.scale})")
         return cal
-
-    def std_hu(self, raw_hu):
-        """Raw signal (HU, :func:`raw_signal`) -> predicted standard deviation in HU."""
-        return ((self.scale * raw_hu) ** 2 + self.floor_hu ** 2) ** 0.5
-
-    def raw(self, sig: dict) -> np.ndarray:
-        return raw_signal(sig, self.w_grad, self.w_corr)
 
     def percentile(self, mean_std_hu: float) -> float | None:
         """Where a volume's mean sigma falls among the validation patients' (0-100), or None without them."""
@@ -80,115 +76,46 @@ class Calibration:
             return None
         return float(100.0 * np.mean(np.asarray(self.val_mean_std_hu) <= mean_std_hu))
 
-
-def perturb(xrays: torch.Tensor, gen: torch.Generator, aug) -> torch.Tensor:
-    """Normalised ``(B, 2, 1, S, S)`` radiographs, each image perturbed within ``aug``'s ranges: detector
-    blur up to ``blur_px``, Gaussian noise of a detector with ``photons_min..photons_max`` photons a pixel
-    (std ``1/sqrt(N0)`` on the normalised image), display gamma within ``1 +- gamma_jitter``."""
-    shape = xrays.shape
-    x = xrays.reshape(-1, shape[-2], shape[-1]).float()
-    n = x.shape[0]
-    sigma = torch.rand(n, generator=gen) * aug.blur_px
-    x = gaussian_blur(x.double(), sigma.double()).float()
-    log_n0 = math.log(aug.photons_min) + torch.rand(n, generator=gen) * math.log(aug.photons_max / aug.photons_min)
-    x = x + torch.randn(x.shape, generator=gen) * torch.exp(-0.5 * log_n0).view(-1, 1, 1)
-    jit = math.log1p(aug.gamma_jitter)
-    gamma = torch.exp((2 * torch.rand(n, generator=gen) - 1) * jit).view(-1, 1, 1)
-    return x.clamp_min(0.0).pow(gamma).reshape(shape)
+    def describe(self) -> str:
+        return (f"uncertainty head ({self.channels} channels), trained on {self.train_patients} patients' errors, "
+                f"scaled x{self.scale:.3f} on validation patients")
 
 
-def raw_spread(predictor, xrays: torch.Tensor, coarse: torch.Tensor, refined: torch.Tensor, passes: int = PASSES,
-               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMS deviation of ``passes`` perturbed passes' coarse and refined volumes from the unperturbed ones,
-    model units, ``(B, 1, D, H, W)`` each (the coarse one serves a patient the safety gate sent back to
-    the coarse volume). Deterministic in ``seed``."""
-    from .config import AugmentConfig
+def build_head(raw: dict | None, source: str):
+    """``(head, calibration)`` from a refiner file's ``uncertainty`` entry, or ``(None, None)`` without one (or
+    with one of an earlier kind). Weights that do not fit the record: one-line :class:`DataError`."""
+    from .models.uncertainty_head import UncertaintyHead
 
-    aug, gen = AugmentConfig(), torch.Generator().manual_seed(seed)
-    acc_c, acc_r = torch.zeros_like(coarse), torch.zeros_like(refined)
-    for _ in range(passes):
-        c, r = predictor(perturb(xrays, gen, aug))
-        acc_c += (c - coarse) ** 2
-        acc_r += (r - refined) ** 2
-    return torch.sqrt(acc_c / passes), torch.sqrt(acc_r / passes)
-
-
-def signals(predictor, xrays, coarse, ungated, records, passes: int = PASSES, seed: int = 0) -> list[dict]:
-    """Per patient of a batch, for what the safety gate returned (HU arrays ``(D, H, W)``): the spread over
-    perturbed passes, the answer's edge strength and the refiner's correction (0 where the gate fell back)."""
-    from scipy import ndimage
-
-    sc, sr = raw_spread(predictor, xrays, coarse, ungated, passes, seed)
-    out = []
-    for i, rec in enumerate(records):
-        fell = bool(rec["fell_back"])
-        ans = (coarse if fell else ungated)[i, 0].numpy() * (HU_MAX - HU_MIN)
-        grad = np.sqrt(sum(ndimage.sobel(ans, a) ** 2 for a in range(3))) / 16.0  # Sobel's weights sum to 16
-        corr = np.zeros_like(ans) if fell else np.abs(ungated[i, 0].numpy() - coarse[i, 0].numpy()) * (HU_MAX - HU_MIN)
-        out.append({"spread": (sc if fell else sr)[i, 0].numpy() * (HU_MAX - HU_MIN), "grad": grad, "corr": corr})
-    return out
+    cal = None if raw is None else Calibration.from_dict(raw, source)
+    if cal is None:
+        return None, None
+    state = raw.get("state_dict")
+    head = UncertaintyHead(cal.volume_size, cal.geometry, cal.channels, cal.dilations, cal.scale, Z90)
+    try:
+        head.load_state_dict({**{k: torch.as_tensor(v).float() for k, v in state.items()},
+                              "scale": torch.tensor(cal.scale)})
+    except (AttributeError, RuntimeError, TypeError):
+        raise DataError(f"{source}: its uncertainty head's weights do not fit its record") from None
+    return head.eval(), cal
 
 
-def raw_signal(sig: dict, w_grad: float, w_corr: float) -> np.ndarray:
-    return sig["spread"] + w_grad * sig["grad"] + w_corr * sig["corr"]
+def head_entry(head, cal: Calibration) -> dict:
+    """A refiner file's ``uncertainty`` entry: the record and the head's weights (fp32, without the scale)."""
+    return {**cal.as_dict(), "state_dict": {k: v.detach().float().cpu().clone()
+                                            for k, v in head.state_dict().items() if k != "scale"}}
 
 
-def gated_std_hu(cal: Calibration, predictor, xrays, coarse, ungated, records) -> list[np.ndarray]:
-    """The calibrated sigma (HU) of what the safety gate returned, for each patient of a batch."""
-    return [cal.std_hu(cal.raw(s)).astype(np.float32)
-            for s in signals(predictor, xrays, coarse, ungated, records, cal.passes, cal.seed)]
+def gated_std_hu(coarse_std: torch.Tensor, refined_std: torch.Tensor, records: list[dict]) -> list[np.ndarray]:
+    """Per patient of a batch, the sigma (HU, ``(D, H, W)``) of what the safety gate returned."""
+    return [((coarse_std if rec["fell_back"] else refined_std)[i, 0].numpy() * (HU_MAX - HU_MIN)).astype(np.float32)
+            for i, rec in enumerate(records)]
 
 
-def dataset_summary(per_patient: dict) -> dict:
-    """Over patients with an uncertainty record: mean coverage and voxel rank correlation, and the
-    patient-level rank correlation of mean sigma with refined PSNR (a good sigma is high where PSNR is low)."""
-    recs = [(m["uncertainty"], m["refined"]["psnr"]) for m in per_patient.values() if "uncertainty" in m]
-    if not recs:
-        return {}
-    out = {"uncertainty_mean_std_hu": float(np.mean([u["mean_std_hu"] for u, _ in recs]))}
-    if all("coverage90" in u for u, _ in recs):
-        out["uncertainty_coverage90"] = float(np.mean([u["coverage90"] for u, _ in recs]))
-        out["uncertainty_spearman_voxel"] = float(np.mean([u["spearman_std_abs_error"] for u, _ in recs]))
-        if len(recs) >= 3:
-            out["uncertainty_spearman_patient_psnr"] = spearman(np.array([u["mean_std_hu"] for u, _ in recs]),
-                                                                np.array([p for _, p in recs]))
-    return out
-
-
+# ------------------------------------------------------------------------------------- figures
 def body(truth_hu: np.ndarray | None, pred_hu: np.ndarray) -> np.ndarray:
     """Voxels that count: denser than air in the prediction (or the truth, where there is one)."""
     m = pred_hu > BODY_HU
     return m if truth_hu is None else m | (truth_hu > BODY_HU)
-
-
-WEIGHTS = (0.0, 0.1, 0.3, 1.0)  # the grid the fit tries for w_grad and w_corr
-
-
-def fit(abs_err_hu: np.ndarray, sig: dict, passes: int = PASSES, seed: int = 0) -> Calibration:
-    """A calibration from body voxels of validation patients: ``abs_err_hu`` flat, ``sig`` the flat
-    :func:`signals` arrays. Weights: the grid pair whose raw signal ranks |error| best (on a fixed
-    200,000-voxel subsample); scale and floor: a least-squares fit of ``sqrt((s raw)^2 + f^2)`` to the
-    90th percentile of |error| / 1.645 in ten raw-signal bins; then one factor on both for 90 % coverage."""
-    pick = np.random.default_rng(0).permutation(abs_err_hu.size)[:200_000]
-    sub = {k: v[pick] for k, v in sig.items()}
-    _, w_grad, w_corr = max((spearman(raw_signal(sub, g, c), abs_err_hu[pick]), g, c) for g in WEIGHTS for c in WEIGHTS)
-    raw = raw_signal(sig, w_grad, w_corr)
-    edges = np.quantile(raw, np.linspace(0, 1, 11))
-    which = np.clip(np.searchsorted(edges, raw, side="right") - 1, 0, 9)
-    r_bin = np.array([raw[which == b].mean() for b in range(10) if (which == b).any()])
-    s_bin = np.array([np.quantile(abs_err_hu[which == b], 0.9) / Z90 for b in range(10) if (which == b).any()])
-    # sigma^2 = s^2 raw^2 + f^2 is linear in (s^2, f^2): non-negative least squares on the bins
-    from scipy.optimize import nnls
-
-    (s2, f2), _ = nnls(np.stack([r_bin ** 2, np.ones_like(r_bin)], 1), s_bin ** 2)
-    scale, floor = math.sqrt(s2), max(math.sqrt(f2), 1.0)
-    lo, hi = 0.0, 1.0
-    while coverage(abs_err_hu, hi * np.sqrt((scale * raw) ** 2 + floor ** 2)) < 0.9 and hi < 1e6:
-        hi *= 2.0
-    for _ in range(40):  # coverage grows with the factor: bisect to 90 %
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if coverage(abs_err_hu, mid * np.sqrt((scale * raw) ** 2 + floor ** 2)) < 0.9 else (lo, mid)
-    return Calibration(hi * scale, hi * floor, passes, seed, w_grad=w_grad, w_corr=w_corr)
 
 
 def coverage(abs_err_hu: np.ndarray, std_hu: np.ndarray, z: float = Z90) -> float:
@@ -213,4 +140,20 @@ def patient_figures(std_hu: np.ndarray, pred_hu: np.ndarray, truth_hu: np.ndarra
         out["coverage90"] = coverage(err, s)
         pick = np.random.default_rng(0).permutation(err.size)[:50_000]
         out["spearman_std_abs_error"] = spearman(s[pick], err[pick])
+    return out
+
+
+def dataset_summary(per_patient: dict) -> dict:
+    """Over patients with an uncertainty record: mean coverage and voxel rank correlation, and the
+    patient-level rank correlation of mean sigma with refined PSNR (a good sigma is high where PSNR is low)."""
+    recs = [(m["uncertainty"], m["refined"]["psnr"]) for m in per_patient.values() if "uncertainty" in m]
+    if not recs:
+        return {}
+    out = {"uncertainty_mean_std_hu": float(np.mean([u["mean_std_hu"] for u, _ in recs]))}
+    if all("coverage90" in u for u, _ in recs):
+        out["uncertainty_coverage90"] = float(np.mean([u["coverage90"] for u, _ in recs]))
+        out["uncertainty_spearman_voxel"] = float(np.mean([u["spearman_std_abs_error"] for u, _ in recs]))
+        if len(recs) >= 3:
+            out["uncertainty_spearman_patient_psnr"] = spearman(np.array([u["mean_std_hu"] for u, _ in recs]),
+                                                                np.array([p for _, p in recs]))
     return out

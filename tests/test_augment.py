@@ -75,15 +75,13 @@ def test_each_effect_moves_the_image_the_right_way(raw):
 
 def test_only_training_augments():
     """The training driver augments; dataset generation may apply a fixed chain (--xray-realism);
-    validation, export and inference never touch it -- only the uncertainty's test-time perturbations
-    borrow its blur (the answer itself is always the unperturbed pass)."""
+    validation, export and inference never touch it."""
     users = {}
     for f in PKG.rglob("*.py"):
         for n in ast.walk(ast.parse(f.read_text())):
             if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("augment"):
                 users.setdefault(f.relative_to(PKG).as_posix(), set()).update(a.name for a in n.names)
-    assert users == {"training/driver.py": {"augment_radiographs"}, "data/dataset.py": {"imaging_chain"},
-                     "uncertainty.py": {"gaussian_blur"}}
+    assert users == {"training/driver.py": {"augment_radiographs"}, "data/dataset.py": {"imaging_chain"}}
 
 
 def test_refine_stage_recomputes_the_coarse_volume_from_augmented_radiographs(tiny_dataset, tmp_path):
