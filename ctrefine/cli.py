@@ -275,8 +275,8 @@ def _add_infer(f) -> None:
     f.add_argument("--out", help="output CT .nii.gz (radiograph mode)")
     _flag(f, "xray-convention", choices=("attenuation", "intensity"), default="attenuation",
           help="attenuation: bone bright (default); intensity: raw detector, bone dark")
-    _flag(f, "no-uncertainty", action="store_true", help="skip the calibrated per-voxel uncertainty of a refiner "
-          "that carries one (its extra passes cost ~3-4x the inference time)")
+    _flag(f, "no-uncertainty", action="store_true", help="skip the per-voxel uncertainty of a refiner that "
+          "carries an uncertainty head (a small network's one extra pass)")
     _flag(f, "no-gate", action="store_true", help="keep the refined volume even where it explains the radiographs worse "
           "than the coarse one (default: fall back to coarse there, and say so)")
     f.add_argument("--quiet", action="store_true")

@@ -78,5 +78,6 @@ class UncertaintyHead(nn.Module):
 
     def forward(self, coarse: torch.Tensor, answer: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
         """Sigma (model units) of ``answer``; ``xrays`` the normalised ``(B, 2, 1, S, S)`` radiographs."""
-        q = torch.exp(self.log_quantile(coarse, answer, self.xray_features(answer, xrays)))
+        # |error| in model space is at most 1 (both volumes lie in [0, 1]): a larger quantile is an extrapolation
+        q = torch.exp(self.log_quantile(coarse, answer, self.xray_features(answer, xrays)).clamp(max=0.0))
         return self.scale * q / self.z
