@@ -396,13 +396,17 @@ def test_ship_pretrained_writes_a_loadable_pair_with_cards(checkpoints, tiny_dat
 
 
 def test_a_refiner_with_an_uncertainty_head_adds_it_everywhere_and_an_old_one_says_it_has_none(
-        checkpoints, tiny_dataset, tmp_path):
+        checkpoints, tiny_dataset, tmp_path, capsys):
     """A refiner file carrying an uncertainty head: dataset inference writes uncertainty.nii.gz, per-patient and
     summary calibration figures and a viewer layer; radiograph inference writes ``*_std.nii.gz`` and places
     the input among the validation patients; the ONNX export carries the head as two more outputs (parity
-    like the volumes) and infers the same sigma. The refined volume is the one without the head."""
+    like the volumes) and infers the same sigma. The refined volume is the one without the head.
+    (In-process: the CLI's own wiring is checked by its radiograph-mode calls.)"""
     from ctrefine.checkpoint import load_model_file
+    from ctrefine.cli import main
+    from ctrefine.infer import evaluate_dataset, infer_radiographs
     from ctrefine.models.uncertainty_head import UncertaintyHead
+    from ctrefine.pipeline import OnnxPredictor, TorchPredictor
     from ctrefine.uncertainty import Calibration, head_entry
 
     mf = load_model_file(checkpoints[1])
@@ -413,16 +417,14 @@ def test_a_refiner_with_an_uncertainty_head_adds_it_everywhere_and_an_old_one_sa
     calibrated = tmp_path / "refiner_unc.pt"
     save_model_file(calibrated, "refine", mf.state_dict, mf.config, uncertainty=head_entry(head, cal))
     plain, withu = tmp_path / "plain", tmp_path / "withu"
-    for out, ref in ((plain, checkpoints[1]), (withu, calibrated)):
-        r = cli("infer", "--base-checkpoint", checkpoints[0], "--refinement-checkpoint", ref, "--data-path",
-                tiny_dataset, "--output-dir", out, "--quiet")
-        assert r.returncode == 0, r.stderr
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (plain, withu))
-    assert a["summary"]["uncertainty"].startswith("none") and "uncertainty_coverage90" not in a["summary"]
-    assert b["summary"]["uncertainty"].startswith("uncertainty head (4 channels), trained on 3 patients")
-    assert 0 <= b["summary"]["uncertainty_coverage90"] <= 1 and "uncertainty_spearman_voxel" in b["summary"]
-    for name, m in b["patients"].items():
-        assert m["refined"]["psnr"] == a["patients"][name]["refined"]["psnr"]  # the volume does not change
+    a, b = (evaluate_dataset(TorchPredictor(checkpoints[0], ref, "cpu"), tiny_dataset, out, progress=False)
+            for out, ref in ((plain, checkpoints[1]), (withu, calibrated)))
+    assert a["uncertainty"].startswith("none") and "uncertainty_coverage90" not in a
+    assert b["uncertainty"].startswith("uncertainty head (4 channels), trained on 3 patients")
+    assert 0 <= b["uncertainty_coverage90"] <= 1 and "uncertainty_spearman_voxel" in b
+    pa_, pb = (json.loads((d / "metrics.json").read_text())["patients"] for d in (plain, withu))
+    for name, m in pb.items():
+        assert m["refined"]["psnr"] == pa_[name]["refined"]["psnr"]  # the volume does not change
         std, _ = load_nifti(withu / name / "uncertainty.nii.gz")
         assert std.shape == (32, 32, 32) and std.min() > 0 and std.std() > 0  # the head varies over the volume
         assert m["uncertainty"]["mean_std_hu"] > 0 and 0 <= m["uncertainty"]["coverage90"] <= 1
@@ -430,27 +432,25 @@ def test_a_refiner_with_an_uncertainty_head_adds_it_everywhere_and_an_old_one_sa
     name = json.loads((tiny_dataset / "splits.json").read_text())["test"][0]
     for view in ("pa", "lateral"):
         _png16(tmp_path / f"{view}.png", load_nifti(tiny_dataset / name / f"xray_{view}.nii.gz")[0])
-    views = ("--xray-pa", tmp_path / "pa.png", "--xray-lateral", tmp_path / "lateral.png")
-    r = cli("infer", "--base-checkpoint", checkpoints[0], "--refinement-checkpoint", calibrated, *views,
-            "--out", tmp_path / "u.nii.gz")
-    assert r.returncode == 0, r.stderr
-    assert "uncertainty: mean predicted std" in r.stdout and "validation patients'" in r.stdout
+    views = ["--xray-pa", str(tmp_path / "pa.png"), "--xray-lateral", str(tmp_path / "lateral.png")]
+    models = ["--base-checkpoint", str(checkpoints[0]), "--refinement-checkpoint"]
+    assert main(["infer", *models, str(calibrated), *views, "--out", str(tmp_path / "u.nii.gz")]) == 0
+    out = capsys.readouterr().out
+    assert "uncertainty: mean predicted std" in out and "validation patients'" in out
     gate = json.loads((tmp_path / "u_gate.json").read_text())
     assert gate["uncertainty"]["val_percentile"] in (0.0, 25.0, 50.0, 75.0, 100.0)
     torch_std = load_nifti(tmp_path / "u_std.nii.gz")[0]
     assert torch_std.shape == (32, 32, 32)
-    r = cli("export-onnx", "--base-checkpoint", checkpoints[0], "--refinement-checkpoint", calibrated, "--out",
-            tmp_path / "u.onnx")
-    assert r.returncode == 0, r.stderr
+    model, cfg = load_two_stage(checkpoints[0], calibrated)
+    export_onnx(model, cfg, tmp_path / "u.onnx")
     assert [o.name for o in ort_session(tmp_path / "u.onnx").get_outputs()] == ["coarse", "refined", "coarse_std",
                                                                                  "refined_std"]
-    r = cli("infer", "--onnx", tmp_path / "u.onnx", *views, "--out", tmp_path / "o.nii.gz")
-    assert r.returncode == 0, r.stderr
+    assert verify(model, tmp_path / "u.onnx", [torch.rand(2, 2, 1, 64, 64)]) <= PARITY_TOL  # all four outputs
+    infer_radiographs(OnnxPredictor(tmp_path / "u.onnx"), tmp_path / "pa.png", tmp_path / "lateral.png",
+                      tmp_path / "o.nii.gz")
     assert np.abs(load_nifti(tmp_path / "o_std.nii.gz")[0] - torch_std).max() < 2500 * PARITY_TOL
-    r = cli("infer", "--base-checkpoint", checkpoints[0], "--refinement-checkpoint", calibrated, *views,
-            "--out", tmp_path / "n.nii.gz", "--no-uncertainty")
-    assert r.returncode == 0 and "uncertainty: none" in r.stdout and not (tmp_path / "n_std.nii.gz").exists()
-    r = cli("infer", "--base-checkpoint", checkpoints[0], "--refinement-checkpoint", checkpoints[1], *views,
-            "--out", tmp_path / "p.nii.gz")
-    assert r.returncode == 0 and "uncertainty: none (the refiner carries no uncertainty head" in r.stdout
+    assert main(["infer", *models, str(calibrated), *views, "--out", str(tmp_path / "n.nii.gz"), "--no-uncertainty"]) == 0
+    assert "uncertainty: none" in capsys.readouterr().out and not (tmp_path / "n_std.nii.gz").exists()
+    assert main(["infer", *models, str(checkpoints[1]), *views, "--out", str(tmp_path / "p.nii.gz")]) == 0
+    assert "uncertainty: none (the refiner carries no uncertainty head" in capsys.readouterr().out
     assert not (tmp_path / "p_std.nii.gz").exists()

@@ -444,10 +444,10 @@ def test_an_output_folder_is_claimed_for_the_whole_run(ckpts, tiny_dataset, tmp_
         def __getattr__(self, name):
             return getattr(predictor, name)
 
-        def __call__(self, xrays):
+        def predict(self, xrays):
             res.mkdir(exist_ok=True)
             (res / "mine.txt").write_text("keep me")
-            return predictor(xrays)
+            return predictor.predict(xrays)
 
     with pytest.raises(UserError, match="mine.txt"):
         evaluate_dataset(UserWritesMeanwhile(), tiny_dataset, res, progress=False, save_volumes=False)
