@@ -5,8 +5,8 @@
   is exported to ONNX and what the torch predictor runs.
 * :func:`load_two_stage` -- build it from two model files (:mod:`ctrefine.checkpoint`).
 * :class:`TorchPredictor` / :class:`OnnxPredictor` -- ``(B, 2, 1, S, S)`` radiographs ->
-  ``(coarse, refined)`` model-space volumes (:meth:`predict`: and their sigma, or None), with torch, or with the exported ONNX file in ONNX Runtime
-  or OpenVINO (:mod:`ctrefine.engines`); :func:`make_predictor` picks.
+  ``(coarse, refined)`` model-space volumes (``predict``: and their sigma, or None), with torch, or with
+  the exported ONNX file in ONNX Runtime or OpenVINO (:mod:`ctrefine.engines`); :func:`make_predictor` picks.
 
 Export and inference both build on this module and on :mod:`ctrefine.checkpoint`, never on each other.
 """
@@ -84,8 +84,8 @@ class TorchPredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         if self.model.head is not None and self.device.type == "cpu":
-            # oneDNN's full-resolution 3D convolutions run ~2x faster channels-last (models/layout.py): the head
-            # costs 22 % of a pass instead of 32 % (bench/RESULTS.md section 15)
+            # oneDNN's full-resolution 3D convolutions run faster channels-last (models/layout.py; the head's stem
+            # 93 -> 39 ms): the head's median cost is +26 % of a pass instead of +29 % (bench/RESULTS.md section 15)
             channels_last_layers(self.model.head)
         self.xray_size = cfg.model.xray_size
         # the ray geometry the refiner was trained on (models from before re-projection guidance: cone)
