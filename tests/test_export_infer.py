@@ -185,7 +185,8 @@ def test_int8_export_quantises_the_refiner_and_is_judged_in_db(checkpoints, tiny
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "m8.onnx"]
 
 
-def test_bf16_export_is_tagged_computed_in_bf16_where_native_and_judged_in_db(checkpoints, tiny_dataset, tmp_path):
+def test_bf16_export_is_tagged_computed_in_bf16_where_native_and_judged_in_db(checkpoints, onnx_model, tiny_dataset,
+                                                                              tmp_path):
     import onnx
 
     from ctrefine import export
@@ -205,8 +206,7 @@ def test_bf16_export_is_tagged_computed_in_bf16_where_native_and_judged_in_db(ch
     assert ov.compute == ("bf16" if cpu_has_native_bf16() else "f32")
     assert OnnxPredictor(tmp_path / "mb.onnx", "onnxruntime").compute == "f32"
     # the fp32 file of the same model is computed in f32 by OpenVINO: bit-for-bit parity is its promise
-    fp32 = export.export_onnx(model, cfg, tmp_path / "m.onnx")
-    assert OnnxPredictor(fp32, "openvino").compute == "f32"
+    assert OnnxPredictor(onnx_model, "openvino").compute == "f32"
 
 
 def test_int8_needs_a_dataset(checkpoints, tmp_path):
