@@ -36,11 +36,11 @@ class TwoStage(nn.Module):
         self.base, self.refiner, self.head = base, refiner, head
         self.calibration = calibration  # the head's record (validation figures), or None
 
-    def forward(self, xray_pa: torch.Tensor, xray_lateral: torch.Tensor):
+    def forward(self, xray_pa: torch.Tensor, xray_lateral: torch.Tensor, with_std: bool = True):
         x = torch.stack([xray_pa, xray_lateral], dim=1)
         coarse = self.base(x)
         refined = self.refiner(coarse, x)
-        if self.head is None:
+        if self.head is None or not with_std:
             return coarse, refined
         n = coarse.shape[0]  # one head pass over both answers the safety gate may return
         std = self.head(torch.cat([coarse, coarse]), torch.cat([coarse, refined]), torch.cat([x, x]))
@@ -96,14 +96,18 @@ class TorchPredictor:
         self.model.head, self.model.calibration, self.uncertainty = None, None, None
 
     @torch.no_grad()
+    def _run(self, xrays: torch.Tensor, with_std: bool) -> list[torch.Tensor]:
+        x = xrays.to(self.device)
+        return [t.float().cpu() for t in self.model(x[:, 0], x[:, 1], with_std)]
+
     def predict(self, xrays: torch.Tensor):
         """``(coarse, refined, coarse_std, refined_std)`` on the CPU, model units; the stds None without a head."""
-        x = xrays.to(self.device)
-        out = [t.float().cpu() for t in self.model(x[:, 0], x[:, 1])]
+        out = self._run(xrays, True)
         return tuple(out) if len(out) == 4 else (*out, None, None)
 
     def __call__(self, xrays: torch.Tensor):
-        return self.predict(xrays)[:2]
+        """``(coarse, refined)`` only: the uncertainty head is not run."""
+        return tuple(self._run(xrays, False))
 
 
 class OnnxPredictor:

@@ -36,7 +36,7 @@ def test_head_starts_flat_positive_and_reads_position():
     assert std.shape == v.shape and torch.allclose(std, torch.full_like(std, 2.0 * INIT_Q / Z90))
     c = voxel_coordinates(v)
     assert c.shape == (2, 3, 8, 8, 8) and float(c[0, 0, 0, 0, 0]) == pytest.approx(-7 / 8)
-    assert float(c[0, 2, 0, 0, 7]) == pytest.approx(7 / 8) and torch.equal(c[0, 1, :, 3], c[0, 1, :, 3])
+    assert float(c[0, 2, 0, 0, 7]) == pytest.approx(7 / 8) and bool((c[0, 1] == c[0, 1, :1, :, :1]).all())  # H position varies along H only
 
 
 def test_pinball_loss_is_minimised_by_the_quantile():

@@ -7,10 +7,10 @@ its contrast), the voxel's position (the same anatomy sits in the same place: th
 and the airway are guessed, the lung field is not), and what the radiographs say of the answer: each
 view's re-projection residual back-projected along its rays (where along which rays attenuation is
 missing or in excess) and the answer's mean X-ray consistency (how well the whole volume explains its
-radiographs: a patient the pipeline reads badly shows here). A full-resolution stem, three dilated convolutions at
-half resolution (receptive field ~30 voxels), an upsampled skip, and a 1x1 output give
+radiographs: a patient the pipeline reads badly shows here). A full-resolution stem, three dilated
+convolutions at half resolution (receptive field ~30 voxels), an upsampled skip, and a 1x1 output give
 ``log q``, the predicted ``quantile`` (0.9) of ``|answer - truth|``; trained with the pinball loss
-(:func:`ctrefine.uncertainty.train_head`), so a heavy-tailed error needs no Gaussian assumption.
+(:func:`ctrefine.training.uncertainty_fit.train_head`), so a heavy-tailed error needs no Gaussian assumption.
 The output is a standard deviation in model units, ``scale * q / z`` (``z`` the Gaussian quantile of
 the central 90 % interval; ``scale`` fitted on validation patients), so ``+-1.645 sigma`` is the
 central 90 % interval: the same as ``q`` after calibration.
