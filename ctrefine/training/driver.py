@@ -104,8 +104,20 @@ def init_distributed():
     if "RANK" not in os.environ:  # not started by a launcher: single process, no mpi4py needed
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if get_accelerator().device_name() == "cpu":
+        _skip_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _skip_shared_memory_allreduce() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce (C++, ~45 s and a
+    compiler on first use) that only its inference engine calls; training reduces through gloo, so it is
+    not built."""
+    import importlib
+
+    # by module path: the package's attribute ``deepspeed.comm.torch`` is torch itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def seed_everything(seed: int) -> None:
