@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	bash tests/install_browser.sh
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q bench --benchmark-json=bench/results-cpu.json

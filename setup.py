@@ -53,7 +53,7 @@ setup(
         "pydicom>=2.4",  # DICOM CT series and DICOM radiographs (scanner/PACS exports)
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
     },
     entry_points={"console_scripts": ["ctrefine=ctrefine.cli:main"]},
 )

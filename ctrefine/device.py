@@ -77,6 +77,14 @@ def free_port() -> int:
         return sk.getsockname()[1]
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a `taskset` or a container's share), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
 def rank_device(local_rank: int, world: int) -> torch.device:
     """This rank's device under DeepSpeed's accelerator: its own GPU, or the CPU with the cores shared
     between the ranks on this machine (one thread per rank when there are as many ranks as cores)."""
@@ -86,7 +94,7 @@ def rank_device(local_rank: int, world: int) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         return device
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return torch.device("cpu")
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import pretrained
 from .config import ds_config_path, load_config, preset_path
-from .device import free_port
+from .device import free_port, usable_cores
 from .errors import UserError
 from .data.io import read_json, write_json
 from .outputs import check_writable
@@ -47,7 +47,7 @@ def demo_preset(preset: str) -> str:
 
 def default_ranks() -> int:
     """One rank per GPU; on CPU two gloo ranks (one thread each) use this machine's two cores best."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+    return torch.cuda.device_count() if torch.cuda.is_available() else min(2, usable_cores())
 
 
 def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progress: bool = True) -> None:

@@ -12,7 +12,22 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (``make test`` runs two workers), each worker and every process it starts keeps to
+    one core of its own: torch's thread pools never oversubscribe the machine (two processes with two
+    spinning OpenMP threads each on two cores run several times slower), and the code under test sizes
+    its threads and ranks from the affinity it sees (``ctrefine.device.usable_cores``)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and len(cores) > 1:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+_share_the_cores_between_workers()
+from ctrefine.device import usable_cores  # noqa: E402
+
+torch.set_num_threads(min(2, usable_cores()))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -16,7 +16,6 @@ never leaves a half patient, and a rerun skips every finished one.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ..device import usable_cores
 from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
 from ..outputs import LOCK_NAME, atomic_dir, check_writable
 from ..errors import DataError
@@ -193,7 +193,7 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     jobs = [(str(root), i, seed, size, xray_size, geo, fov, render_factor, scan, xray_realism, version)
             for i in range(num_patients)]
     todo = [j for j in jobs if not is_complete(root / patient_name(j[1]))]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    workers = max(1, min(workers or usable_cores(), len(todo) or 1))
     bar = tqdm(total=num_patients, initial=num_patients - len(todo), desc="patients", unit="pt", disable=not progress)
     if workers == 1:
         for j in todo:
