@@ -22,7 +22,6 @@ from .checkpoint import load_model_file
 from .config import Config
 from .engines import COMPUTE, checked_metadata, onnx_feed, onnx_metadata, onnx_runner
 from .errors import DataError, UserError
-from .models.layout import channels_last_layers
 from .uncertainty import Calibration, build_head
 
 
@@ -83,10 +82,6 @@ class TorchPredictor:
         self.uncertainty = model.calibration
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        if self.model.head is not None and self.device.type == "cpu":
-            # oneDNN's full-resolution 3D convolutions run faster channels-last (models/layout.py; the head's stem
-            # 93 -> 39 ms): the head's median cost is +26 % of a pass instead of +29 % (bench/RESULTS.md section 15)
-            channels_last_layers(self.model.head)
         self.xray_size = cfg.model.xray_size
         # the ray geometry the refiner was trained on (models from before re-projection guidance: cone)
         self.geometry = cfg.model.reprojection if cfg.model.reprojection != "off" else "cone"
