@@ -5,7 +5,7 @@ quantised to 8 bits over the model window (-1000..1500 HU, ~9.8 HU a step: the H
 reconstruction resolves), gzip-compressed and base64-encoded; the browser inflates it with its own
 ``DecompressionStream``. A 64^3 layer costs ~60-120 kB, so thirteen patients with coarse, refined and
 truth fit in a few MB. Layers: coarse / refined / truth / uncertainty (per-voxel standard deviation in
-HU, 1 HU a step) where they exist, and |error| = |refined - truth| computed in the page.
+HU, 4 HU a step up to 1020 HU) where they exist, and |error| = |refined - truth| computed in the page.
 
 The page draws the axial, coronal and sagittal planes (each with a slider; a click on one plane moves
 the other two to that point: a shared crosshair) under a window (presets lung / soft tissue / bone, or
@@ -31,6 +31,7 @@ from .outputs import atomic_file
 LAYERS = ("volume", "coarse", "refined", "truth", "uncertainty")  # "volume": any CT given to `ctrefine view`
 PRESETS = {"lung": (1500.0, -600.0), "soft tissue": (400.0, 40.0), "bone": (1800.0, 400.0)}  # (width, level) HU
 HU_STEP = (HU_MAX - HU_MIN) / 255.0
+STD_STEP = 4.0  # HU a byte step of the uncertainty layer: 0..1020 HU (the head's sigma reaches several hundred HU)
 
 
 @dataclass
@@ -65,8 +66,7 @@ def _case_payload(case: Case) -> dict:
             continue
         if v.ndim != 3:
             raise ValueError(f"{case.name}: layer {layer} is {v.ndim}-D, expected a volume")
-        vols[layer] = _pack(np.clip(np.round(v), 0, 255).astype(np.uint8) if layer == "uncertainty"
-                            else quantise_hu(v))
+        vols[layer] = _pack(quantise_std(v) if layer == "uncertainty" else quantise_hu(v))
     xrays = []
     for img in case.xrays or ():
         lo, hi = float(np.min(img)), float(np.max(img))
@@ -76,11 +76,17 @@ def _case_payload(case: Case) -> dict:
     return {"name": case.name, "volumes": vols, "xrays": xrays, "metrics": metrics}
 
 
+def quantise_std(std_hu: np.ndarray) -> np.ndarray:
+    """Sigma (HU) -> uint8 at :data:`STD_STEP` HU a step (the page maps a byte ``q`` back to ``q * STD_STEP``);
+    larger sigmas show as the largest step."""
+    return np.round(np.clip(std_hu, 0.0, 255 * STD_STEP) / STD_STEP).astype(np.uint8)
+
+
 def viewer_html(cases: list[Case], title: str = "ctrefine viewer") -> str:
     """The page as one string (template + the cases as JSON)."""
     if not cases:
         raise ValueError("the viewer needs at least one case")
-    payload = {"title": title, "hu_min": HU_MIN, "hu_step": HU_STEP, "presets": PRESETS,
+    payload = {"title": title, "hu_min": HU_MIN, "hu_step": HU_STEP, "std_step": STD_STEP, "presets": PRESETS,
                "cases": [_case_payload(c) for c in cases]}
     blob = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
     template = (Path(__file__).parent / "viewer_template.html").read_text()

@@ -14,7 +14,7 @@ from scipy import ndimage
 from ctrefine.conventions import canonical_affine
 from ctrefine.data.io import save_nifti
 from ctrefine.data.phantoms import chest_phantom
-from ctrefine.viewer import HU_STEP, PRESETS, Case, dequantise, quantise_hu, viewer_html, window_gray
+from ctrefine.viewer import HU_STEP, PRESETS, STD_STEP, Case, dequantise, quantise_hu, viewer_html, window_gray
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
 
@@ -51,6 +51,12 @@ def test_page_stores_every_layer_within_half_a_step_and_thirteen_patients_fit_in
     assert np.abs(got - want).max() <= HU_STEP / 2 + 1e-3
     assert p["cases"][3]["metrics"] == {"refined psnr": 28.0, "gate": "refined kept"}
     assert len(p["cases"][0]["xrays"]) == 2
+    # the uncertainty layer: sigma within half a step up to 255 steps, larger sigmas at the top step
+    std = np.linspace(0.0, 1500.0, 64 ** 3, dtype=np.float32).reshape(64, 64, 64)
+    p = _payload(viewer_html([Case("s", {"refined": cases[0].volumes["refined"], "uncertainty": std})]))
+    got = _unpack(p["cases"][0]["volumes"]["uncertainty"]) * p["std_step"]
+    inside = std <= 255 * STD_STEP
+    assert np.abs(got - std)[inside].max() <= STD_STEP / 2 + 1e-3 and (got[~inside] == 255 * STD_STEP).all()
     with pytest.raises(Exception, match="differ in shape"):
         viewer_html([Case("x", {"coarse": np.zeros((4, 4, 4)), "truth": np.zeros((4, 4, 5))})])
 
