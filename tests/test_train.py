@@ -228,3 +228,26 @@ def test_init_checkpoint_starts_from_a_model_file(data12, tmp_path):
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
         assert not out.exists()
+
+
+def test_cpu_training_builds_no_shared_memory_allreduce():
+    """DeepSpeed's CPU backend would JIT-compile a C++ shared-memory all-reduce (~50 s, and a compiler) that only
+    its inference engine uses; the training driver's world comes up without it."""
+    code = ("from ctrefine.training.driver import init_distributed; print(init_distributed()); "
+            "import deepspeed.comm.comm as c; print('shm op', c.cdb.shm_comm_op)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(0, 1)" in r.stdout and "shm op None" in r.stdout and "built successfully" not in r.stdout + r.stderr
+
+
+def test_threads_ranks_and_data_workers_follow_the_cpu_affinity():
+    """A process kept to one core (taskset, a container's share, a pytest-xdist worker) sizes its torch threads,
+    default CPU ranks and data workers to that core, not to the machine."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from ctrefine.device import usable_cores, rank_device; import torch; rank_device(0, 1); "
+            "from ctrefine.launch import default_ranks; print(usable_cores(), torch.get_num_threads(), default_ranks())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cores, threads, ranks = map(int, r.stdout.split()[-3:])
+    assert cores == 1 and threads == 1 and (ranks == 1 or torch.cuda.is_available())
