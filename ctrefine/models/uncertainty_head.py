@@ -42,9 +42,11 @@ def voxel_coordinates(like: torch.Tensor) -> torch.Tensor:
 
 
 def half_resolution(x: torch.Tensor) -> torch.Tensor:
-    """2x2x2 average pooling as the mean of the eight sub-grids: equal to ``avg_pool3d(x, 2)``, and it keeps
-    a channels-last input channels-last at the cost of a sum (PyTorch's CPU pooling of such an input is
-    several times slower and returns NCDHW)."""
+    """2x2x2 average pooling. A channels-last input (the head in eager CPU) is pooled as the mean of its eight
+    sub-grids: the same values, the layout kept, several times faster than PyTorch's CPU pooling of such a
+    tensor (which returns NCDHW). Otherwise ``avg_pool3d``, which an exported graph's engine runs faster."""
+    if x.is_contiguous():
+        return F.avg_pool3d(x, 2)
     total = None
     for i in (0, 1):
         for j in (0, 1):
@@ -85,7 +87,9 @@ class UncertaintyHead(nn.Module):
         crops of a larger volume (default: this volume's own voxel positions)."""
         feats = torch.cat([coarse, answer, EDGE_GAIN * (answer - coarse).abs(), EDGE_GAIN * gradient_magnitude3d(answer),
                            voxel_coordinates(answer) if coords is None else coords, xfeats], dim=1)
-        if feats.device.type == "cpu":  # oneDNN's 3D convolutions: the stem ~2x faster channels-last (RESULTS §16)
+        if feats.device.type == "cpu" and not torch.compiler.is_exporting():
+            # eager CPU: oneDNN's 3D convolutions, the stem ~2x faster channels-last (RESULTS §16); an exported
+            # graph leaves the layout to its engine
             feats = feats.contiguous(memory_format=torch.channels_last_3d)
         s = self.stem(feats)
         h = self.body(half_resolution(s))
