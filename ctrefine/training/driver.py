@@ -111,7 +111,7 @@ def init_distributed():
 
 
 def _skip_shared_memory_allreduce() -> None:
-    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce (C++, ~45 s and a
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce (C++, ~50 s and a
     compiler on first use) that only its inference engine calls; training reduces through gloo, so it is
     not built."""
     import importlib
