@@ -39,6 +39,34 @@ def test_head_starts_flat_positive_and_reads_position():
     assert float(c[0, 2, 0, 0, 7]) == pytest.approx(7 / 8) and bool((c[0, 1] == c[0, 1, :1, :, :1]).all())  # H position varies along H only
 
 
+def test_fast_path_computes_the_heads_textbook_formula():
+    """The head's CPU fast path (channels-last inside, pooling as the sub-grid mean, the 1x1 output commuted
+    past the up-sampling) gives what its plain form out(s + up(body(avgpool(s)))) gives, and its pooling keeps
+    a channels-last tensor channels-last."""
+    import torch.nn.functional as F
+
+    from ctrefine.models.uncertainty_head import EDGE_GAIN, half_resolution
+    from ctrefine.stencil import gradient_magnitude3d
+
+    x = torch.randn(2, 5, 8, 6, 4).contiguous(memory_format=torch.channels_last_3d)
+    pooled = half_resolution(x)
+    assert torch.allclose(pooled, F.avg_pool3d(x.contiguous(), 2), atol=1e-6)
+    assert pooled.is_contiguous(memory_format=torch.channels_last_3d) and not pooled.is_contiguous()
+    torch.manual_seed(0)
+    head = UncertaintyHead(16, "cone", channels=8)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2)
+        coarse, answer = torch.rand(2, 1, 16, 16, 16), torch.rand(2, 1, 16, 16, 16)
+        xf = head.xray_features(answer, torch.rand(2, 2, 1, 16, 16))
+        fast = head.log_quantile(coarse, answer, xf)
+        feats = torch.cat([coarse, answer, EDGE_GAIN * (answer - coarse).abs(), EDGE_GAIN * gradient_magnitude3d(answer),
+                           voxel_coordinates(answer), xf], dim=1)
+        s = head.stem(feats)
+        plain = head.out(s + F.interpolate(head.body(F.avg_pool3d(s, 2)), scale_factor=2.0, mode="nearest"))
+    assert torch.allclose(fast, plain, atol=1e-5), (fast - plain).abs().max()
+
+
 def test_pinball_loss_is_minimised_by_the_quantile():
     err = torch.tensor(np.random.default_rng(0).exponential(1.0, 20_000), dtype=torch.float32)
     qs = np.linspace(0.5, 4.0, 71)
