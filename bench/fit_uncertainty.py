@@ -117,8 +117,8 @@ def main(argv=None) -> None:
     if pooled:
         r = results["held-out pooled"] = measure(predict_std_hu(head, pooled), pooled, LABELS)
         r["spearman_patient_psnr"] = spearman(np.array(r["mean_std"]), np.array(r["psnr"]))
-    model = TorchPredictor.from_model(TwoStage(pred.model.base, pred.model.refiner, head, cal), pred.cfg, "cpu").model
-    extra = head_cost(model, pred.xray_size)  # as inference runs it (channels-last head on CPU)
+    model = TwoStage(pred.model.base, pred.model.refiner, head, cal).eval()
+    extra = head_cost(model, pred.xray_size)
     for name, r in results.items():
         print(report(name, r))
     print(f"the head adds {100 * extra[0]:.0f} % to one pipeline pass (median of 8 interleaved pairs, "
