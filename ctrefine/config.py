@@ -29,7 +29,8 @@ __all__ = ["Config", "ConfigError", "load_config", "resolve", "apply_overrides",
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: "--set training.learning_rate=Infinity" is refused by name, like any other bad value
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):

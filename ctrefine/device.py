@@ -56,16 +56,42 @@ def use_kernels(x: torch.Tensor, family: str = "loss") -> bool:
     """
     if family not in AUTO_ON_CUDA:
         raise ValueError(f"unknown kernel family {family!r} (known: {', '.join(AUTO_ON_CUDA)})")
-    mode = os.environ.get("CTREFINE_KERNELS", "auto").strip().lower()
-    if mode in ("0", "off", "false", "ref", "reference"):
-        return False
-    if mode in ("1", "on", "true", "force"):
-        if not triton_available():
-            raise RuntimeError("CTREFINE_KERNELS=1 but Triton kernels cannot be imported")
-        return True
-    if mode not in ("auto", ""):
-        raise ConfigError(f"CTREFINE_KERNELS must be 0, 1 or auto, got {mode!r}")
+    mode = kernel_mode(x.device)
+    if mode != "auto":
+        return mode == "on"
     return x.is_cuda and AUTO_ON_CUDA[family] and triton_available()
+
+
+def kernel_mode(device: torch.device | None = None) -> str:
+    """``CTREFINE_KERNELS`` read and checked: ``off``, ``on`` or ``auto`` (a one-line :class:`ConfigError`
+    for anything else, and for ``on`` where the kernels cannot run: no Triton, or a CPU without
+    ``TRITON_INTERPRET=1``). Commands call it before any work, so a bad setting writes nothing."""
+    raw = os.environ.get("CTREFINE_KERNELS", "auto")
+    mode = raw.strip().lower()
+    if mode in ("0", "off", "false", "ref", "reference"):
+        return "off"
+    if mode in ("auto", ""):
+        return "auto"
+    if mode not in ("1", "on", "true", "force"):
+        raise ConfigError(f"CTREFINE_KERNELS must be 0, 1 or auto, got {raw!r}")
+    if not triton_available():
+        raise ConfigError("CTREFINE_KERNELS=1 but the Triton kernels cannot be imported (is triton installed?)")
+    on_cpu = (device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu"
+    if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ConfigError("CTREFINE_KERNELS=1 needs a CUDA GPU (on a CPU the kernels run only under "
+                          "TRITON_INTERPRET=1, thousands of times slower); unset it or set CTREFINE_KERNELS=0")
+    return "on"
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable a launcher sets (``LOCAL_RANK``, ...); a one-line error if it is not one."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def free_port() -> int:
@@ -94,7 +120,7 @@ def rank_device(local_rank: int, world: int) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         return device
-    torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    torch.set_num_threads(max(1, usable_cores() // max(1, env_int("LOCAL_WORLD_SIZE", world))))
     return torch.device("cpu")
 
 

@@ -88,8 +88,9 @@ def set_onnx_metadata(proto, metadata: dict[str, str]) -> None:
         entry.key, entry.value = k, v
 
 
-def onnx_metadata(path) -> dict:
-    """The ``metadata_props`` ctrefine writes into its ONNX files (window, normalisation, sizes...)."""
+def onnx_header(path) -> tuple[dict, dict, dict]:
+    """``(metadata, inputs, outputs)`` of an ONNX file: the ``metadata_props`` ctrefine writes (window,
+    normalisation, sizes...) and each graph input's / output's dims (an int, or a name for a symbolic one)."""
     import onnx
 
     path = _existing(path)
@@ -97,7 +98,39 @@ def onnx_metadata(path) -> dict:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise DataError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
-    return {p.key: p.value for p in proto.metadata_props}
+
+    def dims(values):
+        return {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                         for d in v.type.tensor_type.shape.dim] for v in values}
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = dims(v for v in proto.graph.input if v.name not in inits)
+    return {p.key: p.value for p in proto.metadata_props}, inputs, dims(proto.graph.output)
+
+
+def onnx_metadata(path) -> dict:
+    """The ``metadata_props`` ctrefine writes into its ONNX files (window, normalisation, sizes...)."""
+    return onnx_header(path)[0]
+
+
+GRAPH_INPUTS = ("xray_pa", "xray_lateral")  # each (B, 1, S, S)
+GRAPH_OUTPUTS = (("coarse", "refined"), ("coarse", "refined", "coarse_std", "refined_std"))  # each (B, 1, V, V, V)
+
+
+def check_graph(path, inputs: dict, outputs: dict, xray_size: int) -> None:
+    """The graph takes the two radiographs at the metadata's ``xray_size`` and returns the volumes ctrefine
+    exports (2, or 4 with the uncertainty head): anything else is a one-line :class:`DataError`."""
+    if tuple(inputs) != GRAPH_INPUTS:
+        raise DataError(f"{path}: graph inputs are {list(inputs)}, not {list(GRAPH_INPUTS)}: not a ctrefine export")
+    for name, d in inputs.items():
+        if len(d) != 4 or d[1] != 1 or d[2:] != [xray_size, xray_size]:
+            raise DataError(f"{path}: graph input {name} is {d}, but the metadata says radiographs of "
+                            f"{xray_size}^2 (expected [batch, 1, {xray_size}, {xray_size}])")
+    if tuple(outputs) not in GRAPH_OUTPUTS:
+        raise DataError(f"{path}: graph outputs are {list(outputs)}, not coarse and refined volumes (+ their std): "
+                        f"not a ctrefine export")
+    for name, d in outputs.items():
+        if len(d) != 5 or d[1] != 1 or len(set(map(str, d[2:]))) != 1:
+            raise DataError(f"{path}: graph output {name} is {d}, not a volume [batch, 1, V, V, V]")
 
 
 def checked_metadata(path, meta: dict) -> tuple[int, str]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
-from .data.dataset import CTDataset, iter_items, mean_volume
+from .data.dataset import MEAN_VOLUME, CTDataset, iter_items, mean_volume, read_splits
 from .data.io import load_radiograph, save_nifti, square_resize, write_json
 from .errors import DataError
 from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
@@ -71,7 +71,8 @@ def evaluate_dataset(predictor, data_path, output_dir, num_patients: int | None 
     ``figures``: comparison PNGs for the first this many patients (None: every one; a PNG costs ~0.3 s of
     CPU, more than the rest of a patient on a GPU).
     """
-    claim_output_dir(output_dir, RESULT_KIND, is_inference_result, overwrite, protect=(data_path,))  # before the lock
+    inputs = (data_path,) if baseline_data is None else (data_path, baseline_data)
+    claim_output_dir(output_dir, RESULT_KIND, is_inference_result, overwrite, protect=inputs)  # before the lock
     with path_lock(output_dir, "output folder"):
         return _evaluate(predictor, data_path, output_dir, num_patients, split, save_volumes, batch_size, progress,
                          overwrite, baseline_data, gate, figures)
@@ -83,7 +84,8 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
     from tqdm import tqdm
 
     def claim():
-        claim_output_dir(output_dir, RESULT_KIND, is_inference_result, overwrite, protect=(data_path,))
+        inputs = (data_path,) if baseline_data is None else (data_path, baseline_data)
+        claim_output_dir(output_dir, RESULT_KIND, is_inference_result, overwrite, protect=inputs)
 
     claim()
     ds = CTDataset(data_path, split).nonempty()
@@ -95,7 +97,8 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
         raise DataError(f"{data_path}: radiographs rendered in {ds.header.geometry!r} geometry but the model was "
                         f"trained for {predictor.geometry!r} ones")
     n = len(ds) if num_patients is None else min(num_patients, len(ds))
-    baseline = None if split == "all" and baseline_data is None else _mean_baseline(baseline_data or data_path)
+    baseline = None if split == "all" and baseline_data is None else \
+        _mean_baseline(baseline_data or data_path, first["ct"].shape, required=baseline_data is not None)
     table = ds.header.labels
     per_patient: dict[str, dict] = {}
     cases: list[Case] = []  # the viewer's patients: those that get a figure
@@ -185,12 +188,22 @@ def _viewer_case(item: dict, coarse, refined, m: dict) -> Case:
     return Case(item["name"], vols, (item["xrays"][0, 0].numpy(), item["xrays"][1, 0].numpy()), flat)
 
 
-def _mean_baseline(data_path) -> torch.Tensor | None:
-    """The dataset's mean training volume in model space ``(1, D, H, W)``, or None without a train split."""
-    try:
-        return hu_to_model(torch.from_numpy(mean_volume(data_path)))[None]
-    except DataError:
+def _mean_baseline(data_path, shape, required: bool) -> torch.Tensor | None:
+    """The dataset's mean training volume in model space ``(1, D, H, W)``; None when the dataset has no train
+    split to average (unless ``required``: a baseline dataset the user named must give one). A damaged
+    cache, or a volume of another grid than the patients' ``shape``, is a one-line error naming the file."""
+    root = Path(data_path)
+    if required and not (root / "splits.json").is_file():
+        raise DataError(f"--baseline-data {root}: not a ctrefine dataset (no splits.json)")
+    if not (root / MEAN_VOLUME).exists() and not read_splits(root).get("train"):
+        if required:
+            raise DataError(f"--baseline-data {root}: has no train split to average")
         return None
+    mean = hu_to_model(torch.from_numpy(mean_volume(root)))[None]
+    if mean.shape != tuple(shape):
+        raise DataError(f"{root / MEAN_VOLUME}: the mean training volume is {mean.shape[-1]}^3 but the patients "
+                        f"are {shape[-1]}^3: a baseline must be on the same grid")
+    return mean
 
 
 # ------------------------------------------------------------------------------- user radiographs
@@ -243,6 +256,16 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
     paths = [out, coarse_path, gate_path, viewer_path] + ([std_path] if cal else [])
     for p in paths:
         claim_output_file(p, overwrite)
+    with path_lock(out, "output file"):  # a second run to the same --out is refused, not interleaved
+        for p in paths:  # again under the lock: another run may have finished since the check above
+            claim_output_file(p, overwrite)
+        return _infer_radiographs(predictor, pa_path, lateral_path, paths, convention, warn, gate)
+
+
+def _infer_radiographs(predictor, pa_path, lateral_path, paths, convention, warn, gate) -> tuple[Path, Path, dict]:
+    """:func:`infer_radiographs` under its output lock."""
+    out, coarse_path, cal = paths[0], paths[1], getattr(predictor, "uncertainty", None)
+    stem = out.name[:-7] if out.name.endswith(".nii.gz") else out.name[:-4]
     x = prepare_radiographs(pa_path, lateral_path, predictor.xray_size, convention, warn)
     coarse, ungated, coarse_std, refined_std = predictor.predict(x)
     v = ungated.shape[-1]

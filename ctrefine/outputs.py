@@ -17,10 +17,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
-import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -52,13 +53,25 @@ def _entries(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_manifest(folder, kind: str) -> None:
-    """Record every file and folder a command wrote into ``folder`` (written last, beside them): the proof
-    that a later ``--overwrite`` replaces only ctrefine's own files."""
+    """Record every file and folder a command wrote into ``folder``, each file with its SHA-256 (written last,
+    beside them): the proof that a later ``--overwrite`` replaces only ctrefine's own, unedited files."""
     import json
 
     folder = Path(folder)
-    (folder / MANIFEST).write_text(json.dumps({"kind": kind, "entries": _entries(folder)}, indent=0))
+    entries = _entries(folder)
+    sums = {e: _sha256(folder / e) for e in entries if (folder / e).is_file() and not (folder / e).is_symlink()}
+    (folder / MANIFEST).write_text(json.dumps({"kind": kind, "entries": entries, "sha256": sums}, indent=0))
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -68,19 +81,23 @@ def _manifest(folder: Path) -> dict | None:
         m = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return m if isinstance(m, dict) and isinstance(m.get("entries"), list) else None
+    ok = isinstance(m, dict) and isinstance(m.get("entries"), list) and isinstance(m.get("sha256", {}), dict)
+    return m if ok else None
 
 
 def foreign_entries(folder) -> list[str]:
-    """What is in ``folder`` that its manifest does not list (everything, without a manifest)."""
+    """What is in ``folder`` that its manifest does not list (everything, without a manifest), and every listed
+    file whose content changed since it was written (the user edited it: it is theirs now)."""
     folder = Path(folder)
     m = _manifest(folder)
     listed = set(m["entries"]) | {MANIFEST} if m else set()
-    return [e for e in _entries(folder) if e not in listed]
+    sums = m.get("sha256", {}) if m else {}
+    edited = [e for e, h in sums.items() if e in listed and (folder / e).is_file() and _sha256(folder / e) != h]
+    return [e for e in _entries(folder) if e not in listed] + sorted(edited)
 
 
 def is_own_result(folder, kind: str) -> bool:
-    """``folder`` holds exactly what a ctrefine command of ``kind`` wrote there, nothing more."""
+    """``folder`` holds exactly what a ctrefine command of ``kind`` wrote there, unedited, nothing more."""
     m = _manifest(Path(folder))
     return bool(m) and m.get("kind") == kind and not foreign_entries(folder)
 
@@ -155,22 +172,84 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+RECORD = ".ctrefine-tmp"  # beside each temporary: {"pid", "dev", "ino"} of the process and file that made it
+
+
+def _record(tmp: Path) -> None:
+    """Note beside ``tmp`` that this process made it (which file exactly: device and inode)."""
+    import json
+
+    st = os.lstat(tmp)
+    Path(f"{tmp}{RECORD}").write_text(json.dumps({"pid": os.getpid(), "dev": st.st_dev, "ino": st.st_ino}))
+
+
+def _unrecord(tmp: Path) -> None:
+    Path(f"{tmp}{RECORD}").unlink(missing_ok=True)
+
+
+def _recorded(rec: Path) -> tuple[int, int, int] | None:
+    """``(pid, dev, ino)`` of a record ctrefine wrote, or None for anything else."""
+    import json
+
+    try:
+        r = json.loads(rec.read_text()) if rec.is_file() and not rec.is_symlink() else None
+        return (int(r["pid"]), int(r["dev"]), int(r["ino"])) if isinstance(r, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def remove_orphans(path, kind: str = "") -> None:
-    """Remove temporaries of ``path`` whose writing process no longer exists (a ``kill -9`` leaves them):
-    the next write of the same output cleans up after the one that died."""
+    """Remove temporaries of ``path`` that a ctrefine process recorded making (:func:`_record`) and that died
+    before finishing (a ``kill -9``): the next write of the same output cleans up after it. Only the very
+    file or folder the record names (same device and inode) is removed: a user's file that merely looks
+    like a temporary is never touched."""
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.{kind}") + r"(\d+)-")
-    for p in path.parent.glob(f".{glob.escape(path.name)}.{kind}*-*") if path.parent.is_dir() else ():
-        m = pattern.match(p.name)
-        if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    for rec in path.parent.glob(f".{glob.escape(path.name)}.{kind}*{RECORD}") if path.parent.is_dir() else ():
+        who = _recorded(rec)
+        if who is None or _pid_alive(who[0]):
+            continue
+        target = Path(str(rec)[:-len(RECORD)])
+        try:
+            st = os.lstat(target)
+            if (st.st_dev, st.st_ino) == who[1:]:
+                shutil.rmtree(target) if stat.S_ISDIR(st.st_mode) else target.unlink()
+        except FileNotFoundError:
+            pass
+        rec.unlink(missing_ok=True)
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why ``exc`` means the disk refused a write (full, quota, read-only), or None if it is something else.
+    ``torch.save`` reports a full disk as a ``RuntimeError`` from its archive writer, not an ``OSError``."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return exc.strerror or os.strerror(exc.errno)
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "file write failed" in text):
+        return "the write failed: is the disk full?"
+    return None
+
+
+@contextlib.contextmanager
+def naming_failed_writes(path):
+    """Inside the block, a write the disk refuses becomes one line naming ``path`` (the output being made, not
+    an anonymous temporary), a :class:`UserError`; other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        why = write_failure(exc)
+        if why is None:
+            raise
+        raise UserError(f"{path}: cannot write it ({why}); nothing was left half-written") from None
 
 
 @contextlib.contextmanager
 def atomic_file(path):
     """Write a file under a temporary name beside ``path`` (same extension, so writers that pick the
     format from it still do); on success rename it to ``path``. On any error nothing is left behind."""
-    with _temp_beside(Path(path)) as tmp:
+    with naming_failed_writes(path), _temp_beside(Path(path)) as tmp:
         yield tmp
         _publish_mode(tmp)
         os.replace(tmp, path)
@@ -182,7 +261,7 @@ def atomic_files(paths):
     for each; on success all are renamed into place one after another, on any error none is, and no
     temporary is left behind."""
     paths = [Path(p) for p in paths]
-    with contextlib.ExitStack() as stack:
+    with naming_failed_writes(paths[0]), contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(_temp_beside(p)) for p in paths]
         yield tmps
         for t in tmps:
@@ -200,10 +279,12 @@ def _temp_beside(path: Path):
     os.close(fd)
     tmp = Path(tmp)
     try:
+        _record(tmp)
         yield tmp
     finally:
         if tmp.exists():
             tmp.unlink()
+        _unrecord(tmp)
 
 
 @contextlib.contextmanager
@@ -216,11 +297,18 @@ def atomic_dir(final, recheck: Callable[[], None] | None = None):
     temporary folder is removed and ``final`` is left as it was.
     """
     final = Path(final)
+    with naming_failed_writes(final):
+        yield from _atomic_dir(final, recheck)
+
+
+def _atomic_dir(final: Path, recheck):
+    """:func:`atomic_dir`'s body (a generator: the caller's block runs at its ``yield``)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(final, "tmp-")
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final, "tmp-"), dir=final.parent))
     old = None
     try:
+        _record(tmp)
         yield tmp
         _publish_mode(tmp)  # mkdtemp made it private; what was created inside already followed the umask
         if recheck is not None:  # what was claimed at the start may have changed while the work ran
@@ -232,6 +320,7 @@ def atomic_dir(final, recheck: Callable[[], None] | None = None):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        _unrecord(tmp)
         if old is not None:
             if final.exists():
                 shutil.rmtree(old)
@@ -254,6 +343,15 @@ def check_writable(path, what: str = "output") -> None:
         raise UserError(f"{what} {path}: permission denied (cannot write in {parent})")
 
 
+def resolve_path(path, what: str = "path") -> Path:
+    """``path`` with every link resolved; a link loop (or a link that cannot be followed) is a one-line
+    :class:`UserError` naming it, not a traceback."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Python < 3.13 reports a loop so
+        raise UserError(f"{what} {path}: cannot follow its symbolic links ({exc.__class__.__name__}: a loop?)") from None
+
+
 def _inside(a: Path, b: Path) -> bool:
     """``a`` is ``b`` or lies inside it."""
     return a == b or b in a.parents
@@ -266,9 +364,9 @@ def claim_output_dir(path, kind: str, is_same_kind: Callable[[Path], bool], over
     ``protect``: folders (a dataset, say) that the output may neither be, lie inside, nor contain.
     """
     path = Path(path)
-    real = path.resolve()
+    real = resolve_path(path, "output folder")
     for p in protect:
-        p = Path(p).resolve()
+        p = resolve_path(p, "input folder")
         if _inside(real, p) or _inside(p, real):
             raise UserError(f"output folder {path} overlaps {p}: choose a folder outside it")
     if real == Path.cwd().resolve() or _inside(Path.cwd().resolve(), real):
@@ -285,7 +383,7 @@ def claim_output_dir(path, kind: str, is_same_kind: Callable[[Path], bool], over
         return
     if not is_same_kind(path):
         extra = foreign_entries(path)
-        what = f" (it holds {extra[0]!r}, which ctrefine did not write)" if extra else ""
+        what = f" (it holds {extra[0]!r}, which ctrefine did not write or which was edited since)" if extra else ""
         raise UserError(f"output folder {path} is not empty and does not hold only an earlier {kind}{what}: "
                         f"ctrefine never replaces it; choose a new or empty folder")
     if not overwrite:

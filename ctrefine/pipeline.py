@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .checkpoint import load_model_file
 from .config import Config
-from .engines import COMPUTE, checked_metadata, onnx_feed, onnx_metadata, onnx_runner
+from .engines import COMPUTE, check_graph, checked_metadata, onnx_feed, onnx_header, onnx_runner
 from .errors import DataError, UserError
 from .uncertainty import Calibration, build_head
 
@@ -110,8 +110,9 @@ class OnnxPredictor:
     computing in the precision the file's tag asks for (:data:`COMPUTE`)."""
 
     def __init__(self, path, engine: str = "auto", threads: int | None = None):
-        meta = onnx_metadata(path)
+        meta, inputs, outputs = onnx_header(path)
         self.xray_size, self.geometry = checked_metadata(path, meta)
+        check_graph(path, inputs, outputs, self.xray_size)
         self.precision = meta.get("precision", "fp32")  # files from before int8 export carry no tag
         if self.precision not in COMPUTE:
             raise DataError(f"{path}: unknown precision tag {self.precision!r} (this ctrefine reads "

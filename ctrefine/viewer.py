@@ -126,6 +126,11 @@ def load_view_volume(path) -> np.ndarray:
     data, aff = load_nifti(path)
     if data.ndim != 3:
         raise DataError(f"{path}: is {data.ndim}-D; the viewer shows 3-D volumes")
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: contains NaN or Inf values (the viewer would draw them as air)")
+    if not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+        raise DataError(f"{path}: its affine (sform/qform) has no usable axes (all zero or singular): the volume "
+                        f"cannot be oriented")
     ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(aff),
                                            nib.orientations.axcodes2ornt(("I", "P", "L")))
     return np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt), np.float32)

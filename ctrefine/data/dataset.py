@@ -26,7 +26,7 @@ import torch
 
 from ..device import usable_cores
 from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
-from ..outputs import LOCK_NAME, atomic_dir, check_writable
+from ..outputs import LOCK_NAME, atomic_dir, check_writable, folder_lock, resolve_path
 from ..errors import DataError
 from .io import load_nifti, read_json, save_nifti, write_json, xray_affine
 from .augment import imaging_chain
@@ -45,8 +45,11 @@ def patient_name(index: int) -> str:
 def next_patient_index(root: Path) -> int:
     """One past the highest ``patient_NNNN`` in ``root`` -- folders, finished or not, and their temporary
     siblings: a new patient never takes a name that exists or existed, gaps included."""
-    found = [int(m.group(1)) for p in (Path(root).iterdir() if Path(root).is_dir() else ())
-             if (m := re.match(r"\.?patient_(\d{4,})(?:$|\.)", p.name))]
+    names = [p.name for p in (Path(root).iterdir() if Path(root).is_dir() else ())]
+    split_path = Path(root) / "splits.json"
+    if split_path.is_file():  # a name the splits still hold is taken, even when its folder was deleted
+        names += [n for v in read_splits(root).values() for n in v]
+    found = [int(m.group(1)) for n in names if (m := re.match(r"\.?patient_(\d{4,})(?:$|\.)", n))]
     return max(found, default=-1) + 1
 
 
@@ -175,13 +178,20 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     (:data:`~ctrefine.data.phantoms.PHANTOM_VERSIONS`): by default the existing dataset's, else
     :data:`PHANTOM_VERSION`.
     """
+    root = Path(out)
+    check_dataset_dir(root)
+    with folder_lock(root, "dataset"):  # not while `prepare` (or another make-data) writes it
+        return _make_dataset(root, num_patients, seed, size, xray_size, geometry, workers, fov, render_factor,
+                             progress, scan, xray_realism, phantom_version)
+
+
+def _make_dataset(root: Path, num_patients, seed, size, xray_size, geometry, workers, fov, render_factor, progress,
+                  scan, xray_realism, phantom_version) -> dict:
+    """:func:`make_dataset` under the dataset's lock."""
     from multiprocessing import get_context
 
     from tqdm import tqdm
 
-    root = Path(out)
-    check_dataset_dir(root)
-    root.mkdir(parents=True, exist_ok=True)
     geo = Geometry(geometry)
     version = _phantom_version(root, phantom_version)
     params = {"version": FORMAT_VERSION, "source": "phantom", "seed": seed, "size": size, "xray_size": xray_size,
@@ -193,6 +203,12 @@ def make_dataset(out, num_patients: int, seed: int = 0, size: int = 64, xray_siz
     jobs = [(str(root), i, seed, size, xray_size, geo, fov, render_factor, scan, xray_realism, version)
             for i in range(num_patients)]
     todo = [j for j in jobs if not is_complete(root / patient_name(j[1]))]
+    if todo and (root / "splits.json").exists():
+        split = {n for v in read_splits(root).values() for n in v}
+        stray = [patient_name(j[1]) for j in todo if patient_name(j[1]) not in split]
+        if stray:
+            raise DataError(f"{root / 'splits.json'}: the dataset is already split and {stray[0]} is in no split; "
+                            f"make-data only regenerates patients of its own split (use a new --out)")
     workers = max(1, min(workers or usable_cores(), len(todo) or 1))
     bar = tqdm(total=num_patients, initial=num_patients - len(todo), desc="patients", unit="pt", disable=not progress)
     if workers == 1:
@@ -233,6 +249,30 @@ def summarize(root) -> str:
     return "\n".join(lines)
 
 
+def _checked_header(raw, path: Path) -> dict:
+    """``dataset.json``'s content with every field a reader uses of the right type (one-line error naming it)."""
+    def bad(key, want):
+        raise DataError(f"{path}: {key!r} must be {want}, got {raw[key]!r}")
+
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: must hold a JSON object")
+    for key in ("size", "xray_size", "phantom_version"):
+        if key in raw and raw[key] is not None and (isinstance(raw[key], bool) or not isinstance(raw[key], int)
+                                                     or raw[key] < 1):
+            bad(key, "a positive integer")
+    if "fov_mm" in raw and (isinstance(raw["fov_mm"], bool) or not isinstance(raw["fov_mm"], (int, float))
+                            or not 0 < raw["fov_mm"] < 1e4):
+        bad("fov_mm", "a positive number of millimetres")
+    if "geometry" in raw and not (isinstance(raw["geometry"], dict) and raw["geometry"].get("kind") in ("cone", "parallel")):
+        bad("geometry", 'an object with "kind" "cone" or "parallel"')
+    if "labels" in raw and raw["labels"] is not None and not (
+            isinstance(raw["labels"], dict) and all(isinstance(v, str) for v in raw["labels"].values())):
+        bad("labels", "an object of label id -> structure name")
+    if "source" in raw and not isinstance(raw["source"], str):
+        bad("source", "a string")
+    return raw
+
+
 @dataclass(frozen=True)
 class DatasetHeader:
     """A dataset's ``dataset.json``, read in this one place: how its patients were made. A folder
@@ -243,7 +283,7 @@ class DatasetHeader:
     @classmethod
     def read(cls, root) -> "DatasetHeader":
         path = Path(root) / "dataset.json"
-        return cls(read_json(path) if path.exists() else {})
+        return cls(_checked_header(read_json(path), path) if path.exists() else {})
 
     @property
     def size(self) -> int | None:
@@ -356,8 +396,10 @@ def mean_volume(root, split: str = "train", write_cache: bool = False) -> np.nda
     """
     root = Path(root)
     path = root / MEAN_VOLUME
-    if path.exists():
-        return load_nifti(path)[0]
+    if path.exists() or path.is_symlink():
+        mean = _finite(_inside_file(root, MEAN_VOLUME))[0]
+        _check_grid(path, mean, DatasetHeader.read(root).size)
+        return mean
     names = read_splits(root).get(split) or []
     if not names:
         raise DataError(f"{root}: split {split!r} is empty: no mean-volume baseline")
@@ -379,13 +421,19 @@ def check_splits(root: Path, splits: dict) -> dict:
     no absolute paths) whose folders lie inside ``root`` (a link leading out is refused). A dataset never
     makes ctrefine read or write outside its own folder."""
     path = Path(root) / "splits.json"
-    real_root = Path(root).resolve()
+    real_root = resolve_path(Path(root), "dataset folder")
+    if not isinstance(splits, dict):
+        raise DataError(f"{path}: must hold an object of split name -> patient names")
     for split, names in splits.items():
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise DataError(f"{path}: split {split!r} must be a list of patient names")
         for n in names:
-            if not _PLAIN_NAME.fullmatch(n) or (Path(root) / n).resolve().parent != real_root:
-                raise DataError(f"{path}: patient {n!r} in split {split!r} is not a folder name inside the dataset")
+            if not _PLAIN_NAME.fullmatch(n):
+                raise DataError(f"{path}: patient {n!r} in split {split!r} is not a folder name inside the dataset: "
+                                f"a patient name may hold only ASCII letters, digits, '.', '_' and '-' (rename the "
+                                f"folder and its entry here)")
+            if resolve_path(Path(root) / n, "patient folder").parent != real_root:
+                raise DataError(f"{path}: patient {n!r} in split {split!r} is a link to a folder outside the dataset")
     return splits
 
 
@@ -395,6 +443,55 @@ def _finite(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(data).all():
         raise DataError(f"{path}: contains NaN or Inf values (damaged? regenerate or re-ingest this patient)")
     return data, affine
+
+
+def _inside_file(folder: Path, name: str) -> Path:
+    """``folder/name``, refused when it is a symbolic link: a dataset's files must lie inside the dataset."""
+    path = folder / name
+    if path.is_symlink():
+        raise DataError(f"{path}: is a symbolic link; a dataset's files must lie inside it (copy the file in)")
+    return path
+
+
+def _check_grid(path: Path, vol: np.ndarray, size: int | None) -> None:
+    """A CT (or label map) is a cube of the dataset's size (``dataset.json``)."""
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise DataError(f"{path}: volume is {'x'.join(map(str, vol.shape))}, not a cube")
+    if size is not None and vol.shape[0] != size:
+        raise DataError(f"{path}: volume is {vol.shape[0]}^3 but the dataset's size is {size}^3 (dataset.json)")
+
+
+def _radiograph(path: Path, xray_size: int | None) -> np.ndarray:
+    """A stored radiograph: finite, square, of the dataset's size, not constant."""
+    img = _finite(path)[0]
+    if img.ndim != 2 or img.shape[0] != img.shape[1]:
+        raise DataError(f"{path}: radiograph is {'x'.join(map(str, img.shape))}, not a square image")
+    if xray_size is not None and img.shape[0] != xray_size:
+        raise DataError(f"{path}: radiograph is {img.shape[0]}^2 but the dataset's is {xray_size}^2 (dataset.json)")
+    if float(img.max()) == float(img.min()):
+        raise DataError(f"{path}: radiograph is constant ({float(img.min()):g} everywhere): no image")
+    return img
+
+
+def read_ct(folder: Path, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A patient's ``ct.nii.gz`` (HU, affine): inside the folder, finite, a cube of the dataset's ``size``."""
+    ct, affine = _finite(_inside_file(folder, "ct.nii.gz"))
+    _check_grid(folder / "ct.nii.gz", ct, size)
+    return ct, affine
+
+
+def read_labels(folder: Path, shape: tuple) -> np.ndarray | None:
+    """A patient's ``labels.nii.gz`` as uint8 (None without one): inside the folder, finite whole numbers 0-255
+    on the CT's grid ``shape``."""
+    path = folder / "labels.nii.gz"
+    if not (path.exists() or path.is_symlink()):
+        return None
+    lab = _finite(_inside_file(folder, "labels.nii.gz"))[0]
+    if lab.shape != tuple(shape):
+        raise DataError(f"{path}: label map is {'x'.join(map(str, lab.shape))}, the CT {'x'.join(map(str, shape))}")
+    if lab.min() < 0 or lab.max() > 255 or not np.array_equal(lab, np.round(lab)):
+        raise DataError(f"{path}: label map must hold whole numbers 0-255")
+    return lab.astype(np.uint8)
 
 
 def read_splits(root) -> dict:
@@ -437,11 +534,11 @@ class CTDataset(torch.utils.data.Dataset):
 
     def load(self, i: int) -> dict:
         folder = self.root / self.names[i]
-        ct, affine = _finite(folder / "ct.nii.gz")
-        xr = np.stack([_finite(folder / f"xray_{v}.nii.gz")[0] for v in ("pa", "lateral")])
-        labels = None
-        if (folder / "labels.nii.gz").exists():  # phantoms (and ingested CTs given --labels)
-            labels = torch.from_numpy(load_nifti(folder / "labels.nii.gz")[0].astype(np.uint8))
+        ct, affine = read_ct(folder, self.header.size)
+        xr = np.stack([_radiograph(_inside_file(folder, f"xray_{v}.nii.gz"), self.header.xray_size)
+                       for v in ("pa", "lateral")])
+        labels = read_labels(folder, ct.shape)
+        labels = None if labels is None else torch.from_numpy(labels)
         raw = torch.from_numpy(xr)[:, None]
         return {"ct": hu_to_model(torch.from_numpy(ct))[None], "xrays": normalize_xray(raw), "xrays_raw": raw,
                 "affine": torch.from_numpy(affine), "name": self.names[i], "labels": labels}

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..conventions import FOV_MM, HU_MIN, canonical_affine
-from .dataset import FORMAT_VERSION, MEAN_VOLUME, check_dataset_dir, mean_volume, ensure_dataset_header, is_complete, make_splits, \
+from .dataset import FORMAT_VERSION, DatasetHeader, MEAN_VOLUME, check_dataset_dir, mean_volume, ensure_dataset_header, is_complete, make_splits, \
     next_patient_index, patient_name, read_splits, render_patient, \
     write_patient
 from .dicom import load_series
@@ -169,6 +169,9 @@ def ingest_dataset(paths, out, size: int = 64, xray_size: int = 128, geometry: s
     grid = ("version", "size", "xray_size", "fov_mm", "geometry")  # real CTs beside phantoms is fine; other grids not
     if (root / "dataset.json").exists():
         ensure_dataset_header(root, header, compare=grid)  # refuse before any work
+        if DatasetHeader.read(root).raw.get("source") == "phantom" and not (root / "splits.json").exists():
+            raise DataError(f"{root}: its make-data has not finished (no splits.json); rerun that make-data first, "
+                            f"then add CTs")
     done, failed = [], 0
     created, new_header = not root.exists(), not (root / "dataset.json").exists()
     try:
@@ -200,12 +203,13 @@ def _ingest_all(root: Path, paths, labels, done: list, on_error, progress: bool,
     failed = 0
     ingested = _ingested_inputs(root)
     for i, path in enumerate(tqdm(paths, desc="ingest", unit="ct", disable=not progress)):
-        if str(Path(path).resolve()) in ingested:  # finished by an earlier, interrupted run
+        if str(Path(path).resolve()) in ingested:  # finished by an earlier, interrupted run, or given twice
             continue
         name = patient_name(next_patient_index(root))
         try:
             ingest_ct(path, root, name, labels=None if labels is None else labels[i], **opts)
             done.append(name)
+            ingested.add(str(Path(path).resolve()))
         except (DataError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             failed += 1  # one bad file is reported and skipped; the others are still ingested
             if on_error:

@@ -188,7 +188,7 @@ def load_radiograph(path, convention: str = "attenuation", view: str | None = No
             with Image.open(path) as im:  # opening reads the header only
                 check_declared_size(path, im.size, MAX_IMAGE_PIXELS)
                 im.load()
-                img = np.asarray(im)
+                img = np.asarray(_grey_or_rgb(im, path))
     except DataError:
         raise
     except Exception as exc:
@@ -215,6 +215,19 @@ def load_radiograph(path, convention: str = "attenuation", view: str | None = No
     if np.ptp(img) == 0:
         raise DataError(f"{path}: image is constant")
     return img
+
+
+def _grey_or_rgb(im, path: Path):
+    """A PIL image as grey or RGB(A) pixel values: a palette image through its palette (a grey palette gives
+    its grey levels, a colour one is refused below like any colour image), grey + alpha as grey; CMYK and
+    other colour models are refused, since their numbers are not intensities."""
+    if im.mode in ("P", "PA"):
+        return im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    if im.mode == "LA":
+        return im.getchannel("L")
+    if im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        raise DataError(f"{path}: is a {im.mode} image; export the radiograph as greyscale (PNG, TIFF or DICOM)")
+    return im
 
 
 def square_resize(img: np.ndarray, size: int) -> np.ndarray:

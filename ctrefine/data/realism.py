@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import DataError
-from .io import load_nifti, read_json
+from .io import read_json
 from .phantoms import L, Scan, chest_phantom
 
 BONE_LABELS = ("rib", "vertebra", "other_bone")
@@ -140,11 +140,13 @@ def vertebral_width_mm(labels: np.ndarray, spacing: float, depth_mm: float = 25.
 def patient_stats(folder: Path, render=None) -> PatientStats:
     """Measure one patient folder (``ct.nii.gz`` + ``labels.nii.gz``); ``render``: its ``(hu, labels,
     spacing)`` on the render grid when it can be regenerated."""
-    lab_path = folder / "labels.nii.gz"
-    if not lab_path.exists():
-        raise DataError(f"{lab_path}: missing; the realism report needs label maps (make-data, or prepare --labels)")
-    hu, aff = load_nifti(folder / "ct.nii.gz")
-    labels = load_nifti(lab_path)[0].astype(np.uint8)
+    from .dataset import DatasetHeader, read_ct, read_labels
+
+    hu, aff = read_ct(folder, DatasetHeader.read(folder.parent).size)
+    labels = read_labels(folder, hu.shape)
+    if labels is None:
+        raise DataError(f"{folder / 'labels.nii.gz'}: missing; the realism report needs label maps (make-data, or "
+                        f"prepare --labels)")
     spacing = float(abs(aff[0, 0]) or abs(aff[:3, 0]).max())
     meta = read_json(folder / "meta.json") if (folder / "meta.json").exists() else {}
     blood = label_hu(hu, labels).get("heart_blood")

@@ -25,6 +25,7 @@ from ..checkpoint import export_fp32, save_model_file
 from ..config import Config, upgrade_stored
 from ..data.io import read_json, write_json
 from ..errors import UserError
+from ..outputs import write_failure
 
 
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -53,9 +54,15 @@ def _checkpoint_globals() -> list:
 
 
 def verify_checkpoint(tag_dir: Path) -> None:
-    """Every ``*.pt`` of a checkpoint folder loads without running code (one-line :class:`UserError`)."""
+    """Every file of a checkpoint folder, at any depth, is a plain file (no link) that loads without running
+    code; a folder or link inside it is refused too (one-line :class:`UserError`). DeepSpeed may read
+    files below the tag folder (``zero/``, universal checkpoints): none is left unchecked."""
     allowed = _checkpoint_globals()
-    for f in sorted(Path(tag_dir).glob("*.pt")):
+    for f in sorted(Path(tag_dir).rglob("*")):
+        if f.is_symlink() or not f.is_file():
+            kind = "a symbolic link" if f.is_symlink() else "a folder"
+            raise UserError(f"{f}: refusing to resume, {kind} inside a checkpoint: not a checkpoint as ctrefine "
+                            f"writes them (resume only runs you made)")
         try:
             with torch.serialization.safe_globals(allowed):
                 torch.load(f, map_location="cpu", weights_only=True)
@@ -109,7 +116,10 @@ class Checkpointer:
         stored = self.out / "config.json"
         if not stored.exists():
             return
-        old = upgrade_stored(read_json(stored)).get("model", {})
+        raw = read_json(stored)
+        old = upgrade_stored(raw).get("model") if isinstance(raw, dict) else None
+        if not isinstance(old, dict):
+            raise UserError(f"{stored}: holds no \"model\" section as ctrefine writes it; use a new checkpoint.dir")
         diff = _diff_keys(old, cfg.to_dict()["model"], "model.")
         if diff:
             raise UserError(f"{self.out} holds a run with a different model ({', '.join(diff)}); "
@@ -129,26 +139,37 @@ class Checkpointer:
         tag = latest.get("tag") if isinstance(latest, dict) else None
         if not isinstance(tag, str) or not re.fullmatch(r"epoch_\d{4,}", tag) or not (self.ckpt_dir / tag).is_dir():
             raise UserError(f"{self.latest_path}: names no checkpoint of this run ({tag!r}); use a new checkpoint.dir")
+        for p in (self.ckpt_dir, self.ckpt_dir / tag):
+            if p.is_symlink():
+                raise UserError(f"{p}: is a symbolic link; a run resumes only from checkpoints inside its own folder")
         verify_checkpoint(self.ckpt_dir / tag)
         _, client = engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         client["tag"] = tag
         return client
 
-    def save(self, engine, epoch: int, client: dict) -> str:
-        """Save on every rank under a temporary tag, then (rank 0) rename, point latest.json, rotate."""
+    def save(self, engine, epoch: int, client: dict, publish=None) -> str:
+        """Save on every rank under a temporary tag, then (rank 0) rename, ``publish(tag)`` (the best model
+        file, when the epoch improved), and only then point latest.json at it: a run interrupted anywhere
+        before that resumes from the previous checkpoint and redoes the epoch, so ``latest.json`` never
+        names an epoch whose best model file is missing."""
         tag = f"epoch_{epoch:04d}"
         tmp_tag = f".tmp_{tag}"
         try:
             engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, client_state=client, save_latest=False)
-        except OSError as exc:  # a full disk, say: leave no half checkpoint; the last complete one stays the resume point
+        except (OSError, RuntimeError) as exc:  # a full disk: leave no half checkpoint; the last complete one stays
+            why = write_failure(exc)
+            if why is None:
+                raise
             shutil.rmtree(self.ckpt_dir / tmp_tag, ignore_errors=True)
             raise UserError(f"{self.ckpt_dir / tmp_tag}: cannot save the checkpoint of epoch {epoch} "
-                            f"({exc.strerror or type(exc).__name__}); the run resumes from {self.latest_path}") from None
+                            f"({why}); the run resumes from {self.latest_path}") from None
         self._barrier()
         if self.rank == 0:
             if (self.ckpt_dir / tag).exists():
                 shutil.rmtree(self.ckpt_dir / tag)
             os.rename(self.ckpt_dir / tmp_tag, self.ckpt_dir / tag)
+            if publish is not None:
+                publish(tag)
             write_json(self.latest_path, {"tag": tag, "epoch": epoch, "global_step": client["global_step"]})
         return tag
 

@@ -21,6 +21,7 @@ resumes from ``latest.json`` (``--resume never`` refuses a directory that holds 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import time
@@ -33,13 +34,15 @@ import torch
 from ..checkpoint import load_weights_into
 from ..models import BUILDERS
 from ..config import Config, ds_config_path, load_config, read_json_object
-from ..device import DevicePolicy, free_port, rank_device
+from ..device import DevicePolicy, env_int, free_port, kernel_mode, rank_device
 from ..data.augment import augment_radiographs
 from ..data.dataset import CTDataset, DatasetHeader, ResidentSplit, read_splits
 from ..data.io import write_json
 from ..errors import OneLineParser, UserError, run_main
+from ..outputs import path_lock
 from ..models.layout import channels_last_layers, conv_widths
 from .checkpointing import Checkpointer
+from .ds_config import check_ds_config
 from .logs import CSVLog, tensorboard_writer
 from .stages import STAGES, Stage
 
@@ -64,8 +67,11 @@ def parse_args(argv=None):
                    help="auto (default): ds_config's bf16 where the hardware has it (GPUs, CPUs with AMX / "
                         "AVX512-BF16), else fp32; bf16 / fp32 force one")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
+        p.error(f"argument --stop-after-epochs: must be >= 1, got {args.stop_after_epochs}")
+    return args
 
 
 def validate(cfg: Config, stage: type[Stage], ds_config) -> dict:
@@ -89,11 +95,7 @@ def validate(cfg: Config, stage: type[Stage], ds_config) -> dict:
     if cfg.training.init_checkpoint:  # tried now (on a throw-away model): a bad file fails before anything is written
         load_weights_into(BUILDERS[stage.name](cfg), cfg.training.init_checkpoint, stage.name)
     ds_path = Path(ds_config) if ds_config else ds_config_path()
-    ds = read_json_object(ds_path, UserError)
-    for owned in ("optimizer", "scheduler"):
-        if owned in ds:
-            raise UserError(f"{ds_path}: remove {owned!r} -- the driver owns the optimizer and LR schedule (config.training)")
-    return ds
+    return check_ds_config(read_json_object(ds_path, UserError), ds_path)
 
 
 def init_distributed():
@@ -236,6 +238,8 @@ class Run:
 
 def _checked(args) -> tuple[Config, dict, Checkpointer]:
     """Every check before distributed start-up: config, dataset, DeepSpeed config, the run folder."""
+    kernel_mode()  # a bad CTREFINE_KERNELS fails here, before the run folder is written
+    env_int("LOCAL_RANK", 0)
     cfg = load_config(args.config, args.set)
     ds_cfg = validate(cfg, STAGES[args.stage], args.deepspeed_config)
     out = Path(cfg.checkpoint.dir) / args.stage
@@ -247,12 +251,17 @@ def _checked(args) -> tuple[Config, dict, Checkpointer]:
     return cfg, ds_cfg, ckpt
 
 
-def _set_up(args, started: float) -> Run:
+def _set_up(args, started: float, hold: contextlib.ExitStack) -> Run:
     """Distributed start-up, the device policy, the stage and its model, resident splits, the engine."""
     cfg, ds_cfg, ckpt = _checked(args)
+    if env_int("RANK", 0) == 0:  # another `train` into this run folder is refused, not interleaved
+        hold.enter_context(path_lock(ckpt.out, "training run"))
+        ckpt.check_owned()  # again, under the lock
     import deepspeed
 
     rank, world = init_distributed()
+    if args.local_rank is None:
+        args.local_rank = env_int("LOCAL_RANK", 0)
     ckpt.rank, ckpt.world = rank, world
     t = cfg.training
     seed_everything(t.seed)
@@ -389,9 +398,10 @@ def _save(r: Run, epoch: int, improved: bool, vm: dict) -> None:
     client = {"epoch": epoch, "global_step": r.global_step, "best": r.best, "bad_epochs": r.bad_epochs,
               "num_epochs": r.num_epochs,
               "rng": rngs, "config": r.cfg.to_dict(), "stage": r.stage.state_dict()}
-    tag = r.ckpt.save(r.engine, epoch + 1, client)
-    if improved and r.rank == 0:
+    def publish(tag):
         r.ckpt.export_best(tag, r.args.stage, r.cfg, vm, epoch + 1, r.global_step)
+
+    r.ckpt.save(r.engine, epoch + 1, client, publish if improved else None)
     r.ckpt.rotate()
 
 
@@ -414,7 +424,12 @@ def _fit_to_budget(r: Run, epoch: int, epoch_s: float) -> None:
 
 
 def run(args) -> int:
-    r = _set_up(args, time.time())
+    with contextlib.ExitStack() as hold:  # rank 0 holds the run folder's lock for the whole run
+        return _run(args, hold)
+
+
+def _run(args, hold: contextlib.ExitStack) -> int:
+    r = _set_up(args, time.time(), hold)
     _resume(r)
     _open_logs(r)
     t = r.cfg.training
@@ -439,6 +454,9 @@ def run(args) -> int:
         epoch += 1
     if r.rank == 0:
         r.stage.finish(r.out)
+        if not (r.out / "best_model.pt").is_file():
+            raise UserError(f"{r.out / 'best_model.pt'}: missing although the run's checkpoints are complete; "
+                            f"train again into a new checkpoint.dir")
         print(f"[{args.stage}] done: best val {r.stage.score_key} {r.best:.3f} dB -> {r.out / 'best_model.pt'}",
               flush=True)
     return 0
