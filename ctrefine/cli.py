@@ -377,10 +377,6 @@ def main(argv=None) -> int:
         if argv[:1] == ["train"]:  # pass everything through, --help included
             return _cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command in ("infer", "export-onnx", "demo"):  # a bad CTREFINE_KERNELS fails before any work
-            from .device import kernel_mode
-
-            kernel_mode()
         return args.func(args)
 
     return run_main("ctrefine", work, "outputs are written atomically: nothing half-written was left")

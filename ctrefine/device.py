@@ -74,12 +74,12 @@ def kernel_mode(device: torch.device | None = None) -> str:
         return "auto"
     if mode not in ("1", "on", "true", "force"):
         raise ConfigError(f"CTREFINE_KERNELS must be 0, 1 or auto, got {raw!r}")
-    if not triton_available():
-        raise ConfigError("CTREFINE_KERNELS=1 but the Triton kernels cannot be imported (is triton installed?)")
     on_cpu = (device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu"
     if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ConfigError("CTREFINE_KERNELS=1 needs a CUDA GPU (on a CPU the kernels run only under "
                           "TRITON_INTERPRET=1, thousands of times slower); unset it or set CTREFINE_KERNELS=0")
+    if not triton_available():
+        raise ConfigError("CTREFINE_KERNELS=1 but the Triton kernels cannot be imported (is triton installed?)")
     return "on"
 
 

@@ -256,17 +256,18 @@ def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: st
     paths = [out, coarse_path, gate_path, viewer_path] + ([std_path] if cal else [])
     for p in paths:
         claim_output_file(p, overwrite)
+    x = prepare_radiographs(pa_path, lateral_path, predictor.xray_size, convention, warn)  # bad input: nothing made
     with path_lock(out, "output file"):  # a second run to the same --out is refused, not interleaved
         for p in paths:  # again under the lock: another run may have finished since the check above
             claim_output_file(p, overwrite)
-        return _infer_radiographs(predictor, pa_path, lateral_path, paths, convention, warn, gate)
+        return _infer_radiographs(predictor, x, (pa_path, lateral_path), paths, gate)
 
 
-def _infer_radiographs(predictor, pa_path, lateral_path, paths, convention, warn, gate) -> tuple[Path, Path, dict]:
-    """:func:`infer_radiographs` under its output lock."""
-    out, coarse_path, cal = paths[0], paths[1], getattr(predictor, "uncertainty", None)
+def _infer_radiographs(predictor, x, inputs, paths, gate) -> tuple[Path, Path, dict]:
+    """:func:`infer_radiographs` under its output lock, from the prepared radiographs ``x``."""
+    (pa_path, lateral_path), (out, coarse_path) = inputs, paths[:2]
+    cal = getattr(predictor, "uncertainty", None)
     stem = out.name[:-7] if out.name.endswith(".nii.gz") else out.name[:-4]
-    x = prepare_radiographs(pa_path, lateral_path, predictor.xray_size, convention, warn)
     coarse, ungated, coarse_std, refined_std = predictor.predict(x)
     v = ungated.shape[-1]
     refined, (record,) = safety_gate(SliceProjector(v, geometry=predictor.geometry), x, coarse, ungated, gate)

@@ -19,7 +19,7 @@ import torch
 
 from . import pretrained
 from .config import ds_config_path, load_config, preset_path
-from .device import free_port, usable_cores
+from .device import free_port, kernel_mode, usable_cores
 from .errors import UserError
 from .data.io import read_json, write_json
 from .outputs import check_writable
@@ -119,6 +119,7 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     from .pipeline import OnnxPredictor, load_two_stage
     from .report import summary_table
 
+    kernel_mode()  # a bad CTREFINE_KERNELS fails before the demo folder is made
     t0 = time.time()
     cuda = torch.cuda.is_available()
     preset_name = demo_preset(preset)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_model_file
+from .device import kernel_mode
 from .config import Config
 from .engines import COMPUTE, check_graph, checked_metadata, onnx_feed, onnx_header, onnx_runner
 from .errors import DataError, UserError
@@ -48,6 +49,7 @@ class TwoStage(nn.Module):
 
 def load_two_stage(base_ckpt, refiner_ckpt) -> tuple[TwoStage, Config]:
     """The pipeline from two ``best_model.pt`` files: (model in eval mode, the refiner's config)."""
+    kernel_mode()  # a bad CTREFINE_KERNELS fails before any work, not inside the first forward
     b = load_model_file(base_ckpt, stage="base")
     r = load_model_file(refiner_ckpt, stage="refine")
     if b.config.model.volume_size != r.config.model.volume_size or b.config.model.xray_size != r.config.model.xray_size:

@@ -142,11 +142,11 @@ def patient_stats(folder: Path, render=None) -> PatientStats:
     spacing)`` on the render grid when it can be regenerated."""
     from .dataset import DatasetHeader, read_ct, read_labels
 
-    hu, aff = read_ct(folder, DatasetHeader.read(folder.parent).size)
-    labels = read_labels(folder, hu.shape)
-    if labels is None:
+    if not (folder / "labels.nii.gz").exists():
         raise DataError(f"{folder / 'labels.nii.gz'}: missing; the realism report needs label maps (make-data, or "
                         f"prepare --labels)")
+    hu, aff = read_ct(folder, DatasetHeader.read(folder.parent).size)
+    labels = read_labels(folder, hu.shape)
     spacing = float(abs(aff[0, 0]) or abs(aff[:3, 0]).max())
     meta = read_json(folder / "meta.json") if (folder / "meta.json").exists() else {}
     blood = label_hu(hu, labels).get("heart_blood")
