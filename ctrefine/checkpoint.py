@@ -134,8 +134,31 @@ def state_fingerprint(state_dict: dict) -> str:
     return h.hexdigest()
 
 
+PLAIN_FILE = "plain_states.pt"  # a checkpoint of the single-device engine (ctrefine.training.engine): one file a tag
+
+
+def checkpoint_globals() -> list:
+    """What a training checkpoint of ctrefine holds besides tensors and plain containers: numpy arrays (the
+    RNG states in the client state) and three small DeepSpeed records of the ZeRO optimizer."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes, LossScaler,
+            ZeroStageEnum, fragment_address]
+
+
 def export_fp32(ckpt_dir, tag: str) -> dict:
-    """The fp32 master weights of a saved ZeRO checkpoint as a plain state dict."""
+    """The fp32 weights of a saved training checkpoint as a plain state dict: a ZeRO checkpoint's master
+    weights (sharded across ranks), or the single-device engine's weights."""
+    plain = Path(ckpt_dir) / tag / PLAIN_FILE
+    if plain.is_file():
+        with torch.serialization.safe_globals(checkpoint_globals()):
+            blob = torch.load(plain, map_location="cpu", weights_only=True)
+        return {k: v.float().clone() if v.is_floating_point() else v.clone() for k, v in blob["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress output

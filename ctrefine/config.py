@@ -92,6 +92,10 @@ class TrainingConfig(_Section):
     compile: Literal["off", "on"] = Field(
         "off", description="torch.compile the trainable model (ctrefine.device): off until measured faster on the "
                            "device (bench/gpu_check.sh measures both); the first steps then include the compilation")
+    engine: Literal["auto", "plain", "deepspeed"] = Field(
+        "auto", description="auto: a plain single-device loop (bf16 autocast, fused AdamW) on one rank, DeepSpeed ZeRO "
+                            "on several (ctrefine.training.engine: on one device ZeRO partitions nothing and costs "
+                            "host time every step); deepspeed: ZeRO even on one rank")
 
 
 def _loss_field(name: str):

@@ -100,8 +100,9 @@ def _val_figures(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k not in ("train_s", "val_s")} for r in csv.DictReader(f)]
 
 
-def test_resume_is_exact(data12, tmp_path):
-    """Interrupted after epoch 1 + resumed == uninterrupted, bit for bit.
+@pytest.mark.parametrize("engine", ["plain", "deepspeed"])
+def test_resume_is_exact(data12, tmp_path, engine):
+    """Interrupted after epoch 1 + resumed == uninterrupted, bit for bit, with either engine of one process.
 
     Run in fp32: this CPU's bf16 conv kernels are not run-to-run deterministic (two identical
     uninterrupted bf16 runs differed by mean |dw| = 4.9e-5 here), so only fp32 can prove that model,
@@ -113,7 +114,8 @@ def test_resume_is_exact(data12, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
 
     def cmd(out, *extra):
-        c = train_cmd("base", data12, out, "--set", "training.num_epochs=2", *extra)
+        c = train_cmd("base", data12, out, "--set", "training.num_epochs=2", "--set", f"training.engine={engine}",
+                      *extra)
         c[c.index("--deepspeed_config") + 1] = str(ds_fp32)
         return c
 
@@ -122,6 +124,8 @@ def test_resume_is_exact(data12, tmp_path):
     assert json.loads((split / "base" / "latest.json").read_text())["epoch"] == 1
     r = run(cmd(split))
     assert "resumed base" in r.stdout
+    assert ("plain engine" in r.stdout) == (engine == "plain")
+    assert (split / "base" / "ckpt" / "epoch_0002" / "plain_states.pt").is_file() == (engine == "plain")
     a = export_fp32(full / "base" / "ckpt", "epoch_0002")
     b = export_fp32(split / "base" / "ckpt", "epoch_0002")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import export_fp32, save_model_file
+from ..checkpoint import checkpoint_globals, export_fp32, save_model_file
 from ..config import Config, upgrade_stored
 from ..data.io import read_json, write_json
 from ..errors import UserError
@@ -39,25 +39,11 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _checkpoint_globals() -> list:
-    """What a DeepSpeed checkpoint of ctrefine holds besides tensors and plain containers: numpy arrays
-    (the RNG states in the client state) and three small DeepSpeed records of the ZeRO optimizer."""
-    import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    core = getattr(np, "_core", None) or np.core
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes, LossScaler,
-            ZeroStageEnum, fragment_address]
-
-
 def verify_checkpoint(tag_dir: Path) -> None:
     """Every file of a checkpoint folder, at any depth, is a plain file (no link) that loads without running
     code; a folder or link inside it is refused too (one-line :class:`UserError`). DeepSpeed may read
     files below the tag folder (``zero/``, universal checkpoints): none is left unchecked."""
-    allowed = _checkpoint_globals()
+    allowed = checkpoint_globals()
     for f in sorted(Path(tag_dir).rglob("*")):
         if f.is_symlink() or not f.is_file():
             kind = "a symbolic link" if f.is_symlink() else "a folder"
@@ -85,6 +71,14 @@ class Checkpointer:
 
     def has_run(self) -> bool:
         return self.latest_path.exists()
+
+    def latest_tag(self) -> str | None:
+        """The tag ``latest.json`` names, or None (checked when :meth:`resume` reads it)."""
+        if not self.has_run():
+            return None
+        latest = read_json(self.latest_path)
+        tag = latest.get("tag") if isinstance(latest, dict) else None
+        return tag if isinstance(tag, str) and re.fullmatch(r"epoch_\d{4,}", tag) else None
 
     def check_owned(self) -> None:
         """The run folder is missing, empty, or ctrefine's own (its marker file says so): a folder holding
@@ -130,7 +124,7 @@ class Checkpointer:
 
         DeepSpeed's loader unpickles with ``weights_only=False``, which would run code planted in a
         checkpoint file; so every file of the checkpoint is first read with ``weights_only=True`` and
-        only the globals a ctrefine checkpoint holds (:func:`_checkpoint_globals`) allowed. A file that
+        only the globals a ctrefine checkpoint holds (:func:`~ctrefine.checkpoint.checkpoint_globals`) allowed. A file that
         needs anything else is refused before the engine sees it.
         """
         if not self.has_run():

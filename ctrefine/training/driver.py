@@ -43,6 +43,7 @@ from ..outputs import path_lock
 from ..models.layout import channels_last_layers, conv_widths
 from .checkpointing import Checkpointer
 from .ds_config import check_ds_config
+from .engine import PlainEngine, checkpoint_engine, choose_engine
 from .logs import CSVLog, tensorboard_writer
 from .stages import STAGES, Stage
 
@@ -257,8 +258,6 @@ def _set_up(args, started: float, hold: contextlib.ExitStack) -> Run:
     if env_int("RANK", 0) == 0:  # another `train` into this run folder is refused, not interleaved
         hold.enter_context(path_lock(ckpt.out, "training run"))
         ckpt.check_owned()  # again, under the lock
-    import deepspeed
-
     rank, world = init_distributed()
     if args.local_rank is None:
         args.local_rank = env_int("LOCAL_RANK", 0)
@@ -283,16 +282,33 @@ def _set_up(args, started: float, hold: contextlib.ExitStack) -> Run:
     ds_cfg = dict(ds_cfg, bf16=dict(ds_cfg.get("bf16", {}), enabled=policy.dtype == torch.bfloat16),
                   train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=1,
                   train_batch_size=t.batch_size * world)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    engine, _, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, config=ds_cfg,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg, steps_per_epoch * num_epochs)))
+    engine, sched = _engine(cfg, ds_cfg, model, policy, world, steps_per_epoch * num_epochs)
+    if rank == 0 and isinstance(engine, PlainEngine):
+        print(f"[{args.stage}] one device: plain engine ({str(policy.dtype).replace('torch.', '')}, fused AdamW on fp32 "
+              f"masters; training.engine={t.engine})", flush=True)
     return Run(args, cfg, stage, policy, ckpt, engine, sched, train_split, val_split, rank, world, num_epochs,
                steps_per_epoch, started)
 
 
+def _engine(cfg: Config, ds_cfg: dict, model, policy: DevicePolicy, world: int, total_steps: int):
+    """``(engine, LR scheduler)``: :class:`PlainEngine` on one device, DeepSpeed ZeRO on several
+    (``training.engine``; :mod:`ctrefine.training.engine`)."""
+    t = cfg.training
+    schedule = lr_lambda(cfg, total_steps)
+    if choose_engine(t.engine, world) == "plain":
+        engine = PlainEngine(model, policy, t.learning_rate, t.weight_decay, schedule, ds_cfg.get("gradient_clipping", 0.0))
+        return engine, engine.scheduler
+    import deepspeed
+
+    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg,
+                                               lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
+    return engine, sched
+
+
 def _resume(r: Run) -> None:
     """Continue from the newest complete checkpoint, if any: counters, stage state, every RNG."""
+    _check_resumable_engine(r)
     client = r.ckpt.resume(r.engine)
     if client is None:
         return
@@ -304,6 +320,17 @@ def _resume(r: Run) -> None:
     if r.rank == 0:
         print(f"resumed {r.args.stage} from {r.ckpt.ckpt_dir / client['tag']} (epoch {r.start_epoch}, step "
               f"{r.global_step})", flush=True)
+
+
+def _check_resumable_engine(r: Run) -> None:
+    """A run resumes only with the engine that wrote its checkpoint (their layouts differ)."""
+    tag = r.ckpt.latest_tag()
+    if tag is None:
+        return
+    have, want = checkpoint_engine(r.ckpt.ckpt_dir / tag), "plain" if isinstance(r.engine, PlainEngine) else "deepspeed"
+    if have != want:
+        raise UserError(f"{r.ckpt.ckpt_dir / tag}: written by the {have} engine, this run uses the {want} engine; "
+                        f"resume with --set training.engine={have} (and the same number of ranks)")
 
 
 def _open_logs(r: Run) -> None:
