@@ -51,5 +51,6 @@ launch() {
   rc "train_$stage" $?
   busy_stop
   for f in train_log val_log; do cp "$run/$stage/$f.csv" "$R/${stage}_$f.csv" 2>/dev/null; done
+  cp "$run/$stage/config.json" "$R/${stage}_config.json" 2>/dev/null
   pack
 }

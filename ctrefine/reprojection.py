@@ -76,52 +76,57 @@ class SliceProjector(nn.Module):
         a = -half + (torch.arange(n, dtype=torch.float64) + 0.5) * voxel  # slice centres along the ray axis (mm)
         u = -half + (torch.arange(s, dtype=torch.float64) + 0.5) * (fov_mm / s)  # detector pixel centres (mm)
         rr, cc = torch.meshgrid(u, u, indexing="ij")
-        for view, src in (("pa", source_isocenter_mm), ("lateral", -source_isocenter_mm)):
+        r, w = [], []
+        for src in (source_isocenter_mm, -source_isocenter_mm):  # PA source posterior, lateral on the right
             if geometry == "cone":
                 scale = (src - a) / src  # magnification of the isocentre-plane offset at depth a
                 stretch = torch.sqrt(1.0 + (rr**2 + cc**2) / src**2)  # oblique path length per unit depth
             else:
                 scale, stretch = torch.ones(n, dtype=torch.float64), torch.ones_like(rr)
-            r = torch.stack([_interp_matrix(u * k, n, fov_mm) for k in scale])  # (N slices, S, N)
-            self.register_buffer(f"r_{view}", r.float(), persistent=False)
-            self.register_buffer(f"rt_{view}", r.transpose(1, 2).contiguous().float(), persistent=False)
-            # line integral of mu = sum over slices * slice thickness * obliquity
-            self.register_buffer(f"w_{view}", (stretch * voxel * MU_PER_UNIT).float(), persistent=False)
+            r.append(torch.stack([_interp_matrix(u * k, n, fov_mm) for k in scale]))  # (N slices, S, N)
+            w.append(stretch * voxel * MU_PER_UNIT)  # line integral of mu = sum over slices * thickness * obliquity
+        # both views' slices stacked (PA's N, then the lateral's N): every product below is one batched MatMul
+        r = torch.cat(r)
+        self.register_buffer("r", r.float(), persistent=False)  # (2N, S, N)
+        self.register_buffer("rt", r.transpose(1, 2).contiguous().float(), persistent=False)  # (2N, N, S)
+        self.register_buffer("w", torch.stack(w)[:, None].float(), persistent=False)  # (2, 1, S, S)
         # SIRT normalisers: each ray's integral of a unit volume, and each voxel's summed back-projected weight
         self.register_buffer("ray_sum", self.forward(torch.ones(1, 1, n, n, n)).clamp_min(1e-6), persistent=False)
-        w = torch.stack([self.w_pa, self.w_lateral])[None, :, None]
-        self.register_buffer("voxel_sum", self.backproject(w).sum(1, keepdim=True).clamp_min(1e-6), persistent=False)
+        self.register_buffer("voxel_sum", self.backproject(self.w[None]).sum(1, keepdim=True).clamp_min(1e-6),
+                             persistent=False)
 
-    def _m(self, name: str) -> torch.Tensor:
-        """A geometry buffer as float32, so the products run in float32 even when the module was cast
-        (DeepSpeed bf16). The cast itself has rounded the weights to bf16 (~0.4 %): training runs see
-        that, fp32 inference does not (bench/RESULTS.md section 10 was trained so)."""
-        return getattr(self, name).float()
-
-    @staticmethod
-    def _slices(x: torch.Tensor, view: str) -> torch.Tensor:
-        """``(B, 1, D, H, W)`` -> slices along the view's ray axis: PA ``(B, H, D, W)``, lateral ``(B, W, D, H)``."""
-        return x[:, 0].permute(0, 2, 1, 3) if view == "pa" else x[:, 0].permute(0, 3, 1, 2)
+    def _apply(self, fn, recurse=True):
+        """Moves follow the module; dtype casts (DeepSpeed's bf16 mode casts every buffer) do not: the geometry
+        stays float32, unrounded, so the products run in float32 in training as in inference."""
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 1 or tuple(x.shape[-3:]) != (self.volume_size,) * 3:
             raise ValueError(f"expected a volume (B, 1, {self.volume_size}^3), got {tuple(x.shape)}")
-        x = x.float()
-        out = []
-        for v in VIEWS:
-            img = (self._m(f"r_{v}") @ self._slices(x, v) @ self._m(f"rt_{v}")).sum(dim=1)
-            out.append(img * self._m(f"w_{v}"))
-        return torch.stack(out, dim=1).unsqueeze(2)
+        b, n, s = x.shape[0], self.volume_size, self.image_size
+        v = x[:, 0].float()  # (B, D, H, W)
+        # slices along each view's ray axis as (slice, row D, batch x column): PA slices H, lateral slices W
+        sl = torch.cat([v.permute(2, 1, 0, 3), v.permute(3, 1, 0, 2)]).reshape(2 * n, n, b * n)
+        img = (self.r @ sl).view(2 * n, s * b, n) @ self.rt  # (2N, S x B, S): each slice magnified onto the detector
+        img = img.view(2, n, s, b, s).sum(1).permute(2, 0, 1, 3)  # sum over slices -> (B, 2, S, S)
+        return (img * self.w[:, 0]).unsqueeze(2)
 
     def backproject(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 2, 1, S, S)`` -> ``(B, 2, N, N, N)``: each view's image spread back along its own rays
         (the projector's adjoint without the path-length weights: a pixel's value lands on every voxel
         its ray crosses, in proportion to the interpolation weights)."""
-        vols = []
-        for i, v in enumerate(VIEWS):
-            sl = self._m(f"rt_{v}") @ images[:, i].float() @ self._m(f"r_{v}")  # (B, N slices, D, .)
-            vols.append(sl.permute(0, 2, 1, 3) if v == "pa" else sl.permute(0, 2, 3, 1))
-        return torch.stack(vols, dim=1)
+        b, n, s = images.shape[0], self.volume_size, self.image_size
+        im = images[:, :, 0].float().permute(1, 2, 0, 3).reshape(2, s, b * s)  # (view, S, B x S)
+        # every slice's rows at once: (2, N slices x D, S) @ (2, S, B x S), then each slice's own columns
+        sl = (self.rt.view(2, n * n, s) @ im).view(2 * n, n * b, s) @ self.r  # (2N, D x B, N)
+        sl = sl.view(2, n, n, b, n)  # (view, slice, D, B, other axis)
+        return torch.stack([sl[0].permute(2, 1, 0, 3), sl[1].permute(2, 1, 3, 0)], dim=1)
 
 
 def pool_to(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -164,9 +169,8 @@ def sirt_step(projector: SliceProjector, volume: torch.Tensor, xrays: torch.Tens
     target = pool_to(xrays, projector.image_size)
     fitted, gain = _affine(projector(volume), target)
     deficit = (target - fitted) / gain.clamp_min(1e-6)  # line integral the volume lacks along each ray
-    w = torch.stack([projector._m("w_pa"), projector._m("w_lateral")])[None, :, None]
-    back = projector.backproject(deficit / projector._m("ray_sum") * w).sum(1, keepdim=True)
-    return back / projector._m("voxel_sum")
+    back = projector.backproject(deficit / projector.ray_sum * projector.w).sum(1, keepdim=True)
+    return back / projector.voxel_sum
 
 
 def xray_consistency(projector: SliceProjector, volume: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:

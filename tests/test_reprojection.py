@@ -31,7 +31,7 @@ def test_matches_the_reference_renderer(tiny_dataset, geometry):
 def test_backproject_is_the_adjoint_up_to_path_weights():
     p = SliceProjector(16, 16, "cone")
     a, b = torch.randn(2, 1, 16, 16, 16, dtype=torch.float32), torch.randn(2, 2, 1, 16, 16)
-    w = torch.stack([p.w_pa, p.w_lateral])[None, :, None]
+    w = p.w[None]  # (1, 2, 1, S, S): each view's path weights
     lhs = (p(a) * b).sum()
     rhs = (a[:, 0] * p.backproject(b * w).sum(1)).sum()
     assert lhs.item() == pytest.approx(rhs.item(), rel=1e-4)
