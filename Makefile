@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test bench gpu-check install clean
+.PHONY: demo test bench gpu-check gpu-window install clean
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ bench: $(VENV)/.installed
 # on a CUDA machine with torch + triton and no network (wheels in .whl/): bench/gpu_check.sh's header
 gpu-check:
 	bash bench/gpu_check.sh
+
+# one window of the relay that trains the mission's full pair (bench/relay.py): on the GPU machine, wheels in .whl/;
+# brings back $(OUT)/relay/ (fp16 parts + relay_log.json) to commit as relay/
+gpu-window:
+	bash bench/train_full.sh
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
