@@ -205,6 +205,44 @@ def _grad_mag(v: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(sum(g**2 for g in torch.gradient(v)))  # central differences, one-sided at the faces
 
 
+OUTSIDE_BODY = ("background", "table")  # what body-only PSNR leaves out: the air around the patient, the table
+HU_PER_UNIT = 2500.0  # model space spans the HU window -1000..1500 (ctrefine.conventions)
+
+
+def streak_index(correction: torch.Tensor) -> torch.Tensor:
+    """How much of a correction's detail is smeared along the rays: ``(B, 1, D, H, W)`` -> ``(B,)`` in [0, 1].
+
+    The correction (a volume minus the coarse one) is high-passed (:func:`highpass`: its detail); for each
+    view, the share of that detail's energy that is constant along the view's rays (its mean along H for
+    PA, along W for the lateral, spread back); the index is the mean of the two shares. A 2D pattern copied
+    along the rays -- what lifting a radiograph's detail through the body without placing it in depth
+    gives -- scores 1 for that view; detail placed on anatomy, a few voxels deep along each ray, scores
+    about its depth over the ray's length. Read against the truth's own correction (truth − coarse), which
+    has the right amount of depth structure."""
+    hp = highpass(_as_batch(correction, "correction").to(metrics_dtype(correction.device)))
+    total = (hp * hp).flatten(1).sum(1).clamp_min(1e-20)
+    shares = [(hp.mean(dim=d, keepdim=True).expand_as(hp) ** 2).flatten(1).sum(1) / total for d in (3, 4)]
+    return 0.5 * (shares[0] + shares[1])
+
+
+def error_by_class(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
+    """``sse_<class>``: the squared error (model units) summed over each labelled class, for the error budget
+    of a report (each class's share of a volume's error, and refined over coarse); one host transfer."""
+    pred_hu, truth_hu, labels = torch.as_tensor(pred_hu), torch.as_tensor(truth_hu), torch.as_tensor(labels)
+    err = ((pred_hu.to(metrics_dtype(pred_hu.device)) - truth_hu.to(pred_hu.device)) / HU_PER_UNIT) ** 2
+    labels = labels.to(err.device).long().flatten()
+    sums = torch.zeros(256, dtype=err.dtype, device=err.device).index_add_(0, labels, err.flatten()).tolist()
+    return {f"sse_{name}": sums[int(k)] for k, name in table.items()}
+
+
+def body_psnr(pred_hu, truth_hu, labels, table: dict) -> torch.Tensor:
+    """PSNR (model units, data range 1) over the patient's own voxels: every label but :data:`OUTSIDE_BODY`."""
+    outside = [int(k) for k, name in table.items() if name in OUTSIDE_BODY]
+    body = ~torch.isin(labels, torch.tensor(outside, dtype=labels.dtype, device=labels.device))
+    mse = _masked_mean(((pred_hu - truth_hu) / HU_PER_UNIT) ** 2, body)
+    return -10.0 * torch.log10(mse.clamp_min(1e-20))
+
+
 def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
     """Structure-aware metrics of one volume: HU ``(D, H, W)`` arrays or tensors (computed where the tensors
     are, float32 on an accelerator, one host transfer at the end); ``table``: label id -> name."""
@@ -234,6 +272,7 @@ def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
         out[f"mae_hu_{key}"] = _masked_mean(err, mask(names))
     out.update(structure_metrics(pred_hu, labels, grads, mask))
     out["spine_profile_corr"] = spine_profile_corr(pred_hu, truth_hu, mask(("vertebra",)))
+    out["body_psnr"] = body_psnr(pred_hu, truth_hu, labels, table)
     values = torch.stack([v.to(pred_hu.dtype) for v in out.values()]).tolist()
     return dict(zip(out, values))
 

@@ -16,7 +16,7 @@ import torch
 
 from .conventions import model_to_hu
 from .data.dataset import CTDataset, iter_batches
-from .metrics import STRUCTURES, all_metrics, label_metrics, psnr
+from .metrics import STRUCTURES, all_metrics, error_by_class, label_metrics, psnr, streak_index
 
 # key -> label, in report order; label metrics appear when the dataset has labels.
 METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSNR (dB)", "hf_ratio": "HF-energy ratio",
@@ -27,7 +27,8 @@ METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSN
            # per structure class (ctrefine.metrics.STRUCTURES says how a predicted mask is made)
            **{f"dice_{c}": f"{c.replace('_', ' ')} Dice" for c in STRUCTURES},
            **{f"edge_{c}": f"{c.replace('_', ' ')} edge ratio" for c in STRUCTURES},
-           "spine_profile_corr": "spine profile corr."}
+           "spine_profile_corr": "spine profile corr.", "body_psnr": "PSNR in the body (dB)",
+           "streak": "streak index of the correction"}
 METRIC_KEYS = tuple(METRICS)
 STAGES = ("mean", "coarse", "refined")
 STAGE_NAMES = {"mean": "mean baseline", "coarse": "coarse", "refined": "refined"}
@@ -61,15 +62,37 @@ def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> 
         v = v.expand(b, *truth.shape[1:]) if v.dim() == 4 else v
         per_stage[stage] = {k: val.double().cpu().tolist() for k, val in all_metrics(v, truth).items()}
     out = [{stage: {k: vals[i] for k, vals in m.items()} for stage, m in per_stage.items()} for i in range(b)]
+    if "coarse" in vols:  # how much of each correction is smeared along the rays; the truth's own as reference
+        coarse = vols["coarse"].to(truth.device)
+        for stage, vol in [*((s, v) for s, v in vols.items() if s == "refined"), ("truth", truth)]:
+            for i, v in enumerate(streak_index(vol.to(truth.device).float() - coarse.float()).tolist()):
+                out[i].setdefault(stage, {})["streak"] = v
     if labels is not None and table:
         truth_hu = model_to_hu(truth.double() if truth.device.type == "cpu" else truth.float())
         for stage, vol in vols.items():
             hu = model_to_hu(vol.to(truth.device, truth_hu.dtype))
             for i in range(b):
                 if labels[i] is not None:
-                    out[i][stage].update(label_metrics(hu[i, 0] if hu.dim() == 5 else hu[0], truth_hu[i, 0],
-                                                       labels[i], table))
+                    one = hu[i, 0] if hu.dim() == 5 else hu[0]
+                    out[i][stage].update(label_metrics(one, truth_hu[i, 0], labels[i], table))
+                    out[i][stage]["error_by_class"] = error_by_class(one, truth_hu[i, 0], labels[i], table)
     return out
+
+
+def error_budget(per_patient: dict) -> dict[str, dict[str, float]]:
+    """Where the refined volume's squared error lies, over every patient with labels: per class its share of
+    the refined error and the refined error over the coarse one (below 1: the refiner reduced it there)."""
+    sums = {stage: {} for stage in ("coarse", "refined")}
+    for m in per_patient.values():
+        for stage in sums:
+            for k, v in (m.get(stage, {}).get("error_by_class") or {}).items():
+                sums[stage][k] = sums[stage].get(k, 0.0) + v
+    total = sum(sums["refined"].values())
+    if not total:
+        return {}
+    return {k.removeprefix("sse_"): {"share_of_refined_error": v / total,
+                                     "refined_over_coarse": v / sums["coarse"][k] if sums["coarse"].get(k) else float("nan")}
+            for k, v in sorted(sums["refined"].items(), key=lambda kv: -kv[1]) if v > 0}
 
 
 def patient_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> dict:
@@ -95,6 +118,12 @@ def summarize(per_patient: dict) -> dict:
         for k in (k for k in METRIC_KEYS if k in first[stage]):
             s[f"{stage}_{k}_mean"], s[f"{stage}_{k}_std"], s[f"{stage}_{k}_n"] = _stats(
                 m[stage][k] for m in per_patient.values())
+    budget = error_budget(per_patient)
+    if budget:
+        s["error_budget"] = budget
+    if "truth" in first:  # the truth's own correction (truth - coarse): what a refiner's streak index is read against
+        s["truth_streak_mean"], s["truth_streak_std"], s["truth_streak_n"] = _stats(
+            m["truth"]["streak"] for m in per_patient.values())
     gains = np.array([m["refined"]["psnr"] - m["coarse"]["psnr"] for m in per_patient.values()])
     s.update({"gain_db_mean": float(gains.mean()), "gain_db_std": float(gains.std()),
               "refined_wins": int((gains > 0).sum())})
@@ -120,10 +149,15 @@ def _rows(s: dict, pm: str) -> list[tuple[str, ...]]:
             continue
         cells = []
         for st in stages:
+            if f"{st}_{k}_mean" not in s:  # a figure of some stages only (the streak index: refined)
+                cells.append("")
+                continue
             mean, std, n = s[f"{st}_{k}_mean"], s[f"{st}_{k}_std"], s[f"{st}_{k}_n"]
             cells.append("n/a" if n == 0 else f"{mean:.4f}{pm}{std:.4f}" + ("" if n == s["num_patients"] else f" (n={n})"))
         rows.append((label, *cells))
     blank = ("",) * (len(stages) - 1)
+    if "truth_streak_mean" in s:
+        rows.append(("streak index, truth - coarse", *blank, f"{s['truth_streak_mean']:.4f}{pm}{s['truth_streak_std']:.4f}"))
     rows.append(("gain (refined - coarse)", *blank, f"{s['gain_db_mean']:+.3f} dB{pm}{s['gain_db_std']:.3f}"))
     if "refined_skill_db_mean" in s:
         rows.append(("skill over mean baseline", *("",) * (len(stages) - 2),
@@ -166,4 +200,9 @@ def metrics_text(per_patient: dict, s: dict) -> str:
         lines.append(f"{name:<14s}" + "".join(f"{m[st][k]:>18.4f}" for st, k in cols)
                      + f"{m['refined']['psnr'] - m['coarse']['psnr']:>+10.3f}")
     lines += ["", summary_table(s)]
+    if s.get("error_budget"):
+        lines += ["", "where the refined volume's squared error lies (all patients): class, share of the refined "
+                      "error, refined / coarse error"]
+        lines += [f"  {k:<14s}{v['share_of_refined_error']:>8.1%}{v['refined_over_coarse']:>8.2f}"
+                  for k, v in s["error_budget"].items()]
     return "\n".join(lines) + "\n"

@@ -154,7 +154,8 @@ def test_infer_reports_baseline_and_detail_metrics(tiny_dataset, tmp_path):
     for key in ("mean_psnr_mean", "coarse_hf_psnr_mean", "refined_band_high_mean", "coarse_bone_dice_mean",
                 "refined_mae_hu_lung_mean", "refined_skill_db_mean"):
         assert key in s, key
-    assert all(set(m) == {"mean", "coarse", "refined", "gate"} for m in data["patients"].values())
+    assert all(set(m) == {"mean", "coarse", "refined", "truth", "gate"} for m in data["patients"].values())
+    assert all(set(m["truth"]) == {"streak"} and "streak" in m["refined"] for m in data["patients"].values())
     skill = [m["refined"]["psnr"] - m["mean"]["psnr"] for m in data["patients"].values()]
     assert s["refined_skill_db_mean"] == pytest.approx(np.mean(skill))
     text = (out / "metrics.txt").read_text()
@@ -245,3 +246,46 @@ def test_spine_profile_separates_vertebrae_from_a_column():
     assert abs(float(spine_profile_corr(column, truth, lab))) < 0.2
     assert float(spine_profile_corr(torch.roll(truth, 3, 0), truth, lab)) < 0.5
     assert torch.isnan(spine_profile_corr(truth, truth, torch.zeros_like(lab)))
+
+
+# ------------------------------------------------------------------ detail in place: streaks, body, budget
+def test_streak_index_flags_detail_copied_along_the_rays_not_anatomy():
+    from ctrefine.metrics import streak_index
+
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    pattern = torch.rand(n, n, generator=g)  # (D, W): a radiograph's detail
+    streak = pattern[:, None, :].expand(n, n, n)[None, None].clone()  # copied along H, the PA rays
+    blobs = torch.zeros(1, 1, n, n, n)
+    idx = torch.randint(2, n - 2, (40, 3), generator=g)
+    for d, h, w in idx.tolist():
+        blobs[0, 0, d - 1:d + 2, h - 1:h + 2, w - 1:w + 2] += 1.0  # small anatomy-like structures, placed in depth
+    s_streak, s_blobs = streak_index(streak).item(), streak_index(blobs).item()
+    assert s_streak > 0.45  # the PA share is ~1 (the lateral one ~0): a ray-constant correction
+    assert s_blobs < 0.1 and s_blobs < s_streak / 5
+    assert streak_index(3.0 * blobs).item() == pytest.approx(s_blobs, rel=1e-6)  # a share, not an energy
+    both = torch.cat([streak, blobs])
+    assert torch.allclose(streak_index(both), torch.tensor([s_streak, s_blobs], dtype=torch.float64), rtol=1e-6)
+
+
+def test_body_psnr_and_the_error_budget():
+    from ctrefine.metrics import body_psnr, error_by_class
+    from ctrefine.report import error_budget
+
+    table = {"0": "background", "1": "lung", "2": "table"}
+    labels = torch.zeros(8, 8, 8, dtype=torch.uint8)
+    labels[2:6, 2:6, 2:6] = 1
+    labels[7] = 2
+    truth = torch.full((8, 8, 8), -1000.0)
+    truth[labels == 1] = -800.0
+    pred = truth.clone()
+    pred[labels == 0] += 250.0  # wrong only outside the body (0.1 model units)
+    assert body_psnr(pred.double(), truth.double(), labels, table).item() > 150  # the body itself is exact
+    coarse = truth.clone()
+    coarse[labels == 0] += 500.0
+    coarse[labels == 1] += 250.0
+    per_patient = {"p": {"refined": {"error_by_class": error_by_class(pred, truth, labels, table)},
+                         "coarse": {"error_by_class": error_by_class(coarse, truth, labels, table)}}}
+    budget = error_budget(per_patient)
+    assert set(budget) == {"background"} and budget["background"]["share_of_refined_error"] == pytest.approx(1.0)
+    assert budget["background"]["refined_over_coarse"] == pytest.approx(0.25)  # (0.1 / 0.2)^2
