@@ -136,6 +136,16 @@ def test_resume_is_exact(data12, tmp_path, engine):
     assert _val_figures(full) == _val_figures(split)
 
 
+def _checkpoint_parts(tag_dir: Path) -> tuple[dict, dict]:
+    """(client state, LR scheduler state) of a checkpoint of either engine (one process: plain by default)."""
+    plain = tag_dir / "plain_states.pt"
+    if plain.is_file():
+        blob = torch.load(plain, weights_only=False)
+        return blob["client"], blob["scheduler"]
+    blob = torch.load(next(tag_dir.glob("mp_rank_*model_states.pt")), weights_only=False)
+    return blob, blob["lr_scheduler"]
+
+
 def test_refine_resume_with_critic_is_exact(data12, tmp_path):
     """The adversarial critic lives outside the engine: its weights and optimizer travel in the checkpoint,
     so an interrupted + resumed refine run with it on equals the uninterrupted one, critic included (fp32)."""
@@ -158,9 +168,8 @@ def test_refine_resume_with_critic_is_exact(data12, tmp_path):
     a, b = (export_fp32(d / "refine" / "ckpt", "epoch_0002") for d in (full, split))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    def critic(run, tag):  # the stage state DeepSpeed keeps in the client part of the model-states file
-        blob = torch.load(run / "refine" / "ckpt" / tag / "mp_rank_00_model_states.pt", weights_only=False)
-        return blob["stage"]["critic"]["net"]
+    def critic(run, tag):  # the stage state the engine keeps in the client part of its checkpoint
+        return _checkpoint_parts(run / "refine" / "ckpt" / tag)[0]["stage"]["critic"]["net"]
 
     ca, cb = critic(full, "epoch_0002"), critic(split, "epoch_0002")
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
@@ -201,8 +210,7 @@ def test_time_budget_ends_the_run_annealed(data12, tmp_path):
     base = out / "base"
     assert len((base / "val_log.csv").read_text().splitlines()) == 2  # header + the one epoch
     assert json.loads((base / "latest.json").read_text())["epoch"] == 1
-    states = next((base / "ckpt" / "epoch_0001").glob("mp_rank_*model_states.pt"))
-    sched = torch.load(states, weights_only=False)["lr_scheduler"]
+    sched = _checkpoint_parts(base / "ckpt" / "epoch_0001")[1]
     steps_per_epoch = 5  # 10 training patients (12 minus val and test), batch 2
     assert sched["lr_lambdas"][0]["total_steps"] == steps_per_epoch
 
