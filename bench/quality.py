@@ -64,6 +64,13 @@ ROWS = {
                                extra=("augment.enabled=true",)),
     "no_reprojection": _row("all terms, no re-projection (no guidance, no DC steps)", {**FIVE, **NEW}, "off", 0),
     **{f"no_{t}": _row(f"all - {t}", {**FIVE, **NEW, t: 0.0}) for t in FIVE},
+    # where the streaks along the rays come from (issue "detail in place"): today's defaults, then one suspect off
+    "defaults": _row("today's defaults", SHIPPED),
+    "guidance_image_only": _row("defaults, X-ray guidance without the lifted 2D Laplacians", SHIPPED,
+                                extra=("model.xray_guidance=image",)),
+    "no_xray_guidance": _row("defaults, no lifted X-ray guidance at all", SHIPPED, extra=("model.xray_guidance=off",)),
+    "defaults_no_xray_consistency": _row("defaults - xray_consistency", {**SHIPPED, "xray_consistency": 0.0}),
+    "defaults_no_reprojection": _row("defaults, no re-projection residual and no SIRT steps", SHIPPED, "off", 0),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
@@ -142,6 +149,28 @@ def tradeoff_figure(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+DETAIL = (("body_psnr", "body PSNR (dB)", ".3f"), ("streak", "streak index", ".4f"), ("mae_hu_lung", "MAE lung (HU)", ".1f"),
+          ("mae_hu_soft", "MAE soft (HU)", ".1f"), ("dice_rib", "rib Dice", ".3f"), ("dice_vessel", "vessel Dice", ".3f"))
+
+
+def detail_table(results: dict, s0: dict) -> list[str]:
+    """Detail in place: body-only PSNR, the streak index of each row's correction (against the truth's own),
+    lung / soft-tissue MAE and thin-structure Dice, each row beside the mean baseline and the coarse volume."""
+    def cell(s, stage, key, fmt):
+        v = s.get(f"{stage}_{key}_mean")
+        return "-" if v is None else format(v, fmt)
+    head = "| row | " + " | ".join(label for _, label, _ in DETAIL) + " |"
+    rows = [head, "|---" * (len(DETAIL) + 1) + "|"]
+    for stage in ("mean", "coarse"):
+        cells = [cell(s0, stage, k, f) if k != "streak" else
+                 (f"truth - coarse: {s0['truth_streak_mean']:.4f}" if stage == "coarse" and "truth_streak_mean" in s0
+                  else "-") for k, _, f in DETAIL]
+        rows.append(f"| {stage} | " + " | ".join(cells) + " |")
+    for slug, r in results.items():
+        rows.append(f"| `{slug}` | " + " | ".join(cell(r["summary"], "refined", k, f) for k, _, f in DETAIL) + " |")
+    return rows
+
+
 def write_report(a, out: Path, results: dict, timings: dict, guidance: dict | None) -> None:
     """quality.md / quality.json / the trade-off figure from the rows finished so far."""
     from ctrefine.report import summary_table
@@ -168,6 +197,7 @@ def write_report(a, out: Path, results: dict, timings: dict, guidance: dict | No
                      f"{s.get('refined_bone_edge_ratio_mean', float('nan')):.3f} | "
                      f"{s['coarse_xray_consistency_mean']:.4f} -> {s['refined_xray_consistency_mean']:.4f} | "
                      f"{g['fell_back']}/{n} | {g['psnr']:.3f} ({g['change']:+.3f}) |")
+    lines += ["", *detail_table(results, s0)]
     lines += ["", "Every column but the last two: the refiner's own output (gate off). Gate: how often it would fall "
               "back to the coarse volume, and the PSNR after it (its change).", ""]
     if guidance:

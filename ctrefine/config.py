@@ -47,6 +47,10 @@ class ModelConfig(_Section):
     reprojection: Literal["cone", "parallel", "off"] = Field(
         "cone", description="refiner: re-project the coarse volume in this geometry and feed the residual (the "
                             "dataset's geometry; 'off' = no re-projection guidance, as in models before it existed)")
+    xray_guidance: Literal["image+laplacian", "image", "off"] = Field(
+        "image+laplacian", description="refiner: what each radiograph contributes as lifted 2D detail cues -- the image "
+                                       "and its 2D Laplacian, the image alone, or nothing (the ablations of the "
+                                       "streak measure, bench/RESULTS.md section 17)")
     data_consistency_steps: int = Field(
         2, ge=0, description="refiner: learned SIRT steps towards the radiographs before the U-Net (2: parameter-free, "
                              "they lift the shipped base by 0.3 dB, a third adds 0.01; 0 = none, as in older models)")
@@ -56,7 +60,7 @@ class ModelConfig(_Section):
 
 # model-section keys added after model files and runs existed, and the value that describes those older ones
 # (today's defaults differ): read wherever a stored config is (model files, resumed runs)
-MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0}
+MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0, "xray_guidance": "image+laplacian"}
 
 
 def upgrade_stored(raw: dict) -> dict:

@@ -195,3 +195,21 @@ def test_gain_expansion_as_a_product_equals_the_gather():
     assert torch.allclose(d0, d1, rtol=1e-5, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fa.gain(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("guidance, cues", [("image+laplacian", 2), ("image", 1), ("off", None)])
+def test_xray_guidance_ablations_build_and_start_at_the_coarse_volume(guidance, cues):
+    from ctrefine.config import load_config
+    from ctrefine.models import build_refiner
+
+    cfg = load_config("cpu-small", [f"model.xray_guidance={guidance}"])
+    model = build_refiner(cfg).eval()
+    if cues is None:
+        assert model.guidance is None
+    else:
+        assert model.guidance.enc["pa"][0][0].in_channels == cues
+    coarse = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        out = model(coarse, torch.rand(1, 2, 1, 64, 64))
+    assert out.shape == coarse.shape  # zero-initialised head: the SIRT steps (step 0) and residual add nothing
+    assert torch.equal(out, coarse)

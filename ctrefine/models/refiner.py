@@ -55,15 +55,17 @@ class HighPassBranch(nn.Module):
 class XrayDetailGuidance(nn.Module):
     """Per-view 2D detail encoders, lifted along each view's rays and fused across views."""
 
-    def __init__(self, channels: int = 16):
+    def __init__(self, channels: int = 16, laplacian: bool = True):
         super().__init__()
-        self.enc = nn.ModuleDict({v: nn.Sequential(conv_norm_act(2, channels, 2), conv_norm_act(channels, channels, 2),
+        self.laplacian = laplacian  # the 2D high-pass beside the image (off: the image alone, an ablation)
+        cues = 2 if laplacian else 1
+        self.enc = nn.ModuleDict({v: nn.Sequential(conv_norm_act(cues, channels, 2), conv_norm_act(channels, channels, 2),
                                                    ResBlock(channels, dim=2)) for v in ("pa", "lateral")})
         self.fuse = conv_norm_act(3 * channels, channels, dim=3, k=1)
 
     def cues(self, img: torch.Tensor) -> torch.Tensor:
         """The image and its 2D high-pass (edges of ribs, vessels, nodules)."""
-        return torch.cat([img, HIGHPASS_GAIN * laplacian2d(img)], dim=1)
+        return torch.cat([img, HIGHPASS_GAIN * laplacian2d(img)], dim=1) if self.laplacian else img
 
     def forward(self, xrays: torch.Tensor, volume_size: int) -> torch.Tensor:
         feats = []
@@ -79,7 +81,8 @@ class DetailRefinementNetwork(nn.Module):
     """``(coarse (B,1,V,V,V), xrays (B,2,1,S,S)) -> refined (B,1,V,V,V)`` in [0, 1]."""
 
     def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
-                 freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone", data_consistency_steps: int = 0):
+                 freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone", data_consistency_steps: int = 0,
+                 xray_guidance: str = "image+laplacian"):
         super().__init__()
         if volume_size % 4:
             raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
@@ -87,7 +90,12 @@ class DetailRefinementNetwork(nn.Module):
         c0, c1, c2 = h // 2, h, 2 * h
         self.volume_size = v
         self.highpass = HighPassBranch()
-        self.guidance = XrayDetailGuidance(guidance_channels)
+        if xray_guidance not in ("image+laplacian", "image", "off"):
+            raise ValueError(f"xray_guidance must be image+laplacian, image or off, got {xray_guidance!r}")
+        # "off": no lifted radiograph cues at all (the re-projection residual still brings the radiographs in)
+        self.guidance = None if xray_guidance == "off" else \
+            XrayDetailGuidance(guidance_channels, laplacian=xray_guidance == "image+laplacian")
+        g = 0 if self.guidance is None else guidance_channels
         # "off": no re-projection guidance (models trained before it existed, and the ablation)
         self.projector = None if reprojection == "off" else SliceProjector(v, v, reprojection)
         if data_consistency_steps and self.projector is None:
@@ -95,7 +103,7 @@ class DetailRefinementNetwork(nn.Module):
         # step sizes start at 0: the identity at initialisation (no parameter at all without steps: older files)
         self.dc_step = nn.Parameter(torch.zeros(data_consistency_steps)) if data_consistency_steps else None
         n_res = 0 if self.projector is None else 2
-        self.stem = conv_norm_act(2 + guidance_channels + n_res, c0, 3)
+        self.stem = conv_norm_act(2 + g + n_res, c0, 3)
         if n_res:
             self.inject1, self.inject2 = nn.Conv3d(n_res, c1, 1), nn.Conv3d(n_res, c2, 1)
         self.enc0 = nn.Sequential(ResBlock(c0), FrequencyAttention(c0, (v, v, v), freq_bins))
@@ -130,7 +138,9 @@ class DetailRefinementNetwork(nn.Module):
 
     def residual(self, coarse: torch.Tensor, xrays: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """The correction of ``coarse``; ``pooled``: the radiographs at the re-projection size, if at hand."""
-        inputs = [coarse, self.highpass(coarse), self.guidance(xrays, self.volume_size)]
+        inputs = [coarse, self.highpass(coarse)]
+        if self.guidance is not None:
+            inputs.append(self.guidance(xrays, self.volume_size))
         bp = None if self.projector is None else self.reprojection_guidance(coarse, xrays if pooled is None else pooled)
         x0 = self.enc0(self.stem(torch.cat(inputs + ([] if bp is None else [bp[0]]), dim=1)))
         x1 = self.down1(x0)
