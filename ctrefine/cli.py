@@ -134,7 +134,8 @@ def _cmd_export_onnx(a) -> int:
 
 
 def _cmd_infer(a) -> int:
-    from .infer import evaluate_dataset, gate_summary, infer_radiographs
+    from .api import Reconstructor
+    from .infer import evaluate_dataset, gate_summary
     from .pipeline import make_predictor
     from .report import summary_table
 
@@ -152,9 +153,9 @@ def _cmd_infer(a) -> int:
     if not (a.onnx or a.base_checkpoint or a.refinement_checkpoint) and not a.quiet:
         print(f"models: {pred.source} (the best shipped pair; --base-checkpoint / --refinement-checkpoint pick others)")
     if single:
-        refined, coarse, g = infer_radiographs(pred, a.xray_pa, a.xray_lateral, a.out, a.xray_convention, a.overwrite,
-                                               lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr), not a.no_gate)
-        print(f"wrote {refined} and {coarse} (coarse), HU, {pred.kind}; {gate_summary(g)}")
+        r = Reconstructor(pred).reconstruct_to(a.xray_pa, a.xray_lateral, a.out, a.overwrite, a.xray_convention, not a.no_gate,
+                                               lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr))
+        print(f"wrote {a.out} and its _coarse beside it, HU, {pred.kind}; {gate_summary(r.gate)}")
         return 0
     s = evaluate_dataset(pred, a.data_path, a.output_dir, a.num_patients, a.split, not a.no_save_volumes,
                          progress=not a.quiet, overwrite=a.overwrite, baseline_data=a.baseline_data, gate=not a.no_gate,

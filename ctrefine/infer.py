@@ -15,8 +15,10 @@
                                 (at most ``VIEWER_MAX``): three planes, windows, layers coarse / refined /
                                 truth / |error| (/ uncertainty)
 
-* :func:`infer_radiographs` -- a user's own PA + lateral radiograph files, no ground truth: writes the
-  refined CT (and the coarse one beside it) as NIfTI in HU, and the gate's record as JSON beside them.
+* :func:`reconstruct` -- a user's own PA + lateral radiographs, no ground truth: a :class:`Reconstruction`
+  (the refined and coarse CT in HU, the affine, the uncertainty, the gate's record) whose ``save`` writes
+  them as NIfTI with the gate's record and a viewer page beside them; :mod:`ctrefine.api` and
+  ``ctrefine infer --out`` both go through it.
 
 Both pass the refiner's output through the safety gate (:func:`ctrefine.reprojection.safety_gate`, on
 by default): a refined volume that explains the input radiographs worse than the coarse one is
@@ -27,6 +29,7 @@ The predictors come from :mod:`ctrefine.pipeline`; the tables from :mod:`ctrefin
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ import torch
 
 from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
 from .data.dataset import MEAN_VOLUME, CTDataset, iter_items, mean_volume, read_splits
-from .data.io import load_radiograph, save_nifti, square_resize, write_json
+from .data.io import load_radiograph, radiograph_values, save_nifti, square_resize, write_json
 from .errors import DataError
 from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
 from .metrics import psnr
@@ -224,13 +227,16 @@ def intensity_suspicion(img: np.ndarray) -> float | None:
 
 
 def prepare_radiographs(pa_path, lateral_path, size: int, convention: str = "attenuation", warn=None) -> torch.Tensor:
-    """Two radiograph files -> ``(1, 2, 1, size, size)`` normalised exactly like training inputs.
+    """Two radiographs -> ``(1, 2, 1, size, size)`` normalised exactly like training inputs. Each is a file
+    (:func:`~ctrefine.data.io.load_radiograph`) or a 2D numpy array as displayed (head up; PA with the
+    patient's right on the left, lateral with the front on the left).
 
     ``warn(message)`` receives a line for each image that looks like raw intensity in attenuation mode.
     """
     imgs = []
     for view, p in zip(("pa", "lateral"), (pa_path, lateral_path)):
-        img = load_radiograph(p, convention, view=view)
+        img = radiograph_values(p, f"the {view} array", convention) if isinstance(p, np.ndarray) else \
+            load_radiograph(p, convention, view=view)
         if warn and convention == "attenuation" and intensity_suspicion(img) is not None:
             warn(f"{p}: its sides are brighter than its centre, as in raw detector intensity (bone dark); if so, "
                  f"pass --xray-convention intensity")
@@ -238,58 +244,75 @@ def prepare_radiographs(pa_path, lateral_path, size: int, convention: str = "att
     return normalize_xray(torch.from_numpy(np.stack(imgs)))[None, :, None]
 
 
-def infer_radiographs(predictor, pa_path, lateral_path, out_path, convention: str = "attenuation",
-                      overwrite: bool = False, warn=None, gate: bool = True) -> tuple[Path, Path, dict]:
-    """Reconstruct a CT from two radiograph files; writes ``out`` (refined, after the safety gate),
-    ``*_coarse``, ``*_gate.json`` (the gate's record) and ``*_viewer.html`` (:mod:`ctrefine.viewer`)
-    beside it; returns the two paths and the record.
-
-    Every output is checked (writable; an existing file only with ``overwrite``) before inference.
-    """
+def radiograph_outputs(out_path, with_std: bool) -> list[Path]:
+    """What a reconstruction from radiographs writes for ``out_path`` (a ``.nii`` / ``.nii.gz``): the refined
+    volume there, ``*_coarse.nii.gz``, ``*_gate.json`` and ``*_viewer.html`` beside it (and ``*_std.nii.gz``)."""
     out = Path(out_path)
     if not out.name.endswith((".nii", ".nii.gz")):
         raise DataError(f"{out}: output must be a .nii or .nii.gz file")
     stem = out.name[:-7] if out.name.endswith(".nii.gz") else out.name[:-4]
-    coarse_path, gate_path = out.with_name(f"{stem}_coarse.nii.gz"), out.with_name(f"{stem}_gate.json")
-    viewer_path, std_path = out.with_name(f"{stem}_viewer.html"), out.with_name(f"{stem}_std.nii.gz")
-    cal = getattr(predictor, "uncertainty", None)
-    paths = [out, coarse_path, gate_path, viewer_path] + ([std_path] if cal else [])
-    for p in paths:
-        claim_output_file(p, overwrite)
-    x = prepare_radiographs(pa_path, lateral_path, predictor.xray_size, convention, warn)  # bad input: nothing made
-    with path_lock(out, "output file"):  # a second run to the same --out is refused, not interleaved
-        for p in paths:  # again under the lock: another run may have finished since the check above
-            claim_output_file(p, overwrite)
-        return _infer_radiographs(predictor, x, (pa_path, lateral_path), paths, gate)
+    names = ["_coarse.nii.gz", "_gate.json", "_viewer.html"] + (["_std.nii.gz"] if with_std else [])
+    return [out] + [out.with_name(stem + n) for n in names]
 
 
-def _infer_radiographs(predictor, x, inputs, paths, gate) -> tuple[Path, Path, dict]:
-    """:func:`infer_radiographs` under its output lock, from the prepared radiographs ``x``."""
-    (pa_path, lateral_path), (out, coarse_path) = inputs, paths[:2]
+@dataclass
+class Reconstruction:
+    """One CT reconstructed from two radiographs: the volumes in HU on the canonical grid (D superior ->
+    inferior, H anterior -> posterior, W right -> left), their affine, the per-voxel uncertainty (std, HU)
+    where the refiner carries a head, and the safety gate's record (``refined_hu`` is what it let through)."""
+
+    refined_hu: np.ndarray
+    coarse_hu: np.ndarray
+    affine: np.ndarray
+    uncertainty_hu: np.ndarray | None
+    gate: dict
+    xrays: np.ndarray  # (2, S, S): the radiographs as the models read them (normalised), for the viewer
+    title: str  # names the inputs and the models in the viewer page
+
+    def save(self, out_path, overwrite: bool = False) -> list[Path]:
+        """Write what ``ctrefine infer --out`` writes (:func:`radiograph_outputs`): all files or none, an
+        existing one replaced only with ``overwrite``, nothing while another command writes ``out_path``."""
+        paths = radiograph_outputs(out_path, self.uncertainty_hu is not None)
+        with path_lock(paths[0], "output file"):
+            for p in paths:
+                claim_output_file(p, overwrite)
+            self._write(paths)
+        return paths
+
+    def _write(self, paths: list[Path]) -> None:
+        vols = {"coarse": self.coarse_hu, "refined": self.refined_hu}
+        if self.uncertainty_hu is not None:
+            vols["uncertainty"] = self.uncertainty_hu
+        g = self.gate
+        with atomic_files(paths) as (t_out, t_coarse, t_gate, t_view, *t_std):  # all, or none
+            save_nifti(t_out, self.refined_hu, self.affine)
+            save_nifti(t_coarse, self.coarse_hu, self.affine)
+            if t_std:
+                save_nifti(t_std[0], self.uncertainty_hu, self.affine)
+            write_json(t_gate, g)
+            metrics = {"X-ray consistency coarse": g["xray_consistency_coarse"],
+                       "X-ray consistency refined": g["xray_consistency_refined"],
+                       "gate": "fell back to coarse" if g["fell_back"] else "refined kept",
+                       **{f"uncertainty {k}": v for k, v in g.get("uncertainty", {}).items() if v is not None}}
+            stem = paths[1].name[:-len("_coarse.nii.gz")]
+            write_viewer(t_view, [Case(stem, vols, (self.xrays[0], self.xrays[1]), metrics)], self.title)
+
+
+def reconstruct(predictor, x: torch.Tensor, gate: bool = True, title: str = "radiographs") -> Reconstruction:
+    """Both stages on one patient's prepared radiographs ``x`` ``(1, 2, 1, S, S)`` (:func:`prepare_radiographs`),
+    through the safety gate; the uncertainty placed among the validation patients' where there is a head."""
     cal = getattr(predictor, "uncertainty", None)
-    stem = out.name[:-7] if out.name.endswith(".nii.gz") else out.name[:-4]
     coarse, ungated, coarse_std, refined_std = predictor.predict(x)
     v = ungated.shape[-1]
     refined, (record,) = safety_gate(SliceProjector(v, geometry=predictor.geometry), x, coarse, ungated, gate)
-    aff = canonical_affine(v, FOV_MM / v)
-    vols = {"coarse": model_to_hu(coarse[0, 0].numpy()), "refined": model_to_hu(refined[0, 0].numpy())}
+    refined_hu, std = model_to_hu(refined[0, 0].numpy()), None
     if cal is not None:  # the trust signal without ground truth: this input's sigma among the validation patients'
-        vols["uncertainty"] = gated_std_hu(coarse_std, refined_std, [record])[0]
-        mean_std = patient_figures(vols["uncertainty"], vols["refined"], None)["mean_std_hu"]
+        std = gated_std_hu(coarse_std, refined_std, [record])[0]
+        mean_std = patient_figures(std, refined_hu, None)["mean_std_hu"]
         record["uncertainty"] = {"mean_std_hu": mean_std, "val_percentile": cal.percentile(mean_std)}
-    with atomic_files(paths) as (t_out, t_coarse, t_gate, t_view, *t_std):  # all, or none
-        save_nifti(t_out, vols["refined"], aff)
-        save_nifti(t_coarse, vols["coarse"], aff)
-        if t_std:
-            save_nifti(t_std[0], vols["uncertainty"], aff)
-        write_json(t_gate, {**record, "gate": gate, "geometry": predictor.geometry, "models": predictor.source})
-        case = Case(stem, vols, (x[0, 0, 0].numpy(), x[0, 1, 0].numpy()),
-                    {"X-ray consistency coarse": record["xray_consistency_coarse"],
-                     "X-ray consistency refined": record["xray_consistency_refined"],
-                     "gate": "fell back to coarse" if record["fell_back"] else "refined kept",
-                     **{f"uncertainty {k}": val for k, val in record.get("uncertainty", {}).items() if val is not None}})
-        write_viewer(t_view, [case], f"ctrefine: {Path(pa_path).name} + {Path(lateral_path).name}, {predictor.source}")
-    return out, coarse_path, record
+    record = {**record, "gate": gate, "geometry": predictor.geometry, "models": predictor.source}
+    return Reconstruction(refined_hu, model_to_hu(coarse[0, 0].numpy()), canonical_affine(v, FOV_MM / v), std, record,
+                          x[0, :, 0].numpy(), f"ctrefine: {title}, {predictor.source}")
 
 
 def gate_summary(record: dict) -> str:

@@ -154,9 +154,10 @@ def _onnx_calibration(path, text: str | None) -> Calibration | None:
     return Calibration.from_dict(raw, str(path))
 
 
-def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "auto"):
-    """The ONNX graph in ``engine`` when ``onnx`` is given, torch from the two model files when both are,
-    and the best shipped pair (:func:`ctrefine.pretrained.default_pair`) when none is."""
+def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "auto", device: str | None = None):
+    """The ONNX graph in ``engine`` when ``onnx`` is given, torch (on ``device``: by default CUDA when there is
+    one) from the two model files when both are, and the best shipped pair
+    (:func:`ctrefine.pretrained.default_pair`) when none is."""
     if onnx:
         if base_ckpt or refiner_ckpt:
             raise UserError("give --onnx MODEL or the two checkpoints, not both")
@@ -168,4 +169,4 @@ def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "
     elif not (base_ckpt and refiner_ckpt):
         raise UserError("give both --base-checkpoint and --refinement-checkpoint (or neither, for the best shipped "
                         "pair), or --onnx MODEL")
-    return TorchPredictor(base_ckpt, refiner_ckpt)
+    return TorchPredictor(base_ckpt, refiner_ckpt, device)

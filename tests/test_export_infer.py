@@ -413,7 +413,8 @@ def test_a_refiner_with_an_uncertainty_head_adds_it_everywhere_and_an_old_one_sa
     (In-process: the CLI's own wiring is checked by its radiograph-mode calls.)"""
     from ctrefine.checkpoint import load_model_file
     from ctrefine.cli import main
-    from ctrefine.infer import evaluate_dataset, infer_radiographs
+    from ctrefine.api import Reconstructor
+    from ctrefine.infer import evaluate_dataset
     from ctrefine.models.uncertainty_head import UncertaintyHead
     from ctrefine.pipeline import OnnxPredictor, TorchPredictor
     from ctrefine.uncertainty import Calibration, head_entry
@@ -455,8 +456,8 @@ def test_a_refiner_with_an_uncertainty_head_adds_it_everywhere_and_an_old_one_sa
     assert [o.name for o in ort_session(tmp_path / "u.onnx").get_outputs()] == ["coarse", "refined", "coarse_std",
                                                                                  "refined_std"]
     assert verify(model, tmp_path / "u.onnx", [torch.rand(2, 2, 1, 64, 64)]) <= PARITY_TOL  # all four outputs
-    infer_radiographs(OnnxPredictor(tmp_path / "u.onnx"), tmp_path / "pa.png", tmp_path / "lateral.png",
-                      tmp_path / "o.nii.gz")
+    Reconstructor(OnnxPredictor(tmp_path / "u.onnx")).reconstruct_to(tmp_path / "pa.png", tmp_path / "lateral.png",
+                                                                     tmp_path / "o.nii.gz")
     assert np.abs(load_nifti(tmp_path / "o_std.nii.gz")[0] - torch_std).max() < 2500 * PARITY_TOL
     assert main(["infer", *models, str(calibrated), *views, "--out", str(tmp_path / "n.nii.gz"), "--no-uncertainty"]) == 0
     assert "uncertainty: none" in capsys.readouterr().out and not (tmp_path / "n_std.nii.gz").exists()

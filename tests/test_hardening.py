@@ -153,12 +153,17 @@ def test_infer_never_writes_into_the_baseline_dataset(ckpts, tiny_dataset, tmp_p
 
 # -------------------------------------------------------------------------------------------- data loss
 def test_two_radiograph_runs_to_one_output_never_both_succeed(predictor, tiny_dataset, tmp_path):
-    from ctrefine.infer import infer_radiographs
+    from ctrefine.api import Reconstructor
     from ctrefine.outputs import path_lock
 
     name = first(tiny_dataset)
     pa, lat = (tiny_dataset / name / f"xray_{v}.nii.gz" for v in ("pa", "lateral"))
     out = tmp_path / "ct.nii.gz"
+    rec = Reconstructor(predictor)
+
+    def infer_radiographs(predictor, pa, lat, out):
+        return rec.reconstruct_to(pa, lat, out)
+
     with path_lock(out, "output file"):  # the first run is still working
         with pytest.raises(UserError, match="another ctrefine command is writing"):
             infer_radiographs(predictor, pa, lat, out)

@@ -193,18 +193,29 @@ def load_radiograph(path, convention: str = "attenuation", view: str | None = No
         raise
     except Exception as exc:
         raise DataError(f"{path}: cannot read image ({type(exc).__name__})") from None
-    img = np.squeeze(np.asarray(img, dtype=np.float32))
+    return radiograph_values(img, path, convention, invert)
+
+
+def radiograph_values(img, where, convention: str = "attenuation", invert: bool = False) -> np.ndarray:
+    """Pixel values of a radiograph (read from a file, or an array a caller gives) as the attenuation image
+    the models read: grey (an RGB export of a grey image is taken as grey), 2D, at least 16 pixels a side,
+    finite, ``-log(I / I0)`` for ``convention="intensity"``, inverted for MONOCHROME1 (``invert``), not
+    constant. ``where`` names the image in the one-line errors."""
+    try:
+        img = np.squeeze(np.asarray(img, dtype=np.float32))
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: not an array of numbers ({type(img).__name__})") from None
     if img.ndim == 3 and img.shape[-1] in (3, 4):  # RGB(A) export of a grey image
         rgb = img[..., :3]
         if np.abs(rgb - rgb[..., :1]).max() > 1e-3 * max(1.0, float(np.abs(rgb).max())):
-            raise DataError(f"{path}: is a colour image ({img.shape[-1]} channels that differ); expected a grey radiograph")
+            raise DataError(f"{where}: is a colour image ({img.shape[-1]} channels that differ); expected a grey radiograph")
         img = rgb[..., 0]
     if img.ndim != 2:
-        raise DataError(f"{path}: expected a 2D radiograph, got shape {img.shape}")
+        raise DataError(f"{where}: expected a 2D radiograph, got shape {img.shape}")
     if min(img.shape) < 16:
-        raise DataError(f"{path}: radiograph too small ({img.shape[0]}x{img.shape[1]})")
+        raise DataError(f"{where}: radiograph too small ({img.shape[0]}x{img.shape[1]})")
     if not np.all(np.isfinite(img)):
-        raise DataError(f"{path}: contains NaN or Inf values")
+        raise DataError(f"{where}: contains NaN or Inf values")
     if convention == "intensity":
         i0 = float(img.max())
         img = -np.log(np.clip(img, 1e-6 * max(i0, 1e-6), None) / max(i0, 1e-6))
@@ -213,7 +224,7 @@ def load_radiograph(path, convention: str = "attenuation", view: str | None = No
     if invert:
         img = img.max() - img
     if np.ptp(img) == 0:
-        raise DataError(f"{path}: image is constant")
+        raise DataError(f"{where}: image is constant")
     return img
 
 
