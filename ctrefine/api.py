@@ -41,12 +41,11 @@ class Reconstructor:
 
     @classmethod
     def load(cls, base=None, refiner=None, onnx=None, engine: str = "auto", device: str = "auto",
-             uncertainty: bool = True) -> "Reconstructor":
-        """The pair from two model files / shipped names, an ONNX file, or (nothing given) the best shipped pair.
-        ``uncertainty=False`` skips the refiner's uncertainty head."""
-        if device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
-        predictor = make_predictor(base, refiner, onnx, engine, None if device == "auto" else device)
+             precision: str = "auto", uncertainty: bool = True) -> "Reconstructor":
+        """The pair from two model files / shipped names, an ONNX file, or (nothing given) the best shipped pair;
+        torch on ``device`` in ``precision`` as :mod:`ctrefine.device` decides them. ``uncertainty=False`` skips
+        the refiner's uncertainty head."""
+        predictor = make_predictor(base, refiner, onnx, engine, device, precision)
         if not uncertainty:
             predictor.drop_uncertainty()
         return cls(predictor)

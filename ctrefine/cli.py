@@ -147,7 +147,7 @@ def _cmd_infer(a) -> int:
             raise UserError("give either --data-path (evaluate a dataset) or radiograph files, not both")
     elif not (a.data_path and a.output_dir):
         raise UserError("dataset mode needs --data-path and --output-dir (or use --xray-pa/--xray-lateral/--out)")
-    pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx, a.engine)
+    pred = make_predictor(a.base_checkpoint, a.refinement_checkpoint, a.onnx, a.engine, a.device, a.precision)
     if a.no_uncertainty:
         pred.drop_uncertainty()
     if not (a.onnx or a.base_checkpoint or a.refinement_checkpoint) and not a.quiet:
@@ -259,6 +259,9 @@ def _add_infer(f) -> None:
     f.add_argument("--onnx", help="model.onnx from export-onnx (ONNX path)")
     f.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
                    help="runtime for --onnx; auto: ONNX Runtime with CUDA, else OpenVINO (faster on CPU) if installed")
+    f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where torch runs (auto: CUDA if any)")
+    f.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="torch arithmetic; auto: "
+                   "bf16 on CUDA, fp32 on a CPU (ctrefine.device.inference_dtype); --onnx: the file's own")
     _flag(f, "data-path", help="dataset directory (dataset mode)")
     f.add_argument("--split", default="test", help="split to evaluate (default test: never training patients; "
                                                    "'all' for a set no model was trained on)")
@@ -267,7 +270,6 @@ def _add_infer(f) -> None:
                                                  "--data-path; give the training set when evaluating another)")
     _flag(f, "output-dir", help="where metrics.txt and patient_XXXX/ go (new, empty, or an earlier result)")
     f.add_argument("--overwrite", action="store_true", help="replace an earlier inference result / existing --out")
-    _flag(f, "save-volumes", action="store_true", default=True, help="write NIfTI volumes (default)")
     _flag(f, "no-save-volumes", action="store_true", help="skip the NIfTI volumes")
     f.add_argument("--figures", type=_figures, default=FIGURES, metavar="N|all",
                    help=f"comparison PNGs for the first N patients (default {FIGURES}; 0: none; all: every patient)")

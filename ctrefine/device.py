@@ -166,6 +166,27 @@ def channels_last(conv_widths: list[int], device: torch.device, setting: str = "
     return device.type == "cpu" and bool(widths) and widths[len(widths) // 5] <= NARROW
 
 
+def inference_device(setting: str = "auto") -> torch.device:
+    """Where torch inference runs: ``auto`` -- the GPU when there is one, else the CPU; ``cpu``; ``cuda``
+    (a one-line :class:`ConfigError` on a machine without one)."""
+    if setting not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {setting!r}")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda asked for, but torch sees no CUDA GPU here (use --device cpu or auto)")
+    return torch.device("cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The arithmetic of torch inference: ``auto`` -- bf16 autocast on CUDA (tensor cores; a 64^3 volume's PSNR
+    moves by hundredths of a dB), fp32 on a CPU, where the exported graph in OpenVINO is the fast path and
+    torch stays the exact reference; ``bf16`` / ``fp32`` force one."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def metrics_dtype(device: torch.device) -> torch.dtype:
     """The arithmetic of the image metrics on ``device``.
 

@@ -140,6 +140,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
         summary.update({"uncertainty": NO_UNCERTAINTY if cal is None else cal.describe(),
                         "split": split, "data_path": str(data_path), "predictor": predictor.kind, "gate": gate,
                         "source": predictor.source, "precision": predictor.precision, "compute": predictor.compute,
+                        "device": str(getattr(predictor, "device", "cpu")),
                         "baseline_data": None if baseline is None else str(baseline_data or data_path)})
         write_json(tmp / "metrics.json", {"summary": summary, "patients": per_patient})
         (tmp / "metrics.txt").write_text(metrics_text(per_patient, summary))

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_model_file
-from .device import kernel_mode
+from .device import inference_device, inference_dtype, kernel_mode
 from .config import Config
 from .engines import COMPUTE, check_graph, checked_metadata, onnx_feed, onnx_header, onnx_runner
 from .errors import DataError, UserError
@@ -67,22 +67,26 @@ class TorchPredictor:
     :meth:`from_model` for a pipeline already in memory."""
 
     kind = "torch"
-    precision, compute = "fp32", "f32"  # weights; arithmetic (an ONNX engine may compute an fp32 file in bf16)
+    precision = "fp32"  # the weights (an ONNX file may carry bf16 or int8 ones)
 
-    def __init__(self, base_ckpt, refiner_ckpt, device: str | None = None):
+    def __init__(self, base_ckpt, refiner_ckpt, device: str | None = None, arithmetic: str = "auto"):
         model, cfg = load_two_stage(base_ckpt, refiner_ckpt)
-        self._setup(model, cfg, device, f"{base_ckpt} + {refiner_ckpt}")
+        self._setup(model, cfg, device, f"{base_ckpt} + {refiner_ckpt}", arithmetic)
 
     @classmethod
-    def from_model(cls, model: TwoStage, cfg: Config, device: str | None = None, source: str = "in memory"):
+    def from_model(cls, model: TwoStage, cfg: Config, device: str | None = None, source: str = "in memory",
+                   arithmetic: str = "auto"):
         self = cls.__new__(cls)
-        self._setup(model.eval(), cfg, device, source)
+        self._setup(model.eval(), cfg, device, source, arithmetic)
         return self
 
-    def _setup(self, model, cfg, device, source):
+    def _setup(self, model, cfg, device, source, arithmetic):
+        """``device`` and ``arithmetic`` (auto, bf16, fp32) as the device policy decides them (ctrefine.device)."""
         self.model, self.cfg, self.source = model, cfg, source
         self.uncertainty = model.calibration
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = inference_device(device or "auto")
+        self.dtype = inference_dtype(self.device, arithmetic)
+        self.compute = "bf16" if self.dtype == torch.bfloat16 else "f32"  # recorded in metrics.json
         self.model.to(self.device)
         self.xray_size = cfg.model.xray_size
         # the ray geometry the refiner was trained on (models from before re-projection guidance: cone)
@@ -95,7 +99,8 @@ class TorchPredictor:
     @torch.no_grad()
     def _run(self, xrays: torch.Tensor, with_std: bool) -> list[torch.Tensor]:
         x = xrays.to(self.device)
-        return [t.float().cpu() for t in self.model(x[:, 0], x[:, 1], with_std)]
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return [t.float().cpu() for t in self.model(x[:, 0], x[:, 1], with_std)]
 
     def predict(self, xrays: torch.Tensor):
         """``(coarse, refined, coarse_std, refined_std)`` on the CPU, model units; the stds None without a head."""
@@ -154,7 +159,8 @@ def _onnx_calibration(path, text: str | None) -> Calibration | None:
     return Calibration.from_dict(raw, str(path))
 
 
-def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "auto", device: str | None = None):
+def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "auto", device: str | None = None,
+                   arithmetic: str = "auto"):
     """The ONNX graph in ``engine`` when ``onnx`` is given, torch (on ``device``: by default CUDA when there is
     one) from the two model files when both are, and the best shipped pair
     (:func:`ctrefine.pretrained.default_pair`) when none is."""
@@ -169,4 +175,4 @@ def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "
     elif not (base_ckpt and refiner_ckpt):
         raise UserError("give both --base-checkpoint and --refinement-checkpoint (or neither, for the best shipped "
                         "pair), or --onnx MODEL")
-    return TorchPredictor(base_ckpt, refiner_ckpt, device)
+    return TorchPredictor(base_ckpt, refiner_ckpt, device, arithmetic)

@@ -83,3 +83,23 @@ def test_arrays_and_files_give_the_same_volume_and_bad_input_is_one_line(radiogr
         from_files.save(out)
     assert sorted(p.name for p in radiographs.glob("saved*")) == ["saved.nii.gz", "saved_coarse.nii.gz",
                                                                    "saved_gate.json", "saved_viewer.html"]
+
+
+def test_the_device_and_the_arithmetic_are_the_users_choice(radiographs):
+    import torch
+
+    import ctrefine
+
+    models = dict(base="pretrained:phantom-64", refiner="pretrained:phantom-64-refiner", uncertainty=False)
+    fp32 = ctrefine.Reconstructor.load(**models, device="cpu")
+    bf16 = ctrefine.Reconstructor.load(**models, device="cpu", precision="bf16")
+    assert (fp32.predictor.compute, bf16.predictor.compute) == ("f32", "bf16")
+    a, b = (r.reconstruct(radiographs / "pa.png", radiographs / "lateral.png").refined_hu for r in (fp32, bf16))
+    assert not np.array_equal(a, b) and np.abs(a - b).mean() < 10.0  # HU: bf16 rounding, not another answer
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device cuda asked for, but torch sees no CUDA GPU"):
+            ctrefine.Reconstructor.load(**models, device="cuda")
+        r = subprocess.run([sys.executable, "-m", "ctrefine.cli", "infer", "--device", "cuda", "--xray-pa", "pa.png",
+                            "--xray-lateral", "lateral.png", "--out", "x.nii.gz"], cwd=radiographs,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no CUDA GPU" in r.stderr, r.stderr
