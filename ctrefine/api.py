@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .infer import Reconstruction, prepare_radiographs, radiograph_outputs, reconstruct
-from .outputs import claim_output_file
+from .infer import Reconstruction, claim_radiograph_outputs, prepare_radiographs, reconstruct
 from .pipeline import make_predictor
 
 __all__ = ["Reconstructor", "Reconstruction"]
@@ -68,11 +67,10 @@ class Reconstructor:
         return reconstruct(self.predictor, x, gate, f"{_name(pa, 'PA')} + {_name(lateral, 'lateral')}")
 
     def reconstruct_to(self, pa, lateral, out, overwrite: bool = False, convention: str = "attenuation",
-                       gate: bool = True, warn=None) -> Reconstruction:
-        """:meth:`reconstruct` and :meth:`Reconstruction.save` to ``out``, with every output checked before the
-        work starts (``ctrefine infer --out``)."""
-        for p in radiograph_outputs(out, getattr(self.predictor, "uncertainty", None) is not None):
-            claim_output_file(p, overwrite)
+                       gate: bool = True, warn=None, fmt: str = "nifti") -> Reconstruction:
+        """:meth:`reconstruct` and :meth:`Reconstruction.save` to ``out`` (``fmt``: nifti, dicom or both), with
+        every output checked before the work starts (``ctrefine infer --out``)."""
+        claim_radiograph_outputs(out, getattr(self.predictor, "uncertainty", None) is not None, fmt, overwrite)
         result = self.reconstruct(pa, lateral, convention, gate, warn)
-        result.save(out, overwrite)
+        result.save(out, overwrite, fmt)
         return result

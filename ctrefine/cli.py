@@ -105,17 +105,9 @@ def _cmd_preview(a) -> int:
 
 def _cmd_info(a) -> int:
     from .config import load_config, resolve
-    from .models import build_models
+    from .models import describe
 
-    cfg = load_config(a.config) if a.config else resolve()
-    m = cfg.model
-    print(f"config: {a.config or 'defaults'} -- volume {m.volume_size}^3, radiographs {m.xray_size}^2")
-    for name, model in zip(("base (BaseReconstructor)", "refiner (DetailRefinementNetwork)"), build_models(cfg)):
-        n = sum(p.numel() for p in model.parameters())
-        print(f"  {name:36s} {n:>12,d} parameters ({n / 1e6:.2f}M)")
-        for child_name, child in (model.named_children() if a.verbose else ()):
-            if k := sum(p.numel() for p in child.parameters()):
-                print(f"      {child_name:32s} {k:>12,d}")
+    print(describe(load_config(a.config) if a.config else resolve(), a.config or "defaults", a.verbose))
     return 0
 
 
@@ -154,8 +146,8 @@ def _cmd_infer(a) -> int:
         print(f"models: {pred.source} (the best shipped pair; --base-checkpoint / --refinement-checkpoint pick others)")
     if single:
         r = Reconstructor(pred).reconstruct_to(a.xray_pa, a.xray_lateral, a.out, a.overwrite, a.xray_convention, not a.no_gate,
-                                               lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr))
-        print(f"wrote {a.out} and its _coarse beside it, HU, {pred.kind}; {gate_summary(r.gate)}")
+                                               lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr), a.format)
+        print(f"wrote {a.out} ({a.format}) and its _coarse beside it, HU, {pred.kind}; {gate_summary(r.gate)}")
         return 0
     s = evaluate_dataset(pred, a.data_path, a.output_dir, a.num_patients, a.split, not a.no_save_volumes,
                          progress=not a.quiet, overwrite=a.overwrite, baseline_data=a.baseline_data, gate=not a.no_gate,
@@ -276,6 +268,8 @@ def _add_infer(f) -> None:
     _flag(f, "xray-pa", help="PA radiograph file (radiograph mode)")
     _flag(f, "xray-lateral", help="lateral radiograph file (radiograph mode)")
     f.add_argument("--out", help="output CT .nii.gz (radiograph mode)")
+    f.add_argument("--format", choices=("nifti", "dicom", "both"), default="nifti", help="radiograph mode: the refined "
+                   "CT as NIfTI (--out), a DICOM CT series (STEM_dicom/ beside it: one file per slice), or both")
     _flag(f, "xray-convention", choices=("attenuation", "intensity"), default="attenuation",
           help="attenuation: bone bright (default); intensity: raw detector, bone dark")
     _flag(f, "no-uncertainty", action="store_true", help="skip the per-voxel uncertainty of a refiner that "

@@ -37,6 +37,7 @@ import torch
 
 from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
 from .data.dataset import MEAN_VOLUME, CTDataset, iter_items, mean_volume, read_splits
+from .data.dicom import write_series
 from .data.io import load_radiograph, radiograph_values, save_nifti, square_resize, write_json
 from .errors import DataError
 from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
@@ -245,8 +246,12 @@ def prepare_radiographs(pa_path, lateral_path, size: int, convention: str = "att
     return normalize_xray(torch.from_numpy(np.stack(imgs)))[None, :, None]
 
 
+FORMATS = ("nifti", "dicom", "both")
+DICOM_KIND = "DICOM series"
+
+
 def radiograph_outputs(out_path, with_std: bool) -> list[Path]:
-    """What a reconstruction from radiographs writes for ``out_path`` (a ``.nii`` / ``.nii.gz``): the refined
+    """The files a reconstruction from radiographs writes for ``out_path`` (a ``.nii`` / ``.nii.gz``): the refined
     volume there, ``*_coarse.nii.gz``, ``*_gate.json`` and ``*_viewer.html`` beside it (and ``*_std.nii.gz``)."""
     out = Path(out_path)
     if not out.name.endswith((".nii", ".nii.gz")):
@@ -254,6 +259,24 @@ def radiograph_outputs(out_path, with_std: bool) -> list[Path]:
     stem = out.name[:-7] if out.name.endswith(".nii.gz") else out.name[:-4]
     names = ["_coarse.nii.gz", "_gate.json", "_viewer.html"] + (["_std.nii.gz"] if with_std else [])
     return [out] + [out.with_name(stem + n) for n in names]
+
+
+def dicom_output(out_path) -> Path:
+    """The folder ``--format dicom|both`` writes the refined volume into as a DICOM CT series: ``STEM_dicom/``."""
+    out = radiograph_outputs(out_path, False)[0]
+    return out.with_name(out.name[:-7 if out.name.endswith(".nii.gz") else -4] + "_dicom")
+
+
+def claim_radiograph_outputs(out_path, with_std: bool, fmt: str, overwrite: bool) -> None:
+    """Every output of :meth:`Reconstruction.save` may be written (an existing file only with ``overwrite``;
+    an existing DICOM folder only when it holds an earlier ctrefine series, unedited, and ``overwrite``)."""
+    if fmt not in FORMATS:
+        raise DataError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    paths = radiograph_outputs(out_path, with_std)
+    for p in paths[1:] if fmt == "dicom" else paths:
+        claim_output_file(p, overwrite)
+    if fmt != "nifti":
+        claim_output_dir(dicom_output(out_path), DICOM_KIND, lambda f: is_own_result(f, DICOM_KIND), overwrite)
 
 
 @dataclass
@@ -270,23 +293,33 @@ class Reconstruction:
     xrays: np.ndarray  # (2, S, S): the radiographs as the models read them (normalised), for the viewer
     title: str  # names the inputs and the models in the viewer page
 
-    def save(self, out_path, overwrite: bool = False) -> list[Path]:
-        """Write what ``ctrefine infer --out`` writes (:func:`radiograph_outputs`): all files or none, an
-        existing one replaced only with ``overwrite``, nothing while another command writes ``out_path``."""
-        paths = radiograph_outputs(out_path, self.uncertainty_hu is not None)
+    def save(self, out_path, overwrite: bool = False, fmt: str = "nifti") -> list[Path]:
+        """Write what ``ctrefine infer --out`` writes (:func:`radiograph_outputs`; with ``fmt`` ``dicom`` the refined
+        volume as a DICOM CT series in ``STEM_dicom/`` instead of the NIfTI, ``both``: both): all outputs or
+        none, an existing one replaced only with ``overwrite``, nothing while another command writes them."""
+        with_std = self.uncertainty_hu is not None
+        paths = radiograph_outputs(out_path, with_std)
         with path_lock(paths[0], "output file"):
-            for p in paths:
-                claim_output_file(p, overwrite)
-            self._write(paths)
-        return paths
+            claim_radiograph_outputs(out_path, with_std, fmt, overwrite)
+            if fmt == "nifti":
+                self._write(paths)
+                return paths
+            folder = dicom_output(out_path)
+            with atomic_dir(folder) as tmp:  # renamed last: the files and the series appear together
+                write_series(tmp, self.refined_hu, self.affine)
+                write_manifest(tmp, DICOM_KIND)
+                self._write(paths, nifti=fmt == "both")
+            return ([] if fmt == "dicom" else paths[:1]) + [folder] + paths[1:]
 
-    def _write(self, paths: list[Path]) -> None:
+    def _write(self, paths: list[Path], nifti: bool = True) -> None:
         vols = {"coarse": self.coarse_hu, "refined": self.refined_hu}
         if self.uncertainty_hu is not None:
             vols["uncertainty"] = self.uncertainty_hu
         g = self.gate
-        with atomic_files(paths) as (t_out, t_coarse, t_gate, t_view, *t_std):  # all, or none
-            save_nifti(t_out, self.refined_hu, self.affine)
+        with atomic_files(paths if nifti else paths[1:]) as tmps:  # all, or none
+            t_out, (t_coarse, t_gate, t_view, *t_std) = (tmps[0], tmps[1:]) if nifti else (None, tmps)
+            if t_out is not None:
+                save_nifti(t_out, self.refined_hu, self.affine)
             save_nifti(t_coarse, self.coarse_hu, self.affine)
             if t_std:
                 save_nifti(t_std[0], self.uncertainty_hu, self.affine)

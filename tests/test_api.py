@@ -103,3 +103,36 @@ def test_the_device_and_the_arithmetic_are_the_users_choice(radiographs):
                             "--xray-lateral", "lateral.png", "--out", "x.nii.gz"], cwd=radiographs,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no CUDA GPU" in r.stderr, r.stderr
+
+
+def test_dicom_out_round_trips_within_a_hu_on_the_niftis_geometry(radiographs):
+    from ctrefine.data.dicom import SERIES_DESCRIPTION, list_series, load_series, read_dicom
+
+    work = radiographs / "dicom"
+    work.mkdir()
+    args = [sys.executable, "-m", "ctrefine.cli", "infer", "--base-checkpoint", "pretrained:phantom-64",
+            "--refinement-checkpoint", "pretrained:phantom-64-refiner", "--xray-pa", str(radiographs / "pa.png"),
+            "--xray-lateral", str(radiographs / "lateral.png"), "--out", "ct.nii.gz", "--no-uncertainty"]
+    r = subprocess.run([*args, "--format", "both"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    hu, affine = load_nifti(work / "ct.nii.gz")
+    vol, dicom_affine = load_series(work / "ct_dicom")
+    (series,) = list_series(work / "ct_dicom")
+    assert len(series.files) == 64
+    first = read_dicom(series.files[0].filename)
+    assert list(first.ImageType) == ["DERIVED", "SECONDARY"] and first.SeriesDescription == SERIES_DESCRIPTION
+    # every voxel of the NIfTI lands on a voxel of the series (same world position) with the same HU (+- 0.5)
+    ijk = np.stack([*np.meshgrid(*(np.arange(n) for n in hu.shape), indexing="ij"), np.ones(hu.shape)]).reshape(4, -1)
+    idx = np.linalg.inv(dicom_affine) @ affine @ ijk
+    assert np.abs(idx - np.round(idx)).max() < 1e-3 / 5.0  # world positions within 1e-3 mm (5 mm voxels)
+    i = np.round(idx[:3]).astype(int)
+    assert np.abs(vol[i[0], i[1], i[2]] - hu.ravel()).max() <= 0.5
+    uid = first.SeriesInstanceUID
+    r = subprocess.run([*args, "--format", "dicom"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "--overwrite" in r.stderr  # ct.nii.gz's outputs exist
+    r = subprocess.run([*args, "--format", "dicom", "--overwrite"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_dicom(list_series(work / "ct_dicom")[0].files[0].filename).SeriesInstanceUID != uid  # new UIDs a run
+    (work / "ct_dicom" / "notes.txt").write_text("mine")
+    r = subprocess.run([*args, "--format", "dicom", "--overwrite"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "notes.txt" in r.stderr and (work / "ct_dicom" / "notes.txt").read_text() == "mine"

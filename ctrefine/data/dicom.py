@@ -144,3 +144,71 @@ def _stack(folder, s) -> tuple[np.ndarray, np.ndarray]:
     lps[:3, 2] = step.mean(axis=0)
     lps[:3, 3] = pos[0]
     return vol, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+
+
+# ------------------------------------------------------------------------------------------- writing
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SERIES_DESCRIPTION = "ctrefine: from two radiographs, not a CT scan"  # LO: at most 64 characters
+COMMENT = ("Reconstructed by ctrefine from two radiographs (PA + lateral) by a neural network; not a CT scan. "
+           "Values are estimates, not measurements.")
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _slice_geometry(affine: np.ndarray, d: int) -> dict:
+    """DICOM geometry of axial slice ``d`` of a ``(D, H, W)`` volume with voxel->RAS ``affine``: its rows
+    run along H, its columns along W (DICOM's row cosine is the direction of increasing column index)."""
+    a = np.asarray(affine, float)
+    col_step, row_step = RAS_TO_LPS @ a[:3, 2], RAS_TO_LPS @ a[:3, 1]  # one column (W), one row (H), in LPS
+    origin = RAS_TO_LPS @ (a[:3, :3] @ np.array([d, 0.0, 0.0]) + a[:3, 3])
+    return {"ImagePositionPatient": [f"{v:.6f}" for v in origin],
+            "ImageOrientationPatient": [f"{v:.8f}" for v in (*col_step / np.linalg.norm(col_step),
+                                                              *row_step / np.linalg.norm(row_step))],
+            "PixelSpacing": [f"{np.linalg.norm(row_step):.6f}", f"{np.linalg.norm(col_step):.6f}"],
+            "SliceThickness": f"{np.linalg.norm(a[:3, 0]):.6f}"}
+
+
+def _slice_dataset(pydicom, hu_slice: np.ndarray, geometry: dict, uids: dict, index: int, description: str):
+    """One CT Image Storage object: int16 HU pixels (slope 1, intercept 0), DERIVED\\SECONDARY."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_IMAGE_STORAGE, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.Modality, ds.ImageType = "CT", ["DERIVED", "SECONDARY"]
+    ds.SeriesDescription, ds.StudyDescription = description[:64], "ctrefine reconstruction"
+    ds.ImageComments, ds.DerivationDescription = COMMENT, COMMENT
+    ds.PatientName, ds.PatientID = "ctrefine^reconstruction", uids["series"][-16:]
+    ds.SeriesNumber, ds.InstanceNumber = 1, index + 1
+    ds.Manufacturer, ds.BurnedInAnnotation = "ctrefine", "NO"
+    for k, v in geometry.items():
+        setattr(ds, k, v)
+    ds.Rows, ds.Columns = hu_slice.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    ds.PixelData = np.clip(np.round(hu_slice), -32768, 32767).astype("<i2").tobytes()
+    return ds
+
+
+def write_series(folder, hu: np.ndarray, affine: np.ndarray, description: str = SERIES_DESCRIPTION) -> list[Path]:
+    """A ``(D, H, W)`` HU volume with its voxel->RAS ``affine`` as a DICOM CT series in ``folder`` (one file per
+    axial slice, ``slice_NNNN.dcm``, new study / series / frame-of-reference UIDs each call). The caller
+    writes ``folder`` atomically (:func:`ctrefine.outputs.atomic_dir`)."""
+    pydicom = _pydicom(folder)
+    from pydicom.uid import generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
+    paths = []
+    for d in range(hu.shape[0]):
+        ds = _slice_dataset(pydicom, hu[d], _slice_geometry(affine, d), uids, d, description)
+        paths.append(folder / f"slice_{d:04d}.dcm")
+        pydicom.dcmwrite(paths[-1], ds, enforce_file_format=True)
+    return paths

@@ -28,3 +28,16 @@ BUILDERS = {"base": build_base, "refine": build_refiner}
 def build_models(cfg):
     """``(base, refiner)`` as the config's ``model`` section describes them."""
     return build_base(cfg), build_refiner(cfg)
+
+
+def describe(cfg, name: str, verbose: bool = False) -> str:
+    """``ctrefine info``: the parameter count of both models of a config (``verbose``: of each top-level part)."""
+    m = cfg.model
+    lines = [f"config: {name} -- volume {m.volume_size}^3, radiographs {m.xray_size}^2"]
+    for label, model in zip(("base (BaseReconstructor)", "refiner (DetailRefinementNetwork)"), build_models(cfg)):
+        n = sum(p.numel() for p in model.parameters())
+        lines.append(f"  {label:36s} {n:>12,d} parameters ({n / 1e6:.2f}M)")
+        for child_name, child in (model.named_children() if verbose else ()):
+            if k := sum(p.numel() for p in child.parameters()):
+                lines.append(f"      {child_name:32s} {k:>12,d}")
+    return "\n".join(lines)
