@@ -187,6 +187,15 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def onnx_precision(setting: str = "auto") -> str:
+    """The precision an exported graph is tagged with: ``auto`` -- ``bf16`` on a CPU that computes bf16 in
+    hardware (AVX512-BF16 / AMX: OpenVINO then runs the graph in bf16, 1.32x torch bf16 there, where the fp32
+    file ran at 0.82x; bench/RESULTS.md sections 4 and 17), else ``fp32``; anything else as given."""
+    if setting != "auto":
+        return setting
+    return "bf16" if not torch.cuda.is_available() and cpu_has_native_bf16() else "fp32"
+
+
 def metrics_dtype(device: torch.device) -> torch.dtype:
     """The arithmetic of the image metrics on ``device``.
 

@@ -26,6 +26,7 @@ from . import conventions as C
 from .config import Config
 from .data.dataset import CTDataset
 from .outputs import atomic_file
+from .device import onnx_precision
 from .errors import DataError, UserError
 from .models.blocks import matmul_transforms
 from .engines import installed_engines, onnx_feed, onnx_runner, set_onnx_metadata
@@ -129,8 +130,11 @@ def export_and_verify(model: TwoStage, cfg: Config, out, log=print, precision: s
     torch fp32; returns the worst change (dB). Raises :class:`ParityError` otherwise (the file stays,
     for inspection).
     """
+    if precision == "auto":  # bf16 where this CPU computes it natively, and a dataset can judge it; else fp32
+        precision = onnx_precision("auto") if data_path else "fp32"
+        log(f"precision auto: {precision}" + ("" if data_path else " (bf16 would need --data-path to judge it)"))
     if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        raise UserError(f"unknown precision {precision!r}; choose from auto, {', '.join(PRECISIONS)}")
     if precision != "fp32":
         return _export_lossy(model, cfg, out, log, precision, data_path, split, calibration_patients)
     s = cfg.model.xray_size

@@ -172,7 +172,8 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
         print(f"   {onnx_path} is newer than both checkpoints: reused")
     else:
         model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
-        export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True))
+        export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True),
+                          precision="auto", data_path=out / "data")  # bf16 where native, judged on the test split
         write_json(out / DEMO_RECORD, {**_record(out), "model.onnx": _sha256(onnx_path)})
     predictor = OnnxPredictor(onnx_path)
     step(f"5/5 ONNX inference on the test split ({predictor.engine})")

@@ -136,3 +136,15 @@ def test_dicom_out_round_trips_within_a_hu_on_the_niftis_geometry(radiographs):
     (work / "ct_dicom" / "notes.txt").write_text("mine")
     r = subprocess.run([*args, "--format", "dicom", "--overwrite"], cwd=work, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "notes.txt" in r.stderr and (work / "ct_dicom" / "notes.txt").read_text() == "mine"
+
+
+def test_onnx_precision_auto_follows_the_cpu(monkeypatch):
+    import torch
+
+    from ctrefine import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.onnx_precision("auto") == "bf16" and device.onnx_precision("int8") == "int8"
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.onnx_precision("auto") == "fp32"
