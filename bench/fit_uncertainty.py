@@ -22,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrefine.checkpoint import load_model_file, save_model_file
 from ctrefine.data.phantoms import LABELS
-from ctrefine.models.uncertainty_head import DILATIONS
-from ctrefine.pipeline import TorchPredictor, TwoStage
-from ctrefine.training.uncertainty_fit import NOMINAL, collect, fit_scale, measure, predict_std_hu, train_head
-from ctrefine.uncertainty import Calibration, head_entry, spearman
+from ctrefine.pipeline import TwoStage
+from ctrefine.training.uncertainty_fit import NOMINAL, collect, fit_uncertainty, measure, predict_std_hu
+from ctrefine.uncertainty import spearman
 
 
 def parse(argv=None):
@@ -90,23 +88,11 @@ def report(name: str, r: dict) -> str:
 
 def main(argv=None) -> None:
     a = parse(argv)
-    pred = TorchPredictor(a.base, a.refiner, device="cpu")
-    pred.drop_uncertainty()  # the head is trained anew on what the pair itself gets wrong
-    train = collect(pred, a.data, "train", progress=True)[:a.max_train]
-    val = collect(pred, a.data, "val", progress=True)
-    t0 = time.perf_counter()
-    head = train_head(train, pred.geometry, a.channels, epochs=a.epochs, class_power=a.class_power, progress=True)
-    minutes = (time.perf_counter() - t0) / 60
-    scale = fit_scale(head, val)
-    val_std = predict_std_hu(head, val)
-    results = {"val (fit)": measure(val_std, val, LABELS)}
-    cal = Calibration(train[0]["truth"].shape[-1], pred.geometry, a.channels, DILATIONS, scale, tuple(results["val (fit)"]["mean_std"]), a.class_power,
-                      len(train), a.epochs)
-    mf = load_model_file(a.refiner, stage="refine")
-    save_model_file(a.out, "refine", mf.state_dict, mf.config, mf.metrics, mf.epoch, mf.global_step,
-                    uncertainty=head_entry(head, cal))
-    print(f"uncertainty head: {a.channels} channels, {len(train)} training patients, {a.epochs} epochs in "
-          f"{minutes:.1f} min; scale {scale:.3f} on {len(val)} val patients -> {a.out}")
+    pred, head, cal, val_figures, minutes = fit_uncertainty(a.base, a.refiner, a.data, a.out, a.channels, a.epochs,
+                                                            a.class_power, a.max_train)
+    results = {"val (fit)": val_figures}
+    print(f"uncertainty head: {a.channels} channels, {cal.train_patients} training patients, {a.epochs} epochs in "
+          f"{minutes:.1f} min; scale {cal.scale:.3f} -> {a.out}")
     pooled = []
     for spec in a.set:
         name, _, rest = spec.partition("=")

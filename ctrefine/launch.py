@@ -109,14 +109,50 @@ def _onnx_is_ours(out: Path, onnx_path: Path) -> bool:
     return _record(out).get("model.onnx") == _sha256(onnx_path)
 
 
+UNCERTAINTY_FILE = "best_model_uncertainty.pt"  # the demo's refiner with its uncertainty head, beside best_model.pt
+
+
+def _uncertainty_head(out: Path, base_ckpt: Path, ref_ckpt: Path, quiet: bool) -> Path:
+    """The demo's refiner with an uncertainty head fitted on the pair's own errors (train split; scaled on val),
+    made once per trained refiner; returns that model file."""
+    from .training.uncertainty_fit import fit_uncertainty
+
+    path = ref_ckpt.with_name(UNCERTAINTY_FILE)
+    if path.exists() and path.stat().st_mtime > ref_ckpt.stat().st_mtime:
+        print(f"   {path} is newer than the refiner: reused")
+        return path
+    tic = time.time()
+    _, _, cal, val, _ = fit_uncertainty(base_ckpt, ref_ckpt, out / "data", path, progress=not quiet)
+    print(f"   uncertainty head fitted on {cal.train_patients} training patients' errors in {time.time() - tic:.0f} s: "
+          f"90 % interval coverage {val['coverage90']:.3f} on the val split -> {path}", flush=True)
+    return path
+
+
+def _export(out: Path, onnx_path: Path, base_ckpt: Path, ref_ckpt: Path) -> None:
+    """The demo's ONNX graph: reused while newer than both model files, else exported (bf16 where this CPU has
+    it natively, judged on the test split) and recorded by checksum."""
+    from .export import export_and_verify
+    from .pipeline import load_two_stage
+
+    if onnx_path.exists() and not _onnx_is_ours(out, onnx_path):
+        raise UserError(f"{onnx_path} is not the file this demo exported (its record has another checksum): "
+                        f"move it away or use a new --out; the demo never replaces a file it did not write")
+    if onnx_path.exists() and onnx_path.stat().st_mtime > max(base_ckpt.stat().st_mtime, ref_ckpt.stat().st_mtime):
+        print(f"   {onnx_path} is newer than both checkpoints: reused")
+        return
+    model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
+    export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True),
+                      precision="auto", data_path=out / "data")
+    write_json(out / DEMO_RECORD, {**_record(out), "model.onnx": _sha256(onnx_path)})
+
+
 def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: int = 0, ranks: int | None = None,
              base_epochs: int | None = None, refine_epochs: int | None = None, sets: list[str] = (),
              quiet: bool = False, train_base: bool = False) -> dict:
     """The main job; prints its progress and the results table, returns the test-split summary."""
     from .data.dataset import make_dataset, summarize
-    from .export import export_and_verify
     from .infer import evaluate_dataset
-    from .pipeline import OnnxPredictor, load_two_stage
+    from .pipeline import OnnxPredictor
     from .report import summary_table
 
     kernel_mode()  # a bad CTREFINE_KERNELS fails before the demo folder is made
@@ -163,24 +199,18 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     step("3/5 detail refinement network on the frozen base")
     train_stage("refine", preset_file, run_sets + ([f"training.num_epochs={refine_epochs}"] if refine_epochs else []),
                 ranks, log, progress=False)
-    ref_ckpt = out / "refine" / "best_model.pt"
+    ref_ckpt = _uncertainty_head(out, base_ckpt, out / "refine" / "best_model.pt", quiet)
     step("4/5 ONNX export + verification")
-    if onnx_path.exists() and not _onnx_is_ours(out, onnx_path):
-        raise UserError(f"{onnx_path} is not the file this demo exported (its record has another checksum): "
-                        f"move it away or use a new --out; the demo never replaces a file it did not write")
-    if onnx_path.exists() and onnx_path.stat().st_mtime > max(base_ckpt.stat().st_mtime, ref_ckpt.stat().st_mtime):
-        print(f"   {onnx_path} is newer than both checkpoints: reused")
-    else:
-        model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
-        export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True),
-                          precision="auto", data_path=out / "data")  # bf16 where native, judged on the test split
-        write_json(out / DEMO_RECORD, {**_record(out), "model.onnx": _sha256(onnx_path)})
+    _export(out, onnx_path, base_ckpt, ref_ckpt)
     predictor = OnnxPredictor(onnx_path)
     step(f"5/5 ONNX inference on the test split ({predictor.engine})")
     res = out / "inference_results"
     summary = evaluate_dataset(predictor, out / "data", res, progress=not quiet, overwrite=True)
     print()
     print(summary_table(summary))
+    if "uncertainty_coverage90" in summary:
+        print(f"uncertainty: the 90 % interval holds {summary['uncertainty_coverage90']:.1%} of the body's voxels; "
+              f"voxel rank correlation of sigma with |error| {summary.get('uncertainty_spearman_voxel', float('nan')):.2f}")
     print(f"\nresults: {res}/metrics.txt, per-patient NIfTI + comparison PNGs; log {log}; "
           f"total {time.time() - t0:.0f} s")
     return summary

@@ -198,3 +198,31 @@ def measure(stds: list[np.ndarray], examples: list[dict], label_names: dict | No
         out["by_class"] = {names.get(int(k), str(int(k))): coverage(err[lab == k], std[lab == k])
                            for k in np.unique(lab) if (lab == k).sum() >= 1000}
     return out
+
+
+def fit_uncertainty(base, refiner, data_path, out, channels: int = 16, epochs: int = 12, class_power: float = 0.25,
+                    max_train: int | None = None, progress: bool = True):
+    """Give a refiner an uncertainty head: the frozen pair runs over ``data_path``'s train split (its errors
+    teach the head) and val split (the one scale factor); the refiner's model file with the head is written
+    to ``out``. Returns ``(predictor without the head, head, Calibration, val figures, training minutes)``."""
+    from ..checkpoint import load_model_file, save_model_file
+    from ..data.phantoms import LABELS
+    from ..models.uncertainty_head import DILATIONS
+    from ..pipeline import TorchPredictor
+    from ..uncertainty import Calibration, head_entry
+
+    pred = TorchPredictor(base, refiner, device="cpu" if not torch.cuda.is_available() else None, arithmetic="fp32")
+    pred.drop_uncertainty()  # the head is trained anew on what the pair itself gets wrong
+    train = collect(pred, data_path, "train", progress=progress)[:max_train]
+    val = collect(pred, data_path, "val", progress=progress)
+    t0 = time.perf_counter()
+    head = train_head(train, pred.geometry, channels, epochs=epochs, class_power=class_power, progress=progress)
+    minutes = (time.perf_counter() - t0) / 60
+    scale = fit_scale(head, val)
+    figures = measure(predict_std_hu(head, val), val, LABELS)
+    cal = Calibration(train[0]["truth"].shape[-1], pred.geometry, channels, DILATIONS, scale,
+                      tuple(figures["mean_std"]), class_power, len(train), epochs)
+    mf = load_model_file(refiner, stage="refine")
+    save_model_file(out, "refine", mf.state_dict, mf.config, mf.metrics, mf.epoch, mf.global_step,
+                    uncertainty=head_entry(head, cal))
+    return pred, head, cal, figures, minutes
