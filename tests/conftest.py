@@ -40,3 +40,18 @@ def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_ds")
     make_dataset(root, 6, seed=7, size=32, xray_size=64, workers=1, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def random_pair(tmp_path_factory):
+    """``(base.pt, refine.pt)``: model files of the ``cpu-small`` models at their seeded random init."""
+    from ctrefine.checkpoint import save_model_file
+    from ctrefine.config import load_config
+    from ctrefine.models import build_models
+
+    root = tmp_path_factory.mktemp("random_pair")
+    cfg = load_config("cpu-small")
+    torch.manual_seed(0)
+    for stage, model in zip(("base", "refine"), build_models(cfg)):
+        save_model_file(root / f"{stage}.pt", stage, model.state_dict(), cfg)
+    return root / "base.pt", root / "refine.pt"

@@ -13,21 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from ctrefine.checkpoint import save_model_file
 from ctrefine.config import load_config
 from ctrefine.data.io import save_nifti
 from ctrefine.errors import DataError, UserError
-from ctrefine.models import build_models
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hardening_ckpt")
-    cfg = load_config("cpu-small")
-    torch.manual_seed(0)
-    for stage, model in zip(("base", "refine"), build_models(cfg)):
-        save_model_file(root / f"{stage}.pt", stage, model.state_dict(), cfg)
-    return root / "base.pt", root / "refine.pt"
+def ckpts(random_pair):
+    return random_pair
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +58,7 @@ def snapshot(folder):
 
 
 # ------------------------------------------------------------------- code execution, reads outside the folders
-class _Planted:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-class _Engine:
-    loaded = False
-
-    def load_checkpoint(self, folder, tag):
-        self.loaded = True
-        return None, {"epoch": 0}
+from test_safety import _Engine, _Planted  # noqa: E402  (the planted pickle and a stand-in engine, shared)
 
 
 def _run_with_checkpoint(tmp_path):

@@ -10,22 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from ctrefine.checkpoint import save_model_file
-from ctrefine.config import load_config
 from ctrefine.data.io import load_nifti, load_radiograph, orient_radiograph, save_nifti, xray_affine
 from ctrefine.errors import DataError, UserError
-from ctrefine.models import build_models
 from ctrefine.outputs import atomic_dir, check_writable
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safety_ckpt")
-    cfg = load_config("cpu-small")
-    torch.manual_seed(0)
-    for stage, model in zip(("base", "refine"), build_models(cfg)):
-        save_model_file(root / f"{stage}.pt", stage, model.state_dict(), cfg)
-    return ["--base-checkpoint", str(root / "base.pt"), "--refinement-checkpoint", str(root / "refine.pt")]
+def ckpts(random_pair):
+    return ["--base-checkpoint", str(random_pair[0]), "--refinement-checkpoint", str(random_pair[1])]
 
 
 def cli(*args, cwd=None):

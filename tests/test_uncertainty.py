@@ -161,28 +161,22 @@ def test_onnx_metadata_carries_the_record():
         _onnx_calibration("m.onnx", "{")
 
 
-def test_fit_uncertainty_command_gives_a_trained_refiner_a_head(tiny_dataset, tmp_path):
+def test_fit_uncertainty_command_gives_a_trained_refiner_a_head(random_pair, tiny_dataset, tmp_path):
     """`ctrefine fit-uncertainty`: the refiner's model file with a calibrated head, which infer then uses."""
     import subprocess
     import sys
 
-    from ctrefine.checkpoint import load_model_file, save_model_file
-    from ctrefine.config import load_config
-    from ctrefine.models import build_models
+    from ctrefine.checkpoint import load_model_file
     from ctrefine.pipeline import TorchPredictor
 
-    cfg = load_config("cpu-small")
-    torch.manual_seed(0)
-    for stage, model in zip(("base", "refine"), build_models(cfg)):
-        save_model_file(tmp_path / f"{stage}.pt", stage, model.state_dict(), cfg)
-    args = [sys.executable, "-m", "ctrefine.cli", "fit-uncertainty", "--base-checkpoint", tmp_path / "base.pt",
-            "--refinement-checkpoint", tmp_path / "refine.pt", "--data-path", tiny_dataset, "--out",
+    args = [sys.executable, "-m", "ctrefine.cli", "fit-uncertainty", "--base-checkpoint", random_pair[0],
+            "--refinement-checkpoint", random_pair[1], "--data-path", tiny_dataset, "--out",
             tmp_path / "unc.pt", "--epochs", "1", "--quiet"]
     r = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "90 % interval coverage" in r.stdout
     mf = load_model_file(tmp_path / "unc.pt", stage="refine")
     assert mf.uncertainty is not None and mf.uncertainty["epochs"] == 1 and "state_dict" in mf.uncertainty
-    assert TorchPredictor(tmp_path / "base.pt", tmp_path / "unc.pt", "cpu").uncertainty is not None
+    assert TorchPredictor(random_pair[0], tmp_path / "unc.pt", "cpu").uncertainty is not None
     r = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "--overwrite" in r.stderr
