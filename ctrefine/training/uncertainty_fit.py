@@ -216,7 +216,8 @@ def fit_uncertainty(base, refiner, data_path, out, channels: int = 16, epochs: i
     train = collect(pred, data_path, "train", progress=progress)[:max_train]
     val = collect(pred, data_path, "val", progress=progress)
     t0 = time.perf_counter()
-    head = train_head(train, pred.geometry, channels, epochs=epochs, class_power=class_power, progress=progress)
+    head = train_head(train, pred.geometry, channels, epochs=epochs, class_power=class_power, progress=progress,
+                      log=print if progress else (lambda _: None))
     minutes = (time.perf_counter() - t0) / 60
     scale = fit_scale(head, val)
     figures = measure(predict_std_hu(head, val), val, LABELS)
