@@ -127,6 +127,12 @@ def test_dicom_out_round_trips_within_a_hu_on_the_niftis_geometry(radiographs):
     assert np.abs(idx - np.round(idx)).max() < 1e-3 / 5.0  # world positions within 1e-3 mm (5 mm voxels)
     i = np.round(idx[:3]).astype(int)
     assert np.abs(vol[i[0], i[1], i[2]] - hu.ravel()).max() <= 0.5
+    # and through `ctrefine prepare` (a series already on the canonical grid keeps it: no re-centring, no resampling)
+    r = subprocess.run([sys.executable, "-m", "ctrefine.cli", "prepare", "--ct", "ct_dicom", "--out", "ds", "--size", "64",
+                        "--xray-size", "128", "--quiet"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    back, back_affine = load_nifti(work / "ds" / "patient_0000" / "ct.nii.gz")
+    assert np.abs(back - hu).max() <= 0.5 and np.abs(back_affine - affine).max() < 1e-3
     uid = first.SeriesInstanceUID
     r = subprocess.run([*args, "--format", "dicom"], cwd=work, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "--overwrite" in r.stderr  # ct.nii.gz's outputs exist

@@ -138,3 +138,22 @@ def test_torch_dataset(tiny_dataset):
     assert len(names) == 6  # every patient in exactly one split
     with pytest.raises(DataError, match="no split"):
         CTDataset(tiny_dataset, "holdout")
+
+
+def test_a_volume_on_the_canonical_grid_is_kept_voxel_for_voxel_other_grids_are_recentred():
+    import numpy as np
+
+    from ctrefine.conventions import canonical_affine
+    from ctrefine.data.ingest import canonical_grid_center
+
+    aff = canonical_affine(16, 20.0, (3.0, -5.0, 7.0))
+    data = np.zeros((16, 16, 16), np.float32)
+    assert np.allclose(canonical_grid_center(data, aff, 16, 320.0), (3.0, -5.0, 7.0))
+    flipped = aff @ np.array([[0, 0, 1, 0], [0, -1, 0, 15], [1, 0, 0, 0], [0, 0, 0, 1]], float)  # axes swapped, one flipped
+    assert np.allclose(canonical_grid_center(data, flipped, 16, 320.0), (3.0, -5.0, 7.0))
+    assert canonical_grid_center(data, canonical_affine(16, 19.0), 16, 320.0) is None  # another spacing
+    assert canonical_grid_center(np.zeros((16, 16, 17), np.float32), aff, 16, 320.0) is None
+    tilted = aff.copy()
+    c, s_ = np.cos(0.1), np.sin(0.1)
+    tilted[:3, :3] = np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]]) @ aff[:3, :3]  # rotated: resampled as before
+    assert canonical_grid_center(data, tilted, 16, 320.0) is None

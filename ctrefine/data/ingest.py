@@ -81,6 +81,19 @@ def resample_canonical(data: np.ndarray, affine: np.ndarray, n: int, fov: float 
     return out.astype(np.float32), out_aff
 
 
+def canonical_grid_center(data: np.ndarray, affine: np.ndarray, size: int, fov: float) -> np.ndarray | None:
+    """The volume's centre (RAS mm) when its voxels already are those of a canonical ``size``^3 grid over ``fov``
+    mm, in any axis order and direction (a series ctrefine wrote, say); None otherwise. Such a volume is kept
+    voxel for voxel rather than re-centred on the body and resampled."""
+    if data.shape != (size,) * 3:
+        return None
+    center = affine[:3, :3] @ ((np.array(data.shape) - 1) / 2.0) + affine[:3, 3]
+    m = np.linalg.inv(affine) @ canonical_affine(size, fov / size, center)  # canonical voxel -> input voxel
+    r = np.round(m[:3, :3])
+    permutation = np.allclose(m[:3, :3], r, atol=1e-4) and np.array_equal(np.abs(r).sum(0), np.ones(3))
+    return center if permutation and np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=1e-3) else None
+
+
 def load_labels(path, ct_shape, ct_affine, size: int, fov: float, center) -> np.ndarray:
     """A user's segmentation (NIfTI, ctrefine's label numbering) on the target grid, nearest neighbour."""
     labels, aff = load_nifti(path)
@@ -102,11 +115,14 @@ def ingest_ct(path, out_root, name: str, size: int = 64, xray_size: int = 128, g
               fov: float = FOV_MM, render_factor: int = 2, series: str | None = None, labels=None) -> Path:
     """Ingest one CT into ``out_root/name`` (patient folder, written atomically); ``labels``: its segmentation."""
     data, affine = load_ct(path, series)
-    center = body_center_ras(data, affine)
+    kept = canonical_grid_center(data, affine, size, fov)
+    center = body_center_ras(data, affine) if kept is None else kept
     lab = None if labels is None else load_labels(labels, data.shape, affine, size, fov, center)
     hu_render, _ = resample_canonical(data, affine, size * render_factor, fov, center)
     geo = Geometry(geometry)
     ct, xrays = render_patient(hu_render, size, xray_size, geo, fov)
+    if kept is not None:  # the grids coincide: the target is the input itself, voxel for voxel
+        ct = resample_canonical(data, affine, size, fov, center)[0]
     meta = {"version": FORMAT_VERSION, "source": "ingested", "input": str(Path(path).resolve()), "size": size,
             "xray_size": xray_size, "render_size": size * render_factor, "fov_mm": fov, "spacing_mm": fov / size,
             "geometry": geo.as_dict(), "center_ras_mm": [float(x) for x in center],
