@@ -173,7 +173,8 @@ def _cmd_fit_uncertainty(a) -> int:
 def _cmd_demo(a) -> int:
     from .launch import run_demo
 
-    run_demo(a.out, a.preset, a.num_patients, a.seed, a.ranks, a.base_epochs, a.refine_epochs, a.set, a.quiet, a.train_base)
+    run_demo(a.out, a.preset, a.num_patients, a.seed, a.ranks, a.base_epochs, a.refine_epochs, a.set, a.quiet, a.train_base,
+             a.device, a.precision)
     return 0
 
 
@@ -309,6 +310,10 @@ def _add_demo(d) -> None:
     _flag(d, "train-base", action="store_true", help="train the base here even where a shipped one fits the preset")
     d.add_argument("--seed", type=int, default=0, help="dataset seed")
     d.add_argument("--ranks", type=_positive, default=None, help="deepspeed ranks (default: GPUs, or 2 CPU ranks)")
+    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train on GPUs (cuda) or CPU ranks "
+                   "(cpu); auto: GPUs when there are any")
+    d.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="training arithmetic and the "
+                   "exported graph's; auto: bf16 where the hardware has it natively (ctrefine.device)")
     _flag(d, "base-epochs", type=_positive, default=None, help="override the preset's training.base_num_epochs")
     _flag(d, "refine-epochs", type=_positive, default=None, help="override the preset's training.num_epochs (refiner)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")

@@ -19,7 +19,7 @@ import torch
 
 from . import pretrained
 from .config import ds_config_path, load_config, preset_path
-from .device import free_port, kernel_mode, usable_cores
+from .device import free_port, inference_device, kernel_mode, usable_cores
 from .errors import UserError
 from .data.io import read_json, write_json
 from .outputs import check_writable
@@ -35,27 +35,31 @@ def shipped_base(preset: str) -> str | None:
     return name if name in pretrained.SHIPPED else None
 
 
-def demo_preset(preset: str) -> str:
-    """``auto``: ``full`` on CUDA; on CPU ``cpu-medium`` (64^3) when its shipped base is installed, else
-    ``cpu-small`` (32^3, both stages trained here)."""
+def demo_preset(preset: str, gpus: bool | None = None) -> str:
+    """``auto``: ``full`` on CUDA (``gpus``: whether the run uses them; default: when there are any); on CPU
+    ``cpu-medium`` (64^3) when its shipped base is installed, else ``cpu-small`` (32^3, both stages trained here)."""
     if preset != "auto":
         return preset
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if gpus is None else gpus:
         return "full"
     return "cpu-medium" if shipped_base("cpu-medium") else "cpu-small"
 
 
-def default_ranks() -> int:
+def default_ranks(gpus: bool | None = None) -> int:
     """One rank per GPU; on CPU two gloo ranks (one thread each) use this machine's two cores best."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else min(2, usable_cores())
+    gpus = torch.cuda.is_available() if gpus is None else gpus
+    return torch.cuda.device_count() if gpus else min(2, usable_cores())
 
 
-def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progress: bool = True) -> None:
+def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progress: bool = True,
+                gpus: bool | None = None, precision: str = "auto") -> None:
     """Run one training stage through the deepspeed launcher (``ranks`` processes); output to ``log_path``.
+    ``gpus`` False trains on CPU ranks even where GPUs exist; ``precision`` is the driver's ``--precision``.
 
     Lines the driver prints for the user (``[stage] ...`` and errors) are echoed; everything goes to the log.
     """
-    cmd = ["--module", "ctrefine.train", stage, "--config", str(preset), "--deepspeed_config", str(ds_config_path())]
+    cmd = ["--module", "ctrefine.train", stage, "--config", str(preset), "--deepspeed_config", str(ds_config_path()),
+           "--precision", precision]
     for item in sets:
         cmd += ["--set", item]
     if not progress:
@@ -64,8 +68,9 @@ def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progr
     if not launcher.exists():
         raise UserError(f"the deepspeed launcher is not installed next to {sys.executable}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() if gpus is None else gpus):
         env["OMP_NUM_THREADS"] = "1"  # one thread per CPU rank, else ranks oversubscribe the cores
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks asked for: the launcher and the driver see no GPU
     full = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *cmd]
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(full) + "\n")
@@ -128,7 +133,7 @@ def _uncertainty_head(out: Path, base_ckpt: Path, ref_ckpt: Path, quiet: bool) -
     return path
 
 
-def _export(out: Path, onnx_path: Path, base_ckpt: Path, ref_ckpt: Path) -> None:
+def _export(out: Path, onnx_path: Path, base_ckpt: Path, ref_ckpt: Path, precision: str = "auto") -> None:
     """The demo's ONNX graph: reused while newer than both model files, else exported (bf16 where this CPU has
     it natively, judged on the test split) and recorded by checksum."""
     from .export import export_and_verify
@@ -142,14 +147,16 @@ def _export(out: Path, onnx_path: Path, base_ckpt: Path, ref_ckpt: Path) -> None
         return
     model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
     export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True),
-                      precision="auto", data_path=out / "data")
+                      precision=precision, data_path=out / "data")
     write_json(out / DEMO_RECORD, {**_record(out), "model.onnx": _sha256(onnx_path)})
 
 
 def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: int = 0, ranks: int | None = None,
              base_epochs: int | None = None, refine_epochs: int | None = None, sets: list[str] = (),
-             quiet: bool = False, train_base: bool = False) -> dict:
-    """The main job; prints its progress and the results table, returns the test-split summary."""
+             quiet: bool = False, train_base: bool = False, device: str = "auto", precision: str = "auto") -> dict:
+    """The main job; prints its progress and the results table, returns the test-split summary. ``device``
+    (auto, cpu, cuda) and ``precision`` (auto, bf16, fp32) are decided by :mod:`ctrefine.device` for the
+    training ranks, the exported graph's precision and the inference."""
     from .data.dataset import make_dataset, summarize
     from .infer import evaluate_dataset
     from .pipeline import OnnxPredictor
@@ -157,8 +164,8 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
 
     kernel_mode()  # a bad CTREFINE_KERNELS fails before the demo folder is made
     t0 = time.time()
-    cuda = torch.cuda.is_available()
-    preset_name = demo_preset(preset)
+    cuda = inference_device(device).type == "cuda"  # a one-line error for cuda without a GPU, before any work
+    preset_name = demo_preset(preset, cuda)
     shipped = None if train_base else shipped_base(preset_name)
     preset_file = preset_path(preset_name)
     cfg = load_config(preset_file, list(sets))  # validate the overrides before any work
@@ -175,7 +182,7 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     if not is_demo_run(out):
         write_json(out / DEMO_RECORD, {"kind": DEMO_KIND})
     log = out / "demo.log"
-    ranks = ranks or default_ranks()
+    ranks = ranks or default_ranks(cuda)
     m = cfg.model
     n = num_patients or (1000 if preset_name == "full" else 128)  # CPU presets: a few minutes of training
     print(f"ctrefine demo: preset {preset_name}, {n} patients, {ranks} {'GPU' if cuda else 'CPU'} rank(s), output {out}")
@@ -195,13 +202,13 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
         base_ckpt = out / "base" / "best_model.pt"
         step("2/5 base reconstructor (deepspeed launcher)")
         train_stage("base", preset_file, run_sets + ([f"training.base_num_epochs={base_epochs}"] if base_epochs else []),
-                    ranks, log, progress=False)
+                    ranks, log, False, cuda, precision)
     step("3/5 detail refinement network on the frozen base")
     train_stage("refine", preset_file, run_sets + ([f"training.num_epochs={refine_epochs}"] if refine_epochs else []),
-                ranks, log, progress=False)
+                ranks, log, False, cuda, precision)
     ref_ckpt = _uncertainty_head(out, base_ckpt, out / "refine" / "best_model.pt", quiet)
     step("4/5 ONNX export + verification")
-    _export(out, onnx_path, base_ckpt, ref_ckpt)
+    _export(out, onnx_path, base_ckpt, ref_ckpt, precision)
     predictor = OnnxPredictor(onnx_path)
     step(f"5/5 ONNX inference on the test split ({predictor.engine})")
     res = out / "inference_results"

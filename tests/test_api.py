@@ -154,3 +154,13 @@ def test_onnx_precision_auto_follows_the_cpu(monkeypatch):
     assert device.onnx_precision("auto") == "bf16" and device.onnx_precision("int8") == "int8"
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     assert device.onnx_precision("auto") == "fp32"
+
+
+def test_demo_takes_the_device_and_precision_and_refuses_a_missing_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: --device cuda is valid")
+    r = subprocess.run([sys.executable, "-m", "ctrefine.cli", "demo", "--out", str(tmp_path / "d"), "--device", "cuda",
+                        "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr and not (tmp_path / "d").exists(), r.stderr
