@@ -211,7 +211,7 @@ def fit_uncertainty(base, refiner, data_path, out, channels: int = 16, epochs: i
     from ..pipeline import TorchPredictor
     from ..uncertainty import Calibration, head_entry
 
-    pred = TorchPredictor(base, refiner, device="cpu" if not torch.cuda.is_available() else None, arithmetic="fp32")
+    pred = TorchPredictor(base, refiner, arithmetic="fp32")  # on the device the policy picks; exact arithmetic
     pred.drop_uncertainty()  # the head is trained anew on what the pair itself gets wrong
     train = collect(pred, data_path, "train", progress=progress)[:max_train]
     val = collect(pred, data_path, "val", progress=progress)
