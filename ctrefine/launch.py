@@ -22,7 +22,7 @@ from .config import ds_config_path, load_config, preset_path
 from .device import free_port, inference_device, kernel_mode, usable_cores
 from .errors import UserError
 from .data.io import read_json, write_json
-from .outputs import check_writable
+from .outputs import check_writable, sha256_file
 
 
 # preset -> the shipped base trained for its geometry (ctrefine/pretrained/NAME.md says how)
@@ -99,19 +99,9 @@ def is_demo_run(folder: Path) -> bool:
     return bool(_record(Path(folder)))
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _onnx_is_ours(out: Path, onnx_path: Path) -> bool:
     """The ONNX file in a demo folder is the one the demo exported (its sha256 is in the record)."""
-    return _record(out).get("model.onnx") == _sha256(onnx_path)
+    return _record(out).get("model.onnx") == sha256_file(onnx_path)
 
 
 UNCERTAINTY_FILE = "best_model_uncertainty.pt"  # the demo's refiner with its uncertainty head, beside best_model.pt
@@ -148,7 +138,7 @@ def _export(out: Path, onnx_path: Path, base_ckpt: Path, ref_ckpt: Path, precisi
     model, mcfg = load_two_stage(base_ckpt, ref_ckpt)
     export_and_verify(model, mcfg, onnx_path, log=lambda s: print("   " + s.strip(), flush=True),
                       precision=precision, data_path=out / "data")
-    write_json(out / DEMO_RECORD, {**_record(out), "model.onnx": _sha256(onnx_path)})
+    write_json(out / DEMO_RECORD, {**_record(out), "model.onnx": sha256_file(onnx_path)})
 
 
 def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: int = 0, ranks: int | None = None,

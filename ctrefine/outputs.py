@@ -53,7 +53,9 @@ def _entries(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks: the one checksum of the project (manifests,
+    the demo's record, shipped model files)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -70,7 +72,7 @@ def write_manifest(folder, kind: str) -> None:
 
     folder = Path(folder)
     entries = _entries(folder)
-    sums = {e: _sha256(folder / e) for e in entries if (folder / e).is_file() and not (folder / e).is_symlink()}
+    sums = {e: sha256_file(folder / e) for e in entries if (folder / e).is_file() and not (folder / e).is_symlink()}
     (folder / MANIFEST).write_text(json.dumps({"kind": kind, "entries": entries, "sha256": sums}, indent=0))
 
 
@@ -92,7 +94,7 @@ def foreign_entries(folder) -> list[str]:
     m = _manifest(folder)
     listed = set(m["entries"]) | {MANIFEST} if m else set()
     sums = m.get("sha256", {}) if m else {}
-    edited = [e for e, h in sums.items() if e in listed and (folder / e).is_file() and _sha256(folder / e) != h]
+    edited = [e for e, h in sums.items() if e in listed and (folder / e).is_file() and sha256_file(folder / e) != h]
     return [e for e in _entries(folder) if e not in listed] + sorted(edited)
 
 

@@ -8,10 +8,10 @@ swap. Any other string is returned unchanged (a path).
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ..errors import DataError
+from ..outputs import sha256_file
 
 PREFIX = "pretrained:"
 ROOT = Path(__file__).parent  # the shipped files are package data beside this module
@@ -58,8 +58,5 @@ def resolve(spec) -> Path:
 
 
 def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The SHA-256 a shipped file is checked against (:func:`ctrefine.outputs.sha256_file`)."""
+    return sha256_file(path)
