@@ -31,6 +31,7 @@ from ctrefine.device import DevicePolicy
 from ctrefine.losses.loss import DetailRefinementLoss, ReconstructionLoss
 from ctrefine.models import build_base, build_refiner
 from ctrefine.training.engine import PlainEngine
+from ctrefine.training.optim import make_optimizer
 
 
 class OpCounter(TorchDispatchMode):
@@ -58,7 +59,14 @@ def _inputs(cfg, batch: int, dtype: torch.dtype):
     return xr, ct, coarse
 
 
-def stage_step(stage: str, cfg, batch: int, dtype: torch.dtype):
+def _for_loop_adamw(engine: PlainEngine) -> None:
+    """Swap the engine's fused AdamW for PyTorch's for-loop one over the same masters (the optimizer the driver
+    handed DeepSpeed before the plain engine: what e20c2d9's counts were made with)."""
+    engine.optimizer = make_optimizer(engine.masters, torch.device("cpu"), 1e-4, 1e-4, kind="for-loop")
+    engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: 1.0)
+
+
+def stage_step(stage: str, cfg, batch: int, dtype: torch.dtype, for_loop: bool = False):
     """``(phases, step)``: ``step(counter_for_phase)`` runs one training step of the single-device engine,
     each phase inside the context ``counter_for_phase(name)`` returns."""
     xr, ct, coarse = _inputs(cfg, batch, dtype)
@@ -74,6 +82,8 @@ def stage_step(stage: str, cfg, batch: int, dtype: torch.dtype):
         engine = PlainEngine(model, policy, 1e-4, 1e-4, lambda step: 1.0, gradient_clipping=1.0)
         forward = lambda: engine(coarse, xr)  # noqa: E731
         loss_fn = lambda out: crit(out, ct, coarse, xr)[0]  # noqa: E731
+    if for_loop:
+        _for_loop_adamw(engine)
 
     def step(phase):
         with phase("forward"):
@@ -88,8 +98,8 @@ def stage_step(stage: str, cfg, batch: int, dtype: torch.dtype):
     return ("forward", "loss", "backward", "optimizer"), step
 
 
-def count_step(stage: str, cfg, batch: int, dtype: torch.dtype) -> dict[str, OpCounter]:
-    phases, step = stage_step(stage, cfg, batch, dtype)
+def count_step(stage: str, cfg, batch: int, dtype: torch.dtype, for_loop: bool = False) -> dict[str, OpCounter]:
+    phases, step = stage_step(stage, cfg, batch, dtype, for_loop)
     step(lambda name: contextlib.nullcontext())  # warm-up: lazy buffers, optimizer state
     counters = {p: OpCounter() for p in phases}
     step(lambda name: counters[name])
@@ -103,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--stages", nargs="+", default=["refine", "base"], choices=("base", "refine"))
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: the driver's choice on this CPU (bf16 where it is native)")
+    p.add_argument("--for-loop-adamw", action="store_true", help="count PyTorch's for-loop AdamW in place of the "
+                   "engine's fused one (the e20c2d9 baseline of bench/RESULTS.md section 17)")
     p.add_argument("--top", type=int, default=10, help="the most frequent ops of each phase to print")
     p.add_argument("--json", type=Path, default=None, help="write every count here")
     a = p.parse_args(argv)
@@ -111,7 +123,7 @@ def main(argv=None) -> int:
     dtype = DevicePolicy.for_run(torch.device("cpu"), {"bf16": {"enabled": True}}, precision).dtype
     report = {"config": a.config, "batch": a.batch, "dtype": str(dtype), "stages": {}}
     for stage in a.stages:
-        counters = count_step(stage, cfg, a.batch, dtype)
+        counters = count_step(stage, cfg, a.batch, dtype, a.for_loop_adamw)
         totals = {k: c.total for k, c in counters.items()}
         step_ops = totals["forward"] + totals["loss"] + totals["backward"]
         detach = sum(counters[k].ops["detach"] for k in ("forward", "loss", "backward"))

@@ -23,9 +23,6 @@ from ..checkpoint import PLAIN_FILE, checkpoint_globals
 from ..errors import UserError
 from .optim import make_optimizer
 
-ENGINES = ("auto", "plain", "deepspeed")
-
-
 def choose_engine(setting: str, world: int) -> str:
     """``plain`` or ``deepspeed`` for a run of ``world`` ranks (``training.engine``)."""
     if setting == "plain" and world > 1:
