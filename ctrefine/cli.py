@@ -127,7 +127,7 @@ def _cmd_export_onnx(a) -> int:
 
 def _cmd_infer(a) -> int:
     from .api import Reconstructor
-    from .infer import evaluate_dataset, gate_summary
+    from .infer import dicom_output, evaluate_dataset, gate_summary
     from .pipeline import make_predictor
     from .report import summary_table
 
@@ -147,7 +147,8 @@ def _cmd_infer(a) -> int:
     if single:
         r = Reconstructor(pred).reconstruct_to(a.xray_pa, a.xray_lateral, a.out, a.overwrite, a.xray_convention, not a.no_gate,
                                                lambda msg: print(f"ctrefine: warning: {msg}", file=sys.stderr), a.format)
-        print(f"wrote {a.out} ({a.format}) and its _coarse beside it, HU, {pred.kind}; {gate_summary(r.gate)}")
+        wrote = {"nifti": a.out, "dicom": dicom_output(a.out), "both": f"{a.out} and {dicom_output(a.out)}"}[a.format]
+        print(f"wrote {wrote} and its _coarse beside it, HU, {pred.kind}; {gate_summary(r.gate)}")
         return 0
     s = evaluate_dataset(pred, a.data_path, a.output_dir, a.num_patients, a.split, not a.no_save_volumes,
                          progress=not a.quiet, overwrite=a.overwrite, baseline_data=a.baseline_data, gate=not a.no_gate,

@@ -64,7 +64,7 @@ def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> 
     out = [{stage: {k: vals[i] for k, vals in m.items()} for stage, m in per_stage.items()} for i in range(b)]
     if "coarse" in vols:  # how much of each correction is smeared along the rays; the truth's own as reference
         coarse = vols["coarse"].to(truth.device)
-        for stage, vol in [*((s, v) for s, v in vols.items() if s == "refined"), ("truth", truth)]:
+        for stage, vol in [(k, vols[k]) for k in ("refined",) if k in vols] + [("truth", truth)]:
             for i, v in enumerate(streak_index(vol.to(truth.device).float() - coarse.float()).tolist()):
                 out[i].setdefault(stage, {})["streak"] = v
     if labels is not None and table:
