@@ -4,11 +4,9 @@ Packaging notes
 ---------------
 * ``torch`` is pinned exactly (``==2.13.0``): on the project's machines that version resolves to a
   local CPU wheel, while any range admitting a newer release pulls several GB of CUDA packages.
-* The top-level folder ``kernels/`` (Triton kernels only) is installed as ``ctrefine.kernels``:
-  a top-level import package named ``kernels`` would collide with an unrelated PyPI package.
-* The top-level folder ``configs/`` (training presets, and a link to ``ds_config.json``) is installed
-  as ``ctrefine.presets`` package data, so an installed ``ctrefine`` finds its presets and DeepSpeed
-  config outside a source checkout.
+* The source tree is the package: ``ctrefine/kernels/`` (Triton kernels) and ``ctrefine/presets/``
+  (training presets and ``ds_config.json``, as package data) import the same from a checkout and from
+  an installed ``ctrefine``; nothing is mapped in at install time.
 * ``ctrefine/pretrained/`` ships trained model files (each <= 10 MB, with a model card) as package
   data, named ``pretrained:NAME`` wherever a checkpoint path is taken.
 """
@@ -31,7 +29,6 @@ setup(
         "ctrefine.presets",
         "ctrefine.pretrained",
     ],
-    package_dir={"ctrefine.kernels": "kernels", "ctrefine.presets": "configs"},
     package_data={"ctrefine": ["viewer_template.html"], "ctrefine.presets": ["*.json"],
                   "ctrefine.pretrained": ["*.pt", "*.md"]},
     install_requires=[

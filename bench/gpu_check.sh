@@ -41,8 +41,7 @@ if want launcher; then
   DATA=$!
 fi
 
-# tests and benchmarks run from a copy: in the checkout, ./ctrefine (without the kernels/ that setup.py maps
-# into the installed package) would shadow the installed ctrefine
+# tests and benchmarks run from a copy, so they import the ctrefine installed in /tmp/site and not the checkout
 mkdir -p "$W/t" && cp -r "$ROOT/tests" "$ROOT/bench" "$ROOT/pytest.ini" "$W/t/"
 if want kernels; then
 say "kernel tests"

@@ -22,7 +22,7 @@ else
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target /tmp/site \
     . "$WHEELS"/*.whl > "$R/pip.log" 2>&1 || say "pip install failed (see pip.log)"
   export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
-  cd "$W"  # from here on the installed ctrefine: the checkout's ./ctrefine lacks kernels/ and presets/ (setup.py maps them in)
+  cd "$W"  # from here on the ctrefine installed in /tmp/site, the one the wheels were built against
 fi
 
 write_env() {

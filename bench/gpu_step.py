@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 
 from ctrefine.config import load_config
+from ctrefine.device import kernel_choice
 from ctrefine.losses.loss import DetailRefinementLoss, ReconstructionLoss
 from ctrefine.models import build_base, build_refiner
 from ctrefine.models.layout import channels_last_layers
+from ctrefine.models.norm import use_fused_groupnorm
 from ctrefine.pipeline import TwoStage
 
 VARIANTS = ("reference", "kernels", "all-kernels", "kernels+channels-last", "kernels+compile")
@@ -67,6 +69,9 @@ class Step:
         if stage == "refine":
             with torch.no_grad():
                 model.head.weight.normal_(0, 0.02)  # a live head: the backward reaches every layer
+        with kernels({"reference": "0", "all-kernels": "1"}.get(variant, "auto")):
+            choice = kernel_choice(device)  # made once, as the driver does
+        use_fused_groupnorm(model, choice.groupnorm)
         if variant.endswith("channels-last"):
             channels_last_layers(model)
         self.model = model.to(device, dtype)
@@ -78,18 +83,18 @@ class Step:
         self.target = torch.rand(batch, 1, v, v, v, generator=g).to(device)
         self.coarse = (self.target + 0.05 * torch.randn(self.target.shape, generator=g).to(device)).clamp(0, 1)
         self.coarse = self.coarse.to(dtype)
-        self.loss = ReconstructionLoss() if stage == "base" else DetailRefinementLoss(cfg.loss_weights(), device=device)
+        self.loss = ReconstructionLoss() if stage == "base" else DetailRefinementLoss(cfg.loss_weights(), device=device,
+                                                                                          kernels=choice.loss)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
 
     def __call__(self) -> torch.Tensor:
-        with kernels({"reference": "0", "all-kernels": "1"}.get(self.variant, "auto")):
-            if self.stage == "base":
-                loss, _ = self.loss(self.model(self.xrays), self.target)
-            else:
-                loss, _ = self.loss(self.model(self.coarse, self.xrays), self.target, self.coarse, self.xrays)
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+        if self.stage == "base":
+            loss, _ = self.loss(self.model(self.xrays), self.target)
+        else:
+            loss, _ = self.loss(self.model(self.coarse, self.xrays), self.target, self.coarse, self.xrays)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return loss.detach()
 
 

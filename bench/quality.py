@@ -71,6 +71,14 @@ ROWS = {
     "no_xray_guidance": _row("defaults, no lifted X-ray guidance at all", SHIPPED, extra=("model.xray_guidance=off",)),
     "defaults_no_xray_consistency": _row("defaults - xray_consistency", {**SHIPPED, "xray_consistency": 0.0}),
     "defaults_no_reprojection": _row("defaults, no re-projection residual and no SIRT steps", SHIPPED, "off", 0),
+    # what could place the detail in depth: SIRT steps that spread each deficit by the volume's attenuation,
+    # and the product of both views' back-projected residuals (where the PA and lateral rays cross)
+    "defaults_no_dc": _row("defaults, no SIRT steps (re-projection residual kept)", SHIPPED, dc=0),
+    "density_dc": _row("defaults, density-weighted SIRT steps", SHIPPED, extra=('model.dc_weighting="density"',)),
+    "residual_product": _row("defaults + product of the two views' residuals", SHIPPED,
+                             extra=('model.residual_fusion="views+product"',)),
+    "density_dc_product": _row("defaults, density-weighted SIRT steps + residual product", SHIPPED,
+                               extra=('model.dc_weighting="density"', 'model.residual_fusion="views+product"')),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ctrefine.config import load_config
 from ctrefine.losses.loss import DetailRefinementLoss
 from ctrefine.models import build_models
+from ctrefine.models.norm import use_fused_groupnorm
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -28,8 +29,7 @@ def sync():
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("kernels", ["0", "1"] if CUDA else ["0"])
 @pytest.mark.parametrize("stage", ["base", "refine"])
-def test_train_step(benchmark, stage, kernels, precision, monkeypatch):
-    monkeypatch.setenv("CTREFINE_KERNELS", kernels)
+def test_train_step(benchmark, stage, kernels, precision):
     cfg = load_config("full" if CUDA else "cpu-small")
     base, refiner = build_models(cfg)
     v, s, b = cfg.model.volume_size, cfg.model.xray_size, cfg.training.batch_size
@@ -37,7 +37,8 @@ def test_train_step(benchmark, stage, kernels, precision, monkeypatch):
     coarse, target = torch.rand(2, b, 1, v, v, v, generator=g).to(DEVICE)
     xrays = torch.rand(b, 2, 1, s, s, generator=g).to(DEVICE)
     model = (base if stage == "base" else refiner).to(DEVICE)
-    crit = DetailRefinementLoss(cfg.loss_weights())
+    use_fused_groupnorm(model, kernels == "1")
+    crit = DetailRefinementLoss(cfg.loss_weights(), kernels=kernels == "1")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():

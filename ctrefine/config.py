@@ -5,11 +5,11 @@ what it changes. Validation is strict: an unknown key, a value of the wrong type
 one-line :class:`~ctrefine.errors.ConfigError` naming the key -- a typo must never silently fall back
 to a default. Each field's ``description`` says why its default is what it is.
 
-Presets ship inside the package (``ctrefine.presets``, the repository's ``configs/`` folder), together
+Presets ship inside the package (``ctrefine/presets/``), together
 with ``ds_config.json``, so an installed ``ctrefine`` works outside a source checkout::
 
     load_config("cpu-small")                 # a shipped preset, by name
-    load_config("configs/cpu-small.json")    # any JSON file
+    load_config("my-run.json")               # any JSON file
     load_config("full", ["training.num_epochs=2", "loss.texture=0"])
 """
 from __future__ import annotations
@@ -54,13 +54,20 @@ class ModelConfig(_Section):
     data_consistency_steps: int = Field(
         2, ge=0, description="refiner: learned SIRT steps towards the radiographs before the U-Net (2: parameter-free, "
                              "they lift the shipped base by 0.3 dB, a third adds 0.01; 0 = none, as in older models)")
+    dc_weighting: Literal["uniform", "density"] = Field(
+        "uniform", description="refiner: how each SIRT step spreads a ray's deficit along the ray -- evenly, or in "
+                               "proportion to the volume's own attenuation (less into lung and air)")
+    residual_fusion: Literal["views", "views+product"] = Field(
+        "views", description="refiner: the back-projected re-projection residuals of both views, alone or with "
+                             "their product (large only where both views' rays miss attenuation: depth cues)")
     base_model_checkpoint: str | None = Field(None, description="refine stage: the trained base's best_model.pt; "
                                                                 "null = <checkpoint.dir>/base/best_model.pt")
 
 
 # model-section keys added after model files and runs existed, and the value that describes those older ones
 # (today's defaults differ): read wherever a stored config is (model files, resumed runs)
-MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0, "xray_guidance": "image+laplacian"}
+MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0, "xray_guidance": "image+laplacian",
+                    "dc_weighting": "uniform", "residual_fusion": "views"}
 
 
 def upgrade_stored(raw: dict) -> dict:

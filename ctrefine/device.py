@@ -28,14 +28,20 @@ RESIDENT_SHARE = 0.25
 
 
 @functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
+def kernels_import_error() -> str | None:
+    """Why Triton or ``ctrefine.kernels`` cannot be imported (``"ModuleNotFoundError: ..."``), or None."""
     try:
         import triton  # noqa: F401
 
         from . import kernels  # noqa: F401
-    except Exception:
-        return False
-    return True
+        from .kernels import groupnorm_silu, laplacian_l1, spectral_l1  # noqa: F401
+    except Exception as exc:  # a broken kernel module is reported, whatever it raises
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available() -> bool:
+    return kernels_import_error() is None
 
 
 # What ``auto`` picks for CUDA tensors, per kernel family, as measured on one H200 (bench/RESULTS.md,
@@ -45,21 +51,34 @@ def triton_available() -> bool:
 AUTO_ON_CUDA = {"loss": True, "groupnorm": False}
 
 
-def use_kernels(x: torch.Tensor, family: str = "loss") -> bool:
-    """The one dispatch between the Triton kernels (``ctrefine.kernels``) and their pure-torch references:
+@dataclass(frozen=True)
+class Kernels:
+    """Which families run as Triton kernels (``ctrefine.kernels``) instead of their pure-torch references.
+    Decided once per run by :func:`kernel_choice` and given to the models and the loss at construction."""
 
-    * ``CTREFINE_KERNELS=0`` -> always the reference (for comparisons and debugging);
-    * ``CTREFINE_KERNELS=1`` -> always the kernels (errors if Triton cannot run them; on CPU this works
-      only under ``TRITON_INTERPRET=1``, which is how the tests exercise this path);
-    * unset / ``auto`` -> for CUDA tensors, the kernels of the ``family`` that measured faster there
-      (:data:`AUTO_ON_CUDA`) when Triton imports; the reference otherwise.
+    loss: bool = False  # laplacian_l1 and spectral_l1 (ctrefine.losses.functional)
+    groupnorm: bool = False  # the fused GroupNorm + SiLU (ctrefine.models.norm)
+
+
+def kernel_choice(device: torch.device) -> Kernels:
+    """The one dispatch between the Triton kernels and their references, for a run on ``device``:
+
+    * ``CTREFINE_KERNELS=0`` -> the references (for comparisons and debugging);
+    * ``CTREFINE_KERNELS=1`` -> the kernels (errors if Triton cannot run them; on CPU this works only under
+      ``TRITON_INTERPRET=1``, which is how the tests exercise this path);
+    * unset / ``auto`` -> on CUDA the families that measured faster there (:data:`AUTO_ON_CUDA`); a kernel
+      module that does not import is then a one-line :class:`ConfigError`, never a silent fallback; on a
+      CPU the references.
     """
-    if family not in AUTO_ON_CUDA:
-        raise ValueError(f"unknown kernel family {family!r} (known: {', '.join(AUTO_ON_CUDA)})")
-    mode = kernel_mode(x.device)
+    mode = kernel_mode(device)
     if mode != "auto":
-        return mode == "on"
-    return x.is_cuda and AUTO_ON_CUDA[family] and triton_available()
+        return Kernels(**{f: mode == "on" for f in AUTO_ON_CUDA})
+    if device.type != "cuda":
+        return Kernels()
+    if err := kernels_import_error():
+        raise ConfigError(f"the Triton kernels do not import on this CUDA machine ({err}); "
+                          "set CTREFINE_KERNELS=0 to run the pure-torch references")
+    return Kernels(**AUTO_ON_CUDA)
 
 
 def kernel_mode(device: torch.device | None = None) -> str:
@@ -74,13 +93,22 @@ def kernel_mode(device: torch.device | None = None) -> str:
         return "auto"
     if mode not in ("1", "on", "true", "force"):
         raise ConfigError(f"CTREFINE_KERNELS must be 0, 1 or auto, got {raw!r}")
-    on_cpu = (device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu"
+    on_cpu = (device or torch.device("cuda" if has_cuda() else "cpu")).type == "cpu"
     if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ConfigError("CTREFINE_KERNELS=1 needs a CUDA GPU (on a CPU the kernels run only under "
                           "TRITON_INTERPRET=1, thousands of times slower); unset it or set CTREFINE_KERNELS=0")
-    if not triton_available():
-        raise ConfigError("CTREFINE_KERNELS=1 but the Triton kernels cannot be imported (is triton installed?)")
+    if err := kernels_import_error():
+        raise ConfigError(f"CTREFINE_KERNELS=1 but the Triton kernels do not import ({err})")
     return "on"
+
+
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU: the one place ctrefine asks."""
+    return torch.cuda.is_available()
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if has_cuda() else 0
 
 
 def env_int(name: str, default: int) -> int:
@@ -171,9 +199,9 @@ def inference_device(setting: str = "auto") -> torch.device:
     (a one-line :class:`ConfigError` on a machine without one)."""
     if setting not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {setting!r}")
-    if setting == "cuda" and not torch.cuda.is_available():
+    if setting == "cuda" and not has_cuda():
         raise ConfigError("device cuda asked for, but torch sees no CUDA GPU here (use --device cpu or auto)")
-    return torch.device("cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu")
+    return torch.device("cuda" if setting == "cuda" or (setting == "auto" and has_cuda()) else "cpu")
 
 
 def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
@@ -193,7 +221,7 @@ def onnx_precision(setting: str = "auto") -> str:
     file ran at 0.82x; bench/RESULTS.md sections 4 and 17), else ``fp32``; anything else as given."""
     if setting != "auto":
         return setting
-    return "bf16" if not torch.cuda.is_available() and cpu_has_native_bf16() else "fp32"
+    return "bf16" if not has_cuda() and cpu_has_native_bf16() else "fp32"
 
 
 def metrics_dtype(device: torch.device) -> torch.dtype:
@@ -223,11 +251,12 @@ class DevicePolicy:
     dtype: torch.dtype  # the compute dtype of the trainable model (autocast / DeepSpeed bf16)
     note: str = ""  # why precision differs from what was asked, for the user
     compile: bool = False  # torch.compile the trainable module (training.compile)
+    kernels: Kernels = Kernels()  # which Triton kernels the models and the loss run
 
     @classmethod
     def for_run(cls, device: torch.device, ds_cfg: dict, precision: str = "auto", compile: str = "off"):
         dtype, note = choose_precision(ds_cfg, device, precision)
-        return cls(device, dtype, note, compile == "on")
+        return cls(device, dtype, note, compile == "on", kernel_choice(device))
 
     @property
     def input_dtype(self) -> torch.dtype:

@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from . import pretrained
 from .config import ds_config_path, load_config, preset_path
-from .device import free_port, inference_device, kernel_mode, usable_cores
+from .device import free_port, gpu_count, has_cuda, inference_device, kernel_mode, usable_cores
 from .errors import UserError
 from .data.io import read_json, write_json
 from .outputs import check_writable, sha256_file
@@ -40,15 +39,15 @@ def demo_preset(preset: str, gpus: bool | None = None) -> str:
     ``cpu-medium`` (64^3) when its shipped base is installed, else ``cpu-small`` (32^3, both stages trained here)."""
     if preset != "auto":
         return preset
-    if torch.cuda.is_available() if gpus is None else gpus:
+    if has_cuda() if gpus is None else gpus:
         return "full"
     return "cpu-medium" if shipped_base("cpu-medium") else "cpu-small"
 
 
 def default_ranks(gpus: bool | None = None) -> int:
     """One rank per GPU; on CPU two gloo ranks (one thread each) use this machine's two cores best."""
-    gpus = torch.cuda.is_available() if gpus is None else gpus
-    return torch.cuda.device_count() if gpus else min(2, usable_cores())
+    gpus = has_cuda() if gpus is None else gpus
+    return gpu_count() if gpus else min(2, usable_cores())
 
 
 def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progress: bool = True,
@@ -68,7 +67,7 @@ def train_stage(stage: str, preset, sets: list[str], ranks: int, log_path, progr
     if not launcher.exists():
         raise UserError(f"the deepspeed launcher is not installed next to {sys.executable}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if not (torch.cuda.is_available() if gpus is None else gpus):
+    if not (has_cuda() if gpus is None else gpus):
         env["OMP_NUM_THREADS"] = "1"  # one thread per CPU rank, else ranks oversubscribe the cores
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks asked for: the launcher and the driver see no GPU
     full = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *cmd]

@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_model_file
-from .device import inference_device, inference_dtype, kernel_mode
+from .device import inference_device, inference_dtype, kernel_choice, kernel_mode
 from .config import Config
 from .engines import COMPUTE, check_graph, checked_metadata, onnx_feed, onnx_header, onnx_runner
 from .errors import DataError, UserError
+from .models.norm import use_fused_groupnorm
 from .uncertainty import Calibration, build_head
 
 
@@ -88,6 +89,7 @@ class TorchPredictor:
         self.dtype = inference_dtype(self.device, arithmetic)
         self.compute = "bf16" if self.dtype == torch.bfloat16 else "f32"  # recorded in metrics.json
         self.model.to(self.device)
+        use_fused_groupnorm(self.model, kernel_choice(self.device).groupnorm)
         self.xray_size = cfg.model.xray_size
         # the ray geometry the refiner was trained on (models from before re-projection guidance: cone)
         self.geometry = cfg.model.reprojection if cfg.model.reprojection != "off" else "cone"

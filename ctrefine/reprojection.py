@@ -159,18 +159,35 @@ def xray_residual(projector: SliceProjector, volume: torch.Tensor, xrays: torch.
     return target - fit_affine(projector(volume), target)
 
 
-def sirt_step(projector: SliceProjector, volume: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
+def sirt_step(projector: SliceProjector, volume: torch.Tensor, xrays: torch.Tensor,
+              weighting: str = "uniform") -> torch.Tensor:
     """One SIRT update ``(B, 1, N, N, N)`` (model-space units) towards explaining both radiographs.
 
     The residual is mapped back to line integrals with the fitted gain (normalised images carry no
     physical scale), divided by each ray's length, back-projected with the path weights of both views
     together, and divided by each voxel's total weight.
+
+    ``weighting="uniform"`` spreads each ray's deficit evenly along it: a feature seen in one view lands
+    at every depth of its ray (a streak across the lungs for a rib). ``"density"`` spreads it in
+    proportion to the volume's own attenuation along the ray (the multiplicative, MLEM-like form: the
+    deficit is divided by the ray's integral of ``volume`` instead of its length, and the back-projection
+    multiplied by ``volume``), so air and lung receive little and tissue and bone most; both change each
+    ray's integral by the same first-order amount.
     """
+    if weighting not in ("uniform", "density"):
+        raise ValueError(f"weighting must be 'uniform' or 'density', got {weighting!r}")
     target = pool_to(xrays, projector.image_size)
-    fitted, gain = _affine(projector(volume), target)
+    proj = projector(volume)
+    fitted, gain = _affine(proj, target)
     deficit = (target - fitted) / gain.clamp_min(1e-6)  # line integral the volume lacks along each ray
-    back = projector.backproject(deficit / projector.ray_sum * projector.w).sum(1, keepdim=True)
-    return back / projector.voxel_sum
+    if weighting == "uniform":
+        back = projector.backproject(deficit / projector.ray_sum * projector.w).sum(1, keepdim=True)
+        return back / projector.voxel_sum
+    # the volume's own integral along each ray (ray_sum is that of a unit volume: a volume of ones gets the
+    # uniform update exactly); floored so a ray through air does not divide by zero
+    along = proj.clamp_min(1e-3 * projector.ray_sum)
+    back = projector.backproject(deficit / along * projector.w).sum(1, keepdim=True)
+    return volume.float() * back / projector.voxel_sum
 
 
 def xray_consistency(projector: SliceProjector, volume: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ctrefine.metrics import all_metrics
 def checkpoints(tmp_path_factory):
     """cpu-small models with a non-zero refiner head (so refined != coarse), saved like the trainer does."""
     root = tmp_path_factory.mktemp("ckpt")
-    cfg = load_config("configs/cpu-small.json")
+    cfg = load_config("cpu-small")
     torch.manual_seed(0)
     base, refiner = build_models(cfg)
     with torch.no_grad():

@@ -78,60 +78,64 @@ def test_hand_values_through_kernels():
     const = torch.full_like(zero, 0.5)
     assert Fn.laplacian_l1_kernel(const, zero).item() == 0.0
     assert Fn.spectral_l1_kernel(const, const.clone()).item() == 0.0
-    # |L(w^2)| = 2 in the interior; on the two W faces the one-sided stencil gives other values
+    # L(w^2) with the 7-point stencil and replicate padding: 2 inside; at w = 0, 0 + 1 - 0 = 1; at w = n - 1,
+    # (n-2)^2 + (n-1)^2 - 2 (n-1)^2 = -(2n - 3) = -15. Mean |L| over the W axis: (2 (n - 2) + 1 + 15) / n
     sq = (w**2)[None, None]
-    lap = Fn.laplacian_l1_kernel(sq, zero).item()
-    assert lap == pytest.approx(R.laplacian_l1(sq, zero).item(), rel=1e-6)
+    hand = (2 * (n - 2) + 1 + (2 * n - 3)) / n
+    assert Fn.laplacian_l1_kernel(sq, zero).item() == pytest.approx(hand, rel=1e-6)
+    assert R.laplacian_l1(sq, zero).item() == pytest.approx(hand, rel=1e-6)
 
 
 def test_dispatch(monkeypatch):
+    """The loss functions run the kernel exactly when they are told to: nothing is read per call."""
     p, t = inputs((1, 1, 5, 6, 7), torch.float32, seed=5)
     calls = []
     monkeypatch.setattr(Fn, "laplacian_l1_kernel", lambda a, b: calls.append("k") or R.laplacian_l1(a, b))
-    monkeypatch.setenv("CTREFINE_KERNELS", "0")
+    monkeypatch.setenv("CTREFINE_KERNELS", "1")  # the environment is not consulted here
     Fn.laplacian_l1(p, t)
     assert calls == []
-    monkeypatch.setenv("CTREFINE_KERNELS", "1")
-    Fn.laplacian_l1(p, t)
+    Fn.laplacian_l1(p, t, kernels=True)
     assert calls == ["k"]
+
+
+def test_kernel_choice(monkeypatch):
+    """Made once per run from CTREFINE_KERNELS and the device: forced modes cover every family, auto picks
+    the CUDA table on CUDA only, a kernel module that does not import on CUDA is an error naming the fix."""
+    from ctrefine import device as dev
+    from ctrefine.errors import ConfigError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setenv("CTREFINE_KERNELS", "0")
+    assert dev.kernel_choice(cpu) == dev.kernel_choice(cuda) == dev.Kernels(False, False)
+    monkeypatch.setenv("CTREFINE_KERNELS", "1")  # TRITON_INTERPRET=1 (conftest): the kernels run on the CPU
+    assert dev.kernel_choice(cpu) == dev.Kernels(True, True)
     monkeypatch.setenv("CTREFINE_KERNELS", "auto")
-    calls.clear()
-    Fn.laplacian_l1(p, t)
-    assert calls == (["k"] if p.is_cuda else [])
+    assert dev.kernel_choice(cpu) == dev.Kernels(False, False)
+    monkeypatch.setattr(dev, "kernels_import_error", lambda: None)
+    assert dev.kernel_choice(cuda) == dev.Kernels(**dev.AUTO_ON_CUDA)
+    monkeypatch.setattr(dev, "kernels_import_error", lambda: "ImportError: no module named triton")
+    with pytest.raises(ConfigError, match="no module named triton.*CTREFINE_KERNELS=0"):
+        dev.kernel_choice(cuda)
+    assert dev.kernel_choice(cpu) == dev.Kernels(False, False)  # a CPU never needed them
     monkeypatch.setenv("CTREFINE_KERNELS", "maybe")
-    with pytest.raises(ValueError, match="CTREFINE_KERNELS"):
-        Fn.laplacian_l1(p, t)
+    with pytest.raises(ConfigError, match="CTREFINE_KERNELS"):
+        dev.kernel_choice(cpu)
 
 
-def test_dispatch_per_family(monkeypatch):
-    """auto follows the per-family measurement; a forced mode covers every family; a typo is an error."""
-    from ctrefine.device import AUTO_ON_CUDA, use_kernels
-
-    x = torch.zeros(1)
-    monkeypatch.setenv("CTREFINE_KERNELS", "auto")
-    assert set(AUTO_ON_CUDA) == {"loss", "groupnorm"} and AUTO_ON_CUDA["groupnorm"] is False
-    assert not use_kernels(x, "groupnorm") and not use_kernels(x, "loss")  # CPU tensors: the references
-    monkeypatch.setenv("CTREFINE_KERNELS", "1")
-    assert use_kernels(x, "groupnorm") and use_kernels(x, "loss")
-    with pytest.raises(ValueError, match="kernel family"):
-        use_kernels(x, "norm")
-
-
-def test_training_loss_same_numbers_both_paths(monkeypatch):
+def test_training_loss_same_numbers_both_paths():
     from ctrefine.losses.loss import DetailRefinementLoss
 
     g = torch.Generator().manual_seed(6)
     p, t, c = (torch.rand(2, 1, 8, 8, 8, generator=g).to(DEVICE) for _ in range(3))
     xr = torch.rand(2, 2, 1, 8, 8, generator=g).to(DEVICE)
     out = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("CTREFINE_KERNELS", mode)
+    for kernels in (False, True):
         q = p.clone().requires_grad_()
-        total, terms = DetailRefinementLoss()(q, t, c, xr)
+        total, terms = DetailRefinementLoss(kernels=kernels)(q, t, c, xr)
         total.backward()
-        out[mode] = (total.detach(), q.grad)
-    torch.testing.assert_close(out["0"][0], out["1"][0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out["0"][1], out["1"][1], atol=1e-7, rtol=1e-4)
+        out[kernels] = (total.detach(), q.grad)
+    torch.testing.assert_close(out[False][0], out[True][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[False][1], out[True][1], atol=1e-7, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------- GroupNorm + SiLU
@@ -174,17 +178,17 @@ def test_group_norm_silu_matches_reference(shape, dtype):
         torch.testing.assert_close(k.float() / scale, r.float() / scale, **GN_TOL[dtype], msg=name)
 
 
-def test_group_norm_silu_under_autocast_returns_what_the_reference_does(monkeypatch):
+def test_group_norm_silu_under_autocast_returns_what_the_reference_does():
     """Under CUDA autocast GroupNorm runs in fp32 and returns fp32 (CPU autocast keeps bf16); the kernel
     path returns the same dtype and values."""
-    from ctrefine.models.norm import GroupNormSiLU
+    from ctrefine.models.norm import GroupNormSiLU, use_fused_groupnorm
 
-    monkeypatch.setenv("CTREFINE_KERNELS", "1")
     m = GroupNormSiLU(2, 4).to(DEVICE)
     x = torch.randn(2, 4, 3, 4, 5, device=DEVICE).to(torch.bfloat16)
+    assert use_fused_groupnorm(m, True) == 1
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = m(x)
-    monkeypatch.setenv("CTREFINE_KERNELS", "0")
+    use_fused_groupnorm(m, False)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         r = m(x)
     assert y.dtype == r.dtype == (torch.float32 if CUDA else torch.bfloat16)

@@ -1,10 +1,8 @@
-import math
-
 import pytest
 import torch
 
 from ctrefine.config import Config, ConfigError, load_config, resolve
-from ctrefine.models import build_models
+from ctrefine.models import build_models, describe
 from ctrefine.models.base import BaseReconstructor
 from ctrefine.fourier import dft_matrices
 from ctrefine.models.blocks import FrequencyAttention, apply_spectral_gain, lift_view, matmul_transforms
@@ -119,10 +117,17 @@ def test_config_validation(tmp_path):
         load_config(tmp_path / "missing.json")
 
 
-def test_cpu_small_and_full_presets_load():
-    for name in ("cpu-small", "full"):
-        cfg = load_config(f"configs/{name}.json")
-        assert cfg.model.volume_size in (32, 64) and math.isfinite(cfg.training.learning_rate)
+# (base, refiner) parameters of each shipped preset: the mission's ~16M + ~5M at full size; a default that
+# changes them would make the shipped model files fail to load
+PRESET_PARAMETERS = {"full": (15_247_265, 5_049_379), "cpu-medium": (955_433, 210_915), "cpu-small": (955_433, 210_915)}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_PARAMETERS))
+def test_presets_build_the_models_they_promise(name):
+    cfg = load_config(name)
+    counts = tuple(sum(p.numel() for p in m.parameters()) for m in build_models(cfg))
+    assert counts == PRESET_PARAMETERS[name]
+    assert f"{counts[0]:,d} parameters" in describe(cfg, name) and f"{counts[1]:,d} parameters" in describe(cfg, name)
 
 
 @pytest.mark.parametrize("which", ["base", "refiner"])

@@ -92,15 +92,37 @@ def test_sirt_step_moves_a_blurred_volume_towards_the_truth(tiny_dataset):
     blurred = (vol - highpass(vol.double(), 1.5).float()).clamp(0, 1)
     dimmed = 0.9 * blurred  # and too little attenuation overall: what the projections see best
     for start in (blurred, dimmed):
-        after = (start + sirt_step(p, start, xr)).clamp(0, 1)
-        assert xray_consistency(p, after, xr) < 0.7 * xray_consistency(p, start, xr)
-        assert psnr(after, vol) > psnr(start, vol)
+        for weighting in ("uniform", "density"):
+            after = (start + sirt_step(p, start, xr, weighting)).clamp(0, 1)
+            assert xray_consistency(p, after, xr) < 0.7 * xray_consistency(p, start, xr), weighting
+            assert psnr(after, vol) > psnr(start, vol), weighting
 
 
-def test_refiner_data_consistency_starts_as_the_identity_and_learns():
+def test_density_weighted_step_places_the_deficit_where_the_attenuation_is(tiny_dataset):
+    """A volume of ones gets the uniform step exactly; on a patient, the density-weighted step puts a smaller
+    share of its update into the lung and air (where a rib's deficit smeared along the ray would be wrong)."""
+    from ctrefine.conventions import hu_to_model
+    from ctrefine.reprojection import sirt_step
+
+    p = SliceProjector(32, 32, "cone")
+    vol, xr = _patient(tiny_dataset, "patient_0004")
+    ones = torch.ones_like(vol)
+    torch.testing.assert_close(sirt_step(p, ones, xr, "density"), sirt_step(p, ones, xr, "uniform"))
+    start = 0.9 * vol
+    low = start < float(hu_to_model(-500.0))  # air and lung
+    share = {w: float(sirt_step(p, start, xr, w).abs()[low].sum() / sirt_step(p, start, xr, w).abs().sum())
+             for w in ("uniform", "density")}
+    assert share["density"] < 0.5 * share["uniform"], share
+    with pytest.raises(ValueError, match="weighting"):
+        sirt_step(p, start, xr, "random")
+
+
+@pytest.mark.parametrize("variant", [{}, {"dc_weighting": "density", "residual_fusion": "views+product"}])
+def test_refiner_data_consistency_starts_as_the_identity_and_learns(variant):
     from ctrefine.models.refiner import DetailRefinementNetwork
 
-    net = DetailRefinementNetwork(16, 8, 4, 4, 1, "cone", data_consistency_steps=2)
+    net = DetailRefinementNetwork(16, 8, 4, 4, 1, "cone", data_consistency_steps=2, **variant)
+    assert net.stem[0].in_channels == 2 + 4 + (3 if variant else 2)  # coarse, high-pass, guidance, residuals
     c, x = torch.rand(2, 1, 16, 16, 16), torch.rand(2, 2, 1, 32, 32)
     out = net(c, x)
     assert torch.equal(out, c)  # untrained: the coarse volume, bit for bit

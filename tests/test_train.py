@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctrefine.config import ds_config_path, preset_path
 from ctrefine.data.dataset import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = str(REPO / "configs" / "cpu-small.json")
-DS = str(REPO / "ds_config.json")
+CFG = str(preset_path("cpu-small"))
+DS = str(ds_config_path())
 pytestmark = pytest.mark.slow
 
 

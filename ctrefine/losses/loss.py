@@ -32,16 +32,17 @@ class ReconstructionLoss(nn.Module):
 class DetailRefinementLoss(nn.Module):
     """``forward(refined, target, coarse, xrays=None) -> (total, {term: value})``; zero-weight terms are
     skipped. ``xrays`` (normalised, ``(B, 2, 1, S, S)``) is needed only by ``xray_consistency``, which
-    re-projects in ``geometry`` (the dataset's: ``cone`` or ``parallel``).
+    re-projects in ``geometry`` (the dataset's: ``cone`` or ``parallel``). ``kernels``: the Triton loss
+    kernels instead of their references (the run's :class:`ctrefine.device.Kernels`, decided once).
 
     With ``adversarial`` > 0 the loss owns an :class:`~ctrefine.losses.adversarial.AdversarialCritic`
     (``self.critic``, else None); the training stage calls :meth:`train_critic` once per step, before
     this loss, and keeps the critic's state in its checkpoints."""
 
     def __init__(self, weights: dict | None = None, geometry: str = "cone", device: torch.device | str = "cpu",
-                 projector: SliceProjector | None = None):
+                 projector: SliceProjector | None = None, kernels: bool = False):
         super().__init__()
-        self.geometry = geometry
+        self.geometry, self.kernels = geometry, kernels
         # the run's re-projector when the caller has one (the refine stage shares its own with validation)
         self._projectors: dict = {} if projector is None else {(projector.volume_size, projector.ray_sum.device): projector}
         w = dict(DEFAULT_WEIGHTS)
@@ -73,7 +74,7 @@ class DetailRefinementLoss(nn.Module):
 
     def forward(self, refined: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor,
                 xrays: torch.Tensor | None = None):
-        ctx = TermContext(xrays, None if xrays is None else self.projector(refined), self.critic)
+        ctx = TermContext(xrays, None if xrays is None else self.projector(refined), self.critic, self.kernels)
         terms = {k: TERMS[k].fn(refined, target, coarse, ctx) for k, w in self.weights.items() if w > 0}
         total = sum(self.weights[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}

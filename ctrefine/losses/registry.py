@@ -49,6 +49,7 @@ class TermContext:
     images: torch.Tensor | None = None
     projector: SliceProjector | None = None
     critic: AdversarialCritic | None = None
+    kernels: bool = False  # the Triton loss kernels instead of their references (the run's device.Kernels.loss)
 
 
 # term(refined, target, coarse, context) -> scalar tensor
@@ -92,9 +93,9 @@ class LossTerm:
 
 TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("l1", 1.0, lambda r, t, c, x: _reference().l1(r, t), "mean |refined - truth|"),
-    LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t),
+    LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t, x.kernels),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
-    LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t),
+    LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t, x.kernels),
              "L1 of the 3D Laplacians (Triton kernel on CUDA)"),
     # Also accepted as "perceptual"; no pretrained weights exist here, so it is named for what it is.
     LossTerm("texture", 0.2, lambda r, t, c, x: _reference().local_stats_loss(r, t),

@@ -82,7 +82,7 @@ class DetailRefinementNetwork(nn.Module):
 
     def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
                  freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone", data_consistency_steps: int = 0,
-                 xray_guidance: str = "image+laplacian"):
+                 xray_guidance: str = "image+laplacian", dc_weighting: str = "uniform", residual_fusion: str = "views"):
         super().__init__()
         if volume_size % 4:
             raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
@@ -102,7 +102,12 @@ class DetailRefinementNetwork(nn.Module):
             raise ValueError("data-consistency steps need a re-projection geometry (reprojection='off')")
         # step sizes start at 0: the identity at initialisation (no parameter at all without steps: older files)
         self.dc_step = nn.Parameter(torch.zeros(data_consistency_steps)) if data_consistency_steps else None
-        n_res = 0 if self.projector is None else 2
+        if dc_weighting not in ("uniform", "density"):
+            raise ValueError(f"dc_weighting must be uniform or density, got {dc_weighting!r}")
+        if residual_fusion not in ("views", "views+product"):
+            raise ValueError(f"residual_fusion must be views or views+product, got {residual_fusion!r}")
+        self.dc_weighting, self.residual_product = dc_weighting, residual_fusion == "views+product"
+        n_res = 0 if self.projector is None else 2 + self.residual_product
         self.stem = conv_norm_act(2 + g + n_res, c0, 3)
         if n_res:
             self.inject1, self.inject2 = nn.Conv3d(n_res, c1, 1), nn.Conv3d(n_res, c2, 1)
@@ -127,13 +132,19 @@ class DetailRefinementNetwork(nn.Module):
             return coarse
         x = coarse.float()
         for step in self.dc_step:
-            x = torch.clamp(x + DC_STEP_SCALE * step.float() * sirt_step(self.projector, x, xrays), 0.0, 1.0)
+            x = torch.clamp(x + DC_STEP_SCALE * step.float() * sirt_step(self.projector, x, xrays,
+                                                                                   self.dc_weighting), 0.0, 1.0)
         return x.to(coarse.dtype)
 
     def reprojection_guidance(self, coarse: torch.Tensor, xrays: torch.Tensor) -> list[torch.Tensor]:
         """Each view's re-projection residual of ``coarse`` back along its rays, ``(B, 2, V, V, V)`` at full,
-        half and quarter resolution (computed in float32: CPU pooling has no bf16 kernel)."""
+        half and quarter resolution (computed in float32: CPU pooling has no bf16 kernel); with
+        ``residual_fusion="views+product"`` a third channel, the two back-projections' product. A PA ray and
+        a lateral ray at the same height cross at one voxel, so the product is large only where *both* views
+        miss attenuation: where along each ray the deficit lies, which neither view says alone."""
         bp = RESIDUAL_GAIN * self.projector.backproject(xray_residual(self.projector, coarse.float(), xrays))
+        if self.residual_product:
+            bp = torch.cat([bp, bp[:, :1] * bp[:, 1:]], dim=1)
         return [v.to(coarse.dtype) for v in (bp, F.avg_pool3d(bp, 2), F.avg_pool3d(bp, 4))]
 
     def residual(self, coarse: torch.Tensor, xrays: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,13 +34,14 @@ import torch
 from ..checkpoint import load_weights_into
 from ..models import BUILDERS
 from ..config import Config, ds_config_path, load_config, read_json_object
-from ..device import DevicePolicy, env_int, free_port, kernel_mode, rank_device
+from ..device import DevicePolicy, env_int, free_port, has_cuda, kernel_mode, rank_device
 from ..data.augment import augment_radiographs
 from ..data.dataset import CTDataset, DatasetHeader, ResidentSplit, read_splits
 from ..data.io import write_json
 from ..errors import OneLineParser, UserError, run_main
 from ..outputs import path_lock
 from ..models.layout import channels_last_layers, conv_widths
+from ..models.norm import use_fused_groupnorm
 from .checkpointing import Checkpointer
 from .ds_config import check_ds_config
 from .engine import PlainEngine, checkpoint_engine, choose_engine
@@ -131,7 +132,7 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if has_cuda():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
@@ -140,7 +141,7 @@ def set_rng_state(st: dict) -> None:
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
+    if "cuda" in st and has_cuda():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
@@ -198,7 +199,8 @@ def _stop_if_not_finite(bad: torch.Tensor, steps: int, epoch: int, global_step: 
 
 
 def _apply_layout(model, policy: DevicePolicy, t, stage: str, rank: int) -> None:
-    """Channels-last convolutions and compilation, as the policy decides for this model."""
+    """Fused kernels, channels-last convolutions and compilation, as the policy decides for this model."""
+    use_fused_groupnorm(model, policy.kernels.groupnorm)
     if policy.use_channels_last(conv_widths(model), t.channels_last):
         channels_last_layers(model)
         if rank == 0:

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
 from .. import metrics, pretrained
 from ..models import build_base, build_refiner
+from ..models.norm import use_fused_groupnorm
 from ..reprojection import SliceProjector, xray_consistency
 
 # per-epoch validation: MAE adds nothing PSNR does not show; HF-PSNR says whether the detail is right
@@ -161,6 +162,7 @@ class RefineStage(Stage):
         # fp32 weights, bit-identical to the file; bf16 runs use autocast instead of casting it
         self.frozen = mf.build().to(self.device)
         self.frozen.requires_grad_(False)
+        use_fused_groupnorm(self.frozen, self.policy.kernels.groupnorm)
         # Augmented radiographs change from step to step, and the coarse volume the refiner corrects must
         # come from the same radiographs it reads (as at inference): recompute it then for the training
         # set (datasets[0]), cache it otherwise; validation inputs are never augmented, so always cached.
@@ -170,7 +172,7 @@ class RefineStage(Stage):
         # one re-projector for the run: the loss's X-ray consistency term and validation's figures
         self.projector = SliceProjector(self.cfg.model.volume_size, geometry=datasets[0].header.geometry).to(self.device)
         self.criterion = DetailRefinementLoss(self.cfg.loss_weights(), datasets[0].header.geometry, self.device,
-                                              projector=self.projector)
+                                              projector=self.projector, kernels=self.policy.kernels.loss)
         return build_refiner(self.cfg)
 
     @torch.no_grad()
