@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from scipy import ndimage
 
     from ctrefine.data.dataset import CTDataset
-    from ctrefine.data.io import read_json
+    from ctrefine.jsonio import read_json
     from ctrefine.metrics import psnr
     from ctrefine.outputs import atomic_file
     from ctrefine.pipeline import load_two_stage

@@ -19,7 +19,7 @@ import torch
 
 from ctrefine.conventions import model_to_hu
 from ctrefine.data.dataset import CTDataset
-from ctrefine.data.io import read_json
+from ctrefine.jsonio import read_json
 from ctrefine.metrics import label_metrics, psnr
 from ctrefine.pipeline import TorchPredictor
 from ctrefine.viz import _pyplot, _save

@@ -26,7 +26,7 @@ import torch
 
 from ctrefine import pretrained
 from ctrefine.checkpoint import ModelFile, load_model_file, save_model_file
-from ctrefine.data.io import read_json
+from ctrefine.jsonio import read_json
 from ctrefine.infer import evaluate_dataset
 from ctrefine.models import build_refiner
 from ctrefine.pipeline import TorchPredictor, TwoStage

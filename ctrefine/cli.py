@@ -179,9 +179,45 @@ def _cmd_demo(a) -> int:
     return 0
 
 
-def _cmd_train(argv) -> int:
-    from .training.driver import main
-    return main(argv)
+def _cmd_train(a) -> int:
+    from .training.driver import run
+    return run(a)
+
+
+TRAIN_EPILOG = """\
+Launch (ZeRO-2 + bf16 from the shipped ds_config.json; batch size and LR always come from the ctrefine config):
+
+  # one or more GPUs on this machine
+  deepspeed --num_gpus 4 --module ctrefine.train base   --config full
+  deepspeed --num_gpus 4 --module ctrefine.train refine --config full
+  # several machines: a hostfile with lines "node1 slots=8"
+  deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 --module ctrefine.train refine --config full
+  # CPU (gloo): --num_gpus sets the number of ranks; one thread per rank
+  OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --module ctrefine.train base --config cpu-small
+  # a plain single process (no launcher)
+  ctrefine train base --config cpu-small
+
+Outputs under <checkpoint.dir>/<stage>/: config.json (resolved), train_log.csv, val_log.csv, checkpoints and
+best_model.pt. A rerun resumes from latest.json (--resume never refuses a folder that holds a run)."""
+
+
+def _add_train(p) -> None:
+    p.add_argument("stage", choices=("base", "refine"), help="base: train the reconstructor; refine: train the "
+                                                              "refiner on the frozen base")
+    p.add_argument("--config", required=True, help="preset name (cpu-small, cpu-medium, full) or a JSON file")
+    _flag(p, "deepspeed-config", default=None, help="DeepSpeed JSON (default: the shipped ds_config.json: ZeRO-2, bf16)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.num_epochs=2 (VALUE is JSON)")
+    p.add_argument("--resume", choices=("auto", "never"), default="auto",
+                   help="auto: continue from latest.json when present (default); never: refuse to reuse a directory")
+    p.add_argument("--stop-after-epochs", type=_positive, default=None,
+                   help="stop this invocation after N epochs (the schedule still spans the stage's epochs); for "
+                        "splitting a run across jobs")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto (default): ds_config's bf16 where the hardware has it (GPUs, CPUs with AMX / "
+                        "AVX512-BF16), else fp32; bf16 / fp32 force one")
+    _flag(p, "no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -379,6 +415,11 @@ def _commands() -> dict:
                         "interval holds 90 %, and write the refiner's model file with the head: infer then writes "
                         "uncertainty.nii.gz / *_std.nii.gz, the viewer shows the layer, export-onnx adds its outputs. "
                         "The demo runs it after training its refiner.")),
+        "train": (_add_train, _cmd_train, dict(
+            help="train a stage (base or refine): one process here, several through the deepspeed launcher",
+            description="Train one stage with DeepSpeed (ZeRO + bf16) or, on one device, the plain engine; "
+                        "resumes where the last complete checkpoint left off.",
+            epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)),
         "demo": (_add_demo, _cmd_demo, dict(
             help="the main job: data -> base -> refiner -> ONNX -> inference, with a summary table",
             description="Generate a synthetic dataset, take the shipped frozen base (or train one), train the "
@@ -398,21 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
         parser = sub.add_parser(name, **about)
         add_arguments(parser)
         parser.set_defaults(func=command)
-    sub.add_parser("train", help="train a stage in one process (multi-GPU: the deepspeed launcher); see ctrefine "
-                   "train --help", add_help=False)
     return p
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
+    kept = ("the last complete checkpoint (latest.json) is where a rerun resumes" if argv[:1] == ["train"] else
+            "outputs are written atomically: nothing half-written was left")
+
     def work() -> int:
-        if argv[:1] == ["train"]:  # pass everything through, --help included
-            return _cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
 
-    return run_main("ctrefine", work, "outputs are written atomically: nothing half-written was left")
+    return run_main("ctrefine", work, kept)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def resolve(overrides: dict | None = None) -> Config:
 
 def read_json_object(path, error=ConfigError) -> dict:
     """Read a JSON file that must hold an object; problems become one-line ``error``."""
-    from .data.io import read_json  # the one JSON reader (imported here: loading the schema needs no NIfTI I/O)
+    from .jsonio import read_json  # the one JSON reader
 
     path = Path(path)
     if not path.is_file():

@@ -38,7 +38,8 @@ import torch
 from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
 from .data.dataset import MEAN_VOLUME, CTDataset, iter_items, mean_volume, read_splits
 from .data.dicom import write_series
-from .data.io import load_radiograph, radiograph_values, save_nifti, square_resize, write_json
+from .data.io import load_radiograph, radiograph_values, save_nifti, square_resize
+from .jsonio import write_json
 from .errors import DataError
 from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
 from .metrics import psnr

@@ -20,7 +20,7 @@ from . import pretrained
 from .config import ds_config_path, load_config, preset_path
 from .device import free_port, gpu_count, has_cuda, inference_device, kernel_mode, usable_cores
 from .errors import UserError
-from .data.io import read_json, write_json
+from .jsonio import read_json, write_json
 from .outputs import check_writable, sha256_file
 
 

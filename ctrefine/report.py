@@ -95,13 +95,6 @@ def error_budget(per_patient: dict) -> dict[str, dict[str, float]]:
             for k, v in sorted(sums["refined"].items(), key=lambda kv: -kv[1]) if v > 0}
 
 
-def patient_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> dict:
-    """``{stage: {metric: value}}`` for one patient; ``vols`` maps stages to model-space ``(1, D, H, W)``."""
-    t5 = truth[None] if truth.dim() == 4 else truth
-    return batch_metrics({k: v[None] if v.dim() == 4 else v for k, v in vols.items()}, t5,
-                         None if labels is None else [labels], table)[0]
-
-
 def _stats(values) -> tuple[float, float, int]:
     v = np.array([x for x in values if not math.isnan(x)], float)
     return (float(v.mean()), float(v.std()), len(v)) if len(v) else (float("nan"), float("nan"), 0)

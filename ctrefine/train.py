@@ -1,12 +1,12 @@
 """``python -m ctrefine.train`` / ``deepspeed --module ctrefine.train``: the training entry point.
 
-The driver lives in :mod:`ctrefine.training.driver` (its docstring has every launch command); the
-stages in :mod:`ctrefine.training.stages`. This module exists so the launcher's ``--module`` target
-is short and stable.
+``ctrefine train`` under another name: the options are parsed by :mod:`ctrefine.cli` (``ctrefine train
+--help`` lists them and every launch command), the driver is :mod:`ctrefine.training.driver`. This module
+exists so the launcher's ``--module`` target is short and stable.
 """
 import sys
 
-from .training.driver import main
+from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -156,7 +156,7 @@ def cases_from_paths(paths) -> list[Case]:
     """What `ctrefine view` shows: an ``infer`` result folder (every patient folder in it, with its
     metrics), a patient folder of one, or NIfTI files (each a case; a radiograph result's ``_coarse`` and
     ``_std`` companions join it as layers)."""
-    from .data.io import read_json
+    from .jsonio import read_json
 
     cases = []
     for path in map(Path, paths):

@@ -5,7 +5,8 @@ import nibabel as nib
 import numpy as np
 
 from ctrefine.cli import main
-from ctrefine.data.io import load_nifti, read_json, save_nifti
+from ctrefine.data.io import load_nifti, save_nifti
+from ctrefine.jsonio import read_json
 from ctrefine.data.phantoms import chest_phantom
 from ctrefine.conventions import canonical_affine
 

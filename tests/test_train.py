@@ -195,7 +195,7 @@ def test_bad_config_one_line_error(case, data12, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ctrefine.train: error:"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("ctrefine: error:"), r.stderr
     expect = {"unknown_key": "training.batchsize", "bad_type": "learning_rate", "missing_base": "trained base",
               "no_split": "splits.json"}[case]
     assert expect in lines[0]

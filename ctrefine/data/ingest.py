@@ -22,7 +22,8 @@ from .dataset import FORMAT_VERSION, DatasetHeader, MEAN_VOLUME, check_dataset_d
 from .dicom import load_series
 from ..outputs import LOCK_NAME, folder_lock
 from ..errors import DataError
-from .io import load_nifti, read_json, write_json
+from ..jsonio import read_json, write_json
+from .io import load_nifti
 from .phantoms import LABELS
 from .projector import Geometry
 

@@ -14,7 +14,6 @@ a half-written file under the final name.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +24,7 @@ from ..outputs import atomic_file
 from .dicom import read_dicom
 from .limits import MAX_IMAGE_PIXELS, MAX_VOLUME_VOXELS, check_declared_size
 
-__all__ = ["save_nifti", "load_nifti", "write_json", "read_json", "load_radiograph", "square_resize", "xray_affine"]
+__all__ = ["save_nifti", "load_nifti", "load_radiograph", "square_resize", "xray_affine"]
 
 
 def save_nifti(path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
@@ -122,27 +121,6 @@ def orient_radiograph(img: np.ndarray, affine: np.ndarray, path, view: str | Non
     if d1[ax1] > 0:  # columns must run towards the patient's left (-x) / posterior (-y)
         img = img[:, ::-1]
     return np.ascontiguousarray(img)
-
-
-def write_json(path, obj) -> None:
-    """Write JSON atomically (sorted keys, indented)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path, error=DataError) -> dict:
-    """A JSON object from ``path``; an empty, damaged or non-object file is a one-line ``error`` (the one
-    JSON reader: datasets, runs, records, and the config files through :func:`ctrefine.config.read_json_object`)."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}; an empty or damaged file?)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: cannot read ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
-    if not isinstance(raw, dict):
-        raise error(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return raw
 
 
 def load_radiograph(path, convention: str = "attenuation", view: str | None = None) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import DataError
-from .io import read_json
+from ..jsonio import read_json
 from .phantoms import L, Scan, chest_phantom
 
 BONE_LABELS = ("rib", "vertebra", "other_bone")
@@ -273,7 +273,7 @@ def realism_report(datasets, out: str | None = None, max_patients: int | None = 
     """``ctrefine realism``: measure each dataset, print the table; with ``out`` also write ``OUT.md`` and
     ``OUT.json`` (together or not at all, an existing one only with ``overwrite``). Returns the summaries."""
     from ..outputs import atomic_files, claim_output_file
-    from .io import write_json
+    from ..jsonio import write_json
 
     outs = [Path(out + ext) for ext in (".md", ".json")] if out else []
     for path in outs:

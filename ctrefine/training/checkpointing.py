@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint import checkpoint_globals, export_fp32, save_model_file
 from ..config import Config, upgrade_stored
-from ..data.io import read_json, write_json
+from ..jsonio import read_json, write_json
 from ..errors import UserError
 from ..outputs import write_failure
 

@@ -1,20 +1,9 @@
 """One DeepSpeed driver for both stages: ``base`` (X-rays -> coarse CT) and ``refine`` (frozen base +
-DetailRefinementNetwork).
+DetailRefinementNetwork), run by ``ctrefine train`` / ``deepspeed --module ctrefine.train`` (every launch
+command is in :data:`ctrefine.cli.TRAIN_EPILOG`, which ``ctrefine train --help`` prints; the options are
+parsed there, the one parser).
 
-Launch (ZeRO-2 + bf16 from ds_config.json; batch size and LR always come from the ctrefine config)::
-
-    # one or more GPUs on this machine
-    deepspeed --num_gpus 4 --module ctrefine.train base   --config full --deepspeed_config ds_config.json
-    deepspeed --num_gpus 4 --module ctrefine.train refine --config full --deepspeed_config ds_config.json
-    # several machines: a hostfile with lines "node1 slots=8"
-    deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 --module ctrefine.train refine --config full
-    # CPU (gloo): --num_gpus sets the number of ranks; one thread per rank
-    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --module ctrefine.train base --config cpu-small
-    # a plain single process (no launcher)
-    python -m ctrefine.train base --config cpu-small
-
-``--config`` takes a shipped preset name (cpu-small, cpu-medium, full) or a JSON file. Outputs under
-``<checkpoint.dir>/<stage>/``: ``config.json`` (resolved), ``train_log.csv`` (per logged step),
+Outputs under ``<checkpoint.dir>/<stage>/``: ``config.json`` (resolved), ``train_log.csv`` (per logged step),
 ``val_log.csv`` (per epoch), checkpoints and the best model file (:mod:`.checkpointing`). A rerun
 resumes from ``latest.json`` (``--resume never`` refuses a directory that holds a run).
 """
@@ -37,8 +26,8 @@ from ..config import Config, ds_config_path, load_config, read_json_object
 from ..device import DevicePolicy, env_int, free_port, has_cuda, kernel_mode, rank_device
 from ..data.augment import augment_radiographs
 from ..data.dataset import CTDataset, DatasetHeader, ResidentSplit, read_splits
-from ..data.io import write_json
-from ..errors import OneLineParser, UserError, run_main
+from ..jsonio import write_json
+from ..errors import UserError
 from ..outputs import path_lock
 from ..models.layout import channels_last_layers, conv_widths
 from ..models.norm import use_fused_groupnorm
@@ -50,32 +39,6 @@ from .stages import STAGES, Stage
 
 
 # --------------------------------------------------------------------------------------------- setup
-def parse_args(argv=None):
-    p = OneLineParser(prog="ctrefine train", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=tuple(STAGES), help="base: train the reconstructor; refine: train the refiner on "
-                                                         "the frozen base")
-    p.add_argument("--config", required=True, help="preset name (cpu-small, cpu-medium, full) or a JSON file")
-    p.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", default=None,
-                   help="DeepSpeed JSON (default: the shipped ds_config.json: ZeRO-2, bf16)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set training.num_epochs=2 (VALUE is JSON)")
-    p.add_argument("--resume", choices=("auto", "never"), default="auto",
-                   help="auto: continue from latest.json when present (default); never: refuse to reuse a directory")
-    p.add_argument("--stop-after-epochs", type=int, default=None,
-                   help="stop this invocation after N epochs (the schedule still spans the stage's epochs); for "
-                        "splitting a run across jobs")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto (default): ds_config's bf16 where the hardware has it (GPUs, CPUs with AMX / "
-                        "AVX512-BF16), else fp32; bf16 / fp32 force one")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.stop_after_epochs is not None and args.stop_after_epochs < 1:
-        p.error(f"argument --stop-after-epochs: must be >= 1, got {args.stop_after_epochs}")
-    return args
-
-
 def validate(cfg: Config, stage: type[Stage], ds_config) -> dict:
     """Every check that can fail, before any file is written. Returns the DeepSpeed config dict."""
     data = Path(cfg.data.data_path)
@@ -489,9 +452,3 @@ def _run(args, hold: contextlib.ExitStack) -> int:
         print(f"[{args.stage}] done: best val {r.stage.score_key} {r.best:.3f} dB -> {r.out / 'best_model.pt'}",
               flush=True)
     return 0
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_main("ctrefine.train", lambda: run(args),
-                    "the last complete checkpoint (latest.json) is where a rerun resumes")

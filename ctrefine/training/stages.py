@@ -19,7 +19,7 @@ from ..checkpoint import load_model_file, state_fingerprint
 from ..config import Config
 from ..device import DevicePolicy
 from ..data.dataset import CTDataset, DatasetHeader, ResidentSplit, iter_batches
-from ..data.io import write_json
+from ..jsonio import write_json
 from ..errors import UserError
 from ..losses.loss import DetailRefinementLoss, ReconstructionLoss
 from .. import metrics, pretrained
