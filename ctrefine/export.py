@@ -30,9 +30,8 @@ from .device import onnx_precision
 from .errors import DataError, UserError
 from .models.blocks import matmul_transforms
 from .engines import installed_engines, onnx_feed, onnx_runner, set_onnx_metadata
-from .pipeline import OnnxPredictor, TorchPredictor, TwoStage
+from .pipeline import OnnxPredictor, TorchPredictor, TwoStage, split_psnr
 from .quantize import calibration_batches, quantize_int8
-from .report import split_psnr
 
 OPSET = 18
 PARITY_TOL = 1e-4  # fp32: max |ONNX - torch| in model space [0, 1]

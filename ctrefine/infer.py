@@ -43,9 +43,9 @@ from .jsonio import write_json
 from .errors import DataError
 from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
 from .metrics import psnr
-from .reprojection import SliceProjector, safety_gate
+from .pipeline import reconstruct_batch
 from .report import batch_metrics, metrics_text, summarize
-from .uncertainty import dataset_summary as uncertainty_summary, gated_std_hu, patient_figures
+from .uncertainty import dataset_summary as uncertainty_summary, patient_figures
 from .viewer import Case, write_viewer
 from .viz import comparison_png
 
@@ -107,21 +107,17 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
     table = ds.header.labels
     per_patient: dict[str, dict] = {}
     cases: list[Case] = []  # the viewer's patients: those that get a figure
-    cal = getattr(predictor, "uncertainty", None)  # calibrated uncertainty, when the refiner carries it
-    projector = None
     device = getattr(predictor, "device", torch.device("cpu"))  # metrics where the model ran
     with atomic_dir(output_dir, recheck=claim) as tmp, ThreadPoolExecutor(1) as writer:
         bar = tqdm(total=n, desc=f"infer ({predictor.kind})", unit="pt", disable=not progress)
         pending = []
         for items in iter_items(ds, range(n), batch_size):
             xrays = torch.stack([it["xrays"] for it in items])
-            coarse, ungated, coarse_std, refined_std = predictor.predict(xrays)
-            projector = projector or SliceProjector(coarse.shape[-1], geometry=predictor.geometry)
-            refined, records = safety_gate(projector, xrays, coarse, ungated, gate)
+            step = reconstruct_batch(predictor, xrays, gate)
             gt = torch.stack([it["ct"] for it in items])
-            found = _batch_figures(coarse, refined, ungated, gt, baseline, items, table, device)
-            stds = [None] * len(items) if cal is None else gated_std_hu(coarse_std, refined_std, records)
-            for it, c, r, m, rec, std in zip(items, coarse, refined, found, records, stds):
+            found = _batch_figures(step.coarse, step.refined, step.ungated, gt, baseline, items, table, device)
+            stds = step.std_hu or [None] * len(items)
+            for it, c, r, m, rec, std in zip(items, step.coarse, step.refined, found, step.records, stds):
                 m["gate"] = {**rec, "psnr_ungated": m.pop("psnr_ungated")}
                 if std is not None:
                     m["uncertainty"] = patient_figures(std, model_to_hu(r[0].numpy()), model_to_hu(it["ct"][0].numpy()))
@@ -139,6 +135,7 @@ def _evaluate(predictor, data_path, output_dir, num_patients, split, save_volume
         bar.close()
         summary = summarize(per_patient)
         summary.update(uncertainty_summary(per_patient))
+        cal = getattr(predictor, "uncertainty", None)  # calibrated uncertainty, when the refiner carries it
         summary.update({"uncertainty": NO_UNCERTAINTY if cal is None else cal.describe(),
                         "split": split, "data_path": str(data_path), "predictor": predictor.kind, "gate": gate,
                         "source": predictor.source, "precision": predictor.precision, "compute": predictor.compute,
@@ -336,17 +333,15 @@ class Reconstruction:
 def reconstruct(predictor, x: torch.Tensor, gate: bool = True, title: str = "radiographs") -> Reconstruction:
     """Both stages on one patient's prepared radiographs ``x`` ``(1, 2, 1, S, S)`` (:func:`prepare_radiographs`),
     through the safety gate; the uncertainty placed among the validation patients' where there is a head."""
-    cal = getattr(predictor, "uncertainty", None)
-    coarse, ungated, coarse_std, refined_std = predictor.predict(x)
-    v = ungated.shape[-1]
-    refined, (record,) = safety_gate(SliceProjector(v, geometry=predictor.geometry), x, coarse, ungated, gate)
-    refined_hu, std = model_to_hu(refined[0, 0].numpy()), None
-    if cal is not None:  # the trust signal without ground truth: this input's sigma among the validation patients'
-        std = gated_std_hu(coarse_std, refined_std, [record])[0]
+    step = reconstruct_batch(predictor, x, gate)
+    (record,), v = step.records, step.refined.shape[-1]
+    refined_hu, std = model_to_hu(step.refined[0, 0].numpy()), None
+    if step.std_hu is not None:  # the trust signal without ground truth: this input's sigma among the validation patients'
+        std = step.std_hu[0]
         mean_std = patient_figures(std, refined_hu, None)["mean_std_hu"]
-        record["uncertainty"] = {"mean_std_hu": mean_std, "val_percentile": cal.percentile(mean_std)}
+        record["uncertainty"] = {"mean_std_hu": mean_std, "val_percentile": predictor.uncertainty.percentile(mean_std)}
     record = {**record, "gate": gate, "geometry": predictor.geometry, "models": predictor.source}
-    return Reconstruction(refined_hu, model_to_hu(coarse[0, 0].numpy()), canonical_affine(v, FOV_MM / v), std, record,
+    return Reconstruction(refined_hu, model_to_hu(step.coarse[0, 0].numpy()), canonical_affine(v, FOV_MM / v), std, record,
                           x[0, :, 0].numpy(), f"ctrefine: {title}, {predictor.source}")
 
 

@@ -7,12 +7,16 @@
 * :class:`TorchPredictor` / :class:`OnnxPredictor` -- ``(B, 2, 1, S, S)`` radiographs ->
   ``(coarse, refined)`` model-space volumes (``predict``: and their sigma, or None), with torch, or with
   the exported ONNX file in ONNX Runtime or OpenVINO (:mod:`ctrefine.engines`); :func:`make_predictor` picks.
+* :func:`reconstruct_batch` -- the one reconstruction step every caller runs: predict, the safety gate
+  (:func:`ctrefine.reprojection.safety_gate`), the gated uncertainty; :func:`split_psnr` is it over a split.
 
 Export and inference both build on this module and on :mod:`ctrefine.checkpoint`, never on each other.
 """
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,10 +25,13 @@ import torch.nn as nn
 from .checkpoint import load_model_file
 from .device import inference_device, inference_dtype, kernel_choice, kernel_mode
 from .config import Config
+from .data.dataset import CTDataset, iter_batches
 from .engines import COMPUTE, check_graph, checked_metadata, onnx_feed, onnx_header, onnx_runner
 from .errors import DataError, UserError
+from .metrics import psnr
 from .models.norm import use_fused_groupnorm
-from .uncertainty import Calibration, build_head
+from .reprojection import SliceProjector, safety_gate
+from .uncertainty import Calibration, build_head, gated_std_hu
 
 
 class TwoStage(nn.Module):
@@ -178,3 +185,43 @@ def make_predictor(base_ckpt=None, refiner_ckpt=None, onnx=None, engine: str = "
         raise UserError("give both --base-checkpoint and --refinement-checkpoint (or neither, for the best shipped "
                         "pair), or --onnx MODEL")
     return TorchPredictor(base_ckpt, refiner_ckpt, device, arithmetic)
+
+
+# ------------------------------------------------------------------------------- the reconstruction step
+@dataclass
+class BatchReconstruction:
+    """One batch through both stages and the safety gate: model-space ``(B, 1, V, V, V)`` volumes on the CPU."""
+
+    coarse: torch.Tensor
+    ungated: torch.Tensor  # the refiner's own output
+    refined: torch.Tensor  # after the gate: the refined volume, or the coarse one where the gate fell back
+    records: list[dict]  # per patient: both X-ray consistencies and whether the gate fell back
+    std_hu: list[np.ndarray] | None  # per patient: the sigma (HU) of the volume the gate returned; None without a head
+
+
+@functools.lru_cache(maxsize=4)
+def _projector(volume_size: int, geometry: str) -> SliceProjector:
+    return SliceProjector(volume_size, geometry=geometry)
+
+
+def reconstruct_batch(predictor, xrays: torch.Tensor, gate: bool = True, uncertainty: bool = True) -> BatchReconstruction:
+    """Predict ``xrays`` ``(B, 2, 1, S, S)`` (normalised radiographs), pass the refined volumes through the safety
+    gate (``gate=False``: recorded, never applied) and, where the predictor carries an uncertainty head and
+    ``uncertainty`` is asked for, the sigma of whichever volume the gate returned. ``infer`` (both modes), the
+    uncertainty fit and :func:`split_psnr` all reconstruct through here."""
+    with_std = uncertainty and getattr(predictor, "uncertainty", None) is not None
+    coarse, ungated, coarse_std, refined_std = predictor.predict(xrays) if with_std else (*predictor(xrays), None, None)
+    refined, records = safety_gate(_projector(coarse.shape[-1], predictor.geometry), xrays, coarse, ungated, gate)
+    std = gated_std_hu(coarse_std, refined_std, records) if with_std else None
+    return BatchReconstruction(coarse, ungated, refined, records, std)
+
+
+def split_psnr(predictor, data_path, split: str = "test", batch_size: int = 4) -> dict[str, float]:
+    """The refiner's own PSNR (dB, gate off) on each patient of ``split`` against its ground truth: how an engine
+    or a precision is judged where bit parity cannot be asked of it (``ctrefine.export``)."""
+    ds = CTDataset(data_path, split, cache=False).nonempty()
+    out = {}
+    for xrays, ct, names in iter_batches(ds, range(len(ds)), batch_size):
+        step = reconstruct_batch(predictor, xrays, gate=False, uncertainty=False)
+        out.update(zip(names, psnr(step.ungated, ct).tolist()))
+    return out

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from .conventions import model_to_hu
-from .data.dataset import CTDataset, iter_batches
-from .metrics import STRUCTURES, all_metrics, error_by_class, label_metrics, psnr, streak_index
+from .metrics import STRUCTURES, all_metrics, error_by_class, label_metrics, streak_index
 
 # key -> label, in report order; label metrics appear when the dataset has labels.
 METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSNR (dB)", "hf_ratio": "HF-energy ratio",
@@ -35,17 +34,6 @@ STAGE_NAMES = {"mean": "mean baseline", "coarse": "coarse", "refined": "refined"
 
 
 @torch.no_grad()
-def split_psnr(predictor, data_path, split: str = "test", batch_size: int = 4) -> dict[str, float]:
-    """Refined-volume PSNR (dB) of each patient of ``split`` against its ground truth: how an engine or a
-    precision is judged where bit parity cannot be asked of it (``ctrefine.export``)."""
-    ds = CTDataset(data_path, split, cache=False).nonempty()
-    out = {}
-    for xrays, ct, names in iter_batches(ds, range(len(ds)), batch_size):
-        _, refined = predictor(xrays)
-        out.update(zip(names, psnr(refined, ct).tolist()))
-    return out
-
-
 def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> list[dict]:
     """``[{stage: {metric: value}}]``, one per patient, for a batch: ``vols`` maps stages to model-space
     ``(B, 1, D, H, W)`` volumes (a ``(1, D, H, W)`` one, e.g. the mean baseline, serves every patient),

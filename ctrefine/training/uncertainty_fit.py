@@ -24,8 +24,9 @@ from ..conventions import HU_MAX, HU_MIN, hu_to_model
 from ..data.dataset import CTDataset, iter_items
 from ..metrics import psnr
 from ..models.uncertainty_head import UncertaintyHead, voxel_coordinates
-from ..reprojection import SliceProjector, pool_to, safety_gate
-from ..uncertainty import BODY_HU, QUANTILE, Z90, coverage, spearman
+from ..pipeline import reconstruct_batch
+from ..reprojection import pool_to
+from ..uncertainty import BODY_HU, QUANTILE, coverage, spearman
 
 BODY = float(hu_to_model(torch.tensor(BODY_HU)))  # the body threshold in model units
 NOMINAL = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # reliability levels reported
@@ -34,16 +35,13 @@ NOMINAL = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # reliability lev
 def collect(predictor, data_path, split: str, batch_size: int = 4, progress: bool = False) -> list[dict]:
     """Per patient of ``split``: ``coarse``, ``answer`` (after the gate), ``truth`` as float16 ``(D, H, W)``
     model-space arrays, ``xrays`` float16 ``(2, 1, D, D)`` (area-averaged to the volume's side, as the head
-    reads them), ``labels`` (uint8, or None), ``fell_back``, refined PSNR and the pass's seconds."""
+    reads them), ``labels`` (uint8, or None), ``fell_back`` and the refined PSNR."""
     ds = CTDataset(data_path, split).nonempty()
-    proj, out = None, []
+    out = []
     for items in tqdm(list(iter_items(ds, range(len(ds)), batch_size)), desc=f"collect {split}", disable=not progress):
         x = torch.stack([it["xrays"] for it in items])
-        t0 = time.perf_counter()
-        coarse, ungated = predictor(x)[:2]
-        seconds = (time.perf_counter() - t0) / len(items)
-        proj = proj or SliceProjector(coarse.shape[-1], geometry=predictor.geometry)
-        answer, recs = safety_gate(proj, x, coarse, ungated, True)
+        step = reconstruct_batch(predictor, x, gate=True, uncertainty=False)  # the head is what is being fitted
+        coarse, answer, recs = step.coarse, step.refined, step.records
         pooled = pool_to(x, coarse.shape[-1])
         for i, it in enumerate(items):
             lab = it.get("labels")
@@ -52,7 +50,7 @@ def collect(predictor, data_path, split: str, batch_size: int = 4, progress: boo
                         "truth": it["ct"][0].numpy().astype(np.float16), "fell_back": bool(recs[i]["fell_back"]),
                         "xrays": pooled[i].numpy().astype(np.float16),
                         "labels": None if lab is None else np.asarray(lab).reshape(coarse.shape[-3:]).astype(np.uint8),
-                        "psnr": float(psnr(answer[i:i + 1], it["ct"][None]).item()), "seconds": seconds})
+                        "psnr": float(psnr(answer[i:i + 1], it["ct"][None]).item())})
     return out
 
 
