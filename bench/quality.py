@@ -79,6 +79,12 @@ ROWS = {
                              extra=('model.residual_fusion="views+product"',)),
     "density_dc_product": _row("defaults, density-weighted SIRT steps + residual product", SHIPPED,
                                extra=('model.dc_weighting="density"', 'model.residual_fusion="views+product"')),
+    # on top of it: the X-ray consistency term (which matching the projections lets smear) at 0.3, and the
+    # phase-free band-energy term (sharpness at the right scale)
+    "depth_xc03": _row("density SIRT + residual product, xray_consistency 0.3", {**SHIPPED, "xray_consistency": 0.3},
+                       extra=('model.dc_weighting="density"', 'model.residual_fusion="views+product"')),
+    "depth_band": _row("density SIRT + residual product, + band_energy 0.005", {**SHIPPED, "band_energy": 0.005},
+                       extra=('model.dc_weighting="density"', 'model.residual_fusion="views+product"')),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

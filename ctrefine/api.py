@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .infer import Reconstruction, claim_radiograph_outputs, prepare_radiographs, reconstruct
+from .data.radiograph import prepare_radiographs
+from .infer import Reconstruction, claim_radiograph_outputs, reconstruct
 from .pipeline import make_predictor
 
 __all__ = ["Reconstructor", "Reconstruction"]

@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu, normalize_xray
+from .conventions import FOV_MM, canonical_affine, hu_to_model, model_to_hu
 from .data.dataset import MEAN_VOLUME, CTDataset, iter_items, mean_volume, read_splits
 from .data.dicom import write_series
-from .data.io import load_radiograph, radiograph_values, save_nifti, square_resize
+from .data.io import save_nifti
 from .jsonio import write_json
 from .errors import DataError
 from .outputs import FIGURES, atomic_dir, atomic_files, claim_output_dir, claim_output_file, is_own_result, path_lock, write_manifest
@@ -210,40 +210,6 @@ def _mean_baseline(data_path, shape, required: bool) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------------- user radiographs
-def intensity_suspicion(img: np.ndarray) -> float | None:
-    """How much brighter the image's side strips are than its centre, if they are (else None).
-
-    In an attenuation image (bone bright) the body's centre -- spine, mediastinum -- attenuates most and
-    the air beside the chest least; raw detector intensity is the reverse. Measured on 40 phantoms
-    (``make-data --seed 11``, 128^2 DRRs): centre minus sides >= 0.40 (normalised) for all 80 PA and
-    lateral DRRs, and every ``exp(-DRR)`` intensity image flagged. Not yet checked on real radiographs,
-    hence a warning, not an error.
-    """
-    x = (img - np.percentile(img, 0.5)) / max(1e-6, float(np.percentile(img, 99.5) - np.percentile(img, 0.5)))
-    h, w = x.shape
-    centre = x[h // 4: 3 * h // 4, 3 * w // 8: 5 * w // 8].mean()
-    sides = np.concatenate([x[h // 4: 3 * h // 4, : w // 10], x[h // 4: 3 * h // 4, -(w // 10):]], axis=1).mean()
-    return float(sides - centre) if sides > centre else None
-
-
-def prepare_radiographs(pa_path, lateral_path, size: int, convention: str = "attenuation", warn=None) -> torch.Tensor:
-    """Two radiographs -> ``(1, 2, 1, size, size)`` normalised exactly like training inputs. Each is a file
-    (:func:`~ctrefine.data.io.load_radiograph`) or a 2D numpy array as displayed (head up; PA with the
-    patient's right on the left, lateral with the front on the left).
-
-    ``warn(message)`` receives a line for each image that looks like raw intensity in attenuation mode.
-    """
-    imgs = []
-    for view, p in zip(("pa", "lateral"), (pa_path, lateral_path)):
-        img = radiograph_values(p, f"the {view} array", convention) if isinstance(p, np.ndarray) else \
-            load_radiograph(p, convention, view=view)
-        if warn and convention == "attenuation" and intensity_suspicion(img) is not None:
-            warn(f"{p}: its sides are brighter than its centre, as in raw detector intensity (bone dark); if so, "
-                 f"pass --xray-convention intensity")
-        imgs.append(square_resize(img, size))
-    return normalize_xray(torch.from_numpy(np.stack(imgs)))[None, :, None]
-
-
 FORMATS = ("nifti", "dicom", "both")
 DICOM_KIND = "DICOM series"
 
@@ -331,7 +297,7 @@ class Reconstruction:
 
 
 def reconstruct(predictor, x: torch.Tensor, gate: bool = True, title: str = "radiographs") -> Reconstruction:
-    """Both stages on one patient's prepared radiographs ``x`` ``(1, 2, 1, S, S)`` (:func:`prepare_radiographs`),
+    """Both stages on one patient's prepared radiographs ``x`` ``(1, 2, 1, S, S)`` (:func:`ctrefine.data.radiograph.prepare_radiographs`),
     through the safety gate; the uncertainty placed among the validation patients' where there is a head."""
     step = reconstruct_batch(predictor, x, gate)
     (record,), v = step.records, step.refined.shape[-1]

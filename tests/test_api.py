@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrefine.data.io import load_nifti, load_radiograph
+from ctrefine.data.io import load_nifti
+from ctrefine.data.radiograph import load_radiograph
 from ctrefine.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -261,7 +261,7 @@ def test_infer_from_radiograph_files(checkpoints, onnx_model, tiny_dataset, tmp_
     assert r.returncode != 0 and "give both --base-checkpoint and --refinement-checkpoint" in r.stderr
     # a PNG of the DRR gives the same normalised input as the DRR itself (up to 16-bit quantisation)
     from ctrefine.conventions import normalize_xray
-    from ctrefine.infer import prepare_radiographs
+    from ctrefine.data.radiograph import prepare_radiographs
 
     x = prepare_radiographs(tmp_path / "pa.png", tmp_path / "pa.png", 64)
     ref = normalize_xray(torch.from_numpy(pa))
@@ -300,7 +300,7 @@ def test_dicom_radiograph_monochrome1(tmp_path):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from ctrefine.data.io import load_radiograph
+    from ctrefine.data.radiograph import load_radiograph
 
     img = np.zeros((32, 40), np.uint16)
     img[10:20, 10:30] = 1000  # a bright (attenuating) block in display convention

@@ -275,7 +275,7 @@ def _png(path, img, mode):
 def test_palette_and_cmyk_images_are_read_as_grey_or_refused(tmp_path):
     from PIL import Image
 
-    from ctrefine.data.io import load_radiograph
+    from ctrefine.data.radiograph import load_radiograph
 
     grey = (np.add.outer(np.arange(64), np.arange(64)) * 2).astype(np.uint8)
     Image.fromarray(grey).save(tmp_path / "grey.png")

@@ -10,7 +10,7 @@ import pytest
 
 from ctrefine.data.dataset import DatasetHeader, make_dataset
 from ctrefine.data.io import load_nifti
-from ctrefine.data.phantoms import L, Materials, Scan, chest_phantom, downsample_area, downsample_labels
+from ctrefine.data.phantoms import Materials, Scan, chest_phantom, downsample_area, downsample_labels
 from ctrefine.data.realism import REFERENCES, dataset_stats, format_report, label_hu, summarize_stats
 from ctrefine.errors import DataError
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctrefine.data.io import load_nifti, load_radiograph, orient_radiograph, save_nifti, xray_affine
+from ctrefine.data.io import load_nifti, save_nifti
+from ctrefine.data.radiograph import load_radiograph, orient_radiograph, xray_affine
 from ctrefine.errors import DataError, UserError
 from ctrefine.outputs import atomic_dir, check_writable
 
@@ -191,7 +192,7 @@ def test_nifti_radiographs_are_oriented_by_their_affine(tiny_dataset, tmp_path):
 
 
 def test_raw_intensity_input_is_flagged(tiny_dataset, tmp_path):
-    from ctrefine.infer import intensity_suspicion
+    from ctrefine.data.radiograph import intensity_suspicion
 
     for name in json.loads((tiny_dataset / "splits.json").read_text())["train"]:
         for v in ("pa", "lateral"):
@@ -440,6 +441,9 @@ def test_an_output_folder_is_claimed_for_the_whole_run(ckpts, tiny_dataset, tmp_
             res.mkdir(exist_ok=True)
             (res / "mine.txt").write_text("keep me")
             return predictor.predict(xrays)
+
+        def __call__(self, xrays):
+            return self.predict(xrays)[:2]
 
     with pytest.raises(UserError, match="mine.txt"):
         evaluate_dataset(UserWritesMeanwhile(), tiny_dataset, res, progress=False, save_volumes=False)

@@ -29,7 +29,8 @@ from ..conventions import FOV_MM, canonical_affine, hu_to_model, normalize_xray
 from ..outputs import LOCK_NAME, atomic_dir, check_writable, folder_lock, resolve_path
 from ..errors import DataError
 from ..jsonio import read_json, write_json
-from .io import load_nifti, save_nifti, xray_affine
+from .io import load_nifti, save_nifti
+from .radiograph import xray_affine
 from .augment import imaging_chain
 from .phantoms import LABELS, PHANTOM_VERSIONS, Materials, Scan, chest_phantom, downsample_area, downsample_labels
 from .projector import Geometry, render_drrs
