@@ -3,7 +3,7 @@ back as fp32), measure it on the held-out patients of its own dataset beside the
 baseline, write the model card.
 
     python bench/ship_pretrained.py --name phantom-64-full --model base_fp16.pt --val-log base_val_log.csv \
-        --data runs/full/data --command "bench/train_full.sh (run 2, bench/RESULTS.md section 12)" \
+        --data runs/full/data --command "bench/train_full.sh (run 2, bench/RESULTS-history.md section 12)" \
         --wall-time "124 s" --trained-on "the deepspeed launcher, one NVIDIA H200, ZeRO-2, bf16" --weights fp16
     python bench/ship_pretrained.py --name phantom-64-full-refiner --model refine_fp16.pt --base phantom-64-full ...
 

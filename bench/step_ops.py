@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: the driver's choice on this CPU (bf16 where it is native)")
     p.add_argument("--for-loop-adamw", action="store_true", help="count PyTorch's for-loop AdamW in place of the "
-                   "engine's fused one (the e20c2d9 baseline of bench/RESULTS.md section 17)")
+                   "engine's fused one (the e20c2d9 baseline of bench/RESULTS-history.md section 17)")
     p.add_argument("--top", type=int, default=10, help="the most frequent ops of each phase to print")
     p.add_argument("--json", type=Path, default=None, help="write every count here")
     a = p.parse_args(argv)

@@ -6,7 +6,7 @@ fp32, bf16 (OpenVINO only: ONNX Runtime's CPU provider has no bf16 convolutions)
 resident memory the engine added (``VmHWM`` reset before it is built, Linux). Weights are untrained
 (speed does not depend on their values) and the int8 ranges come from random radiographs; what int8
 costs in dB is measured on trained models by ``ctrefine export-onnx --precision int8`` and recorded
-in bench/RESULTS.md section 4. ``test_ort_op_profile`` breaks ONNX Runtime's time down by operator.
+in bench/RESULTS-history.md section 4. ``test_ort_op_profile`` breaks ONNX Runtime's time down by operator.
 
 torch bf16 runs only where bf16 is native (CUDA, AMX / AVX512-BF16): on a CPU that emulates it one
 batch-1 volume did not finish in 11 minutes (AVX2 machine, 2026-11-25), so it is skipped there.

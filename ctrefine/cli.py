@@ -290,7 +290,7 @@ def _add_export_onnx(e) -> None:
     e.add_argument("--split", default="test", help="split used with --data-path (default test)")
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"), default="fp32",
                    help="fp32 (default, exact); bf16 (fastest where bf16 is native: OpenVINO 3.1x torch fp32); int8 "
-                        "(fastest on AVX2-only CPUs) -- bench/RESULTS.md section 4; auto: bf16 where native, else fp32")
+                        "(fastest on AVX2-only CPUs) -- bench/RESULTS-history.md section 4; auto: bf16 where native, else fp32")
     _flag(e, "calibration-patients", type=_positive, default=16,
           help="training patients whose radiographs set the int8 activation ranges (default 16)")
 

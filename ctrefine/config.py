@@ -50,7 +50,7 @@ class ModelConfig(_Section):
     xray_guidance: Literal["image+laplacian", "image", "off"] = Field(
         "image+laplacian", description="refiner: what each radiograph contributes as lifted 2D detail cues -- the image "
                                        "and its 2D Laplacian, the image alone, or nothing (the ablations of the "
-                                       "streak measure, bench/RESULTS.md section 17)")
+                                       "streak measure, bench/RESULTS-history.md section 17)")
     data_consistency_steps: int = Field(
         2, ge=0, description="refiner: learned SIRT steps towards the radiographs before the U-Net (2: parameter-free, "
                              "they lift the shipped base by 0.3 dB, a third adds 0.01; 0 = none, as in older models)")

@@ -44,7 +44,7 @@ def triton_available() -> bool:
     return kernels_import_error() is None
 
 
-# What ``auto`` picks for CUDA tensors, per kernel family, as measured on one H200 (bench/RESULTS.md,
+# What ``auto`` picks for CUDA tensors, per kernel family, as measured on one H200 (bench/RESULTS-history.md,
 # section 12): the loss kernels, yes; the fused GroupNorm + SiLU, no -- at the mission's shapes its
 # host-side cost (Python + Triton launch, ~0.6 ms a call forward) outweighs the device time it saves
 # (isolated `full` base step 92.8 ms with it, 76.4 ms without; the refiner's 80.6 vs 81.1 ms).
@@ -218,7 +218,7 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
 def onnx_precision(setting: str = "auto") -> str:
     """The precision an exported graph is tagged with: ``auto`` -- ``bf16`` on a CPU that computes bf16 in
     hardware (AVX512-BF16 / AMX: OpenVINO then runs the graph in bf16, 1.32x torch bf16 there, where the fp32
-    file ran at 0.82x; bench/RESULTS.md sections 4 and 17), else ``fp32``; anything else as given."""
+    file ran at 0.82x; bench/RESULTS-history.md sections 4 and 17), else ``fp32``; anything else as given."""
     if setting != "auto":
         return setting
     return "bf16" if not has_cuda() and cpu_has_native_bf16() else "fp32"

@@ -161,7 +161,7 @@ def checked_metadata(path, meta: dict) -> tuple[int, str]:
 
 
 def choose_engine(engine: str = "auto") -> str:
-    """``auto``: ONNX Runtime where it has CUDA, else OpenVINO when installed (faster on CPU: bench/RESULTS.md
+    """``auto``: ONNX Runtime where it has CUDA, else OpenVINO when installed (faster on CPU: bench/RESULTS-history.md
     section 4), else ONNX Runtime. A named engine that is not installed is a one-line error."""
     if engine == "auto":
         import onnxruntime as ort

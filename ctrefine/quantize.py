@@ -4,7 +4,7 @@ An int8 file is the fp32 graph of :mod:`ctrefine.export` with QuantizeLinear/Deq
 (QDQ) around the refiner's convolutions (:data:`INT8_MODULES`): int8 weights per output channel,
 uint8 activations whose ranges are read off real training radiographs (min/max over the calibration
 patients). Both ONNX Runtime and OpenVINO read QDQ and run those convolutions in int8. Only ``Conv``
-is quantised because it is 80 % of the time (ORT op profile, bench/RESULTS.md section 4); quantising
+is quantised because it is 80 % of the time (ORT op profile, bench/RESULTS-history.md section 4); quantising
 Add/Concat/Mul/Resize as well was measured *slower* in OpenVINO (3.03 s vs 2.24 s a volume: the
 extra requantisations cost more than they save), and the DFT products stay fp32 to keep the
 spectrum exact.
@@ -25,7 +25,7 @@ from .engines import onnx_feed, set_onnx_metadata
 
 QUANT_OPS = ("Conv",)
 # Which convolutions run in int8, by the module owning the weight. Measured on the converged cpu-small
-# models, 13 test patients, ONNX Runtime (bench/RESULTS.md section 4): every Conv in int8 -5.95 dB;
+# models, 13 test patients, ONNX Runtime (bench/RESULTS-history.md section 4): every Conv in int8 -5.95 dB;
 # the base's finest-scale decoder alone (base.up.0 + base.merge.0, 4 convs) -1.14 dB whatever the
 # calibration (min/max, entropy, 99.999th percentile -0.79); the refiner's convolutions -0.037 dB,
 # -0.030 dB with its stem and head kept fp32. The base writes the coarse volume directly, the refiner

@@ -13,7 +13,7 @@ input radiographs?* It is used in four places, always through the same two funct
 * the refiner's data-consistency steps (:func:`sirt_step`): the residual, converted back to line
   integrals, spread back along its rays and normalised by ray length and ray count (one SIRT
   iteration). Parameter-free, two iterations of it lift the shipped 64^3 base's test PSNR by 0.3 dB
-  (bench/RESULTS.md section 10); the refiner learns how far to take each step.
+  (bench/RESULTS-history.md section 10); the refiner learns how far to take each step.
 
 :class:`SliceProjector` is the dataset's cone-beam geometry (:mod:`ctrefine.data.projector`) written
 as matrix products: slice ``k`` of the volume along a view's ray axis, seen from a point source, is

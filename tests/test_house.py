@@ -88,6 +88,20 @@ def _module_graph() -> dict[str, set[str]]:
     return {m: {n for n in _imports(p) if n in mods and n != m} for m, p in mods.items()}
 
 
+def _doc_table(doc: Path, marker: str) -> list[list[str]]:
+    """The rows (cells, backticks stripped) of the markdown table between ``<!-- marker`` and ``<!-- end marker``."""
+    text = doc.read_text()
+    body = text[text.index(f"<!-- {marker}"):text.index(f"<!-- end {marker}")]
+    rows = [ln.strip().strip("|").split("|") for ln in body.splitlines() if ln.startswith("|")][2:]
+    return [[c.strip().replace("`", "") for c in r] for r in rows]
+
+
+def test_the_docs_floor_table_is_the_tests():
+    rows = _doc_table(PKG.parent / "docs" / "architecture.md", "floors")
+    assert {int(f): sorted(r.strip() for r in rooms.split(",")) for f, rooms in rows} == \
+        {i: sorted(rooms) for i, rooms in enumerate(FLOORS)}
+
+
 def test_floor_table():
     graph = _module_graph()
     assert sorted({_room(m) for m in graph}) == sorted(FLOOR), "a room without a floor, or a floor without a room"

@@ -4,7 +4,7 @@ Every other term compares the refined volume with the truth voxel by voxel (or b
 detail whose exact position the refiner is unsure of is still averaged towards a blur. A critic asks a
 different question -- *does this correction look like a true one?* -- and rewards plausible detail
 without demanding its exact phase. It is a knob between fidelity and sharpness:
-``loss.adversarial`` (0 = off, the default; the 64^3 ablation in bench/RESULTS.md section 10 measures
+``loss.adversarial`` (0 = off, the default; the 64^3 ablation in bench/RESULTS-history.md section 10 measures
 it at two weights).
 
 The critic is conditional on the coarse volume: it sees ``(volume, volume - coarse)``, i.e. the

@@ -7,7 +7,7 @@ here (and its reference in :mod:`ctrefine.losses.reference`), nothing else.
 The five core terms (L1, frequency, gradient, texture, consistency) and their weights: L1 anchors intensities; the frequency and
 gradient terms reward high frequencies; the texture term matches local contrast; a light consistency
 term keeps the base's anatomy. The terms added since (X-ray consistency, band energy, gradient
-distribution) carry the defaults the 64^3 ablation supports (below, and bench/RESULTS.md section 10).
+distribution) carry the defaults the 64^3 ablation supports (below, and bench/RESULTS-history.md section 10).
 
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
 need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..reprojection import SliceProjector
     from .adversarial import AdversarialCritic
 
-# Defaults of the further terms, from the 64^3 ablation (bench/RESULTS.md section 10, 26 test
+# Defaults of the further terms, from the 64^3 ablation (bench/RESULTS-history.md section 10, 26 test
 # patients, 12 epochs each): xray_consistency is worth +0.19 dB (all terms +0.73 vs without it +0.54); the two
 # phase-free terms make the output sharper (high band 0.52 -> 0.61) but cost 0.10 dB and 0.18 dB of HF-PSNR, so
 # they stay off by default -- the knob between fidelity and sharpness (20x stronger: -0.28 dB, high band 0.98).
@@ -35,7 +35,7 @@ XRAY_CONSISTENCY_WEIGHT = 1.0
 BAND_ENERGY_WEIGHT = 0.0
 GRADIENT_DISTRIBUTION_WEIGHT = 0.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
-# ablation (bench/RESULTS.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
+# ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
 ADVERSARIAL_WEIGHT = 0.0
 

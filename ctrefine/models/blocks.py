@@ -101,7 +101,7 @@ class MatmulSpectralGain(nn.Module):
     The real and imaginary parts travel stacked along D: W is transformed first (real -> half
     spectrum, two products), D as one product with a ``(2D, 2D)`` block matrix, H as two products
     recombined; the inverse runs backwards. About 14 GFLOP per volume for the `full` refiner's two
-    blocks, against ~0.7 s that ONNX Runtime's ``DFT`` took (bench/RESULTS.md section 4).
+    blocks, against ~0.7 s that ONNX Runtime's ``DFT`` took (bench/RESULTS-history.md section 4).
     The matrices are non-persistent buffers: checkpoints are unchanged.
     """
 

@@ -3,7 +3,7 @@
 Why: on CPU, oneDNN's 3D convolutions are 1.5-3.5x faster (forward + backward, bf16 and fp32) with
 channels-last-3d (NDHWC) activations than with NCDHW -- most for the narrow full-resolution layers
 (8 -> 8 channels at 64^3, batch 2, bf16: 68.6 -> 19.8 ms; 32 -> 32: 229 -> 150 ms; measured here, see
-bench/RESULTS.md section 3). But switching the *whole* model to channels-last made a training step
+bench/RESULTS-history.md section 3). But switching the *whole* model to channels-last made a training step
 slower (0.79x at 64^3), because GroupNorm's channels-last backward is a slow path (15 -> 861 ms a
 step) and SiLU's backward slows too. So only the layers that gain see channels-last: the
 convolutions and the trilinear up-sampling (forward + backward 104 -> 19 ms a step at 64^3). A

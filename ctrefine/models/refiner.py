@@ -38,10 +38,10 @@ from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fus
 
 HIGHPASS_GAIN = 4.0  # Laplacian of a [0, 1] volume is small (|L| << 1 in soft tissue); scale it to O(1) inputs
 # The coarse volume's re-projection residual is ~0.02 (mean |r|, normalised radiograph units, shipped 64^3 base,
-# bench/RESULTS.md section 10); scale it to O(1) inputs.
+# bench/RESULTS-history.md section 10); scale it to O(1) inputs.
 RESIDUAL_GAIN = 25.0
 # Step sizes are DC_STEP_SCALE * parameter: AdamW moves a parameter by about the learning rate per step, and the
-# useful SIRT step is ~1.5 (bench/RESULTS.md section 10) -- unscaled, 12 epochs at lr 1e-3 would reach ~0.3.
+# useful SIRT step is ~1.5 (bench/RESULTS-history.md section 10) -- unscaled, 12 epochs at lr 1e-3 would reach ~0.3.
 DC_STEP_SCALE = 10.0
 
 

@@ -2,7 +2,7 @@
 
 On one device ZeRO partitions nothing, yet its engine still flattens gradients, checks bf16 overflow
 and clips through its own buffers on every step (a third of the `full` refiner's step on an H200,
-``bench/RESULTS.md`` §12). :class:`PlainEngine` is what a single device needs and nothing more: the
+``bench/RESULTS-history.md`` §12). :class:`PlainEngine` is what a single device needs and nothing more: the
 module in the device policy's compute dtype (as DeepSpeed's bf16 mode runs it), fused AdamW
 (:mod:`ctrefine.training.optim`) on fp32 master weights, gradient clipping without a host sync, the LR
 schedule, and checkpoints in one file per tag that resume exactly. It answers the calls the driver makes of a
