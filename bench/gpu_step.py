@@ -7,12 +7,13 @@ side, its profile, the share of the project's kernels, and inference throughput 
 A step is what the training driver runs under DeepSpeed's bf16 mode: the module and its inputs in
 bf16 (the refine stage's coarse volume from a frozen base computed beforehand), the stage's loss,
 backward, AdamW. (``--smoke`` runs fp32 off CUDA: a bf16 *module* takes slow convolution paths on a
-CPU, and the smoke run only checks the script.) Variants (each measured after its warm-up, losses of the first step compared):
+CPU, and the smoke run only checks the script.) Variants (each measured after its warm-up, losses of the first
+step compared; the kernels given to the model and the loss at construction, as the driver does):
 
-* ``reference`` -- ``CTREFINE_KERNELS=0``: PyTorch's GroupNorm + SiLU and the reference losses;
-* ``kernels`` -- ``CTREFINE_KERNELS=auto``: what runs by default on CUDA (the loss kernels; see
-  ``ctrefine.device.AUTO_ON_CUDA``);
-* ``all-kernels`` -- ``CTREFINE_KERNELS=1``: and the fused GroupNorm + SiLU kernel;
+* ``reference`` -- PyTorch's GroupNorm + SiLU and the reference losses (``CTREFINE_KERNELS=0``);
+* ``kernels`` -- what ``auto`` runs on CUDA (the loss kernels; ``ctrefine.device.AUTO_ON_CUDA``); on a CPU
+  under ``TRITON_INTERPRET=1`` the same kernels, interpreted (the dry run's check of the dispatch);
+* ``all-kernels`` -- and the fused GroupNorm + SiLU kernel (``CTREFINE_KERNELS=1``);
 * ``kernels+channels-last`` -- and 3D convolutions in channels-last-3d (:mod:`ctrefine.models.layout`);
 * ``kernels+compile`` -- and ``torch.compile`` of the module (``training.compile=on``).
 
@@ -22,7 +23,6 @@ of the ``kernels`` step, device time first).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ctrefine.config import load_config
-from ctrefine.device import kernel_choice
+from ctrefine.device import AUTO_ON_CUDA, Kernels
 from ctrefine.losses.loss import DetailRefinementLoss, ReconstructionLoss
 from ctrefine.models import build_base, build_refiner
 from ctrefine.models.layout import channels_last_layers
@@ -48,14 +48,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-@contextlib.contextmanager
-def kernels(mode: str):
-    old = os.environ.get("CTREFINE_KERNELS")
-    os.environ["CTREFINE_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        os.environ.pop("CTREFINE_KERNELS") if old is None else os.environ.__setitem__("CTREFINE_KERNELS", old)
+def variant_kernels(variant: str) -> Kernels:
+    """The kernels a variant runs: none, every family, or what ``auto`` picks on CUDA (``AUTO_ON_CUDA``) for
+    ``kernels`` and the variants built on it -- on a CPU too, where they run under ``TRITON_INTERPRET=1``."""
+    if variant == "reference":
+        return Kernels()
+    return Kernels(True, True) if variant == "all-kernels" else Kernels(**AUTO_ON_CUDA)
+
+
+def runnable(variant: str, device) -> bool:
+    """Every variant on CUDA; on a CPU the reference, and ``kernels`` when Triton's interpreter is on."""
+    if device.type == "cuda":
+        return True
+    return variant == "reference" or (variant == "kernels" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 class Step:
@@ -69,8 +74,7 @@ class Step:
         if stage == "refine":
             with torch.no_grad():
                 model.head.weight.normal_(0, 0.02)  # a live head: the backward reaches every layer
-        with kernels({"reference": "0", "all-kernels": "1"}.get(variant, "auto")):
-            choice = kernel_choice(device)  # made once, as the driver does
+        choice = self.kernels = variant_kernels(variant)
         use_fused_groupnorm(model, choice.groupnorm)
         if variant.endswith("channels-last"):
             channels_last_layers(model)
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = load_config("cpu-small" if a.smoke else "full")
     batch, warmup, steps = (1, 1, 1) if a.smoke else (cfg.training.batch_size, 5, 10)
-    variants = [v for v in a.variants if device.type == "cuda" or v in ("reference", "kernels")]
+    variants = [v for v in a.variants if runnable(v, device)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
@@ -177,12 +181,13 @@ def main(argv=None) -> int:
     for stage in a.stages:
         for v in variants:
             try:
-                res["steps"][f"{stage}/{v}"] = time_steps(Step(stage, cfg, batch, device, v), warmup, steps)
+                step = Step(stage, cfg, batch, device, v)
+                res["steps"][f"{stage}/{v}"] = {**time_steps(step, warmup, steps), "kernels": vars(step.kernels)}
             except Exception as exc:  # a variant that fails is a finding, not the end of the run
                 res["steps"][f"{stage}/{v}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(stage, v, res["steps"][f"{stage}/{v}"], flush=True)
             save()
-        res[f"profile_{stage}"] = profile(Step(stage, cfg, batch, device, "kernels"), out / f"profile_{stage}.txt",
+        res[f"profile_{stage}"] = profile(Step(stage, cfg, batch, device, variants[-1]), out / f"profile_{stage}.txt",
                                           1 if a.smoke else 3)
         print(stage, "profile", res[f"profile_{stage}"], flush=True)
         save()

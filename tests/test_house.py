@@ -276,7 +276,7 @@ def test_runs_and_model_files_from_before_reprojection_are_read_as_they_were(tmp
 
     out = tmp_path / "refine"
     out.mkdir()
-    old_cfg = load_config("cpu-small", ['model.reprojection="off"', "model.data_consistency_steps=0"])
+    old_cfg = load_config("cpu-small", [f"model.{k}={json.dumps(v)}" for k, v in MODEL_KEYS_ADDED.items()])
     raw = old_cfg.to_dict()
     for k in MODEL_KEYS_ADDED:
         del raw["model"][k]

@@ -85,9 +85,18 @@ def test_radiograph_mode_checks_outputs_before_inference(ckpts, tiny_dataset, tm
 
 
 def test_unwritable_location_is_refused_before_work(tmp_path, monkeypatch):
+    """The check itself, then a real command: make-data into a folder it may not write fails on the check,
+    before the first phantom is made or anything (folder, lock) is created."""
+    from ctrefine.data import dataset
+
     monkeypatch.setattr(os, "access", lambda p, mode: False)  # root ignores permission bits: simulate read-only
     with pytest.raises(UserError, match="permission denied"):
         check_writable(tmp_path / "new" / "out.onnx")
+    work = []
+    monkeypatch.setattr(dataset, "_make_dataset", lambda *a, **k: work.append(a))
+    with pytest.raises(UserError, match="permission denied"):
+        dataset.make_dataset(tmp_path / "ds", 2, size=16, xray_size=16, progress=False)
+    assert work == [] and list(tmp_path.iterdir()) == []
 
 
 def test_make_data_and_demo_refuse_a_foreign_folder(tmp_path):
