@@ -39,11 +39,15 @@ import torch
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
 NEW = {"xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
-SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # today's defaults (no_phase_free)
+SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)
+DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # today's defaults: with the depth cues below
 
 
-def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = ()) -> dict:
-    return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc, "extra": list(extra)}
+def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
+         dc_weighting: str = "uniform", fusion: str = "views") -> dict:
+    """One refiner; the model settings the registry's defaults may change later are written out too."""
+    return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc,
+            "extra": [f'model.dc_weighting="{dc_weighting}"', f'model.residual_fusion="{fusion}"', *extra]}
 
 
 ROWS = {
@@ -65,7 +69,7 @@ ROWS = {
     "no_reprojection": _row("all terms, no re-projection (no guidance, no DC steps)", {**FIVE, **NEW}, "off", 0),
     **{f"no_{t}": _row(f"all - {t}", {**FIVE, **NEW, t: 0.0}) for t in FIVE},
     # where the streaks along the rays come from (issue "detail in place"): today's defaults, then one suspect off
-    "defaults": _row("today's defaults", SHIPPED),
+    "defaults": _row("session 12's defaults (uniform SIRT, per-view residuals, xray_consistency 1.0)", SHIPPED),
     "guidance_image_only": _row("defaults, X-ray guidance without the lifted 2D Laplacians", SHIPPED,
                                 extra=("model.xray_guidance=image",)),
     "no_xray_guidance": _row("defaults, no lifted X-ray guidance at all", SHIPPED, extra=("model.xray_guidance=off",)),
@@ -74,17 +78,16 @@ ROWS = {
     # what could place the detail in depth: SIRT steps that spread each deficit by the volume's attenuation,
     # and the product of both views' back-projected residuals (where the PA and lateral rays cross)
     "defaults_no_dc": _row("defaults, no SIRT steps (re-projection residual kept)", SHIPPED, dc=0),
-    "density_dc": _row("defaults, density-weighted SIRT steps", SHIPPED, extra=('model.dc_weighting="density"',)),
-    "residual_product": _row("defaults + product of the two views' residuals", SHIPPED,
-                             extra=('model.residual_fusion="views+product"',)),
+    "density_dc": _row("defaults, density-weighted SIRT steps", SHIPPED, dc_weighting="density"),
+    "residual_product": _row("defaults + product of the two views' residuals", SHIPPED, fusion="views+product"),
     "density_dc_product": _row("defaults, density-weighted SIRT steps + residual product", SHIPPED,
-                               extra=('model.dc_weighting="density"', 'model.residual_fusion="views+product"')),
-    # on top of it: the X-ray consistency term (which matching the projections lets smear) at 0.3, and the
-    # phase-free band-energy term (sharpness at the right scale)
-    "depth_xc03": _row("density SIRT + residual product, xray_consistency 0.3", {**SHIPPED, "xray_consistency": 0.3},
-                       extra=('model.dc_weighting="density"', 'model.residual_fusion="views+product"')),
+                               dc_weighting="density", fusion="views+product"),
+    # on top of it: the X-ray consistency term (which matching the projections lets smear) at 0.3 -- today's
+    # defaults -- and the phase-free band-energy term (sharpness at the right scale)
+    "depth_xc03": _row("density SIRT + residual product, xray_consistency 0.3 (today's defaults)", DEPTH,
+                       dc_weighting="density", fusion="views+product"),
     "depth_band": _row("density SIRT + residual product, + band_energy 0.005", {**SHIPPED, "band_energy": 0.005},
-                       extra=('model.dc_weighting="density"', 'model.residual_fusion="views+product"')),
+                       dc_weighting="density", fusion="views+product"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
