@@ -142,6 +142,15 @@ def test_cli_module_only_parses():
     assert ours <= {"errors"} and not theirs & {"torch", "numpy", "scipy"}
 
 
+def test_one_device_policy():
+    """Only ctrefine/device.py asks torch whether there is a GPU or reads CTREFINE_KERNELS: every other module
+    gets those decisions from it."""
+    asking = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if p.name != "device.py" or p.parent != PKG
+              if "cuda.is_available" in p.read_text() or "CTREFINE_KERNELS\"" in p.read_text()
+              or "'CTREFINE_KERNELS'" in p.read_text() or "cuda.device_count" in p.read_text()]
+    assert asking == [], asking
+
+
 def test_one_parser():
     """Every command-line option of the package is parsed in cli.py (train's too: ``python -m ctrefine.train``
     and the deepspeed launcher go through it); its stage choices are the driver's stages."""
