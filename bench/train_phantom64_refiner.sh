@@ -6,13 +6,15 @@
 # --xray-size 128`), fine-tuned for EPOCHS cosine epochs through the deepspeed launcher (2 CPU ranks) from the
 # refiner shipped before it (commit ca5d210: per-view residuals, uniform SIRT steps), widened by
 # bench/widen_refiner.py (the product channel enters with zero weights). BUDGET=SECONDS fits the schedule into
-# a wall-clock budget (training.time_budget_s).
+# a wall-clock budget (training.time_budget_s); INIT=FILE starts from another model file, SHIP=DIR trains into
+# another checkpoint.dir (a second leg from the first's best_model.pt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
 BIN=${BIN:-.venv/bin}
 EPOCHS=${EPOCHS:-8}
 LR=${LR:-5e-4}
+SHIP=${SHIP:-$OUT/ship}
 INIT=${INIT:-$OUT/init_refiner_product.pt}
 if [ ! -f "$INIT" ]; then
   mkdir -p "$(dirname "$INIT")"
@@ -20,7 +22,7 @@ if [ ! -f "$INIT" ]; then
   "$BIN/python" bench/widen_refiner.py "$OUT/refiner_ca5d210.pt" "$INIT" --dc-weighting density
 fi
 OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine --config cpu-medium \
-    --set data.data_path="$OUT/data" --set checkpoint.dir="$OUT/ship" --set training.init_checkpoint="$INIT" \
+    --set data.data_path="$OUT/data" --set checkpoint.dir="$SHIP" --set training.init_checkpoint="$INIT" \
     --set model.base_model_checkpoint=pretrained:phantom-64 \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
     --no-progress
