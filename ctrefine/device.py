@@ -40,10 +40,6 @@ def kernels_import_error() -> str | None:
     return None
 
 
-def triton_available() -> bool:
-    return kernels_import_error() is None
-
-
 # What ``auto`` picks for CUDA tensors, per kernel family, as measured on one H200 (bench/RESULTS-history.md,
 # section 12): the loss kernels, yes; the fused GroupNorm + SiLU, no -- at the mission's shapes its
 # host-side cost (Python + Triton launch, ~0.6 ms a call forward) outweighs the device time it saves

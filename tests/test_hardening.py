@@ -503,10 +503,10 @@ def test_environment_settings_are_checked_before_any_file_is_written(tiny_datase
     one_error_line(cli(*train, env={"LOCAL_RANK": "abc"}), "LOCAL_RANK='abc' is not an integer")
     one_error_line(cli(*train, "--stop-after-epochs", "0"), "--stop-after-epochs: must be >= 1")
     assert not (tmp_path / "ck").exists()
-    from ctrefine.device import kernel_mode, triton_available
+    from ctrefine.device import kernel_mode, kernels_import_error
     from ctrefine.errors import ConfigError
 
-    triton_available()  # the kernels are imported (interpreted, as conftest set it) before the environment changes
+    kernels_import_error()  # the kernels are imported (interpreted, as conftest set it) before the environment changes
     env = {k: os.environ.get(k) for k in ("CTREFINE_KERNELS", "TRITON_INTERPRET")}
     try:
         os.environ.update(CTREFINE_KERNELS="1", TRITON_INTERPRET="0")
