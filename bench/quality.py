@@ -88,6 +88,13 @@ ROWS = {
                        dc_weighting="density", fusion="views+product"),
     "depth_band": _row("density SIRT + residual product, + band_energy 0.005", {**SHIPPED, "band_energy": 0.005},
                        dc_weighting="density", fusion="views+product"),
+    "depth_xc03_band": _row("density SIRT + residual product, xray_consistency 0.3, band_energy 0.005",
+                            {**DEPTH, "band_energy": 0.005}, dc_weighting="density", fusion="views+product"),
+    # a loss that does not reward smearing: the correction's ray-constant share of detail charged above the truth's
+    **{f"depth_xc03_band_streak{w:g}".replace(".", ""): _row(
+        f"density SIRT + residual product, xray_consistency 0.3, band_energy 0.005, streak {w:g}",
+        {**DEPTH, "band_energy": 0.005, "streak": w}, dc_weighting="density", fusion="views+product")
+       for w in (0.01, 0.05)},
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
@@ -170,21 +177,33 @@ DETAIL = (("body_psnr", "body PSNR (dB)", ".3f"), ("streak", "streak index", ".4
           ("mae_hu_soft", "MAE soft (HU)", ".1f"), ("dice_rib", "rib Dice", ".3f"), ("dice_vessel", "vessel Dice", ".3f"))
 
 
+def lung_error_ratio(patients: dict) -> float:
+    """The refined volume's squared error inside the lung over the coarse volume's, summed over the patients
+    (the error budget's lung row; NaN without label maps)."""
+    sse = [(m["refined"].get("error_by_class", {}).get("sse_lung"), m["coarse"].get("error_by_class", {}).get("sse_lung"))
+           for m in patients.values()]
+    if not sse or any(r is None or c is None for r, c in sse):
+        return float("nan")
+    return sum(r for r, _ in sse) / max(sum(c for _, c in sse), 1e-20)
+
+
 def detail_table(results: dict, s0: dict) -> list[str]:
     """Detail in place: body-only PSNR, the streak index of each row's correction (against the truth's own),
-    lung / soft-tissue MAE and thin-structure Dice, each row beside the mean baseline and the coarse volume."""
+    lung / soft-tissue MAE, the lung's squared error over the coarse volume's and thin-structure Dice, each
+    row beside the mean baseline and the coarse volume."""
     def cell(s, stage, key, fmt):
         v = s.get(f"{stage}_{key}_mean")
         return "-" if v is None else format(v, fmt)
-    head = "| row | " + " | ".join(label for _, label, _ in DETAIL) + " |"
-    rows = [head, "|---" * (len(DETAIL) + 1) + "|"]
+    head = "| row | " + " | ".join(label for _, label, _ in DETAIL) + " | lung squared error / coarse |"
+    rows = [head, "|---" * (len(DETAIL) + 2) + "|"]
     for stage in ("mean", "coarse"):
         cells = [cell(s0, stage, k, f) if k != "streak" else
                  (f"truth - coarse: {s0['truth_streak_mean']:.4f}" if stage == "coarse" and "truth_streak_mean" in s0
                   else "-") for k, _, f in DETAIL]
-        rows.append(f"| {stage} | " + " | ".join(cells) + " |")
+        rows.append(f"| {stage} | " + " | ".join(cells) + f" | {'1' if stage == 'coarse' else '-'} |")
     for slug, r in results.items():
-        rows.append(f"| `{slug}` | " + " | ".join(cell(r["summary"], "refined", k, f) for k, _, f in DETAIL) + " |")
+        rows.append(f"| `{slug}` | " + " | ".join(cell(r["summary"], "refined", k, f) for k, _, f in DETAIL)
+                    + f" | {lung_error_ratio(r.get('patients', {})):.3f} |")
     return rows
 
 
@@ -196,7 +215,9 @@ def write_report(a, out: Path, results: dict, timings: dict, guidance: dict | No
     n = s0["num_patients"]
     base = "mean baseline" if "mean_psnr_mean" in s0 else None
     lines = [f"Preset `{a.preset}`, dataset `{a.data or out / 'data'}`, frozen base `{a.base_checkpoint or out / 'base'}`, "
-             f"test split n = {n}, refiners {a.refine_epochs} epochs each.", ""]
+             f"test split n = {n}, refiners {a.refine_epochs} epochs each"
+             + (f", fine-tuned from `{a.init}`" if a.init else ", from a random init")
+             + (f" at peak rate {a.learning_rate:g}" if a.learning_rate else "") + ".", ""]
     if base:
         lines.append(f"Mean baseline: PSNR {s0['mean_psnr_mean']:.3f} dB, HF-PSNR {s0['mean_hf_psnr_mean']:.3f} dB, "
                      f"band high {s0['mean_band_high_mean']:.3f}; coarse: PSNR {s0['coarse_psnr_mean']:.3f} dB, SSIM "
@@ -243,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--base-epochs", type=int, default=100, help="cosine budget of the base (early stopping may end it)")
     p.add_argument("--patience", type=int, default=8, help="base early-stopping patience in epochs")
     p.add_argument("--refine-epochs", type=int, default=12)
+    p.add_argument("--init", default=None, help="fine-tune every row from this refiner file (e.g. "
+                   "pretrained:phantom-64-refiner; its architecture must be the rows'), not from a random init")
+    p.add_argument("--learning-rate", type=float, default=None, help="the refiners' peak rate (default: the preset's)")
     p.add_argument("--ranks", type=int, default=None)
     p.add_argument("--rows", default="seed,all,guided,sharp,no_dc,no_xray_consistency,no_phase_free,augmented",
                    help=f"comma-separated rows of: {', '.join(ROWS)}")
@@ -283,8 +307,10 @@ def main(argv=None) -> int:
     for slug in rows:
         run_dir = out / slug
         tic = time.time()
+        start = ([f"training.init_checkpoint={a.init}"] if a.init else []) + (
+            [f"training.learning_rate={a.learning_rate}"] if a.learning_rate else [])
         train_stage("refine", str(preset), sets + [f"checkpoint.dir={run_dir}", f"model.base_model_checkpoint={base_ckpt}",
-                                                   f"training.num_epochs={a.refine_epochs}"] + row_sets(ROWS[slug]),
+                                                   f"training.num_epochs={a.refine_epochs}"] + start + row_sets(ROWS[slug]),
                     ranks, log, progress=False)
         timings[slug] = time.time() - tic
         refiner = run_dir / "refine" / "best_model.pt"

@@ -175,7 +175,7 @@ def _cmd_demo(a) -> int:
     from .launch import run_demo
 
     run_demo(a.out, a.preset, a.num_patients, a.seed, a.ranks, a.base_epochs, a.refine_epochs, a.set, a.quiet, a.train_base,
-             a.device, a.precision)
+             a.device, a.precision, a.refiner_from_scratch)
     return 0
 
 
@@ -344,7 +344,10 @@ def _add_demo(d) -> None:
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--preset", choices=("auto", "cpu-small", "cpu-medium", "full"), default="auto")
     _flag(d, "num-patients", type=_positive, default=None, help="default 128 (CPU presets) / 1000 (full)")
-    _flag(d, "train-base", action="store_true", help="train the base here even where a shipped one fits the preset")
+    _flag(d, "train-base", action="store_true", help="train the base here even where a shipped one fits the preset "
+          "(the refiner then starts from a random init)")
+    _flag(d, "refiner-from-scratch", action="store_true", help="train the refiner from a random init; by default, "
+          "where a shipped refiner was trained on the shipped base (cpu-medium), the demo fine-tunes it on its patients")
     d.add_argument("--seed", type=int, default=0, help="dataset seed")
     d.add_argument("--ranks", type=_positive, default=None, help="deepspeed ranks (default: GPUs, or 2 CPU ranks)")
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train on GPUs (cuda) or CPU ranks "
@@ -352,7 +355,8 @@ def _add_demo(d) -> None:
     d.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="training arithmetic and the "
                    "exported graph's; auto: bf16 where the hardware has it natively (ctrefine.device)")
     _flag(d, "base-epochs", type=_positive, default=None, help="override the preset's training.base_num_epochs")
-    _flag(d, "refine-epochs", type=_positive, default=None, help="override the preset's training.num_epochs (refiner)")
+    _flag(d, "refine-epochs", type=_positive, default=None, help="refiner epochs (default: the preset's training.num_epochs, or 6 when "
+          "fine-tuning the shipped refiner)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     d.add_argument("--quiet", action="store_true")
 

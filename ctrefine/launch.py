@@ -2,7 +2,9 @@
 the main job (``ctrefine demo``): data -> base -> refiner -> ONNX -> ONNX inference (OpenVINO on CPU, ONNX Runtime on CUDA) -> table.
 
 Where a shipped base fits the preset (:data:`SHIPPED_BASE`), the demo is the two-stage workflow: that
-base, frozen, and only the refiner trained here (``train_base=True`` trains the base as well).
+base, frozen, and only the refiner trained here (``train_base=True`` trains the base as well). Where a
+shipped refiner was trained on that base (:data:`SHIPPED_REFINER`), the demo fine-tunes it on its own
+patients (:data:`FINE_TUNE`) rather than starting from a random init (``refiner_from_scratch=True``).
 
 The demo reuses finished work on a rerun: the dataset (resumable generation), each training stage
 (its driver resumes and stops at once when done) and an ONNX file newer than both model files.
@@ -26,12 +28,35 @@ from .outputs import check_writable, sha256_file
 
 # preset -> the shipped base trained for its geometry (ctrefine/pretrained/NAME.md says how)
 SHIPPED_BASE = {"cpu-medium": "phantom-64"}
+# preset -> the shipped refiner trained on that base's coarse volumes (its card says how)
+SHIPPED_REFINER = {"cpu-medium": "phantom-64-refiner"}
+# the demo's fine-tuning of a shipped refiner: a lower peak rate than a random init's and fewer epochs
+# (bench/RESULTS.md, "The main job": measured against training from zero in the same wall time)
+FINE_TUNE = ("training.learning_rate=3e-4", "training.num_epochs=6")
 
 
 def shipped_base(preset: str) -> str | None:
     """The name of the shipped base installed for ``preset``'s geometry, or None."""
     name = SHIPPED_BASE.get(preset)
     return name if name in pretrained.SHIPPED else None
+
+
+def shipped_refiner(preset: str) -> str | None:
+    """The name of the shipped refiner installed for ``preset``'s shipped base, or None."""
+    name = SHIPPED_REFINER.get(preset)
+    return name if name in pretrained.SHIPPED and shipped_base(preset) else None
+
+
+def refine_sets(preset: str, shipped_base_used: bool, from_scratch: bool, epochs: int | None) -> tuple[list, str]:
+    """The demo's overrides for its refine stage, and how it starts (for the progress line): the shipped
+    refiner fine-tuned (:data:`FINE_TUNE`) where it was trained on the base the demo uses, else a random init.
+    ``epochs`` (``--refine-epochs``) wins over both."""
+    start, sets = "from a random init", []
+    name = shipped_refiner(preset) if shipped_base_used and not from_scratch else None
+    if name:
+        start = f"fine-tuned from {pretrained.PREFIX}{name} (--refiner-from-scratch starts from zero)"
+        sets = [f"training.init_checkpoint={pretrained.PREFIX}{name}", *FINE_TUNE]
+    return sets + ([f"training.num_epochs={epochs}"] if epochs else []), start
 
 
 def demo_preset(preset: str, gpus: bool | None = None) -> str:
@@ -142,7 +167,8 @@ def _export(out: Path, onnx_path: Path, base_ckpt: Path, ref_ckpt: Path, precisi
 
 def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: int = 0, ranks: int | None = None,
              base_epochs: int | None = None, refine_epochs: int | None = None, sets: list[str] = (),
-             quiet: bool = False, train_base: bool = False, device: str = "auto", precision: str = "auto") -> dict:
+             quiet: bool = False, train_base: bool = False, device: str = "auto", precision: str = "auto",
+             refiner_from_scratch: bool = False) -> dict:
     """The main job; prints its progress and the results table, returns the test-split summary. ``device``
     (auto, cpu, cuda) and ``precision`` (auto, bf16, fp32) are decided by :mod:`ctrefine.device` for the
     training ranks, the exported graph's precision and the inference."""
@@ -182,19 +208,20 @@ def run_demo(out, preset: str = "auto", num_patients: int | None = None, seed: i
     step("1/5 synthetic dataset")
     make_dataset(out / "data", n, seed=seed, size=m.volume_size, xray_size=m.xray_size, progress=not quiet)
     print("   " + summarize(out / "data").replace("\n", "\n   "))
-    run_sets = [f"data.data_path={out / 'data'}", f"checkpoint.dir={out}"] + list(sets)
+    run_sets = [f"data.data_path={out / 'data'}", f"checkpoint.dir={out}"]
+    frozen = []  # the base the refiner is trained on: the demo's choice, after the user's --set entries
     if shipped:
         base_ckpt = pretrained.resolve(pretrained.PREFIX + shipped)
         step(f"2/5 base reconstructor: shipped {pretrained.PREFIX}{shipped}, frozen (--train-base trains one here)")
-        run_sets.append(f"model.base_model_checkpoint={pretrained.PREFIX}{shipped}")
+        frozen = [f"model.base_model_checkpoint={pretrained.PREFIX}{shipped}"]
     else:
         base_ckpt = out / "base" / "best_model.pt"
         step("2/5 base reconstructor (deepspeed launcher)")
-        train_stage("base", preset_file, run_sets + ([f"training.base_num_epochs={base_epochs}"] if base_epochs else []),
-                    ranks, log, False, cuda, precision)
-    step("3/5 detail refinement network on the frozen base")
-    train_stage("refine", preset_file, run_sets + ([f"training.num_epochs={refine_epochs}"] if refine_epochs else []),
-                ranks, log, False, cuda, precision)
+        epochs = [f"training.base_num_epochs={base_epochs}"] if base_epochs else []
+        train_stage("base", preset_file, run_sets + list(sets) + epochs, ranks, log, False, cuda, precision)
+    refine_run, start = refine_sets(preset_name, bool(shipped), refiner_from_scratch, refine_epochs)
+    step(f"3/5 detail refinement network on the frozen base, {start}")
+    train_stage("refine", preset_file, run_sets + refine_run + list(sets) + frozen, ranks, log, False, cuda, precision)
     ref_ckpt = _uncertainty_head(out, base_ckpt, out / "refine" / "best_model.pt", quiet)
     step("4/5 ONNX export + verification")
     _export(out, onnx_path, base_ckpt, ref_ckpt, precision)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .device import metrics_dtype
 from .fourier import frequency_magnitude
-from .stencil import laplacian3d
+from .stencil import highpass, laplacian3d, ray_constant_energy
 
 SSIM_WIN = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -100,25 +100,7 @@ def hf_energy_ratio(pred, target) -> torch.Tensor:
     return ep / et.clamp_min(1e-12)
 
 
-HF_SIGMA = 1.0  # voxels: the detail band is what a 1-voxel Gaussian removes
-HF_RADIUS = 4  # kernel half-width, scipy's default truncate=4.0 at sigma 1
 BANDS = {"band_low": (0.0, 0.125), "band_mid": (0.125, 0.25), "band_high": (0.25, float("inf"))}  # cycles/voxel
-
-
-def highpass(x: torch.Tensor, sigma: float = HF_SIGMA) -> torch.Tensor:
-    """``x - gaussian(x, sigma)`` over the last three dims of ``(B, 1, D, H, W)``, replicate borders."""
-    r = int(4.0 * sigma + 0.5)
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    y = x
-    for axis in range(3):  # separable: one 1D convolution per axis
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = 2 * r + 1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(shape))
-    return x - y
 
 
 def hf_psnr(pred, target) -> torch.Tensor:
@@ -221,8 +203,7 @@ def streak_index(correction: torch.Tensor) -> torch.Tensor:
     has the right amount of depth structure."""
     hp = highpass(_as_batch(correction, "correction").to(metrics_dtype(correction.device)))
     total = (hp * hp).flatten(1).sum(1).clamp_min(1e-20)
-    shares = [(hp.mean(dim=d, keepdim=True).expand_as(hp) ** 2).flatten(1).sum(1) / total for d in (3, 4)]
-    return 0.5 * (shares[0] + shares[1])
+    return ray_constant_energy(hp).mean(dim=1) / total
 
 
 def error_by_class(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:

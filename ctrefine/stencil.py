@@ -1,5 +1,9 @@
-"""The one 3D Laplacian of ctrefine: shared by the refiner's high-pass branch, the gradient loss,
-the HF-energy metric and the Triton kernel (which must match it exactly).
+"""The local operators of ctrefine, one home each: the 3D Laplacian (below), the Gaussian high-pass that
+defines a volume's *detail* for the metrics and the losses (:func:`highpass`), and the part of that detail
+that is constant along the radiographs' rays (:func:`ray_constant_energy`: the streak index and the streak loss).
+
+The one 3D Laplacian is shared by the refiner's high-pass branch, the gradient loss, the HF-energy metric
+and the Triton kernel (which must match it exactly).
 
 Stencil: 7-point, ``L(x)_i = sum over the 6 face neighbours j of (x_j - x_i)``.
 Padding: replicate (a neighbour outside the volume takes the centre's value, so its term is 0).
@@ -38,3 +42,32 @@ def gradient_magnitude3d(x: torch.Tensor) -> torch.Tensor:
     gh = p[:, :, 1:-1, 2:, 1:-1] - p[:, :, 1:-1, :-2, 1:-1]
     gw = p[:, :, 1:-1, 1:-1, 2:] - p[:, :, 1:-1, 1:-1, :-2]
     return 0.5 * torch.sqrt(gd * gd + gh * gh + gw * gw + 1e-12)
+
+
+HF_SIGMA = 1.0  # voxels: the detail band is what a 1-voxel Gaussian removes
+
+
+def highpass(x: torch.Tensor, sigma: float = HF_SIGMA) -> torch.Tensor:
+    """``x - gaussian(x, sigma)`` over the last three dims of ``(B, 1, D, H, W)``, replicate borders (scipy's
+    ``mode="nearest"``), kernel radius ``4 sigma`` (scipy's default truncate)."""
+    r = int(4.0 * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = x
+    for axis in range(3):  # separable: one 1D convolution per axis
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * r + 1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(shape))
+    return x - y
+
+
+RAY_DIMS = (3, 4)  # (B, 1, D, H, W): PA rays run along H (anterior -> posterior), lateral rays along W
+
+
+def ray_constant_energy(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` -> ``(B, 2)``: per view (PA, lateral), the energy of ``x``'s mean along that view's
+    rays spread back along them -- the part of ``x`` a radiograph's pattern copied through the body explains."""
+    return torch.stack([(x.mean(dim=d, keepdim=True) ** 2).flatten(1).sum(1) * x.shape[d] for d in RAY_DIMS], dim=1)

@@ -11,15 +11,16 @@ pytestmark = pytest.mark.slow
 
 def test_demo_at_64_starts_from_the_shipped_frozen_base(tmp_path):
     """The default CPU demo, as `make demo` runs it: 64^3, the shipped base (not trained, not copied), only
-    the refiner trained, ONNX export + inference; a rerun reuses every finished stage; a file the demo did
+    the refiner trained (fine-tuned from the shipped refiner), ONNX export + inference; a rerun reuses every finished stage; a file the demo did
     not write is never replaced, and a folder that only looks like a demo is refused."""
     import json
     import shutil
 
     from ctrefine import pretrained
-    from ctrefine.launch import SHIPPED_BASE, demo_preset
+    from ctrefine.launch import SHIPPED_BASE, SHIPPED_REFINER, demo_preset
 
     assert SHIPPED_BASE["cpu-medium"] in pretrained.SHIPPED and demo_preset("auto") == "cpu-medium"
+    assert SHIPPED_REFINER["cpu-medium"] in pretrained.SHIPPED
     out = tmp_path / "demo64"
     cmd = [sys.executable, "-m", "ctrefine.cli", "demo", "--out", str(out), "--num-patients", "6", "--refine-epochs", "1",
            "--ranks", "1", "--quiet"]
@@ -27,6 +28,7 @@ def test_demo_at_64_starts_from_the_shipped_frozen_base(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "preset cpu-medium" in r.stdout and "shipped pretrained:phantom-64, frozen" in r.stdout
     assert "refined wins" in r.stdout and "gain (refined - coarse)" in r.stdout
+    assert "initialised from pretrained:phantom-64-refiner" in r.stdout  # the driver's own line: the start it used
     assert not (out / "base").exists()  # nothing trained or copied for the base
     for f in ("data/splits.json", "refine/best_model.pt", "model.onnx", "inference_results/metrics.txt"):
         assert (out / f).exists(), f
@@ -51,3 +53,18 @@ def test_demo_at_64_starts_from_the_shipped_frozen_base(tmp_path):
     r4 = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r4.returncode == 2 and "is not an earlier demo run" in r4.stderr
     assert (other / "model.onnx").read_bytes() == b"mine" and not (other / "refine").exists()
+
+
+def test_the_demo_fine_tunes_the_shipped_refiner_only_on_its_own_base():
+    """The shipped refiner is a start only for the base it was trained on: with --train-base, with
+    --refiner-from-scratch and for presets without one, the refiner starts from a random init; the user's
+    --refine-epochs wins over the fine-tuning's epochs."""
+    from ctrefine.launch import FINE_TUNE, refine_sets
+
+    sets, start = refine_sets("cpu-medium", True, False, None)
+    assert sets[0] == "training.init_checkpoint=pretrained:phantom-64-refiner" and sets[1:] == list(FINE_TUNE)
+    assert "fine-tuned from pretrained:phantom-64-refiner" in start
+    assert refine_sets("cpu-medium", True, False, 3)[0][-1] == "training.num_epochs=3"
+    for args in (("cpu-medium", False, False, None), ("cpu-medium", True, True, None), ("cpu-small", True, False, None),
+                 ("full", False, False, None)):
+        assert refine_sets(*args) == ([], "from a random init"), args

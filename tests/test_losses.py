@@ -107,6 +107,28 @@ def test_phase_free_terms_reward_detail_not_its_position():
     assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
+def test_streak_term_charges_only_detail_smeared_along_the_rays():
+    """A correction placed in depth (the truth's blobs, at any strength) costs nothing; the same blobs' PA
+    projection copied along the PA rays -- the radiograph's pattern lifted through the body: the truth's ray
+    means without its depth structure -- costs, more the more of it there is, with a gradient that lowers it."""
+    g = torch.Generator().manual_seed(1)
+    n = 24
+    coarse = torch.rand(1, 1, n, n, n, generator=g) * 0.1
+    blobs = torch.zeros(1, 1, n, n, n)
+    for d, h, w in torch.randint(2, n - 2, (30, 3), generator=g).tolist():
+        blobs[0, 0, d - 1:d + 2, h - 1:h + 2, w - 1:w + 2] += 0.3
+    truth = coarse + blobs
+    smeared = coarse + blobs.mean(dim=3, keepdim=True).expand_as(blobs)  # same PA projection, no depth
+    assert R.streak_excess(truth, truth, coarse).item() == pytest.approx(0.0, abs=1e-6)
+    assert R.streak_excess(coarse + 0.5 * blobs, truth, coarse).item() == pytest.approx(0.0, abs=1e-5)
+    partly = R.streak_excess(0.5 * (truth + smeared), truth, coarse).item()
+    p = smeared.clone().requires_grad_(True)
+    cost = R.streak_excess(p, truth, coarse)
+    assert cost.item() > 1.0 and 0 < partly < cost.item()  # the PA share: ~1 smeared against the truth's ~0.1
+    cost.backward()
+    assert R.streak_excess((p - 0.1 * p.grad / p.grad.abs().max()).detach(), truth, coarse) < cost
+
+
 def test_adversarial_critic_tells_truth_from_blur_and_trains_only_itself():
     """The optional critic learns to separate sharp truths from blurred refinements; its verdict's gradient
     reaches the refined volume only; it is built only when its weight is > 0 and never shifts the global RNG."""

@@ -20,6 +20,10 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
   scale (log energy per radial band of the spectrum) and *how many* sharp edges (the sorted gradient
   magnitudes: the 1D Wasserstein distance between the two volumes' gradient-magnitude distributions),
   never where: they pull a blurred answer back towards the truth's sharpness.
+* :func:`streak_excess`: the other side of not knowing where -- detail seen in one radiograph but not
+  placed in depth is cheapest spread along the rays (a band through the lungs at every rib level). It
+  compares the share of the correction's detail that is constant along each view's rays with the share in
+  the truth's own correction, and charges only the excess.
 * :func:`consistency_l1`: L1 between the 4x-down-sampled (low-pass) refined and coarse volumes. It
   keeps the refiner's anatomy that of the base -- the refiner may add detail, not move organs --
   without penalising the high frequencies it exists to add.
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
-from ..stencil import laplacian3d
+from ..stencil import highpass, laplacian3d, ray_constant_energy
 
 SPECTRAL_SHARPNESS = 10.0  # slope of the high-pass weight's sigmoid
 SPECTRAL_CUTOFF = 0.1  # cycles/voxel where the weight is 0.5
@@ -43,7 +47,7 @@ ENERGY_MIN_F = 0.1  # cycles/voxel: bands below this are left to the pointwise t
 CONSISTENCY_POOL = 4  # low-pass factor for the coarse-consistency term (5 mm voxels -> 20 mm blobs at 64^3)
 
 __all__ = ["laplacian3d", "l1", "laplacian_l1", "spectral_weight", "spectral_l1", "local_stats_loss", "consistency_l1",
-           "band_energy_l1", "gradient_distribution_l1"]
+           "band_energy_l1", "gradient_distribution_l1", "streak_excess"]
 
 
 def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -122,6 +126,18 @@ def band_energy_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return e.index_add_(-1, band.flatten(), p.flatten(-3))[..., keep]
 
     return (torch.log(energy(pred) + 1e-8) - torch.log(energy(target) + 1e-8)).abs().mean()
+
+
+def streak_excess(pred: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """Mean over volumes and the two views of ``relu(log S(pred - coarse) - log S(target - coarse))``, ``S`` the
+    share of the high-passed correction's energy that is constant along the view's rays (the streak index's
+    share, :func:`ctrefine.metrics.streak_index`). A correction smeared along the rays has the truth's ray
+    means but none of its depth structure, so its share is higher; only the excess costs (float32)."""
+    def share(v):
+        hp = highpass(v.float() - coarse.float())
+        return (ray_constant_energy(hp) + 1e-12) / ((hp * hp).flatten(1).sum(1, keepdim=True) + 1e-12)
+
+    return F.relu(torch.log(share(pred)) - torch.log(share(target))).mean()
 
 
 def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 XRAY_CONSISTENCY_WEIGHT = 0.3
 BAND_ENERGY_WEIGHT = 0.0
 GRADIENT_DISTRIBUTION_WEIGHT = 0.0
+STREAK_WEIGHT = 0.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
@@ -112,6 +113,8 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("gradient_distribution", GRADIENT_DISTRIBUTION_WEIGHT,
              lambda r, t, c, x: _reference().gradient_distribution_l1(r, t),
              "L1 between sorted gradient magnitudes (phase-free: as many sharp edges as the truth)"),
+    LossTerm("streak", STREAK_WEIGHT, lambda r, t, c, x: _reference().streak_excess(r, t, c),
+             "log-excess of the correction's ray-constant detail over the truth's (phase-free: no smearing along the rays)"),
     LossTerm("adversarial", ADVERSARIAL_WEIGHT, lambda r, t, c, x: _adversarial(r, c, x),
              "softplus(-critic(refined | coarse)): a 3D patch critic's verdict that the correction looks true"),
 )}
