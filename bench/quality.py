@@ -94,7 +94,7 @@ ROWS = {
     **{f"depth_xc03_band_streak{w:g}".replace(".", ""): _row(
         f"density SIRT + residual product, xray_consistency 0.3, band_energy 0.005, streak {w:g}",
         {**DEPTH, "band_energy": 0.005, "streak": w}, dc_weighting="density", fusion="views+product")
-       for w in (0.01, 0.05)},
+       for w in (0.002, 0.01)},
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

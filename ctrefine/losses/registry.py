@@ -31,13 +31,18 @@ if TYPE_CHECKING:
 # patients, 12 epochs each): xray_consistency is worth +0.19 dB (all terms +0.73 vs without it +0.54); with the
 # refiner's depth cues (density-weighted SIRT, the residual product; bench/RESULTS.md, "Detail in place") 0.3
 # beats 1.0 -- matching the projections is also satisfied by smearing along the rays, and at 0.3 the lung and
-# soft-tissue errors and the vessel Dice improve at the same PSNR (13 test patients, 6 epochs each); the two
-# phase-free terms make the output sharper (high band 0.52 -> 0.61) but cost 0.10 dB and 0.18 dB of HF-PSNR, so
-# they stay off by default -- the knob between fidelity and sharpness (20x stronger: -0.28 dB, high band 0.98).
+# soft-tissue errors and the vessel Dice improve at the same PSNR (13 test patients, 6 epochs each). band_energy
+# 0.005 keeps the refined volume at least as sharp as the coarse one: fine-tuning the shipped refiner on unseen
+# patients without it ends smoother than the coarse volume in the top band (0.536 vs 0.577, +1.44 dB), with it
+# sharper (0.618, +1.33 dB, rib Dice 0.235 -> 0.266; bench/RESULTS.md, "Detail in place"); a gain with a smoother
+# output is not a refinement. gradient_distribution stays off (-0.18 dB of HF-PSNR in section 10). streak 0.002
+# brings the correction's ray-constant share of detail to the truth's own (0.036 vs 0.039; 0.044 without it) for
+# 0.04 dB; 0.01 overshoots (0.027) and costs 0.12 dB and lung error: the smear it removes was partly right
+# (bench/RESULTS.md, "Detail in place").
 XRAY_CONSISTENCY_WEIGHT = 0.3
-BAND_ENERGY_WEIGHT = 0.0
+BAND_ENERGY_WEIGHT = 0.005
 GRADIENT_DISTRIBUTION_WEIGHT = 0.0
-STREAK_WEIGHT = 0.0
+STREAK_WEIGHT = 0.002
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).

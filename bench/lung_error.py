@@ -1,0 +1,90 @@
+"""Where the lung's squared error lies: at the lung's rim (beside which structure) or inside it, for the coarse
+and the refined volumes of an inference folder (``ctrefine infer ... --output-dir DIR`` keeps each test
+patient's ``ground_truth`` / ``coarse`` / ``refined.nii.gz``), with the label maps of the dataset it read.
+
+    python bench/lung_error.py --results runs/eval --data runs/p64v3/data
+
+Each lung voxel is assigned to the first structure (in the order below) found in its 3^3 neighbourhood, or to
+"interior" when every neighbour is lung: ribs before soft tissue, so a lung voxel that touches both counts as
+the rib's. Prints, per neighbour, the lung voxels, their share of the refined volume's lung error and the
+refined / coarse error there; and the lung error of the detail band alone (``ctrefine.stencil.highpass``) and of
+the rest (their shares do not add up to 100 %: the two parts of an error are not orthogonal on a mask).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NEIGHBOURS = ("rib", "vertebra", "other_bone", "vessel", "airway", "nodule", "heart_blood", "soft_tissue", "fat", "gas")
+
+
+def _volume(path: Path) -> torch.Tensor:
+    import nibabel as nib
+
+    return torch.from_numpy(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32))[None, None] / 2500.0
+
+
+def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
+    """Squared-error sums of one patient by (volume, neighbour) and by (volume, band), and voxel counts."""
+    from ctrefine.stencil import highpass
+
+    truth = _volume(folder / "ground_truth.nii.gz")
+    lung = labels == ids["lung"]
+    owner = torch.full_like(labels, -1)
+    for name in NEIGHBOURS:
+        if name in ids:
+            near = F.max_pool3d((labels == ids[name]).float(), 3, 1, 1) > 0
+            owner = torch.where(lung & near & (owner < 0), torch.full_like(owner, ids[name]), owner)
+    groups = {"interior": lung & (owner < 0), **{n: lung & (owner == ids[n]) for n in NEIGHBOURS if n in ids}}
+    out = {f"n/{g}": float(m.sum()) for g, m in groups.items()}
+    for stage in ("coarse", "refined"):
+        err = _volume(folder / f"{stage}.nii.gz") - truth
+        detail = highpass(err.double()).float()
+        for g, m in groups.items():
+            out[f"{stage}/{g}"] = float((err ** 2 * m).sum())
+        out[f"{stage}/detail band"] = float((detail ** 2 * lung).sum())
+        out[f"{stage}/below it"] = float(((err - detail) ** 2 * lung).sum())
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", required=True, help="an infer --output-dir holding patient_*/ volumes")
+    p.add_argument("--data", required=True, help="the dataset it evaluated (its label maps and dataset.json)")
+    a = p.parse_args(argv)
+    from ctrefine.data.dataset import read_labels
+
+    table = json.loads((Path(a.data) / "dataset.json").read_text())["labels"]
+    ids = {name: int(k) for k, name in table.items()}
+    total: dict[str, float] = {}
+    folders = sorted(Path(a.results).glob("patient_*/"))
+    for folder in folders:
+        truth_shape = tuple(_volume(folder / "ground_truth.nii.gz").shape[-3:])
+        labels = torch.from_numpy(read_labels(Path(a.data) / folder.name, truth_shape).astype(np.int64))[None, None]
+        for k, v in patient_sums(folder, labels, ids).items():
+            total[k] = total.get(k, 0.0) + v
+    if not folders:
+        print(f"{a.results}: no patient_* folders with volumes", file=sys.stderr)
+        return 2
+    lung_refined = sum(v for k, v in total.items() if k.startswith("refined/") and "band" not in k and "below" not in k)
+    lung_coarse = sum(v for k, v in total.items() if k.startswith("coarse/") and "band" not in k and "below" not in k)
+    print(f"{len(folders)} patients; lung squared error refined / coarse {lung_refined / lung_coarse:.3f}")
+    print(f"{'lung voxels beside':14s} {'voxels':>9s} {'share of refined':>17s} {'refined / coarse':>17s}")
+    for g in ["interior", *NEIGHBOURS]:
+        if total.get(f"n/{g}"):
+            print(f"{g:14s} {total[f'n/{g}']:9.0f} {total[f'refined/{g}'] / lung_refined:17.1%} "
+                  f"{total[f'refined/{g}'] / max(total[f'coarse/{g}'], 1e-20):17.2f}")
+    for band in ("detail band", "below it"):
+        print(f"{band:14s} {'':9s} {total[f'refined/{band}'] / lung_refined:17.1%} "
+              f"{total[f'refined/{band}'] / total[f'coarse/{band}']:17.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
