@@ -82,9 +82,9 @@ ROWS = {
     "residual_product": _row("defaults + product of the two views' residuals", SHIPPED, fusion="views+product"),
     "density_dc_product": _row("defaults, density-weighted SIRT steps + residual product", SHIPPED,
                                dc_weighting="density", fusion="views+product"),
-    # on top of it: the X-ray consistency term (which matching the projections lets smear) at 0.3 -- today's
-    # defaults -- and the phase-free band-energy term (sharpness at the right scale)
-    "depth_xc03": _row("density SIRT + residual product, xray_consistency 0.3 (today's defaults)", DEPTH,
+    # on top of it: the X-ray consistency term (which matching the projections lets smear) at 0.3, and the
+    # phase-free band-energy term (sharpness at the right scale)
+    "depth_xc03": _row("density SIRT + residual product, xray_consistency 0.3 (session 13's defaults)", DEPTH,
                        dc_weighting="density", fusion="views+product"),
     "depth_band": _row("density SIRT + residual product, + band_energy 0.005", {**SHIPPED, "band_energy": 0.005},
                        dc_weighting="density", fusion="views+product"),
@@ -92,7 +92,8 @@ ROWS = {
                             {**DEPTH, "band_energy": 0.005}, dc_weighting="density", fusion="views+product"),
     # a loss that does not reward smearing: the correction's ray-constant share of detail charged above the truth's
     **{f"depth_xc03_band_streak{w:g}".replace(".", ""): _row(
-        f"density SIRT + residual product, xray_consistency 0.3, band_energy 0.005, streak {w:g}",
+        f"density SIRT + residual product, xray_consistency 0.3, band_energy 0.005, streak {w:g}"
+        + (" (today's defaults)" if w == 0.002 else ""),
         {**DEPTH, "band_energy": 0.005, "streak": w}, dc_weighting="density", fusion="views+product")
        for w in (0.002, 0.01)},
 }

@@ -289,3 +289,34 @@ def test_body_psnr_and_the_error_budget():
     budget = error_budget(per_patient)
     assert set(budget) == {"background"} and budget["background"]["share_of_refined_error"] == pytest.approx(1.0)
     assert budget["background"]["refined_over_coarse"] == pytest.approx(0.25)  # (0.1 / 0.2)^2
+
+
+def test_lung_error_split_names_the_structure_beside_each_lung_voxel(tmp_path):
+    """bench/lung_error.py: an error placed on a lung voxel beside a rib is the rib's; one deep inside the lung is
+    the interior's; the refined / coarse ratios are those of the planted errors."""
+    from pathlib import Path
+
+    import nibabel as nib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import lung_error
+
+    n = 12
+    ids = {"background": 0, "lung": 1, "rib": 6, "soft_tissue": 10}
+    labels = np.full((n, n, n), 10, np.uint8)
+    labels[2:10, 2:10, 2:10] = 1
+    labels[5, 5, 1] = 6  # a rib voxel on the lung's wall, beside lung voxel (5, 5, 2)
+    truth = np.full((n, n, n), -800.0, np.float32)
+    coarse, refined = truth.copy(), truth.copy()
+    coarse[5, 5, 2] += 250.0  # beside the rib: 0.1 model units, refined halves it
+    refined[5, 5, 2] += 125.0
+    coarse[6, 6, 6] += 250.0  # deep inside: refined doubles it
+    refined[6, 6, 6] += 500.0
+    folder = tmp_path / "patient_0000"
+    folder.mkdir()
+    for name, v in (("ground_truth", truth), ("coarse", coarse), ("refined", refined)):
+        nib.save(nib.Nifti1Image(v, np.eye(4)), str(folder / f"{name}.nii.gz"))
+    sums = lung_error.patient_sums(folder, torch.from_numpy(labels.astype(np.int64))[None, None], ids)
+    assert sums["coarse/rib"] == pytest.approx(0.01, rel=1e-5) and sums["refined/rib"] == pytest.approx(0.0025, rel=1e-5)
+    assert sums["coarse/interior"] == pytest.approx(0.01, rel=1e-5) and sums["refined/interior"] == pytest.approx(0.04, rel=1e-5)
+    assert sums["n/rib"] == 9 and sums["refined/soft_tissue"] == 0.0  # the rib's 3x3 of wall voxels; no error there
