@@ -7,13 +7,16 @@
 # refiner shipped before it (commit ca5d210: per-view residuals, uniform SIRT steps), widened by
 # bench/widen_refiner.py (the product channel enters with zero weights). BUDGET=SECONDS fits the schedule into
 # a wall-clock budget (training.time_budget_s); INIT=FILE starts from another model file, SHIP=DIR trains into
-# another checkpoint.dir (a second leg from the first's best_model.pt).
+# another checkpoint.dir (a second leg from the first's best_model.pt). The shipped refiner's loss had the
+# band-energy and streak terms off (today's defaults turn them on): BAND=W / STREAK=W set them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
 BIN=${BIN:-.venv/bin}
 EPOCHS=${EPOCHS:-8}
 LR=${LR:-5e-4}
+BAND=${BAND:-0.0}
+STREAK=${STREAK:-0.0}
 SHIP=${SHIP:-$OUT/ship}
 INIT=${INIT:-$OUT/init_refiner_product.pt}
 if [ ! -f "$INIT" ]; then
@@ -24,5 +27,6 @@ fi
 OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine --config cpu-medium \
     --set data.data_path="$OUT/data" --set checkpoint.dir="$SHIP" --set training.init_checkpoint="$INIT" \
     --set model.base_model_checkpoint=pretrained:phantom-64 \
+    --set loss.band_energy="$BAND" --set loss.streak="$STREAK" \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
     --no-progress
