@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
-NEW = {"xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "adversarial": 0.0}
+NEW = {"xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
 SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)
 DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # today's defaults: with the depth cues below
@@ -54,7 +54,7 @@ ROWS = {
     "seed": _row("seed's five terms; no re-projection (no guidance, no DC steps)", {**FIVE, **OFF}, "off", 0),
     "guided": _row("five terms + re-projection guidance, no DC steps", {**FIVE, **OFF}, dc=0),
     "sharp": _row("all terms, phase-free 10x / 20x stronger (the sharpness knob), no DC steps",
-                  {**FIVE, "xray_consistency": 1.0, "band_energy": 0.05, "gradient_distribution": 1.0}, dc=0),
+                  {**FIVE, **OFF, "xray_consistency": 1.0, "band_energy": 0.05, "gradient_distribution": 1.0}, dc=0),
     "all": _row("all terms + guidance + 2 DC steps", {**FIVE, **NEW}),
     "no_dc": _row("all terms + guidance, no DC steps", {**FIVE, **NEW}, dc=0),
     "no_xray_consistency": _row("all - xray_consistency", {**FIVE, **NEW, "xray_consistency": 0.0}),

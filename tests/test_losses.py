@@ -169,3 +169,18 @@ def test_adversarial_critic_tells_truth_from_blur_and_trains_only_itself():
     with pytest.raises(ValueError, match="needs a critic"):
         from ctrefine.losses.registry import TERMS, TermContext
         TERMS["adversarial"].fn(blurred, t, coarse, TermContext())
+
+
+def test_every_ablation_row_writes_out_every_term():
+    """bench/quality.py's rows name every loss term's weight, so a row means the same run whatever the
+    registry's defaults become (a term added later is off in the old rows, not silently on)."""
+    import sys
+    from pathlib import Path
+
+    from ctrefine.losses.registry import DEFAULT_WEIGHTS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import quality
+
+    assert {k: sorted(set(DEFAULT_WEIGHTS) - set(r["weights"])) for k, r in quality.ROWS.items()
+            if set(r["weights"]) != set(DEFAULT_WEIGHTS)} == {}

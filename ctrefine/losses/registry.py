@@ -119,7 +119,7 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
              lambda r, t, c, x: _reference().gradient_distribution_l1(r, t),
              "L1 between sorted gradient magnitudes (phase-free: as many sharp edges as the truth)"),
     LossTerm("streak", STREAK_WEIGHT, lambda r, t, c, x: _reference().streak_excess(r, t, c),
-             "log-excess of the correction's ray-constant detail over the truth's (phase-free: no smearing along the rays)"),
+             "log-excess of the correction's ray-constant share of detail over the truth's (no smearing along the rays)"),
     LossTerm("adversarial", ADVERSARIAL_WEIGHT, lambda r, t, c, x: _adversarial(r, c, x),
              "softplus(-critic(refined | coarse)): a 3D patch critic's verdict that the correction looks true"),
 )}
