@@ -427,9 +427,10 @@ def _commands() -> dict:
         "demo": (_add_demo, _cmd_demo, dict(
             help="the main job: data -> base -> refiner -> ONNX -> inference, with a summary table",
             description="Generate a synthetic dataset, take the shipped frozen base (or train one), train the "
-                        "refiner through the deepspeed launcher, export ONNX, run it on the test split, print the "
-                        "table. Preset auto: full on CUDA; on CPU cpu-medium (64^3, shipped base pretrained:"
-                        "phantom-64). Re-running reuses finished work (dataset, stages, an up-to-date ONNX file).")),
+                        "refiner through the deepspeed launcher (on cpu-medium: the shipped refiner fine-tuned on "
+                        "the new patients), export ONNX, run it on the test split, print the table. Preset auto: "
+                        "full on CUDA; on CPU cpu-medium (64^3, shipped base pretrained:phantom-64). Re-running "
+                        "reuses finished work (dataset, stages, an up-to-date ONNX file).")),
     }
 
 
