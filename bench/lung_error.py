@@ -31,7 +31,8 @@ def _volume(path: Path) -> torch.Tensor:
 
 
 def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
-    """Squared-error sums of one patient by (volume, neighbour) and by (volume, band), and voxel counts."""
+    """Squared-error sums of one patient, ``STAGE/beside/NEIGHBOUR`` and ``STAGE/band/BAND``, and the voxel
+    counts ``n/NEIGHBOUR``."""
     from ctrefine.stencil import highpass
 
     truth = _volume(folder / "ground_truth.nii.gz")
@@ -47,9 +48,9 @@ def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
         err = _volume(folder / f"{stage}.nii.gz") - truth
         detail = highpass(err.double()).float()
         for g, m in groups.items():
-            out[f"{stage}/{g}"] = float((err ** 2 * m).sum())
-        out[f"{stage}/detail band"] = float((detail ** 2 * lung).sum())
-        out[f"{stage}/below it"] = float(((err - detail) ** 2 * lung).sum())
+            out[f"{stage}/beside/{g}"] = float((err ** 2 * m).sum())
+        out[f"{stage}/band/detail band"] = float((detail ** 2 * lung).sum())
+        out[f"{stage}/band/below it"] = float(((err - detail) ** 2 * lung).sum())
     return out
 
 
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--results", required=True, help="an infer --output-dir holding patient_*/ volumes")
     p.add_argument("--data", required=True, help="the dataset it evaluated (its label maps and dataset.json)")
     a = p.parse_args(argv)
+    import nibabel as nib
+
     from ctrefine.data.dataset import read_labels
 
     table = json.loads((Path(a.data) / "dataset.json").read_text())["labels"]
@@ -65,24 +68,24 @@ def main(argv=None) -> int:
     total: dict[str, float] = {}
     folders = sorted(Path(a.results).glob("patient_*/"))
     for folder in folders:
-        truth_shape = tuple(_volume(folder / "ground_truth.nii.gz").shape[-3:])
-        labels = torch.from_numpy(read_labels(Path(a.data) / folder.name, truth_shape).astype(np.int64))[None, None]
+        shape = nib.load(str(folder / "ground_truth.nii.gz")).shape  # the header only
+        labels = torch.from_numpy(read_labels(Path(a.data) / folder.name, shape).astype(np.int64))[None, None]
         for k, v in patient_sums(folder, labels, ids).items():
             total[k] = total.get(k, 0.0) + v
     if not folders:
         print(f"{a.results}: no patient_* folders with volumes", file=sys.stderr)
         return 2
-    lung_refined = sum(v for k, v in total.items() if k.startswith("refined/") and "band" not in k and "below" not in k)
-    lung_coarse = sum(v for k, v in total.items() if k.startswith("coarse/") and "band" not in k and "below" not in k)
+    lung_refined = sum(v for k, v in total.items() if k.startswith("refined/beside/"))
+    lung_coarse = sum(v for k, v in total.items() if k.startswith("coarse/beside/"))
     print(f"{len(folders)} patients; lung squared error refined / coarse {lung_refined / lung_coarse:.3f}")
     print(f"{'lung voxels beside':14s} {'voxels':>9s} {'share of refined':>17s} {'refined / coarse':>17s}")
     for g in ["interior", *NEIGHBOURS]:
         if total.get(f"n/{g}"):
-            print(f"{g:14s} {total[f'n/{g}']:9.0f} {total[f'refined/{g}'] / lung_refined:17.1%} "
-                  f"{total[f'refined/{g}'] / max(total[f'coarse/{g}'], 1e-20):17.2f}")
+            print(f"{g:14s} {total[f'n/{g}']:9.0f} {total[f'refined/beside/{g}'] / lung_refined:17.1%} "
+                  f"{total[f'refined/beside/{g}'] / max(total[f'coarse/beside/{g}'], 1e-20):17.2f}")
     for band in ("detail band", "below it"):
-        print(f"{band:14s} {'':9s} {total[f'refined/{band}'] / lung_refined:17.1%} "
-              f"{total[f'refined/{band}'] / total[f'coarse/{band}']:17.2f}")
+        print(f"{band:14s} {'':9s} {total[f'refined/band/{band}'] / lung_refined:17.1%} "
+              f"{total[f'refined/band/{band}'] / total[f'coarse/band/{band}']:17.2f}")
     return 0
 
 

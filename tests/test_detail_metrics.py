@@ -317,6 +317,8 @@ def test_lung_error_split_names_the_structure_beside_each_lung_voxel(tmp_path):
     for name, v in (("ground_truth", truth), ("coarse", coarse), ("refined", refined)):
         nib.save(nib.Nifti1Image(v, np.eye(4)), str(folder / f"{name}.nii.gz"))
     sums = lung_error.patient_sums(folder, torch.from_numpy(labels.astype(np.int64))[None, None], ids)
-    assert sums["coarse/rib"] == pytest.approx(0.01, rel=1e-5) and sums["refined/rib"] == pytest.approx(0.0025, rel=1e-5)
-    assert sums["coarse/interior"] == pytest.approx(0.01, rel=1e-5) and sums["refined/interior"] == pytest.approx(0.04, rel=1e-5)
-    assert sums["n/rib"] == 9 and sums["refined/soft_tissue"] == 0.0  # the rib's 3x3 of wall voxels; no error there
+    assert sums["coarse/beside/rib"] == pytest.approx(0.01, rel=1e-5)
+    assert sums["refined/beside/rib"] == pytest.approx(0.0025, rel=1e-5)
+    assert sums["coarse/beside/interior"] == pytest.approx(0.01, rel=1e-5)
+    assert sums["refined/beside/interior"] == pytest.approx(0.04, rel=1e-5)
+    assert sums["n/rib"] == 9 and sums["refined/beside/soft_tissue"] == 0.0  # the rib's 3x3 of wall voxels; no error there
