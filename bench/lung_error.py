@@ -21,18 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+HU_PER_UNIT = 2500.0  # the volumes are read in HU / 2500 (model units: the squared errors compare with PSNR's)
 NEIGHBOURS = ("rib", "vertebra", "other_bone", "vessel", "airway", "nodule", "heart_blood", "soft_tissue", "fat", "gas")
 
 
 def _volume(path: Path) -> torch.Tensor:
     import nibabel as nib
 
-    return torch.from_numpy(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32))[None, None] / 2500.0
+    return torch.from_numpy(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32))[None, None] / HU_PER_UNIT
 
 
 def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
-    """Squared-error sums of one patient, ``STAGE/beside/NEIGHBOUR`` and ``STAGE/band/BAND``, and the voxel
-    counts ``n/NEIGHBOUR``."""
+    """Squared-error sums of one patient, ``STAGE/beside/NEIGHBOUR`` and ``STAGE/band/BAND``, the signed error
+    sums ``STAGE/signed/NEIGHBOUR`` (model units) and the voxel counts ``n/NEIGHBOUR``."""
     from ctrefine.stencil import highpass
 
     truth = _volume(folder / "ground_truth.nii.gz")
@@ -49,6 +50,7 @@ def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
         detail = highpass(err.double()).float()
         for g, m in groups.items():
             out[f"{stage}/beside/{g}"] = float((err ** 2 * m).sum())
+            out[f"{stage}/signed/{g}"] = float((err * m).sum())
         out[f"{stage}/band/detail band"] = float((detail ** 2 * lung).sum())
         out[f"{stage}/band/below it"] = float(((err - detail) ** 2 * lung).sum())
     return out
@@ -63,13 +65,27 @@ def main(argv=None) -> int:
 
     from ctrefine.data.dataset import read_labels
 
-    table = json.loads((Path(a.data) / "dataset.json").read_text())["labels"]
+    index = Path(a.data) / "dataset.json"
+    if not index.is_file():
+        print(f"{index}: no dataset index (give --data the dataset folder the results were inferred from)",
+              file=sys.stderr)
+        return 2
+    table = json.loads(index.read_text())["labels"]
     ids = {name: int(k) for k, name in table.items()}
     total: dict[str, float] = {}
     folders = sorted(Path(a.results).glob("patient_*/"))
+    bare = [f for f in folders if not all((f / f"{v}.nii.gz").is_file() for v in ("ground_truth", "coarse", "refined"))]
+    if bare:
+        print(f"{bare[0]}: no ground_truth / coarse / refined .nii.gz (infer without --no-save-volumes keeps them)",
+              file=sys.stderr)
+        return 2
     for folder in folders:
         shape = nib.load(str(folder / "ground_truth.nii.gz")).shape  # the header only
-        labels = torch.from_numpy(read_labels(Path(a.data) / folder.name, shape).astype(np.int64))[None, None]
+        found = read_labels(Path(a.data) / folder.name, shape)
+        if found is None:
+            print(f"{Path(a.data) / folder.name}: no label map for {folder.name}", file=sys.stderr)
+            return 2
+        labels = torch.from_numpy(found.astype(np.int64))[None, None]
         for k, v in patient_sums(folder, labels, ids).items():
             total[k] = total.get(k, 0.0) + v
     if not folders:
@@ -78,11 +94,14 @@ def main(argv=None) -> int:
     lung_refined = sum(v for k, v in total.items() if k.startswith("refined/beside/"))
     lung_coarse = sum(v for k, v in total.items() if k.startswith("coarse/beside/"))
     print(f"{len(folders)} patients; lung squared error refined / coarse {lung_refined / lung_coarse:.3f}")
-    print(f"{'lung voxels beside':14s} {'voxels':>9s} {'share of refined':>17s} {'refined / coarse':>17s}")
+    print(f"{'lung voxels beside':14s} {'voxels':>9s} {'share of refined':>17s} {'refined / coarse':>17s} "
+          f"{'truth - coarse':>15s} {'refined - coarse':>17s}  (mean HU)")
     for g in ["interior", *NEIGHBOURS]:
-        if total.get(f"n/{g}"):
-            print(f"{g:14s} {total[f'n/{g}']:9.0f} {total[f'refined/beside/{g}'] / lung_refined:17.1%} "
-                  f"{total[f'refined/beside/{g}'] / max(total[f'coarse/beside/{g}'], 1e-20):17.2f}")
+        if n := total.get(f"n/{g}"):
+            hu = {s: HU_PER_UNIT * total[f"{s}/signed/{g}"] / n for s in ("coarse", "refined")}
+            print(f"{g:14s} {n:9.0f} {total[f'refined/beside/{g}'] / lung_refined:17.1%} "
+                  f"{total[f'refined/beside/{g}'] / max(total[f'coarse/beside/{g}'], 1e-20):17.2f} "
+                  f"{-hu['coarse']:15.1f} {hu['refined'] - hu['coarse']:17.1f}")
     for band in ("detail band", "below it"):
         print(f"{band:14s} {'':9s} {total[f'refined/band/{band}'] / lung_refined:17.1%} "
               f"{total[f'refined/band/{band}'] / total[f'coarse/band/{band}']:17.2f}")

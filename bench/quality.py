@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
-NEW = {"xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "adversarial": 0.0}
+NEW = {"mse": 0.0, "xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
 SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)
-DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # today's defaults: with the depth cues below
+DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # session 13's defaults: with the depth cues below
+TODAY = {**DEPTH, "band_energy": 0.005, "streak": 0.002}  # session 14's defaults
 
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
@@ -96,6 +97,17 @@ ROWS = {
         + (" (today's defaults)" if w == 0.002 else ""),
         {**DEPTH, "band_energy": 0.005, "streak": w}, dc_weighting="density", fusion="views+product")
        for w in (0.002, 0.01)},
+    # the lung's rim (issue "detail in place"): squared error beside L1, and without the pull to the coarse low band
+    **{f"defaults_mse{w:g}": _row(f"today's defaults + mse {w:g}", {**TODAY, "mse": w}, dc_weighting="density",
+                                  fusion="views+product") for w in (5, 20)},
+    # squared error pulls towards the mean (a blur where the position is unsure): with band_energy raised to hold the
+    # top band
+    **{f"defaults_mse{m:g}_band{b:g}".replace(".", ""): _row(f"today's defaults + mse {m:g}, band_energy {b:g}",
+                                                          {**TODAY, "mse": m, "band_energy": b},
+                                                          dc_weighting="density", fusion="views+product")
+       for m, b in ((20, 0.02), (20, 0.05))},
+    "defaults_no_consistency": _row("today's defaults - consistency", {**TODAY, "consistency": 0.0},
+                                    dc_weighting="density", fusion="views+product"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

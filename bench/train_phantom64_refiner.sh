@@ -8,7 +8,7 @@
 # bench/widen_refiner.py (the product channel enters with zero weights). BUDGET=SECONDS fits the schedule into
 # a wall-clock budget (training.time_budget_s); INIT=FILE starts from another model file, SHIP=DIR trains into
 # another checkpoint.dir (a second leg from the first's best_model.pt). The shipped refiner's loss had the
-# band-energy and streak terms off (today's defaults turn them on): BAND=W / STREAK=W set them.
+# band-energy, streak and mse terms off (today's defaults turn them on): BAND=W / STREAK=W / MSE=W set them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
@@ -17,6 +17,7 @@ EPOCHS=${EPOCHS:-8}
 LR=${LR:-5e-4}
 BAND=${BAND:-0.0}
 STREAK=${STREAK:-0.0}
+MSE=${MSE:-0.0}
 SHIP=${SHIP:-$OUT/ship}
 INIT=${INIT:-$OUT/init_refiner_product.pt}
 if [ ! -f "$INIT" ]; then
@@ -27,6 +28,6 @@ fi
 OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine --config cpu-medium \
     --set data.data_path="$OUT/data" --set checkpoint.dir="$SHIP" --set training.init_checkpoint="$INIT" \
     --set model.base_model_checkpoint=pretrained:phantom-64 \
-    --set loss.band_energy="$BAND" --set loss.streak="$STREAK" \
+    --set loss.band_energy="$BAND" --set loss.streak="$STREAK" --set loss.mse="$MSE" \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
     --no-progress

@@ -322,3 +322,12 @@ def test_lung_error_split_names_the_structure_beside_each_lung_voxel(tmp_path):
     assert sums["coarse/beside/interior"] == pytest.approx(0.01, rel=1e-5)
     assert sums["refined/beside/interior"] == pytest.approx(0.04, rel=1e-5)
     assert sums["n/rib"] == 9 and sums["refined/beside/soft_tissue"] == 0.0  # the rib's 3x3 of wall voxels; no error there
+    assert sums["coarse/signed/rib"] == pytest.approx(0.1, rel=1e-5)  # signed: which way each stage is off
+    assert sums["refined/signed/interior"] == pytest.approx(0.2, rel=1e-5)
+    assert lung_error.main(["--results", str(tmp_path), "--data", str(tmp_path)]) == 2  # no dataset.json: refused
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {str(v): k for k, v in ids.items()}}))
+    (tmp_path / "bare" / "patient_0001").mkdir(parents=True)  # an infer run with --no-save-volumes
+    assert lung_error.main(["--results", str(tmp_path / "bare"), "--data", str(tmp_path)]) == 2
+    assert lung_error.main(["--results", str(tmp_path), "--data", str(tmp_path)]) == 2  # no label map
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(folder / "labels.nii.gz"))
+    assert lung_error.main(["--results", str(tmp_path), "--data", str(tmp_path)]) == 0

@@ -35,6 +35,16 @@ def test_constant_pairs_give_zero():
     assert R.spectral_l1(a, b) > 0  # DC differs, weighted by w(0) ~ 0.27
 
 
+def test_mse_weighs_large_errors_more_than_l1():
+    truth = torch.zeros(1, 1, 4, 4, 4)
+    one_big = truth.clone()
+    one_big[..., 0, 0, 0] = 0.64  # one voxel off by 0.64 ...
+    many_small = truth + 0.01  # ... or every voxel (64 of them) off by 0.01: the same L1
+    assert R.l1(one_big, truth).item() == pytest.approx(R.l1(many_small, truth).item())
+    assert R.mse(one_big, truth).item() == pytest.approx(0.64**2 / 64)
+    assert R.mse(many_small, truth).item() == pytest.approx(1e-4)
+
+
 def test_spectral_weight_values():
     w = R.spectral_weight((8, 8, 8))
     assert w[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())

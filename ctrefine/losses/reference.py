@@ -9,6 +9,9 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
   grow with the volume size), ``w(f) = sigmoid(10 (|f| - 0.1))`` with |f| in cycles/voxel: about 0.27
   at DC, 0.5 at |f| = 0.1, > 0.99 above |f| = 0.56 -- high frequencies dominate.
 * :func:`l1`: ``mean |pred - target|`` (the base stage's loss and the refiner's intensity anchor).
+* :func:`mse`: ``mean (pred - target)^2`` -- what PSNR and the per-structure squared errors measure. L1's pull
+  on a voxel is the same for every error size; this one grows with the error, so it weighs the large errors
+  at boundaries (the lung's rim beside ribs and chest wall) that L1 lets stand.
 * :func:`local_stats_loss` (the "texture" term, also accepted as "perceptual"). No pretrained network weights can be downloaded
   here, and a VGG trained on photographs is a poor judge of CT texture anyway. This term is what it
   says: L1 between multi-scale local means and local standard deviations (3^3 windows at 1x, 2x, 4x
@@ -46,13 +49,18 @@ ENERGY_BANDS = 8  # radial bands over [0, sqrt(3)/2] cycles/voxel for band_energ
 ENERGY_MIN_F = 0.1  # cycles/voxel: bands below this are left to the pointwise terms (they carry position)
 CONSISTENCY_POOL = 4  # low-pass factor for the coarse-consistency term (5 mm voxels -> 20 mm blobs at 64^3)
 
-__all__ = ["laplacian3d", "l1", "laplacian_l1", "spectral_weight", "spectral_l1", "local_stats_loss", "consistency_l1",
+__all__ = ["laplacian3d", "l1", "mse", "laplacian_l1", "spectral_weight", "spectral_l1", "local_stats_loss", "consistency_l1",
            "band_energy_l1", "gradient_distribution_l1", "streak_excess"]
 
 
 def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mean |pred - target|``, computed in float32."""
     return (pred.float() - target.float()).abs().mean()
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean (pred - target)^2``, computed in float32."""
+    return (pred.float() - target.float()).pow(2).mean()
 
 
 def laplacian_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ here (and its reference in :mod:`ctrefine.losses.reference`), nothing else.
 The five core terms (L1, frequency, gradient, texture, consistency) and their weights: L1 anchors intensities; the frequency and
 gradient terms reward high frequencies; the texture term matches local contrast; a light consistency
 term keeps the base's anatomy. The terms added since (X-ray consistency, band energy, gradient
-distribution) carry the defaults the 64^3 ablation supports (below, and bench/RESULTS-history.md section 10).
+distribution, streak, mse) carry the defaults the 64^3 ablations support (below, and bench/RESULTS-history.md section 10).
 
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
 need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
@@ -38,11 +38,15 @@ if TYPE_CHECKING:
 # output is not a refinement. gradient_distribution stays off (-0.18 dB of HF-PSNR in section 10). streak 0.002
 # brings the correction's ray-constant share of detail to the truth's own (0.036 vs 0.039; 0.044 without it) for
 # 0.04 dB; 0.01 overshoots (0.027) and costs 0.12 dB and lung error: the smear it removes was partly right
-# (bench/RESULTS.md, "Detail in place").
+# (bench/RESULTS.md, "Detail in place"). mse 5 weighs the large errors L1 lets stand (the lung's rim beside the
+# ribs and chest wall): +0.12 dB, lung and soft-tissue MAE below the coarse volume's, the top band still above
+# it; at 20 the output ends smoother than the coarse volume, and raising band_energy to hold it costs lung MAE
+# and rib Dice (bench/RESULTS.md, "Detail in place: squared error").
 XRAY_CONSISTENCY_WEIGHT = 0.3
 BAND_ENERGY_WEIGHT = 0.005
 GRADIENT_DISTRIBUTION_WEIGHT = 0.0
 STREAK_WEIGHT = 0.002
+MSE_WEIGHT = 5.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
@@ -102,6 +106,7 @@ class LossTerm:
 
 TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("l1", 1.0, lambda r, t, c, x: _reference().l1(r, t), "mean |refined - truth|"),
+    LossTerm("mse", MSE_WEIGHT, lambda r, t, c, x: _reference().mse(r, t), "mean (refined - truth)^2"),
     LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t, x.kernels),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
     LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t, x.kernels),
