@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Reproduces the shipped refiner pretrained:phantom-64-refiner (card: ctrefine/pretrained/phantom-64-refiner.md):
-# the cpu-medium refiner (hidden 16; default loss terms, re-projection guidance with the two views' residual
-# product, 2 density-weighted data-consistency steps) on the frozen base pretrained:phantom-64, trained on its
-# 204 training phantoms (version 3, `ctrefine make-data --out OUT/data --num-patients 256 --seed 64 --size 64
-# --xray-size 128`), fine-tuned for EPOCHS cosine epochs through the deepspeed launcher (2 CPU ranks) from the
-# refiner shipped before it (commit ca5d210: per-view residuals, uniform SIRT steps), widened by
-# bench/widen_refiner.py (the product channel enters with zero weights). BUDGET=SECONDS fits the schedule into
-# a wall-clock budget (training.time_budget_s); INIT=FILE starts from another model file, SHIP=DIR trains into
-# another checkpoint.dir (a second leg from the first's best_model.pt). The shipped refiner's loss had the
-# band-energy, streak and mse terms off (today's defaults turn them on): BAND=W / STREAK=W / MSE=W set them.
+# the cpu-medium refiner (hidden 16; re-projection guidance with the two views' residual product, 2
+# density-weighted data-consistency steps) on the frozen base pretrained:phantom-64, trained on its 204 training
+# phantoms (version 3, `ctrefine make-data --out OUT/data --num-patients 256 --seed 64 --size 64 --xray-size
+# 128`) through the deepspeed launcher (2 CPU ranks), EPOCHS cosine epochs a leg. With no INIT the first leg
+# starts from the refiner shipped at commit ca5d210 (per-view residuals, uniform SIRT steps), widened by
+# bench/widen_refiner.py (the product channel enters with zero weights). INIT=FILE starts from another model
+# file, SHIP=DIR trains into another checkpoint.dir, BUDGET=SECONDS fits the schedule into a wall-clock budget
+# (training.time_budget_s). BAND=W / STREAK=W / MSE=W set the band-energy, streak and mse terms, 0 unless set:
+# the first two legs ran with them off, the third (the card's command) with today's defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
