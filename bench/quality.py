@@ -41,7 +41,7 @@ NEW = {"mse": 0.0, "xray_consistency": 1.0, "band_energy": 0.005, "gradient_dist
 OFF = {k: 0.0 for k in NEW}
 SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)
 DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # session 13's defaults: with the depth cues below
-TODAY = {**DEPTH, "band_energy": 0.005, "streak": 0.002}  # session 14's defaults
+S14 = {**DEPTH, "band_energy": 0.005, "streak": 0.002}  # session 14's defaults (+ mse 5: today's)
 
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
@@ -60,16 +60,16 @@ ROWS = {
     "no_dc": _row("all terms + guidance, no DC steps", {**FIVE, **NEW}, dc=0),
     "no_xray_consistency": _row("all - xray_consistency", {**FIVE, **NEW, "xray_consistency": 0.0}),
     "no_phase_free": _row("all - band_energy - gradient_distribution", SHIPPED),
-    # the adversarial knob on today's defaults: 0.01 is pix2pix's GAN : L1 ratio (1 : 100), 0.1 ten times stronger
+    # the adversarial knob on session 12's defaults: 0.01 is pix2pix's GAN : L1 ratio (1 : 100), 0.1 ten times stronger
     "adversarial_low": _row("defaults + adversarial critic, weight 0.01", {**SHIPPED, "adversarial": 0.01}),
     "adversarial_high": _row("defaults + adversarial critic, weight 0.1", {**SHIPPED, "adversarial": 0.1}),
     "augmented": _row("all terms + guidance + 2 DC steps, trained on augmented radiographs", {**FIVE, **NEW},
                       extra=("augment.enabled=true",)),
-    "defaults_augmented": _row("today's defaults, trained on augmented radiographs", SHIPPED,
+    "defaults_augmented": _row("session 12's defaults, trained on augmented radiographs", SHIPPED,
                                extra=("augment.enabled=true",)),
     "no_reprojection": _row("all terms, no re-projection (no guidance, no DC steps)", {**FIVE, **NEW}, "off", 0),
     **{f"no_{t}": _row(f"all - {t}", {**FIVE, **NEW, t: 0.0}) for t in FIVE},
-    # where the streaks along the rays come from (issue "detail in place"): today's defaults, then one suspect off
+    # where the streaks along the rays come from (issue "detail in place"): session 12's defaults, then one suspect off
     "defaults": _row("session 12's defaults (uniform SIRT, per-view residuals, xray_consistency 1.0)", SHIPPED),
     "guidance_image_only": _row("defaults, X-ray guidance without the lifted 2D Laplacians", SHIPPED,
                                 extra=("model.xray_guidance=image",)),
@@ -94,19 +94,19 @@ ROWS = {
     # a loss that does not reward smearing: the correction's ray-constant share of detail charged above the truth's
     **{f"depth_xc03_band_streak{w:g}".replace(".", ""): _row(
         f"density SIRT + residual product, xray_consistency 0.3, band_energy 0.005, streak {w:g}"
-        + (" (today's defaults)" if w == 0.002 else ""),
+        + (" (session 14's defaults)" if w == 0.002 else ""),
         {**DEPTH, "band_energy": 0.005, "streak": w}, dc_weighting="density", fusion="views+product")
        for w in (0.002, 0.01)},
     # the lung's rim (issue "detail in place"): squared error beside L1, and without the pull to the coarse low band
-    **{f"defaults_mse{w:g}": _row(f"today's defaults + mse {w:g}", {**TODAY, "mse": w}, dc_weighting="density",
+    **{f"defaults_mse{w:g}": _row(f"session 14's defaults + mse {w:g}", {**S14, "mse": w}, dc_weighting="density",
                                   fusion="views+product") for w in (5, 20)},
     # squared error pulls towards the mean (a blur where the position is unsure): with band_energy raised to hold the
     # top band
-    **{f"defaults_mse{m:g}_band{b:g}".replace(".", ""): _row(f"today's defaults + mse {m:g}, band_energy {b:g}",
-                                                          {**TODAY, "mse": m, "band_energy": b},
+    **{f"defaults_mse{m:g}_band{b:g}".replace(".", ""): _row(f"session 14's defaults + mse {m:g}, band_energy {b:g}",
+                                                          {**S14, "mse": m, "band_energy": b},
                                                           dc_weighting="density", fusion="views+product")
        for m, b in ((20, 0.02), (20, 0.05))},
-    "defaults_no_consistency": _row("today's defaults - consistency", {**TODAY, "consistency": 0.0},
+    "defaults_no_consistency": _row("session 14's defaults - consistency", {**S14, "consistency": 0.0},
                                     dc_weighting="density", fusion="views+product"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
