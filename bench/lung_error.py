@@ -6,9 +6,10 @@ patient's ``ground_truth`` / ``coarse`` / ``refined.nii.gz``), with the label ma
 
 Each lung voxel is assigned to the first structure (in the order below) found in its 3^3 neighbourhood, or to
 "interior" when every neighbour is lung: ribs before soft tissue, so a lung voxel that touches both counts as
-the rib's. Prints, per neighbour, the lung voxels, their share of the refined volume's lung error and the
-refined / coarse error there; and the lung error of the detail band alone (``ctrefine.stencil.highpass``) and of
-the rest (their shares do not add up to 100 %: the two parts of an error are not orthogonal on a mask).
+the rib's. Prints, per neighbour, the lung voxels, their share of the refined volume's lung error, the
+refined / coarse error there and which way each stage is off there (mean truth − coarse and refined − coarse,
+HU); and the lung error of the detail band alone (``ctrefine.stencil.highpass``) and of the rest (their shares
+do not add up to 100 %: the two parts of an error are not orthogonal on a mask).
 """
 from __future__ import annotations
 
