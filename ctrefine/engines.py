@@ -38,7 +38,8 @@ def openvino_model(path, threads: int | None = None, compute: str = "f32"):
     ``compute`` is the precision of its float layers, set explicitly: left to itself OpenVINO computes
     in bf16 on any CPU with native bf16 (AMX or AVX512-BF16), which moves the output by ~5e-2 --
     a precision the file's owner chose at export (:data:`COMPUTE`), not one the engine may pick.
-    On a CPU without native bf16 a ``bf16`` request runs in f32; :func:`onnx_runner` reports which.
+    On an AVX-512 CPU without native bf16 OpenVINO emulates a ``bf16`` request, on older CPUs it runs f32;
+    :func:`onnx_runner` reports which.
     """
     import openvino as ov
 
@@ -179,7 +180,8 @@ def choose_engine(engine: str = "auto") -> str:
 def onnx_runner(path, engine: str = "auto", threads: int | None = None, compute: str = "f32"):
     """``(engine, run, compute)``: ``run(feed: dict of numpy) -> [coarse, refined (, coarse_std, refined_std)]`` numpy arrays, and the
     precision the engine really computes float layers in. ``compute="bf16"`` is honoured by OpenVINO on
-    CPUs with native bf16; ONNX Runtime's CPU provider has no bf16 convolutions and computes f32."""
+    CPUs with native bf16 and emulated on other AVX-512 CPUs (it reports which); ONNX Runtime's CPU provider
+    has no bf16 convolutions and computes f32."""
     engine = choose_engine(engine)
     if engine == "openvino":
         compiled = openvino_model(path, threads, compute)

@@ -13,8 +13,26 @@ The operator is symmetric, so its adjoint -- needed by a fused backward -- is it
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+def _constant(key: tuple, values: list, like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a tensor of ``like``'s dtype and device, kept for reuse in plain eager runs; a tracer
+    (``torch.export``, the ONNX exporter, ``torch.compile``) gets a fresh constant, never a cached one,
+    so no fake or functional tensor of a trace outlives it in the cache."""
+    if torch.compiler.is_compiling() or type(like) is not torch.Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    key = key + (like.dtype, like.device)
+    if key not in _CONSTANTS:
+        with torch.inference_mode(False):  # an inference tensor could not be saved for a later backward
+            _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
 def laplacian3d(x: torch.Tensor) -> torch.Tensor:
@@ -47,13 +65,19 @@ def gradient_magnitude3d(x: torch.Tensor) -> torch.Tensor:
 HF_SIGMA = 1.0  # voxels: the detail band is what a 1-voxel Gaussian removes
 
 
+def _gaussian_taps(sigma: float) -> list:
+    """The normalised 1D Gaussian of ``highpass``, radius ``4 sigma``, in double precision."""
+    r = int(4.0 * sigma + 0.5)
+    k = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(-r, r + 1)]
+    total = math.fsum(k)
+    return [v / total for v in k]
+
+
 def highpass(x: torch.Tensor, sigma: float = HF_SIGMA) -> torch.Tensor:
     """``x - gaussian(x, sigma)`` over the last three dims of ``(B, 1, D, H, W)``, replicate borders (scipy's
     ``mode="nearest"``), kernel radius ``4 sigma`` (scipy's default truncate)."""
-    r = int(4.0 * sigma + 0.5)
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
+    k = _constant(("gaussian", float(sigma)), _gaussian_taps(sigma), x)
+    r = k.numel() // 2
     y = x
     for axis in range(3):  # separable: one 1D convolution per axis
         shape = [1, 1, 1, 1, 1]

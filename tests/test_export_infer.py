@@ -201,6 +201,7 @@ def test_bf16_export_is_tagged_computed_in_bf16_where_native_and_judged_in_db(ch
     from ctrefine import export
     from ctrefine.pipeline import OnnxPredictor
     from ctrefine.device import cpu_has_native_bf16
+    from ctrefine.engines import onnx_feed
 
     model, cfg = load_two_stage(*checkpoints)
     lines = []
@@ -212,7 +213,12 @@ def test_bf16_export_is_tagged_computed_in_bf16_where_native_and_judged_in_db(ch
     assert {p.key: p.value for p in proto.metadata_props}["precision"] == "bf16"
     assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)  # the fp32 graph, only tagged
     ov = OnnxPredictor(tmp_path / "mb.onnx", "openvino")
-    assert ov.compute == ("bf16" if cpu_has_native_bf16() else "f32")
+    if cpu_has_native_bf16():
+        assert ov.compute == "bf16"
+    # what it reports is what it computes: bf16 (native, or emulated on AVX-512 CPUs) moves the output, f32 does not
+    feed = onnx_feed(torch.rand(1, 2, 1, 64, 64, generator=torch.Generator().manual_seed(0)))
+    moved = np.abs(ov._run(feed)[1] - OnnxPredictor(onnx_model, "openvino")._run(feed)[1]).max()
+    assert (moved > 1e-4) if ov.compute == "bf16" else (moved == 0.0), (ov.compute, moved)
     assert OnnxPredictor(tmp_path / "mb.onnx", "onnxruntime").compute == "f32"
     # the fp32 file of the same model is computed in f32 by OpenVINO: bit-for-bit parity is its promise
     assert OnnxPredictor(onnx_model, "openvino").compute == "f32"

@@ -264,3 +264,31 @@ def test_threads_ranks_and_data_workers_follow_the_cpu_affinity():
     assert r.returncode == 0, r.stderr[-2000:]
     cores, threads, ranks = map(int, r.stdout.split()[-3:])
     assert cores == 1 and threads == 1 and (ranks == 1 or torch.cuda.is_available())
+
+
+def test_batch_lr_scales_the_rate_keeps_warmup_in_volumes_and_reuses_finished_runs(tiny_dataset, tmp_path, capsys):
+    """bench/batch_lr.py: a batch twice the reference's trains at twice the rate (linear) with half the warm-up
+    steps, for the same epochs; its report names both runs with their curves; a rerun trains nothing again and
+    keeps each run's recorded wall."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import batch_lr
+
+    out = tmp_path / "blr"
+    argv = ["--data", str(tiny_dataset), "--out", str(out), "--epochs", "2", "--reference-batch", "1",
+            "--reference-lr", "1e-3", "--reference-warmup", "4", "--batches", "2", "--rules", "linear"]
+    assert batch_lr.main(argv) == 0
+    report = json.loads((out / "batch_lr.json").read_text())
+    n_train = len(json.loads((tiny_dataset / "splits.json").read_text())["train"])
+    ref, big = report["runs"]
+    assert (ref["batch"], ref["lr"], ref["warmup"], ref["steps"]) == (1, 1e-3, 4, 2 * n_train)
+    assert (big["batch"], big["lr"], big["warmup"], big["steps"]) == (2, 2e-3, 2, 2 * -(-n_train // 2))
+    assert [c["epoch"] for c in big["curve"]] == [1, 2] and all(r["wall_s"] > 0 for r in report["runs"])
+    assert "| 2 | linear | 0.002 | 2 |" in (out / "batch_lr.md").read_text()
+    logged = (out / "batch_lr.log").read_text()
+    assert batch_lr.main(argv) == 0  # reused: no new training command in the log, the same walls
+    assert (out / "batch_lr.log").read_text() == logged
+    assert [r["wall_s"] for r in json.loads((out / "batch_lr.json").read_text())["runs"]] == \
+        [round(r["wall_s"], 1) for r in report["runs"]]
+    with pytest.raises(SystemExit) as refused:  # not a dataset: refused before anything is written
+        batch_lr.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "none_out")])
+    assert refused.value.code == 2 and not (tmp_path / "none_out").exists()
