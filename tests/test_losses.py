@@ -31,7 +31,7 @@ def test_constant_pairs_give_zero():
     a = torch.full((2, 1, 8, 8, 8), 0.4)
     assert R.spectral_l1(a, a.clone()) == 0 and R.laplacian_l1(a, a.clone()) == 0
     b = torch.full((2, 1, 8, 8, 8), 0.7)  # different constants: Laplacian term 0 (no edges),
-    assert R.laplacian_l1(a, b) < 1e-6  # up to the stencil convolution's float32 rounding
+    assert R.laplacian_l1(a, b) < 1e-6  # |L(a - b)|: up to the six-neighbour sum's float32 rounding
     assert R.spectral_l1(a, b) > 0  # DC differs, weighted by w(0) ~ 0.27
 
 
