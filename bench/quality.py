@@ -109,6 +109,10 @@ ROWS = {
        for m, b in ((20, 0.02), (20, 0.05))},
     "defaults_no_consistency": _row("session 14's defaults - consistency", {**S14, "consistency": 0.0},
                                     dc_weighting="density", fusion="views+product"),
+    # the lung's bias (the refiner adds density to every patient's lung): is it the pull to match the radiographs?
+    "defaults_mse5_no_xray_consistency": _row("today's defaults (mse 5) - xray_consistency",
+                                              {**S14, "mse": 5.0, "xray_consistency": 0.0},
+                                              dc_weighting="density", fusion="views+product"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
