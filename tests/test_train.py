@@ -266,7 +266,7 @@ def test_threads_ranks_and_data_workers_follow_the_cpu_affinity():
     assert cores == 1 and threads == 1 and (ranks == 1 or torch.cuda.is_available())
 
 
-def test_batch_lr_scales_the_rate_keeps_warmup_in_volumes_and_reuses_finished_runs(tiny_dataset, tmp_path, capsys):
+def test_batch_lr_scales_the_rate_keeps_warmup_in_volumes_and_reuses_finished_runs(tiny_dataset, tmp_path):
     """bench/batch_lr.py: a batch twice the reference's trains at twice the rate (linear) with half the warm-up
     steps, for the same epochs; its report names both runs with their curves; a rerun trains nothing again and
     keeps each run's recorded wall."""
