@@ -46,10 +46,11 @@ S14 = {**DEPTH, "band_energy": 0.005, "streak": 0.002}  # session 14's defaults 
 
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
-         dc_weighting: str = "uniform", fusion: str = "views") -> dict:
+         dc_weighting: str = "uniform", fusion: str = "views", wall_cue: str = "off") -> dict:
     """One refiner; the model settings the registry's defaults may change later are written out too."""
     return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc,
-            "extra": [f'model.dc_weighting="{dc_weighting}"', f'model.residual_fusion="{fusion}"', *extra]}
+            "extra": [f'model.dc_weighting="{dc_weighting}"', f'model.residual_fusion="{fusion}"',
+                      f'model.wall_cue="{wall_cue}"', *extra]}
 
 
 ROWS = {
@@ -113,6 +114,10 @@ ROWS = {
     "defaults_mse5_no_xray_consistency": _row("today's defaults (mse 5) - xray_consistency",
                                               {**S14, "mse": 5.0, "xray_consistency": 0.0},
                                               dc_weighting="density", fusion="views+product"),
+    # where along a ray the rib detail can lie: the chest-wall cue (needs --init from a widened file:
+    # bench/widen_refiner.py --wall-cue)
+    "defaults_mse5_wall_cue": _row("today's defaults (mse 5) + the chest-wall cue", {**S14, "mse": 5.0},
+                                   dc_weighting="density", fusion="views+product", wall_cue="depth+detail"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctrefine.config import load_config
 from ctrefine.device import DevicePolicy
+from ctrefine.jsonio import write_json
 from ctrefine.losses.loss import DetailRefinementLoss, ReconstructionLoss
 from ctrefine.models import build_base, build_refiner
 from ctrefine.training.engine import PlainEngine
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                                    "ops": {k: dict(c.ops.most_common()) for k, c in counters.items()}}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1))
+        write_json(a.json, report)
     return 0
 
 

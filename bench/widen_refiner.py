@@ -1,9 +1,10 @@
-"""Warm start for a refiner with the residual product: a model file trained with ``model.residual_fusion="views"``
-becomes one with ``"views+product"`` that computes exactly the same volume (the new input channel enters the
-stem and both injections with zero weights), ready for ``training.init_checkpoint``. ``--dc-weighting`` also
+"""Warm start for a refiner with more inputs: a model file becomes one that also reads the two views' residual
+product (``--product``: ``model.residual_fusion="views+product"``) and/or the chest-wall cue (``--wall-cue``:
+``model.wall_cue="depth+detail"``), and computes exactly the same volume -- every new input channel enters the
+convolutions that read it with zero weights -- ready for ``training.init_checkpoint``. ``--dc-weighting`` also
 switches its SIRT steps (that one changes the output: fine-tuning adapts to it).
 
-    python bench/widen_refiner.py pretrained:phantom-64-refiner runs/p64v3/init_product.pt --dc-weighting density
+    python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s17/init_wall.pt --wall-cue
 
 Checks the identity on random inputs (same DC weighting) and writes the file atomically; no uncertainty head is
 carried over (re-fit it after fine-tuning: ``ctrefine fit-uncertainty``).
@@ -17,22 +18,39 @@ import torch
 
 from ctrefine.checkpoint import load_model_file, save_model_file
 from ctrefine.models import build_refiner
+from ctrefine.models.chest_wall import CHANNELS as WALL_CHANNELS
 
-GROWN = ("stem.0.weight", "inject1.weight", "inject2.weight")  # the convolutions that read the residual channels
+PRODUCT_READERS = ("stem.0.weight", "inject1.weight", "inject2.weight")  # the convolutions that read the residuals
 
 
-def widen(src: str, dc_weighting: str | None):
+def _zero_inputs(w: torch.Tensor, n: int) -> torch.Tensor:
+    """``(out, in, ...)`` -> ``(out, in + n, ...)``: ``n`` more input channels, last, with zero weights."""
+    return torch.cat([w, torch.zeros_like(w[:, :1]).expand(-1, n, *w.shape[2:])], dim=1)
+
+
+def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None):
+    """``(the source model file, the widened model, its config)``; a SystemExit naming ``src`` when it cannot be."""
     mf = load_model_file(src, stage="refine")
-    if mf.config.model.residual_fusion != "views" or mf.config.model.reprojection == "off":
-        raise SystemExit(f"{src}: not a refiner with per-view residuals only (residual_fusion views, re-projection on)")
-    model = mf.config.model.model_copy(update={"residual_fusion": "views+product",
-                                               **({"dc_weighting": dc_weighting} if dc_weighting else {})})
-    cfg = mf.config.model_copy(update={"model": model})
+    m = mf.config.model
+    if m.reprojection == "off":
+        raise SystemExit(f"{src}: a refiner without re-projection has no residuals to widen")
+    if product and m.residual_fusion != "views":
+        raise SystemExit(f"{src}: already reads the residual product")
+    if wall_cue and m.wall_cue != "off":
+        raise SystemExit(f"{src}: already reads the chest-wall cue")
+    if not (product or wall_cue):
+        raise SystemExit("nothing to add: give --product and/or --wall-cue")
+    update = {**({"residual_fusion": "views+product"} if product else {}),
+              **({"wall_cue": "depth+detail"} if wall_cue else {}),
+              **({"dc_weighting": dc_weighting} if dc_weighting else {})}
+    cfg = mf.config.model_copy(update={"model": m.model_copy(update=update)})
     new = build_refiner(cfg)
     state = dict(mf.state_dict)
-    for k in GROWN:  # (out, in, ...) -> one more input channel, last, with zero weights
-        w = state[k]
-        state[k] = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    # the stem reads [..., residuals, product, wall cue]: each addition goes last, in that order
+    for k in PRODUCT_READERS if product else ():
+        state[k] = _zero_inputs(state[k], 1)
+    if wall_cue:
+        state["stem.0.weight"] = _zero_inputs(state["stem.0.weight"], WALL_CHANNELS)
     new.load_state_dict(state)
     return mf, new.eval(), cfg
 
@@ -41,9 +59,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="a refiner model file, or pretrained:NAME")
     p.add_argument("dst", help="the widened model file to write")
+    p.add_argument("--product", action="store_true", help="add the two views' residual product")
+    p.add_argument("--wall-cue", action="store_true", help="add the chest-wall cue (ctrefine.models.chest_wall)")
     p.add_argument("--dc-weighting", choices=("uniform", "density"), default=None, help="also switch the SIRT steps")
     a = p.parse_args(argv)
-    mf, new, cfg = widen(a.src, a.dc_weighting)
+    mf, new, cfg = widen(a.src, a.product, a.wall_cue, a.dc_weighting)
     same_dc = a.dc_weighting in (None, mf.config.model.dc_weighting)
     v, s = cfg.model.volume_size, cfg.model.xray_size
     g = torch.Generator().manual_seed(0)
@@ -54,7 +74,8 @@ def main(argv=None) -> int:
     if same_dc and diff > 1e-6:
         raise SystemExit(f"widened refiner differs from {a.src} by {diff:.2e}: not the identity")
     save_model_file(a.dst, "refine", new.state_dict(), cfg, metrics=mf.metrics)
-    print(f"wrote {a.dst}: residual product added ({'identical output' if same_dc else 'SIRT weighting changed'}; "
+    added = " and ".join(n for n, on in (("residual product", a.product), ("chest-wall cue", a.wall_cue)) if on)
+    print(f"wrote {a.dst}: {added} added ({'identical output' if same_dc else 'SIRT weighting changed'}; "
           f"max |change| {diff:.2e})")
     return 0
 

@@ -62,6 +62,10 @@ class ModelConfig(_Section):
         "views+product", description="refiner: the back-projected re-projection residuals of both views, alone or "
                                      "with their product (large only where both views' rays miss attenuation: "
                                      "where along the rays the deficit lies; +0.12 dB in the 64^3 ablation)")
+    wall_cue: Literal["off", "depth+detail"] = Field(
+        "off", description="refiner: four parameter-free channels that say where the chest wall is and put each "
+                           "radiograph's rib edges there only (ctrefine.models.chest_wall; the ablation in "
+                           "bench/RESULTS.md)")
     base_model_checkpoint: str | None = Field(None, description="refine stage: the trained base's best_model.pt; "
                                                                 "null = <checkpoint.dir>/base/best_model.pt")
 
@@ -69,7 +73,7 @@ class ModelConfig(_Section):
 # model-section keys added after model files and runs existed, and the value that describes those older ones
 # (today's defaults differ): read wherever a stored config is (model files, resumed runs)
 MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0, "xray_guidance": "image+laplacian",
-                    "dc_weighting": "uniform", "residual_fusion": "views"}
+                    "dc_weighting": "uniform", "residual_fusion": "views", "wall_cue": "off"}
 
 
 def upgrade_stored(raw: dict) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctrefine.config import ds_config_path, preset_path
+from ctrefine.config import ds_config_path, load_config, preset_path
 from ctrefine.data.dataset import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,3 +292,30 @@ def test_batch_lr_scales_the_rate_keeps_warmup_in_volumes_and_reuses_finished_ru
     with pytest.raises(SystemExit) as refused:  # not a dataset: refused before anything is written
         batch_lr.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "none_out")])
     assert refused.value.code == 2 and not (tmp_path / "none_out").exists()
+
+
+def test_step_ops_counts_every_phase_and_the_fused_optimizer_stays_small(tmp_path):
+    """bench/step_ops.py (issue 34's CPU proxy): the counter sees exactly the ops dispatched; a training step of each
+    stage counts every phase; the engine's fused AdamW dispatches far fewer ops than the for-loop one and meets the
+    issue's <= 50; the JSON holds what was printed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import step_ops
+
+    with step_ops.OpCounter() as c:
+        x = torch.ones(3)
+        (x + x).mul(2.0)
+    assert c.ops == {"ones": 1, "add": 1, "mul": 1}
+    cfg = load_config("cpu-small", ["model.hidden_channels=8", "model.guidance_channels=4", "model.mid_blocks=1",
+                                    "model.base_width=4"])
+    fused = step_ops.count_step("refine", cfg, 1, torch.float32)
+    loop = step_ops.count_step("refine", cfg, 1, torch.float32, for_loop=True)
+    assert all(fused[k].total > 0 for k in ("forward", "loss", "backward", "optimizer"))
+    assert fused["optimizer"].total <= 50 < loop["optimizer"].total
+    assert fused["forward"].total == loop["forward"].total  # the optimizer swap changes only its own phase
+    out = tmp_path / "ops.json"
+    assert step_ops.main(["--config", "cpu-small", "--batch", "1", "--stages", "base", "--dtype", "fp32",
+                          "--json", str(out)]) == 0
+    base = json.loads(out.read_text())["stages"]["base"]
+    assert base["step_ops"] == sum(base["totals"][k] for k in ("forward", "loss", "backward"))
+    assert base["step_ops"] - base["step_ops_without_detach"] == sum(
+        base["ops"][k].get("detach", 0) for k in ("forward", "loss", "backward"))

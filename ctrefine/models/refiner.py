@@ -19,7 +19,10 @@ from a small 3D U-Net fed with four things about that starting volume:
    the fitted re-projection of the coarse volume, back-projected along the rays it came from, i.e.
    *how much* attenuation the coarse volume lacks or has in excess along each ray, in the acquisition's
    own cone-beam geometry. It enters at every scale of the U-Net (the stem, and a 1x1 injection at
-   half and quarter resolution), so the guidance reaches the output by more than one path.
+   half and quarter resolution), so the guidance reaches the output by more than one path;
+5. optionally (``wall_cue="depth+detail"``, :mod:`~ctrefine.models.chest_wall`) where the chest wall is --
+   depth below the body outline, distance to the lung -- and each radiograph's rib edges back-projected
+   and kept only there: where along a ray its rib detail can lie.
 
 :class:`~ctrefine.models.blocks.FrequencyAttention` blocks at full and half resolution re-weight
 frequency bands (magnitude only, phase preserved). The last convolution is zero-initialised, so an
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from ..reprojection import SliceProjector, pool_to, sirt_step, xray_residual
 from ..stencil import laplacian2d, laplacian3d
 from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fuse_views
+from .chest_wall import CHANNELS as WALL_CHANNELS, ChestWallCue
 
 HIGHPASS_GAIN = 4.0  # Laplacian of a [0, 1] volume is small (|L| << 1 in soft tissue); scale it to O(1) inputs
 # The coarse volume's re-projection residual is ~0.02 (mean |r|, normalised radiograph units, shipped 64^3 base,
@@ -82,7 +86,8 @@ class DetailRefinementNetwork(nn.Module):
 
     def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
                  freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone", data_consistency_steps: int = 0,
-                 xray_guidance: str = "image+laplacian", dc_weighting: str = "uniform", residual_fusion: str = "views"):
+                 xray_guidance: str = "image+laplacian", dc_weighting: str = "uniform", residual_fusion: str = "views",
+                 wall_cue: str = "off"):
         super().__init__()
         if volume_size % 4:
             raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
@@ -108,7 +113,14 @@ class DetailRefinementNetwork(nn.Module):
             raise ValueError(f"residual_fusion must be views or views+product, got {residual_fusion!r}")
         self.dc_weighting, self.residual_product = dc_weighting, residual_fusion == "views+product"
         n_res = 0 if self.projector is None else 2 + self.residual_product
-        self.stem = conv_norm_act(2 + g + n_res, c0, 3)
+        if wall_cue not in ("off", "depth+detail"):
+            raise ValueError(f"wall_cue must be off or depth+detail, got {wall_cue!r}")
+        if wall_cue != "off" and self.projector is None:
+            raise ValueError("the chest-wall cue needs a re-projection geometry (reprojection='off')")
+        # no parameters: the cue channels enter the stem last (a model without them widens with zero weights)
+        self.wall = ChestWallCue() if wall_cue != "off" else None
+        n_wall = 0 if self.wall is None else WALL_CHANNELS
+        self.stem = conv_norm_act(2 + g + n_res + n_wall, c0, 3)
         if n_res:
             self.inject1, self.inject2 = nn.Conv3d(n_res, c1, 1), nn.Conv3d(n_res, c2, 1)
         self.enc0 = nn.Sequential(ResBlock(c0), FrequencyAttention(c0, (v, v, v), freq_bins))
@@ -152,8 +164,14 @@ class DetailRefinementNetwork(nn.Module):
         inputs = [coarse, self.highpass(coarse)]
         if self.guidance is not None:
             inputs.append(self.guidance(xrays, self.volume_size))
-        bp = None if self.projector is None else self.reprojection_guidance(coarse, xrays if pooled is None else pooled)
-        x0 = self.enc0(self.stem(torch.cat(inputs + ([] if bp is None else [bp[0]]), dim=1)))
+        if pooled is None and self.projector is not None:
+            pooled = pool_to(xrays, self.projector.image_size)
+        bp = None if self.projector is None else self.reprojection_guidance(coarse, pooled)
+        if bp is not None:
+            inputs.append(bp[0])
+        if self.wall is not None:
+            inputs.append(self.wall(coarse, pooled, self.projector))
+        x0 = self.enc0(self.stem(torch.cat(inputs, dim=1)))
         x1 = self.down1(x0)
         if bp is not None:
             x1 = x1 + self.inject1(bp[1])

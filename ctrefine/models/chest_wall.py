@@ -1,0 +1,77 @@
+"""Where ribs can be: cues that place the radiographs' rib detail in depth (issue "detail in place").
+
+A rib's shadow on the PA radiograph says *at which height and width* a rib is, not where along the ray;
+lifted along the ray, it paints a band across the lung. Ribs lie in the chest wall: on the demo's test
+patients 84 % of rib voxels are 4 to 7 voxels (20-35 mm) below the skin of the coarse volume's body
+outline, where only 20 % of the lung's voxels are (bench/RESULTS.md, "a depth cue for the ribs"). So the
+refiner gets four channels computed from the coarse volume and the radiographs, without parameters:
+
+1. ``depth``: how far inside the body each voxel is (erosions of the body outline survived, / ``SHELL``);
+2. ``to_lung``: how far each voxel is from lung-dense tissue inside the body (dilations needed, / ``SHELL``);
+3-4. each view's 2D high-pass back-projected along its rays and *gated to the chest wall* (``depth`` at
+     most ``SHELL`` voxels): the rib edges of the radiograph where ribs can be, and nowhere else.
+
+The body outline is the ray hull of the not-air voxels: a voxel is inside when tissue lies on both sides
+of it along W and along H (CumSum, so it exports to ONNX). Thresholds have no gradient, so all of it is
+computed without one, in float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..conventions import hu_to_model
+from ..stencil import laplacian2d
+
+SHELL = 8  # voxels (40 mm at 64^3): the chest wall's depth, ribs included, and how far depth/to_lung are counted
+TISSUE = float(hu_to_model(-500.0))  # above: not air
+LUNG = float(hu_to_model(-400.0))  # below, inside the body: lung-dense
+DETAIL_GAIN = 8.0  # the radiographs' 2D Laplacian back-projected is ~0.1 at rib edges: scale it to O(1)
+CHANNELS = 4
+
+
+def _inside_along(tissue: torch.Tensor, dim: int) -> torch.Tensor:
+    """Voxels with tissue on both sides of them (themselves counted) along ``dim``."""
+    before = torch.cumsum(tissue, dim)
+    after = before.narrow(dim, tissue.shape[dim] - 1, 1) - before + tissue
+    return (before > 0) & (after > 0)
+
+
+def _erosion_depth(mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many 3^3 erosions each voxel of ``mask`` survives (0 outside), at most ``steps``."""
+    depth, m = torch.zeros_like(mask), mask
+    for _ in range(steps):
+        depth = depth + m
+        m = -F.max_pool3d(-m, 3, 1, 1)
+    return depth
+
+
+def _dilation_distance(mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many 3^3 dilations of ``mask`` it takes to reach each voxel (0 inside), at most ``steps``."""
+    dist, m = torch.zeros_like(mask), mask
+    for _ in range(steps):
+        dist = dist + (1.0 - m)
+        m = F.max_pool3d(m, 3, 1, 1)
+    return dist
+
+
+class ChestWallCue(nn.Module):
+    """``(volume (B,1,V,V,V), radiographs (B,2,1,V,V), projector) -> (B, 4, V, V, V)``; no parameters.
+
+    ``projector``: the refiner's :class:`~ctrefine.reprojection.SliceProjector`, whose ``backproject``
+    spreads each view's image back along its rays, so the gated detail lands in the acquisition's own
+    cone-beam geometry."""
+
+    @torch.no_grad()
+    def forward(self, volume: torch.Tensor, pooled: torch.Tensor, projector) -> torch.Tensor:
+        v = volume.float()
+        tissue = (v > TISSUE).float()
+        inside = (_inside_along(tissue, 3) & _inside_along(tissue, 4)).float()
+        depth = _erosion_depth(inside, SHELL)
+        to_lung = _dilation_distance(inside * (v < LUNG).float(), SHELL)
+        wall = inside * (depth <= SHELL - 1).float()  # the outer SHELL - 1 voxels of the body
+        b, views, c, n, _ = pooled.shape
+        detail = laplacian2d(pooled.float().reshape(b * views, c, n, n)).reshape(pooled.shape)
+        gated = DETAIL_GAIN * projector.backproject(detail) * wall
+        return torch.cat([depth / SHELL, to_lung / SHELL, gated], dim=1).to(volume.dtype)
