@@ -34,7 +34,10 @@ def _volume(path: Path) -> torch.Tensor:
 
 def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
     """Squared-error sums of one patient, ``STAGE/beside/NEIGHBOUR`` and ``STAGE/band/BAND``, the signed error
-    sums ``STAGE/signed/NEIGHBOUR`` (model units) and the voxel counts ``n/NEIGHBOUR``."""
+    sums ``STAGE/signed/NEIGHBOUR`` (model units), the voxel counts ``n/NEIGHBOUR`` and of them in the chest wall
+    ``wall/NEIGHBOUR`` (``n/rib voxels``, ``wall/rib voxels``: the ribs themselves)."""
+    from ctrefine.conventions import hu_to_model
+    from ctrefine.models.chest_wall import SHELL, body_depth
     from ctrefine.stencil import highpass
 
     truth = _volume(folder / "ground_truth.nii.gz")
@@ -46,6 +49,12 @@ def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
             owner = torch.where(lung & near & (owner < 0), torch.full_like(owner, ids[name]), owner)
     groups = {"interior": lung & (owner < 0), **{n: lung & (owner == ids[n]) for n in NEIGHBOURS if n in ids}}
     out = {f"n/{g}": float(m.sum()) for g, m in groups.items()}
+    depth = body_depth(hu_to_model(HU_PER_UNIT * _volume(folder / "coarse.nii.gz")))[1]
+    wall = (depth >= 1) & (depth <= SHELL - 1)
+    groups_wall = {**groups, "rib voxels": labels == ids["rib"]} if "rib" in ids else groups
+    out.update({f"wall/{g}": float((m & wall).sum()) for g, m in groups_wall.items()})
+    if "rib" in ids:
+        out["n/rib voxels"] = float((labels == ids["rib"]).sum())
     for stage in ("coarse", "refined"):
         err = _volume(folder / f"{stage}.nii.gz") - truth
         detail = highpass(err.double()).float()
@@ -103,6 +112,10 @@ def main(argv=None) -> int:
             print(f"{g:14s} {n:9.0f} {total[f'refined/beside/{g}'] / lung_refined:17.1%} "
                   f"{total[f'refined/beside/{g}'] / max(total[f'coarse/beside/{g}'], 1e-20):17.2f} "
                   f"{-hu['coarse']:15.1f} {hu['refined'] - hu['coarse']:17.1f}")
+    wall = {g: total[f"wall/{g}"] / total[f"n/{g}"] for g in ("rib voxels", "rib", "interior") if total.get(f"n/{g}")}
+    print("in the chest wall (the cue's gate): " + ", ".join(
+        f"{'ribs themselves' if g == 'rib voxels' else 'lung beside ribs' if g == 'rib' else 'lung interior'} "
+        f"{v:.1%}" for g, v in wall.items()))
     for band in ("detail band", "below it"):
         print(f"{band:14s} {'':9s} {total[f'refined/band/{band}'] / lung_refined:17.1%} "
               f"{total[f'refined/band/{band}'] / total[f'coarse/band/{band}']:17.2f}")

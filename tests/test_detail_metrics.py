@@ -331,3 +331,30 @@ def test_lung_error_split_names_the_structure_beside_each_lung_voxel(tmp_path):
     assert lung_error.main(["--results", str(tmp_path), "--data", str(tmp_path)]) == 2  # no label map
     nib.save(nib.Nifti1Image(labels, np.eye(4)), str(folder / "labels.nii.gz"))
     assert lung_error.main(["--results", str(tmp_path), "--data", str(tmp_path)]) == 0
+
+
+def test_lung_error_says_which_voxels_lie_in_the_chest_wall(tmp_path):
+    """bench/lung_error.py: the ribs on the body wall and the lung beside them count in the chest wall (as the
+    refiner's cue sees the coarse volume); the lung's deep interior does not."""
+    from pathlib import Path
+
+    import nibabel as nib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import lung_error
+
+    n = 24
+    ids = {"background": 0, "lung": 1, "rib": 6, "soft_tissue": 10}
+    labels = np.zeros((n, n, n), np.uint8)
+    labels[:, 1:23, 1:23] = 10  # the body: air around it in H and W
+    labels[:, 4:20, 4:20] = 1  # the lung
+    labels[12, 3, 12] = 6  # a rib in the wall, 3 voxels below the skin, beside the lung
+    hu = np.choose(labels, [-1000.0, -800.0, 0, 0, 0, 0, 700.0, 0, 0, 0, 0]).astype(np.float32)
+    folder = tmp_path / "patient_0000"
+    folder.mkdir()
+    for name in ("ground_truth", "coarse", "refined"):
+        nib.save(nib.Nifti1Image(hu, np.eye(4)), str(folder / f"{name}.nii.gz"))
+    sums = lung_error.patient_sums(folder, torch.from_numpy(labels.astype(np.int64))[None, None], ids)
+    assert sums["n/rib voxels"] == sums["wall/rib voxels"] == 1
+    assert sums["wall/rib"] == sums["n/rib"] > 0  # the lung beside the rib
+    assert 0 < sums["wall/interior"] < sums["n/interior"]  # the lung's rim in the wall, its core below it

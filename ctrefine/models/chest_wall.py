@@ -1,15 +1,16 @@
 """Where ribs can be: cues that place the radiographs' rib detail in depth (issue "detail in place").
 
 A rib's shadow on the PA radiograph says *at which height and width* a rib is, not where along the ray;
-lifted along the ray, it paints a band across the lung. Ribs lie in the chest wall: on the demo's test
-patients 84 % of rib voxels are 4 to 7 voxels (20-35 mm) below the skin of the coarse volume's body
-outline, where only 20 % of the lung's voxels are (bench/RESULTS.md, "a depth cue for the ribs"). So the
+lifted along the ray, it paints a band across the lung. Ribs lie in the chest wall: on the demo's 13 test
+patients 97 % of rib voxels are at most ``SHELL - 1`` erosions (35 mm) below the coarse volume's body outline,
+against 34 % of the lung's interior -- but 93 % of the lung voxels beside ribs, so the wall says where along a
+ray a rib can be, not which voxel of the wall it fills (``python bench/lung_error.py``, bench/RESULTS.md). The
 refiner gets four channels computed from the coarse volume and the radiographs, without parameters:
 
 1. ``depth``: how far inside the body each voxel is (erosions of the body outline survived, / ``SHELL``);
 2. ``to_lung``: how far each voxel is from lung-dense tissue inside the body (dilations needed, / ``SHELL``);
-3-4. each view's 2D high-pass back-projected along its rays and *gated to the chest wall* (``depth`` at
-     most ``SHELL`` voxels): the rib edges of the radiograph where ribs can be, and nowhere else.
+3-4. each view's 2D high-pass back-projected along its rays and *gated to the chest wall* (at most
+     ``SHELL - 1`` erosions deep): the rib edges of the radiograph where ribs can be, and nowhere else.
 
 The body outline is the ray hull of the not-air voxels: a voxel is inside when tissue lies on both sides
 of it along W and along H (CumSum, so it exports to ONNX). Thresholds have no gradient, so all of it is
@@ -56,6 +57,15 @@ def _dilation_distance(mask: torch.Tensor, steps: int) -> torch.Tensor:
     return dist
 
 
+def body_depth(volume: torch.Tensor, steps: int = SHELL) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inside, depth)`` of a model-space volume ``(B, 1, D, H, W)``, float32: the body's ray hull (1 inside)
+    and how many erosions of it each voxel survives (1 at the skin, at most ``steps``)."""
+    v = volume.float()
+    tissue = (v > TISSUE).float()
+    inside = (_inside_along(tissue, 3) & _inside_along(tissue, 4)).float()
+    return inside, _erosion_depth(inside, steps)
+
+
 class ChestWallCue(nn.Module):
     """``(volume (B,1,V,V,V), radiographs (B,2,1,V,V), projector) -> (B, 4, V, V, V)``; no parameters.
 
@@ -65,11 +75,8 @@ class ChestWallCue(nn.Module):
 
     @torch.no_grad()
     def forward(self, volume: torch.Tensor, pooled: torch.Tensor, projector) -> torch.Tensor:
-        v = volume.float()
-        tissue = (v > TISSUE).float()
-        inside = (_inside_along(tissue, 3) & _inside_along(tissue, 4)).float()
-        depth = _erosion_depth(inside, SHELL)
-        to_lung = _dilation_distance(inside * (v < LUNG).float(), SHELL)
+        inside, depth = body_depth(volume)
+        to_lung = _dilation_distance(inside * (volume.float() < LUNG).float(), SHELL)
         wall = inside * (depth <= SHELL - 1).float()  # the outer SHELL - 1 voxels of the body
         b, views, c, n, _ = pooled.shape
         detail = laplacian2d(pooled.float().reshape(b * views, c, n, n)).reshape(pooled.shape)
