@@ -358,3 +358,33 @@ def test_lung_error_says_which_voxels_lie_in_the_chest_wall(tmp_path):
     assert sums["n/rib voxels"] == sums["wall/rib voxels"] == 1
     assert sums["wall/rib"] == sums["n/rib"] > 0  # the lung beside the rib
     assert 0 < sums["wall/interior"] < sums["n/interior"]  # the lung's rim in the wall, its core below it
+
+
+def test_correction_split_separates_the_sirt_steps_from_the_unet(tiny_dataset, random_pair, tmp_path):
+    """bench/correction_split.py: an untrained refiner moves nothing (both parts 0: the coarse volume); one whose
+    head and steps are set moves every group, and its two parts add up to its whole change (no clamp reached)."""
+    from pathlib import Path
+
+    from ctrefine.checkpoint import load_model_file, save_model_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import correction_split
+
+    untrained = correction_split.split(str(random_pair[0]), str(random_pair[1]), str(tiny_dataset))
+    assert set(untrained) == {"lung beside ribs", "lung beside soft tissue", "lung", "rib"}
+    for row in untrained.values():
+        assert row["voxels"] > 0 and row["truth - coarse"] != 0
+        assert row["SIRT steps"] == row["U-Net residual"] == row["refined - coarse"] == 0
+    mf = load_model_file(random_pair[1], stage="refine")
+    state = dict(mf.state_dict)
+    torch.manual_seed(1)
+    state["head.weight"] = 1e-3 * torch.randn_like(state["head.weight"])
+    state["dc_step"] = torch.full_like(state["dc_step"], 0.01)
+    save_model_file(tmp_path / "moved.pt", "refine", state, mf.config)
+    moved = correction_split.split(str(random_pair[0]), str(tmp_path / "moved.pt"), str(tiny_dataset))
+    for row in moved.values():
+        assert row["SIRT steps"] != 0 and row["U-Net residual"] != 0
+        assert row["refined - coarse"] == pytest.approx(row["SIRT steps"] + row["U-Net residual"], abs=1e-3)
+    (tmp_path / "bare").mkdir()
+    assert correction_split.main(["--base", str(random_pair[0]), "--refiner", str(random_pair[1]),
+                                  "--data", str(tmp_path / "bare")]) == 2
