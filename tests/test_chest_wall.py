@@ -88,3 +88,26 @@ def test_widened_refiner_computes_the_same_volume(tmp_path):
     with pytest.raises(SystemExit, match="already reads the chest-wall cue"):
         widen_refiner.main([str(tmp_path / "wide.pt"), str(tmp_path / "again.pt"), "--wall-cue"])
     assert not (tmp_path / "again.pt").exists()
+
+
+def test_the_cue_exports_to_onnx_and_runs_there_as_in_torch(tmp_path):
+    """CumSum, MaxPool and the back-projection: the cue's graph is one every ONNX runtime reads, same values."""
+    import onnxruntime as ort
+
+    from ctrefine.export import OPSET
+
+    class Cue(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector, self.cue = SliceProjector(N, N, "cone"), ChestWallCue()
+
+        def forward(self, volume, xrays):
+            return self.cue(volume, xrays, self.projector)
+
+    vol = _chest()[0]
+    xrays = torch.rand(1, 2, 1, N, N, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "cue.onnx"
+    torch.onnx.export(Cue().eval(), (vol, xrays), str(path), dynamo=True, opset_version=OPSET,
+                      input_names=["volume", "xrays"], output_names=["cue"])
+    got = ort.InferenceSession(str(path)).run(None, {"volume": vol.numpy(), "xrays": xrays.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), Cue()(vol, xrays), rtol=1e-5, atol=1e-5)
