@@ -37,7 +37,7 @@ def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
     sums ``STAGE/signed/NEIGHBOUR`` (model units), the voxel counts ``n/NEIGHBOUR`` and of them in the chest wall
     ``wall/NEIGHBOUR`` (``n/rib voxels``, ``wall/rib voxels``: the ribs themselves)."""
     from ctrefine.conventions import hu_to_model
-    from ctrefine.models.chest_wall import SHELL, body_depth
+    from ctrefine.models.chest_wall import body_depth, shell_voxels
     from ctrefine.stencil import highpass
 
     truth = _volume(folder / "ground_truth.nii.gz")
@@ -50,7 +50,7 @@ def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
     groups = {"interior": lung & (owner < 0), **{n: lung & (owner == ids[n]) for n in NEIGHBOURS if n in ids}}
     out = {f"n/{g}": float(m.sum()) for g, m in groups.items()}
     depth = body_depth(hu_to_model(HU_PER_UNIT * _volume(folder / "coarse.nii.gz")))[1]
-    wall = (depth >= 1) & (depth <= SHELL - 1)
+    wall = (depth >= 1) & (depth <= shell_voxels(depth.shape[-1]) - 1)
     groups_wall = {**groups, "rib voxels": labels == ids["rib"]} if "rib" in ids else groups
     out.update({f"wall/{g}": float((m & wall).sum()) for g, m in groups_wall.items()})
     if "rib" in ids:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctrefine.conventions import hu_to_model
-from ctrefine.models.chest_wall import SHELL, ChestWallCue
+from ctrefine.models.chest_wall import ChestWallCue, shell_voxels
 from ctrefine.reprojection import SliceProjector
 
 N = 32
@@ -31,8 +31,10 @@ def test_depth_distance_and_gated_detail_on_a_synthetic_chest():
     assert cue.shape == (1, 4, N, N, N) and not cue.requires_grad
     depth, to_lung, pa, lat = cue[0]
     body, lung = body[0, 0], lung[0, 0]
-    assert depth[~body].abs().max() == 0 and depth[body].min() == 1 / SHELL  # the skin is one erosion deep
-    assert depth[body].max() == 1.0  # counted up to SHELL erosions
+    shell = shell_voxels(N)
+    assert shell == 4  # 40 mm at 10 mm voxels
+    assert depth[~body].abs().max() == 0 and depth[body].min() == 1 / shell  # the skin is one erosion deep
+    assert depth[body].max() == 1.0  # counted up to the shell
     assert to_lung[lung].abs().max() == 0 and to_lung[body & ~lung].min() > 0
     # the band's edges land in the wall at their heights, nowhere outside the body or deeper than the shell
     assert pa[~body].abs().max() == 0 and pa[depth == 1.0].abs().max() == 0

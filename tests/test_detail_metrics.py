@@ -343,12 +343,12 @@ def test_lung_error_says_which_voxels_lie_in_the_chest_wall(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import lung_error
 
-    n = 24
+    n = 40  # 8 mm voxels: the wall is the outer 4 (40 mm less one voxel)
     ids = {"background": 0, "lung": 1, "rib": 6, "soft_tissue": 10}
     labels = np.zeros((n, n, n), np.uint8)
-    labels[:, 1:23, 1:23] = 10  # the body: air around it in H and W
-    labels[:, 4:20, 4:20] = 1  # the lung
-    labels[12, 3, 12] = 6  # a rib in the wall, 3 voxels below the skin, beside the lung
+    labels[:, 1:39, 1:39] = 10  # the body: air around it in H and W
+    labels[:, 4:36, 4:36] = 1  # the lung, from 4 voxels below the skin
+    labels[20, 3, 20] = 6  # a rib in the wall, 3 voxels below the skin, beside the lung
     hu = np.choose(labels, [-1000.0, -800.0, 0, 0, 0, 0, 700.0, 0, 0, 0, 0]).astype(np.float32)
     folder = tmp_path / "patient_0000"
     folder.mkdir()
@@ -357,7 +357,8 @@ def test_lung_error_says_which_voxels_lie_in_the_chest_wall(tmp_path):
     sums = lung_error.patient_sums(folder, torch.from_numpy(labels.astype(np.int64))[None, None], ids)
     assert sums["n/rib voxels"] == sums["wall/rib voxels"] == 1
     assert sums["wall/rib"] == sums["n/rib"] > 0  # the lung beside the rib
-    assert 0 < sums["wall/interior"] < sums["n/interior"]  # the lung's rim in the wall, its core below it
+    assert sums["wall/soft_tissue"] > 0  # the lung's rim on the wall is in it ...
+    assert sums["wall/interior"] < 0.5 * sums["n/interior"]  # ... its core is not
 
 
 def test_correction_split_separates_the_sirt_steps_from_the_unet(tiny_dataset, random_pair, tmp_path):

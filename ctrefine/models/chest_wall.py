@@ -2,15 +2,15 @@
 
 A rib's shadow on the PA radiograph says *at which height and width* a rib is, not where along the ray;
 lifted along the ray, it paints a band across the lung. Ribs lie in the chest wall: on the demo's 13 test
-patients 97 % of rib voxels are at most ``SHELL - 1`` erosions (35 mm) below the coarse volume's body outline,
+patients 97 % of rib voxels are at most 7 erosions (35 mm) below the coarse volume's body outline,
 against 34 % of the lung's interior -- but 93 % of the lung voxels beside ribs, so the wall says where along a
 ray a rib can be, not which voxel of the wall it fills (``python bench/lung_error.py``, bench/RESULTS.md). The
 refiner gets four channels computed from the coarse volume and the radiographs, without parameters:
 
-1. ``depth``: how far inside the body each voxel is (erosions of the body outline survived, / ``SHELL``);
-2. ``to_lung``: how far each voxel is from lung-dense tissue inside the body (dilations needed, / ``SHELL``);
-3-4. each view's 2D high-pass back-projected along its rays and *gated to the chest wall* (at most
-     ``SHELL - 1`` erosions deep): the rib edges of the radiograph where ribs can be, and nowhere else.
+1. ``depth``: how far inside the body each voxel is (erosions of the body outline survived, / the shell);
+2. ``to_lung``: how far each voxel is from lung-dense tissue inside the body (dilations needed, / the shell);
+3-4. each view's 2D high-pass back-projected along its rays and *gated to the chest wall* (less than the
+     shell deep): the rib edges of the radiograph where ribs can be, and nowhere else.
 
 The body outline is the ray hull of the not-air voxels: a voxel is inside when tissue lies on both sides
 of it along W and along H (CumSum, so it exports to ONNX). Thresholds have no gradient, so all of it is
@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conventions import hu_to_model
+from ..conventions import FOV_MM, hu_to_model
 from ..stencil import laplacian2d
 
-SHELL = 8  # voxels (40 mm at 64^3): the chest wall's depth, ribs included, and how far depth/to_lung are counted
+SHELL_MM = 40.0  # the chest wall's depth, ribs included, and how far depth / to_lung are counted (8 voxels at 64^3)
 TISSUE = float(hu_to_model(-500.0))  # above: not air
 LUNG = float(hu_to_model(-400.0))  # below, inside the body: lung-dense
 DETAIL_GAIN = 8.0  # the radiographs' 2D Laplacian back-projected is ~0.1 at rib edges: scale it to O(1)
@@ -57,13 +57,18 @@ def _dilation_distance(mask: torch.Tensor, steps: int) -> torch.Tensor:
     return dist
 
 
-def body_depth(volume: torch.Tensor, steps: int = SHELL) -> tuple[torch.Tensor, torch.Tensor]:
+def shell_voxels(volume_size: int) -> int:
+    """``SHELL_MM`` in voxels of a ``volume_size``^3 grid over the field of view (at least 2)."""
+    return max(2, round(SHELL_MM * volume_size / FOV_MM))
+
+
+def body_depth(volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inside, depth)`` of a model-space volume ``(B, 1, D, H, W)``, float32: the body's ray hull (1 inside)
-    and how many erosions of it each voxel survives (1 at the skin, at most ``steps``)."""
+    and how many erosions of it each voxel survives (1 at the skin, at most the shell's voxels)."""
     v = volume.float()
     tissue = (v > TISSUE).float()
     inside = (_inside_along(tissue, 3) & _inside_along(tissue, 4)).float()
-    return inside, _erosion_depth(inside, steps)
+    return inside, _erosion_depth(inside, shell_voxels(volume.shape[-1]))
 
 
 class ChestWallCue(nn.Module):
@@ -75,10 +80,11 @@ class ChestWallCue(nn.Module):
 
     @torch.no_grad()
     def forward(self, volume: torch.Tensor, pooled: torch.Tensor, projector) -> torch.Tensor:
+        shell = shell_voxels(volume.shape[-1])
         inside, depth = body_depth(volume)
-        to_lung = _dilation_distance(inside * (volume.float() < LUNG).float(), SHELL)
-        wall = inside * (depth <= SHELL - 1).float()  # the outer SHELL - 1 voxels of the body
+        to_lung = _dilation_distance(inside * (volume.float() < LUNG).float(), shell)
+        wall = inside * (depth <= shell - 1).float()  # the outer shell - 1 voxels of the body
         b, views, c, n, _ = pooled.shape
         detail = laplacian2d(pooled.float().reshape(b * views, c, n, n)).reshape(pooled.shape)
         gated = DETAIL_GAIN * projector.backproject(detail) * wall
-        return torch.cat([depth / SHELL, to_lung / SHELL, gated], dim=1).to(volume.dtype)
+        return torch.cat([depth / shell, to_lung / shell, gated], dim=1).to(volume.dtype)
