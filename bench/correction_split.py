@@ -26,7 +26,8 @@ def groups(labels: torch.Tensor, ids: dict) -> dict[str, torch.Tensor]:
     """The voxel groups of one label map ``(1, 1, D, H, W)``."""
     lung = labels == ids["lung"]
     near = {n: F.max_pool3d((labels == ids[n]).float(), 3, 1, 1) > 0 for n in ("rib", "soft_tissue")}
-    return {"lung beside ribs": lung & near["rib"], "lung beside soft tissue": lung & near["soft_tissue"] & ~near["rib"],
+    return {"lung beside ribs": lung & near["rib"],
+            "lung beside soft tissue": lung & near["soft_tissue"] & ~near["rib"],
             "lung": lung, "rib": labels == ids["rib"]}
 
 
@@ -51,7 +52,8 @@ def split(base: str, refiner: str, data: str) -> dict[str, dict]:
     ds = CTDataset(data, "test").nonempty("the correction split")
     table = DatasetHeader.read(data).labels
     if not table or not {"lung", "rib", "soft_tissue"} <= set(table.values()):
-        raise SystemExit(f"{data}: its dataset.json names no lung, rib and soft-tissue labels (a phantom dataset has them)")
+        raise SystemExit(f"{data}: its dataset.json names no lung, rib and soft-tissue labels "
+                         "(a phantom dataset has them)")
     ids = {name: int(k) for k, name in table.items()}
     sums: dict[str, np.ndarray] = {}
     for i, name in enumerate(ds.names):

@@ -48,15 +48,15 @@ def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
             near = F.max_pool3d((labels == ids[name]).float(), 3, 1, 1) > 0
             owner = torch.where(lung & near & (owner < 0), torch.full_like(owner, ids[name]), owner)
     groups = {"interior": lung & (owner < 0), **{n: lung & (owner == ids[n]) for n in NEIGHBOURS if n in ids}}
-    out = {f"n/{g}": float(m.sum()) for g, m in groups.items()}
-    depth = body_depth(hu_to_model(HU_PER_UNIT * _volume(folder / "coarse.nii.gz")))[1]
+    out = {}
+    volumes = {stage: _volume(folder / f"{stage}.nii.gz") for stage in ("coarse", "refined")}
+    depth = body_depth(hu_to_model(HU_PER_UNIT * volumes["coarse"]))[1]
     wall = (depth >= 1) & (depth <= shell_voxels(depth.shape[-1]) - 1)
-    groups_wall = {**groups, "rib voxels": labels == ids["rib"]} if "rib" in ids else groups
-    out.update({f"wall/{g}": float((m & wall).sum()) for g, m in groups_wall.items()})
-    if "rib" in ids:
-        out["n/rib voxels"] = float((labels == ids["rib"]).sum())
-    for stage in ("coarse", "refined"):
-        err = _volume(folder / f"{stage}.nii.gz") - truth
+    counted = {**groups, **({"rib voxels": labels == ids["rib"]} if "rib" in ids else {})}
+    out.update({f"wall/{g}": float((m & wall).sum()) for g, m in counted.items()})
+    out.update({f"n/{g}": float(m.sum()) for g, m in counted.items()})
+    for stage, volume in volumes.items():
+        err = volume - truth
         detail = highpass(err.double()).float()
         for g, m in groups.items():
             out[f"{stage}/beside/{g}"] = float((err ** 2 * m).sum())

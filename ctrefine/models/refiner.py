@@ -6,7 +6,7 @@
 The data-consistency steps (:func:`ctrefine.reprojection.sirt_step`, ``model.data_consistency_steps``
 of them, each with a learned step size that starts at 0) move the coarse volume towards explaining
 the input radiographs -- parameter-free corrections the radiographs dictate. The residual comes
-from a small 3D U-Net fed with four things about that starting volume:
+from a small 3D U-Net fed with four things about that starting volume (five with the chest-wall cue):
 
 1. the coarse volume itself;
 2. :class:`HighPassBranch` -- its fixed 3D Laplacian (``ctrefine.stencil``: 7-point, replicate

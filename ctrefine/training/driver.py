@@ -239,7 +239,8 @@ def _set_up(args, started: float, hold: contextlib.ExitStack) -> Run:
     if t.init_checkpoint:
         sha = load_weights_into(model, t.init_checkpoint, stage.name)
         if rank == 0:
-            print(f"[{args.stage}] initialised from {t.init_checkpoint} (weights sha256 {sha[:12]}, not the file's)", flush=True)
+            print(f"[{args.stage}] initialised from {t.init_checkpoint} (weights sha256 {sha[:12]}, not the file's)",
+                  flush=True)
     train_split, val_split = _resident_splits(policy, train_ds, val_ds, raw=cfg.augment.enabled)
     _apply_layout(model, policy, t, args.stage, rank)
     num_epochs = stage.num_epochs()
