@@ -84,11 +84,15 @@ def split(base: str, refiner: str, data: str) -> dict[str, dict]:
 
 def blurred_oracle(base: str, refiner: str, data: str, sigmas) -> dict[str, dict]:
     """``{label: {"gain_db": mean PSNR gain over coarse, "lung_error": lung squared error / coarse's}}`` for the
-    refiner and for the truth's correction blurred by each sigma (voxels)."""
+    dataset's mean training volume (the trivial baseline), the refiner and the truth's correction blurred by each
+    sigma (voxels)."""
+    from ctrefine.conventions import hu_to_model
+    from ctrefine.data.dataset import mean_volume
     from ctrefine.metrics import psnr
     from ctrefine.stencil import highpass
 
-    rows = {"refiner": [], **{f"oracle, sigma {s:g}": [] for s in sigmas}}
+    mean = hu_to_model(torch.from_numpy(mean_volume(data)).float())[None, None]
+    rows = {"mean training volume": [], "refiner": [], **{f"oracle, sigma {s:g}": [] for s in sigmas}}
     lung_coarse = 0.0
     for truth, coarse, _, refined, masks in walk(base, refiner, data):
         lung = masks["lung"]
@@ -96,7 +100,7 @@ def blurred_oracle(base: str, refiner: str, data: str, sigmas) -> dict[str, dict
         ideal = (truth - coarse).double()
         # a Gaussian blur is x - highpass(x)
         blurred = {f"oracle, sigma {s:g}": coarse + (ideal - highpass(ideal, s)) for s in sigmas}
-        candidates = {"refiner": refined, **blurred}
+        candidates = {"mean training volume": mean, "refiner": refined, **blurred}
         for label, vol in candidates.items():
             vol = vol.float().clamp(0.0, 1.0)
             gain = float(psnr(vol, truth) - psnr(coarse, truth))

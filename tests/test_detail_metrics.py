@@ -389,6 +389,8 @@ def test_correction_split_separates_the_sirt_steps_from_the_unet(tiny_dataset, r
     oracle = correction_split.blurred_oracle(str(random_pair[0]), str(random_pair[1]), str(tiny_dataset), [0.5, 2.0])
     assert oracle["refiner"]["gain_db"] == 0 and oracle["refiner"]["lung_error"] == pytest.approx(1.0)  # untrained
     sharp, blurred = oracle["oracle, sigma 0.5"], oracle["oracle, sigma 2"]
+    # the trivial baseline beside them (here the untrained base's coarse volume is worse than it)
+    assert oracle["mean training volume"]["gain_db"] > 0 and oracle["mean training volume"]["lung_error"] < 1
     assert sharp["gain_db"] > blurred["gain_db"] > 0 and sharp["lung_error"] < blurred["lung_error"] < 1
     (tmp_path / "bare").mkdir()
     assert correction_split.main(["--base", str(random_pair[0]), "--refiner", str(random_pair[1]),
