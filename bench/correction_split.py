@@ -40,13 +40,8 @@ def groups(labels: torch.Tensor, ids: dict) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def stages(model, xrays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(coarse, start, refined)`` of one batch, the refiner's two parts apart."""
-    from ctrefine.reprojection import pool_to
-
     coarse = model.base(xrays)
-    r = model.refiner
-    pooled = None if r.projector is None else pool_to(xrays, r.projector.image_size)
-    start = r.data_consistency(coarse, xrays if pooled is None else pooled)
-    return coarse, start, torch.clamp(start + r.residual(start, xrays, pooled), 0.0, 1.0)
+    return (coarse, *model.refiner.start_and_refined(coarse, xrays))
 
 
 def walk(base: str, refiner: str, data: str):

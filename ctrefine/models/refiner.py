@@ -186,12 +186,16 @@ class DetailRefinementNetwork(nn.Module):
         x = self.dec0(torch.cat([x, x0], dim=1))
         return self.head(x)
 
+    def start_and_refined(self, coarse: torch.Tensor, xrays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(start, refined)``: the coarse volume after the SIRT steps, and the refiner's output from it."""
+        # the radiographs at the re-projection size, reduced once for every SIRT step and the guidance
+        pooled = None if self.projector is None else pool_to(xrays, self.projector.image_size)
+        start = self.data_consistency(coarse, xrays if pooled is None else pooled)
+        return start, torch.clamp(start + self.residual(start, xrays, pooled).to(start.dtype), 0.0, 1.0)
+
     def forward(self, coarse: torch.Tensor, xrays: torch.Tensor) -> torch.Tensor:
         if coarse.dim() != 5 or coarse.shape[1] != 1 or coarse.shape[-1] != self.volume_size:
             raise ValueError(f"expected coarse (B, 1, {self.volume_size}^3), got {tuple(coarse.shape)}")
         if xrays.dim() != 5 or xrays.shape[1:3] != (2, 1):
             raise ValueError(f"expected xrays (B, 2, 1, S, S), got {tuple(xrays.shape)}")
-        # the radiographs at the re-projection size, reduced once for every SIRT step and the guidance
-        pooled = None if self.projector is None else pool_to(xrays, self.projector.image_size)
-        start = self.data_consistency(coarse, xrays if pooled is None else pooled)
-        return torch.clamp(start + self.residual(start, xrays, pooled).to(start.dtype), 0.0, 1.0)
+        return self.start_and_refined(coarse, xrays)[1]
