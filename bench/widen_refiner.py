@@ -23,9 +23,11 @@ from ctrefine.models.chest_wall import CHANNELS as WALL_CHANNELS
 PRODUCT_READERS = ("stem.0.weight", "inject1.weight", "inject2.weight")  # the convolutions that read the residuals
 
 
-def _zero_inputs(w: torch.Tensor, n: int) -> torch.Tensor:
-    """``(out, in, ...)`` -> ``(out, in + n, ...)``: ``n`` more input channels, last, with zero weights."""
-    return torch.cat([w, torch.zeros_like(w[:, :1]).expand(-1, n, *w.shape[2:])], dim=1)
+def _zero_inputs(w: torch.Tensor, n: int, at: int | None = None) -> torch.Tensor:
+    """``(out, in, ...)`` -> ``(out, in + n, ...)``: ``n`` more input channels with zero weights, inserted before
+    input ``at`` (default: last)."""
+    at = w.shape[1] if at is None else at
+    return torch.cat([w[:, :at], torch.zeros_like(w[:, :1]).expand(-1, n, *w.shape[2:]), w[:, at:]], dim=1)
 
 
 def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None):
@@ -46,9 +48,10 @@ def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None):
     cfg = mf.config.model_copy(update={"model": m.model_copy(update=update)})
     new = build_refiner(cfg)
     state = dict(mf.state_dict)
-    # the stem reads [..., residuals, product, wall cue]: each addition goes last, in that order
+    # the stem reads [..., residuals, product, wall cue]: the product goes before a cue the file already has
+    cue_inputs = WALL_CHANNELS if m.wall_cue != "off" else 0
     for k in PRODUCT_READERS if product else ():
-        state[k] = _zero_inputs(state[k], 1)
+        state[k] = _zero_inputs(state[k], 1, state[k].shape[1] - (cue_inputs if k == "stem.0.weight" else 0))
     if wall_cue:
         state["stem.0.weight"] = _zero_inputs(state["stem.0.weight"], WALL_CHANNELS)
     new.load_state_dict(state)

@@ -87,6 +87,18 @@ def test_widened_refiner_computes_the_same_volume(tmp_path):
         before, after = refiner.eval()(c, x), wide.build().eval()(c, x)
     assert not torch.equal(before, c)  # a refiner that does something, so the identity is not trivial
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    # a file that has the cue but not the product: the product's channel goes before the cue's
+    cfg_cue = load_config("cpu-small", ['model.residual_fusion="views"', 'model.wall_cue="depth+detail"',
+                                        "model.hidden_channels=8", "model.guidance_channels=4", "model.mid_blocks=1"])
+    cued = build_refiner(cfg_cue)
+    with torch.no_grad():
+        cued.head.weight.normal_(0, 0.02)
+        cued.stem[0].weight[:, -4:].normal_(0, 0.1)  # the cue read with weights of its own
+    save_model_file(tmp_path / "cued.pt", "refine", cued.state_dict(), cfg_cue, {}, epoch=1)
+    assert widen_refiner.main([str(tmp_path / "cued.pt"), str(tmp_path / "cued_wide.pt"), "--product"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_model_file(tmp_path / "cued_wide.pt", stage="refine").build().eval()(c, x),
+                                   cued.eval()(c, x), rtol=0, atol=1e-6)
     with pytest.raises(SystemExit, match="already reads the chest-wall cue"):
         widen_refiner.main([str(tmp_path / "wide.pt"), str(tmp_path / "again.pt"), "--wall-cue"])
     assert not (tmp_path / "again.pt").exists()
