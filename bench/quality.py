@@ -118,6 +118,9 @@ ROWS = {
     # bench/widen_refiner.py --wall-cue)
     "defaults_mse5_wall_cue": _row("today's defaults (mse 5) + the chest-wall cue", {**S14, "mse": 5.0},
                                    dc_weighting="density", fusion="views+product", wall_cue="depth+detail"),
+    # capacity: the U-Net twice as wide (fine-tuned from a narrow file: bench/widen_refiner.py --double-width)
+    "defaults_mse5_wide": _row("today's defaults (mse 5), hidden channels 32", {**S14, "mse": 5.0},
+                               dc_weighting="density", fusion="views+product", extra=("model.hidden_channels=32",)),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

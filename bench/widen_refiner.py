@@ -1,10 +1,13 @@
-"""Warm start for a refiner with more inputs: a model file becomes one that also reads the two views' residual
-product (``--product``: ``model.residual_fusion="views+product"``) and/or the chest-wall cue (``--wall-cue``:
-``model.wall_cue="depth+detail"``), and computes exactly the same volume -- every new input channel enters the
-convolutions that read it with zero weights -- ready for ``training.init_checkpoint``. ``--dc-weighting`` also
-switches its SIRT steps (that one changes the output: fine-tuning adapts to it).
+"""Warm start for a larger refiner: a model file becomes one that also reads the two views' residual product
+(``--product``: ``model.residual_fusion="views+product"``) and/or the chest-wall cue (``--wall-cue``:
+``model.wall_cue="depth+detail"``), and/or has twice the U-Net's channels (``--double-width``:
+``model.hidden_channels`` x2), and computes exactly the same volume, ready for ``training.init_checkpoint``.
+Every new input channel enters the convolutions that read it with zero weights. Doubling splits every hidden channel
+into two copies (:func:`double_channels`). ``--dc-weighting`` also switches its SIRT steps; that one changes the
+output, and fine-tuning adapts to it.
 
     python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s17/init_wall.pt --wall-cue
+    python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s18/init_wide.pt --double-width
 
 Checks the identity on random inputs (same DC weighting) and writes the file atomically; no uncertainty head is
 carried over (re-fit it after fine-tuning: ``ctrefine fit-uncertainty``).
@@ -18,6 +21,7 @@ import torch
 
 from ctrefine.checkpoint import load_model_file, save_model_file
 from ctrefine.models import build_refiner
+from ctrefine.models.blocks import FrequencyAttention
 from ctrefine.models.chest_wall import CHANNELS as WALL_CHANNELS
 
 PRODUCT_READERS = ("stem.0.weight", "inject1.weight", "inject2.weight")  # the convolutions that read the residuals
@@ -30,7 +34,33 @@ def _zero_inputs(w: torch.Tensor, n: int, at: int | None = None) -> torch.Tensor
     return torch.cat([w[:, :at], torch.zeros_like(w[:, :1]).expand(-1, n, *w.shape[2:]), w[:, at:]], dim=1)
 
 
-def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None):
+def double_channels(old: dict, new_shapes: dict, block: dict, seed: int = 0) -> dict:
+    """A state dict for the same network with every hidden channel doubled (Net2Net's wider net): hidden channel
+    ``k`` becomes channels ``2k`` and ``2k + 1``, copies with the same incoming weights and norm parameters; a layer
+    reading them gives the first copy ``a`` and the second ``1 - a`` of the old weight (``a`` drawn in [0.3, 0.7]
+    per input channel), so it sums to what it read before. Every group of a GroupNorm holds the copies of one old
+    group's channels (the group count stays 8), so its statistics are unchanged and the output is the same. The
+    unequal split makes the two copies' gradients differ, so training can pull them apart.
+
+    ``new_shapes``: name -> the doubled model's shape; ``block``: name -> how many consecutive output rows belong
+    to one channel (a FrequencyAttention's per-channel band logits), 1 if absent."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in old.items():
+        shape = tuple(new_shapes[name])
+        if w.dim() and shape[0] == 2 * w.shape[0]:
+            b = block.get(name, 1)
+            w = w.reshape(w.shape[0] // b, b, *w.shape[1:]).repeat_interleave(2, dim=0).reshape(-1, *w.shape[1:])
+        if w.dim() > 1 and shape[1] == 2 * w.shape[1]:
+            a = (0.3 + 0.4 * torch.rand(w.shape[1], generator=g)).view(1, -1, *([1] * (w.dim() - 2)))
+            w = torch.stack([a * w, (1 - a) * w], dim=2).flatten(1, 2)
+        if tuple(w.shape) != shape:
+            raise SystemExit(f"{name}: {tuple(old[name].shape)} does not double to {shape}")
+        out[name] = w.to(old[name].dtype)
+    return out
+
+
+def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, double_width: bool = False):
     """``(the source model file, the widened model, its config)``; a SystemExit naming ``src`` when it cannot be."""
     mf = load_model_file(src, stage="refine")
     m = mf.config.model
@@ -40,9 +70,10 @@ def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None):
         raise SystemExit(f"{src}: already reads the residual product")
     if wall_cue and m.wall_cue != "off":
         raise SystemExit(f"{src}: already reads the chest-wall cue")
-    if not (product or wall_cue):
-        raise SystemExit("nothing to add: give --product and/or --wall-cue")
+    if not (product or wall_cue or double_width):
+        raise SystemExit("nothing to add: give --product, --wall-cue and/or --double-width")
     update = {**({"residual_fusion": "views+product"} if product else {}),
+              **({"hidden_channels": 2 * m.hidden_channels} if double_width else {}),
               **({"wall_cue": "depth+detail"} if wall_cue else {}),
               **({"dc_weighting": dc_weighting} if dc_weighting else {})}
     cfg = mf.config.model_copy(update={"model": m.model_copy(update=update)})
@@ -54,6 +85,10 @@ def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None):
         state[k] = _zero_inputs(state[k], 1, state[k].shape[1] - (cue_inputs if k == "stem.0.weight" else 0))
     if wall_cue:
         state["stem.0.weight"] = _zero_inputs(state["stem.0.weight"], WALL_CHANNELS)
+    if double_width:
+        bands = {f"{n}.cond.2.{p}": mod.n_bins for n, mod in new.named_modules() if isinstance(mod, FrequencyAttention)
+                 for p in ("weight", "bias")}
+        state = double_channels(state, {k: v.shape for k, v in new.state_dict().items()}, bands)
     new.load_state_dict(state)
     return mf, new.eval(), cfg
 
@@ -64,9 +99,10 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="the widened model file to write")
     p.add_argument("--product", action="store_true", help="add the two views' residual product")
     p.add_argument("--wall-cue", action="store_true", help="add the chest-wall cue (ctrefine.models.chest_wall)")
+    p.add_argument("--double-width", action="store_true", help="twice the U-Net's channels (model.hidden_channels)")
     p.add_argument("--dc-weighting", choices=("uniform", "density"), default=None, help="also switch the SIRT steps")
     a = p.parse_args(argv)
-    mf, new, cfg = widen(a.src, a.product, a.wall_cue, a.dc_weighting)
+    mf, new, cfg = widen(a.src, a.product, a.wall_cue, a.dc_weighting, a.double_width)
     same_dc = a.dc_weighting in (None, mf.config.model.dc_weighting)
     v, s = cfg.model.volume_size, cfg.model.xray_size
     g = torch.Generator().manual_seed(0)
@@ -74,10 +110,12 @@ def main(argv=None) -> int:
     with torch.no_grad():
         old_out, new_out = mf.build()(coarse, xrays), new(coarse, xrays)
     diff = float((old_out - new_out).abs().max())
-    if same_dc and diff > 1e-6:
+    # doubling re-associates every sum (a*w*x + (1-a)*w*x): float32 rounding through the network, ~1e-6
+    if same_dc and diff > (1e-5 if a.double_width else 1e-6):
         raise SystemExit(f"widened refiner differs from {a.src} by {diff:.2e}: not the identity")
     save_model_file(a.dst, "refine", new.state_dict(), cfg, metrics=mf.metrics)
-    added = " and ".join(n for n, on in (("residual product", a.product), ("chest-wall cue", a.wall_cue)) if on)
+    added = " and ".join(n for n, on in (("residual product", a.product), ("chest-wall cue", a.wall_cue),
+                                         (f"width {cfg.model.hidden_channels}", a.double_width)) if on)
     print(f"wrote {a.dst}: {added} added ({'identical output' if same_dc else 'SIRT weighting changed'}; "
           f"max |change| {diff:.2e})")
     return 0

@@ -63,47 +63,6 @@ def test_refiner_with_the_cue_starts_at_the_coarse_volume_and_learns_from_it():
         DetailRefinementNetwork(16, 8, 4, 4, 1, "cone", wall_cue="ribs")
 
 
-def test_widened_refiner_computes_the_same_volume(tmp_path):
-    """bench/widen_refiner.py: a trained refiner gains the residual product and the cue, output unchanged."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import widen_refiner
-
-    from ctrefine.checkpoint import load_model_file, save_model_file
-    from ctrefine.config import load_config
-    from ctrefine.models import build_refiner
-
-    cfg = load_config("cpu-small", ['model.residual_fusion="views"', "model.hidden_channels=8",
-                                    "model.guidance_channels=4", "model.mid_blocks=1"])
-    torch.manual_seed(0)
-    refiner = build_refiner(cfg)
-    with torch.no_grad():
-        refiner.head.weight.normal_(0, 0.02)
-    save_model_file(tmp_path / "src.pt", "refine", refiner.state_dict(), cfg, {}, epoch=1)
-    assert widen_refiner.main([str(tmp_path / "src.pt"), str(tmp_path / "wide.pt"), "--product", "--wall-cue"]) == 0
-    wide = load_model_file(tmp_path / "wide.pt", stage="refine")
-    assert (wide.config.model.residual_fusion, wide.config.model.wall_cue) == ("views+product", "depth+detail")
-    c, x = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 2, 1, 64, 64)
-    with torch.no_grad():
-        before, after = refiner.eval()(c, x), wide.build().eval()(c, x)
-    assert not torch.equal(before, c)  # a refiner that does something, so the identity is not trivial
-    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
-    # a file that has the cue but not the product: the product's channel goes before the cue's
-    cfg_cue = load_config("cpu-small", ['model.residual_fusion="views"', 'model.wall_cue="depth+detail"',
-                                        "model.hidden_channels=8", "model.guidance_channels=4", "model.mid_blocks=1"])
-    cued = build_refiner(cfg_cue)
-    with torch.no_grad():
-        cued.head.weight.normal_(0, 0.02)
-        cued.stem[0].weight[:, -4:].normal_(0, 0.1)  # the cue read with weights of its own
-    save_model_file(tmp_path / "cued.pt", "refine", cued.state_dict(), cfg_cue, {}, epoch=1)
-    assert widen_refiner.main([str(tmp_path / "cued.pt"), str(tmp_path / "cued_wide.pt"), "--product"]) == 0
-    with torch.no_grad():
-        torch.testing.assert_close(load_model_file(tmp_path / "cued_wide.pt", stage="refine").build().eval()(c, x),
-                                   cued.eval()(c, x), rtol=0, atol=1e-6)
-    with pytest.raises(SystemExit, match="already reads the chest-wall cue"):
-        widen_refiner.main([str(tmp_path / "wide.pt"), str(tmp_path / "again.pt"), "--wall-cue"])
-    assert not (tmp_path / "again.pt").exists()
-
-
 def test_the_cue_exports_to_onnx_and_runs_there_as_in_torch(tmp_path):
     """CumSum, MaxPool and the back-projection: the cue's graph is one every ONNX runtime reads, same values."""
     import onnxruntime as ort
