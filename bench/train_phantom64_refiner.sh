@@ -8,7 +8,8 @@
 # bench/widen_refiner.py (the product channel enters with zero weights). INIT=FILE starts from another model
 # file, SHIP=DIR trains into another checkpoint.dir, BUDGET=SECONDS fits the schedule into a wall-clock budget
 # (training.time_budget_s). BAND=W / STREAK=W / MSE=W set the band-energy, streak and mse terms, 0 unless set:
-# the first two legs ran with them off, the third (the card's command) with today's defaults.
+# the first two legs ran with them off, the third (the card's command) with today's defaults. WIDTH=N trains a
+# refiner of model.hidden_channels N (the INIT file must have it: bench/widen_refiner.py --double-width).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
@@ -30,4 +31,5 @@ OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine -
     --set model.base_model_checkpoint=pretrained:phantom-64 \
     --set loss.band_energy="$BAND" --set loss.streak="$STREAK" --set loss.mse="$MSE" \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
+    ${WIDTH:+--set model.hidden_channels=$WIDTH} \
     --no-progress
