@@ -20,11 +20,13 @@ BAND=${BAND:-0.0}
 STREAK=${STREAK:-0.0}
 MSE=${MSE:-0.0}
 SHIP=${SHIP:-$OUT/ship}
-INIT=${INIT:-$OUT/init_refiner_product.pt}
-if [ ! -f "$INIT" ]; then
-  mkdir -p "$(dirname "$INIT")"
-  git show ca5d210:ctrefine/pretrained/phantom-64-refiner.pt > "$OUT/refiner_ca5d210.pt"
-  "$BIN/python" bench/widen_refiner.py "$OUT/refiner_ca5d210.pt" "$INIT" --dc-weighting density
+if [ -z "${INIT:-}" ]; then  # the first leg's start, made once; a given INIT (a file or pretrained:NAME) is used as it is
+  INIT=$OUT/init_refiner_product.pt
+  if [ ! -f "$INIT" ]; then
+    mkdir -p "$(dirname "$INIT")"
+    git show ca5d210:ctrefine/pretrained/phantom-64-refiner.pt > "$OUT/refiner_ca5d210.pt"
+    "$BIN/python" bench/widen_refiner.py "$OUT/refiner_ca5d210.pt" "$INIT" --dc-weighting density
+  fi
 fi
 OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine --config cpu-medium \
     --set data.data_path="$OUT/data" --set checkpoint.dir="$SHIP" --set training.init_checkpoint="$INIT" \
