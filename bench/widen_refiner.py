@@ -39,8 +39,10 @@ def double_channels(old: dict, new_shapes: dict, block: dict, seed: int = 0) -> 
     ``k`` becomes channels ``2k`` and ``2k + 1``, copies with the same incoming weights and norm parameters; a layer
     reading them gives the first copy ``a`` and the second ``1 - a`` of the old weight (``a`` drawn in [0.3, 0.7]
     per input channel), so it sums to what it read before. Every group of a GroupNorm holds the copies of one old
-    group's channels (the group count stays 8), so its statistics are unchanged and the output is the same. The
-    unequal split makes the two copies' gradients differ, so training can pull them apart.
+    group's channels, or one copy of a one-channel old group (``blocks._groups``: 8 groups once a layer has 8
+    channels), so its statistics are unchanged and the output is the same (the identity check in :func:`main`
+    refuses a file for which it is not). The unequal split makes the two copies' gradients differ, so training can
+    pull them apart.
 
     ``new_shapes``: name -> the doubled model's shape; ``block``: name -> how many consecutive output rows belong
     to one channel (a FrequencyAttention's per-channel band logits), 1 if absent."""
