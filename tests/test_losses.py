@@ -45,6 +45,21 @@ def test_mse_weighs_large_errors_more_than_l1():
     assert R.mse(many_small, truth).item() == pytest.approx(1e-4)
 
 
+def test_lung_mse_counts_only_lung_dense_voxels_inside_the_body():
+    from ctrefine.conventions import hu_to_model
+
+    truth = torch.zeros(1, 1, 8, 8, 8)  # air around the body (model 0 = -1000 HU)
+    truth[..., 2:6, 2:6] = float(hu_to_model(40.0))  # a body of soft tissue ...
+    truth[..., 3:5, 3:5] = float(hu_to_model(-850.0))  # ... with lung in it (4 x 2 x 2 = 16 voxels per depth slab)
+    off = truth + 0.1  # every voxel off by 0.1
+    assert R.lung_mse(off, truth).item() == pytest.approx(8 * 4 * 0.01 / 512)  # 8 slabs x 4 lung voxels
+    outside = truth.clone()
+    outside[..., 0, 0] += 0.5  # error in the air around the body or in soft tissue: not counted
+    outside[..., 2, 2] += 0.5
+    assert R.lung_mse(outside, truth).item() == 0.0
+    assert R.mse(outside, truth).item() > 0
+
+
 def test_spectral_weight_values():
     w = R.spectral_weight((8, 8, 8))
     assert w[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())

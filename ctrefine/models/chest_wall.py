@@ -12,9 +12,8 @@ refiner gets four channels computed from the coarse volume and the radiographs, 
 3-4. each view's 2D high-pass back-projected along its rays and *gated to the chest wall* (less than the
      shell deep): the rib edges of the radiograph where ribs can be, and nowhere else.
 
-The body outline is the ray hull of the not-air voxels: a voxel is inside when tissue lies on both sides
-of it along W and along H (CumSum, so it exports to ONNX). Thresholds have no gradient, so all of it is
-computed without one, in float32.
+The body outline and the lung-dense voxels come from :mod:`ctrefine.anatomy`. Thresholds have no gradient, so
+all of it is computed without one, in float32.
 """
 from __future__ import annotations
 
@@ -22,21 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conventions import FOV_MM, hu_to_model
+from ..anatomy import body_inside, lung_dense
+from ..conventions import FOV_MM
 from ..stencil import laplacian2d
 
 SHELL_MM = 40.0  # the chest wall's depth, ribs included, and how far depth / to_lung are counted (8 voxels at 64^3)
-TISSUE = float(hu_to_model(-500.0))  # above: not air
-LUNG = float(hu_to_model(-400.0))  # below, inside the body: lung-dense
 DETAIL_GAIN = 8.0  # the radiographs' 2D Laplacian back-projected is ~0.1 at rib edges: scale it to O(1)
 CHANNELS = 4
-
-
-def _inside_along(tissue: torch.Tensor, dim: int) -> torch.Tensor:
-    """Voxels with tissue on both sides of them (themselves counted) along ``dim``."""
-    before = torch.cumsum(tissue, dim)
-    after = before.narrow(dim, tissue.shape[dim] - 1, 1) - before + tissue
-    return (before > 0) & (after > 0)
 
 
 def _erosion_depth(mask: torch.Tensor, steps: int) -> torch.Tensor:
@@ -65,9 +56,7 @@ def shell_voxels(volume_size: int) -> int:
 def body_depth(volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inside, depth)`` of a model-space volume ``(B, 1, D, H, W)``, float32: the body's ray hull (1 inside)
     and how many erosions of it each voxel survives (1 at the skin, at most the shell's voxels)."""
-    v = volume.float()
-    tissue = (v > TISSUE).float()
-    inside = (_inside_along(tissue, 3) & _inside_along(tissue, 4)).float()
+    inside = body_inside(volume)
     return inside, _erosion_depth(inside, shell_voxels(volume.shape[-1]))
 
 
@@ -82,7 +71,7 @@ class ChestWallCue(nn.Module):
     def forward(self, volume: torch.Tensor, pooled: torch.Tensor, projector) -> torch.Tensor:
         shell = shell_voxels(volume.shape[-1])
         inside, depth = body_depth(volume)
-        to_lung = _dilation_distance(inside * (volume.float() < LUNG).float(), shell)
+        to_lung = _dilation_distance(lung_dense(volume, inside), shell)
         wall = inside * (depth <= shell - 1).float()  # the outer shell - 1 voxels of the body
         b, views, c, n, _ = pooled.shape
         detail = laplacian2d(pooled.float().reshape(b * views, c, n, n)).reshape(pooled.shape)
