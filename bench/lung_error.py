@@ -37,7 +37,7 @@ def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
     sums ``STAGE/signed/NEIGHBOUR`` (model units), the voxel counts ``n/NEIGHBOUR`` and of them in the chest wall
     ``wall/NEIGHBOUR`` (``n/rib voxels``, ``wall/rib voxels``: the ribs themselves)."""
     from ctrefine.conventions import hu_to_model
-    from ctrefine.models.chest_wall import body_depth, shell_voxels
+    from ctrefine.anatomy import body_depth, chest_wall
     from ctrefine.stencil import highpass
 
     truth = _volume(folder / "ground_truth.nii.gz")
@@ -51,7 +51,7 @@ def patient_sums(folder: Path, labels: torch.Tensor, ids: dict) -> dict:
     out = {}
     volumes = {stage: _volume(folder / f"{stage}.nii.gz") for stage in ("coarse", "refined")}
     depth = body_depth(hu_to_model(HU_PER_UNIT * volumes["coarse"]))[1]
-    wall = (depth >= 1) & (depth <= shell_voxels(depth.shape[-1]) - 1)
+    wall = chest_wall(depth) > 0
     counted = {**groups, **({"rib voxels": labels == ids["rib"]} if "rib" in ids else {})}
     out.update({f"wall/{g}": float((m & wall).sum()) for g, m in counted.items()})
     out.update({f"n/{g}": float(m.sum()) for g, m in counted.items()})

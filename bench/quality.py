@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
-NEW = {"mse": 0.0, "lung_mse": 0.0, "xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0,
+NEW = {"mse": 0.0, "lung_mse": 0.0, "lung_rim_mse": 0.0, "xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0,
        "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
 SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)
@@ -124,6 +124,10 @@ ROWS = {
     # the lung weighed more: the blurred rib correction spills rib density one voxel into the lung
     **{f"defaults_mse5_lung{w:g}": _row(f"today's defaults (mse 5) + lung_mse {w:g}", {**S14, "mse": 5.0, "lung_mse": w},
                                         dc_weighting="density", fusion="views+product") for w in (5, 20)},
+    # ... only at the lung's rim in the chest wall (where the ribs are), the deep lung and its vessels left to mse
+    **{f"defaults_mse5_lungrim{w:g}": _row(f"today's defaults (mse 5) + lung_rim_mse {w:g}",
+                                           {**S14, "mse": 5.0, "lung_rim_mse": w},
+                                           dc_weighting="density", fusion="views+product") for w in (20, 30, 40)},
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

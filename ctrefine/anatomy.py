@@ -1,6 +1,7 @@
-"""Masks found from a model-space volume's own intensities, without labels: the body's outline and the
-lung-dense voxels inside it. The chest-wall cue (:mod:`ctrefine.models.chest_wall`) and the ``lung_mse`` loss
-term (:mod:`ctrefine.losses.reference`) share them, so a phantom and an ingested CT are masked alike.
+"""Masks found from a model-space volume's own intensities, without labels: the body's outline, how deep below
+it each voxel lies, the chest wall (the outer shell of the body, where the ribs are) and the lung-dense voxels.
+The chest-wall cue (:mod:`ctrefine.models.chest_wall`) and the lung loss terms (:mod:`ctrefine.losses.reference`)
+share them, so a phantom and an ingested CT are masked alike.
 
 The body outline is the ray hull of the not-air voxels: a voxel is inside when tissue lies on both sides of it
 along W and along H (CumSum, so it exports to ONNX). Thresholds have no gradient; everything is float32.
@@ -8,13 +9,17 @@ along W and along H (CumSum, so it exports to ONNX). Thresholds have no gradient
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .conventions import hu_to_model
+from .conventions import FOV_MM, hu_to_model
 
 TISSUE = float(hu_to_model(-500.0))  # above: not air
 LUNG = float(hu_to_model(-400.0))  # below, inside the body: lung-dense
+# The chest wall's depth, ribs included (8 voxels at 64^3): on the demo's test patients 97 % of rib voxels lie at
+# most 7 erosions below the coarse volume's outline (bench/RESULTS.md, "a chest-wall cue").
+SHELL_MM = 40.0
 
-__all__ = ["LUNG", "TISSUE", "body_inside", "lung_dense"]
+__all__ = ["LUNG", "SHELL_MM", "TISSUE", "body_depth", "body_inside", "chest_wall", "lung_dense", "shell_voxels"]
 
 
 def _inside_along(tissue: torch.Tensor, dim: int) -> torch.Tensor:
@@ -22,6 +27,20 @@ def _inside_along(tissue: torch.Tensor, dim: int) -> torch.Tensor:
     before = torch.cumsum(tissue, dim)
     after = before.narrow(dim, tissue.shape[dim] - 1, 1) - before + tissue
     return (before > 0) & (after > 0)
+
+
+def _erosion_depth(mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many 3^3 erosions each voxel of ``mask`` survives (0 outside), at most ``steps``."""
+    depth, m = torch.zeros_like(mask), mask
+    for _ in range(steps):
+        depth = depth + m
+        m = -F.max_pool3d(-m, 3, 1, 1)
+    return depth
+
+
+def shell_voxels(volume_size: int) -> int:
+    """``SHELL_MM`` in voxels of a ``volume_size``^3 grid over the field of view (at least 2)."""
+    return max(2, round(SHELL_MM * volume_size / FOV_MM))
 
 
 def body_inside(volume: torch.Tensor) -> torch.Tensor:
@@ -36,3 +55,15 @@ def lung_dense(volume: torch.Tensor, inside: torch.Tensor | None = None) -> torc
     else 0 (float32). ``inside``: the volume's :func:`body_inside`, when the caller has it already."""
     inside = body_inside(volume) if inside is None else inside
     return inside * (volume.float() < LUNG).float()
+
+
+def body_depth(volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inside, depth)`` of a model-space volume ``(B, 1, D, H, W)``, float32: the body's ray hull (1 inside)
+    and how many erosions of it each voxel survives (1 at the skin, at most the shell's voxels)."""
+    inside = body_inside(volume)
+    return inside, _erosion_depth(inside, shell_voxels(volume.shape[-1]))
+
+
+def chest_wall(depth: torch.Tensor) -> torch.Tensor:
+    """1 at the body's outer ``shell - 1`` voxels (``depth`` from :func:`body_depth`: 1 to shell - 1), else 0."""
+    return ((depth >= 1) & (depth <= shell_voxels(depth.shape[-1]) - 1)).float()

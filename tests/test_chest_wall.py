@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ctrefine.conventions import hu_to_model
-from ctrefine.models.chest_wall import ChestWallCue, shell_voxels
+from ctrefine.anatomy import shell_voxels
+from ctrefine.models.chest_wall import ChestWallCue
 from ctrefine.reprojection import SliceProjector
 
 N = 32

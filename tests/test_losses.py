@@ -60,6 +60,23 @@ def test_lung_mse_counts_only_lung_dense_voxels_inside_the_body():
     assert R.mse(outside, truth).item() > 0
 
 
+def test_lung_rim_mse_counts_the_lung_in_the_chest_wall_not_the_deep_lung():
+    from ctrefine.anatomy import shell_voxels
+    from ctrefine.conventions import hu_to_model
+
+    n = 32
+    assert shell_voxels(n) == 4  # the chest wall: the body's outer 3 voxels
+    truth = torch.zeros(1, 1, n, n, n)
+    truth[..., 4:28, 4:28] = float(hu_to_model(40.0))  # the body: depth 1 at index 4, 3 at index 6
+    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))  # lung from depth 3 inwards
+    rim, deep = truth.clone(), truth.clone()
+    rim[..., 6, 16] += 0.1  # lung at depth 3: in the wall
+    deep[..., 16, 16] += 0.1  # lung 12 voxels deep
+    assert R.lung_rim_mse(rim, truth).item() == pytest.approx(n * 0.01 / n**3)
+    assert R.lung_rim_mse(deep, truth).item() == 0.0
+    assert R.lung_mse(deep, truth).item() == pytest.approx(n * 0.01 / n**3)  # the whole-lung term counts both
+
+
 def test_spectral_weight_values():
     w = R.spectral_weight((8, 8, 8))
     assert w[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())

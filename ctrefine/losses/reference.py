@@ -16,6 +16,8 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
   airways, found from the truth's intensities, not from labels, so it applies to ingested CTs alike). Beside it
   ``mse`` weighs the lung more: the refiner's rib correction is a blur that spills rib density one voxel into the
   lung, and the pointwise optimum of a uniform weight accepts that spill as the price of the rib.
+  :func:`lung_rim_mse` counts only the lung-dense voxels in the chest wall's shell (the lung's rim beside the ribs
+  and the wall, :func:`ctrefine.anatomy.chest_wall`), leaving the deep lung and its vessels to ``mse``.
 * :func:`local_stats_loss` (the "texture" term, also accepted as "perceptual"). No pretrained network weights can be downloaded
   here, and a VGG trained on photographs is a poor judge of CT texture anyway. This term is what it
   says: L1 between multi-scale local means and local standard deviations (3^3 windows at 1x, 2x, 4x
@@ -42,7 +44,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..anatomy import lung_dense
+from ..anatomy import body_depth, chest_wall, lung_dense
 from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
 from ..stencil import highpass, laplacian3d, ray_constant_energy
 
@@ -54,7 +56,7 @@ ENERGY_BANDS = 8  # radial bands over [0, sqrt(3)/2] cycles/voxel for band_energ
 ENERGY_MIN_F = 0.1  # cycles/voxel: bands below this are left to the pointwise terms (they carry position)
 CONSISTENCY_POOL = 4  # low-pass factor for the coarse-consistency term (5 mm voxels -> 20 mm blobs at 64^3)
 
-__all__ = ["laplacian3d", "l1", "mse", "lung_mse", "laplacian_l1", "spectral_weight", "spectral_l1", "local_stats_loss", "consistency_l1",
+__all__ = ["laplacian3d", "l1", "mse", "lung_mse", "lung_rim_mse", "laplacian_l1", "spectral_weight", "spectral_l1", "local_stats_loss", "consistency_l1",
            "band_energy_l1", "gradient_distribution_l1", "streak_excess"]
 
 
@@ -72,6 +74,13 @@ def lung_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mean m (pred - target)^2`` over all voxels, ``m`` = :func:`ctrefine.anatomy.lung_dense` of the
     truth (no gradient; float32): a weight ``w`` on it adds ``w`` to ``mse``'s weight in the lung."""
     return (lung_dense(target.detach()) * (pred.float() - target.float()).pow(2)).mean()
+
+
+def lung_rim_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`lung_mse` with ``m`` also 0 below the chest wall's shell (:func:`ctrefine.anatomy.chest_wall` of the
+    truth's body depth): the lung's rim beside the ribs and the wall, not the deep lung (float32)."""
+    inside, depth = body_depth(target.detach())
+    return (lung_dense(target.detach(), inside) * chest_wall(depth) * (pred.float() - target.float()).pow(2)).mean()
 
 
 def laplacian_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

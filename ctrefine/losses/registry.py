@@ -7,7 +7,7 @@ here (and its reference in :mod:`ctrefine.losses.reference`), nothing else.
 The five core terms (L1, frequency, gradient, texture, consistency) and their weights: L1 anchors intensities; the frequency and
 gradient terms reward high frequencies; the texture term matches local contrast; a light consistency
 term keeps the base's anatomy. The terms added since (X-ray consistency, band energy, gradient
-distribution, streak, mse, lung_mse) carry the defaults the 64^3 ablations support (below, and bench/RESULTS-history.md section 10).
+distribution, streak, mse, lung_mse, lung_rim_mse) carry the defaults the 64^3 ablations support (below, and bench/RESULTS-history.md section 10).
 
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
 need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
@@ -50,6 +50,7 @@ MSE_WEIGHT = 5.0
 # Off by default until measured at 64^3: squared error counted again in the lung (lung_mse), which the refiner's
 # blurred rib correction spills into (bench/RESULTS.md, "Detail in place: the lung weighed more").
 LUNG_MSE_WEIGHT = 0.0
+LUNG_RIM_MSE_WEIGHT = 0.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
@@ -112,6 +113,8 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("mse", MSE_WEIGHT, lambda r, t, c, x: _reference().mse(r, t), "mean (refined - truth)^2"),
     LossTerm("lung_mse", LUNG_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_mse(r, t),
              "mean (refined - truth)^2 where the truth is lung-dense inside the body (the lung weighed more)"),
+    LossTerm("lung_rim_mse", LUNG_RIM_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_rim_mse(r, t),
+             "lung_mse counted only in the chest wall's shell (the lung's rim beside ribs and wall; deep lung left alone)"),
     LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t, x.kernels),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
     LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t, x.kernels),

@@ -12,7 +12,7 @@ refiner gets four channels computed from the coarse volume and the radiographs, 
 3-4. each view's 2D high-pass back-projected along its rays and *gated to the chest wall* (less than the
      shell deep): the rib edges of the radiograph where ribs can be, and nowhere else.
 
-The body outline and the lung-dense voxels come from :mod:`ctrefine.anatomy`. Thresholds have no gradient, so
+The body outline, its depth, the chest wall and the lung-dense voxels come from :mod:`ctrefine.anatomy`. Thresholds have no gradient, so
 all of it is computed without one, in float32.
 """
 from __future__ import annotations
@@ -21,22 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..anatomy import body_inside, lung_dense
-from ..conventions import FOV_MM
+from ..anatomy import body_depth, chest_wall, lung_dense, shell_voxels
 from ..stencil import laplacian2d
 
-SHELL_MM = 40.0  # the chest wall's depth, ribs included, and how far depth / to_lung are counted (8 voxels at 64^3)
 DETAIL_GAIN = 8.0  # the radiographs' 2D Laplacian back-projected is ~0.1 at rib edges: scale it to O(1)
 CHANNELS = 4
-
-
-def _erosion_depth(mask: torch.Tensor, steps: int) -> torch.Tensor:
-    """How many 3^3 erosions each voxel of ``mask`` survives (0 outside), at most ``steps``."""
-    depth, m = torch.zeros_like(mask), mask
-    for _ in range(steps):
-        depth = depth + m
-        m = -F.max_pool3d(-m, 3, 1, 1)
-    return depth
 
 
 def _dilation_distance(mask: torch.Tensor, steps: int) -> torch.Tensor:
@@ -46,18 +35,6 @@ def _dilation_distance(mask: torch.Tensor, steps: int) -> torch.Tensor:
         dist = dist + (1.0 - m)
         m = F.max_pool3d(m, 3, 1, 1)
     return dist
-
-
-def shell_voxels(volume_size: int) -> int:
-    """``SHELL_MM`` in voxels of a ``volume_size``^3 grid over the field of view (at least 2)."""
-    return max(2, round(SHELL_MM * volume_size / FOV_MM))
-
-
-def body_depth(volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inside, depth)`` of a model-space volume ``(B, 1, D, H, W)``, float32: the body's ray hull (1 inside)
-    and how many erosions of it each voxel survives (1 at the skin, at most the shell's voxels)."""
-    inside = body_inside(volume)
-    return inside, _erosion_depth(inside, shell_voxels(volume.shape[-1]))
 
 
 class ChestWallCue(nn.Module):
@@ -72,7 +49,7 @@ class ChestWallCue(nn.Module):
         shell = shell_voxels(volume.shape[-1])
         inside, depth = body_depth(volume)
         to_lung = _dilation_distance(lung_dense(volume, inside), shell)
-        wall = inside * (depth <= shell - 1).float()  # the outer shell - 1 voxels of the body
+        wall = chest_wall(depth)
         b, views, c, n, _ = pooled.shape
         detail = laplacian2d(pooled.float().reshape(b * views, c, n, n)).reshape(pooled.shape)
         gated = DETAIL_GAIN * projector.backproject(detail) * wall
