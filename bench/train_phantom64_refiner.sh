@@ -8,8 +8,8 @@
 # bench/widen_refiner.py (the product channel enters with zero weights). INIT=FILE starts from another model
 # file, SHIP=DIR trains into another checkpoint.dir, BUDGET=SECONDS fits the schedule into a wall-clock budget
 # (training.time_budget_s). BAND=W / STREAK=W / MSE=W / LUNG=W / RIM=W set the band-energy, streak, mse,
-# lung_mse and lung_rim_mse terms, 0 unless set: the first two legs ran with them off, the third (the card's command) with the defaults of
-# its day (the lung terms did not exist). WIDTH=N trains a
+# lung_mse and lung_rim_mse terms, 0 unless set: the first two legs ran with them off, the third with the
+# defaults of its day (before the lung terms), the fourth (the card's command) with today's. WIDTH=N trains a
 # refiner of model.hidden_channels N (the INIT file must have it: bench/widen_refiner.py --double-width).
 set -euo pipefail
 cd "$(dirname "$0")/.."
