@@ -13,8 +13,8 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
   on a voxel is the same for every error size; this one grows with the error, so it weighs the large errors
   at boundaries (the lung's rim beside ribs and chest wall) that L1 lets stand.
 * :func:`lung_mse`: the same squared error counted only where the truth is lung-dense inside the body (lung and
-  airways, found from the truth's intensities, not from labels, so it applies to ingested CTs alike). Beside it
-  ``mse`` weighs the lung more: the refiner's rib correction is a blur that spills rib density one voxel into the
+  airways, found from the truth's intensities, not from labels, so it applies to ingested CTs alike). Added to
+  ``mse``, it weighs the lung more: the refiner's rib correction is a blur that spills rib density one voxel into the
   lung, and the pointwise optimum of a uniform weight accepts that spill as the price of the rib.
   :func:`lung_rim_mse` counts only the lung-dense voxels in the chest wall's shell (the lung's rim beside the ribs
   and the wall, :func:`ctrefine.anatomy.chest_wall`), leaving the deep lung and its vessels to ``mse``.

@@ -49,7 +49,7 @@ STREAK_WEIGHT = 0.002
 MSE_WEIGHT = 5.0
 # lung_rim_mse 30 counts the squared error again in the lung's rim inside the chest wall, where the refiner's
 # blurred rib correction spills rib density into the lung: on the shipped split the lung's squared error falls from
-# 0.864x to 0.785x the coarse volume's at the same PSNR (-0.005 dB), the vessel Dice held. Weighing the whole lung
+# 0.864x to 0.785x the coarse volume's at the same PSNR (-0.005 dB), the vessel Dice above the mean volume's. Weighing the whole lung
 # instead (lung_mse, off) fades the vessels deep in it: at 10, vessel Dice 0.114 -> 0.097, below the mean volume's
 # (bench/RESULTS.md, "Detail in place: the lung weighed more").
 LUNG_MSE_WEIGHT = 0.0

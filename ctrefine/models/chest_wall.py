@@ -12,8 +12,8 @@ refiner gets four channels computed from the coarse volume and the radiographs, 
 3-4. each view's 2D high-pass back-projected along its rays and *gated to the chest wall* (less than the
      shell deep): the rib edges of the radiograph where ribs can be, and nowhere else.
 
-The body outline, its depth, the chest wall and the lung-dense voxels come from :mod:`ctrefine.anatomy`. Thresholds have no gradient, so
-all of it is computed without one, in float32.
+The body outline, its depth, the chest wall and the lung-dense voxels come from :mod:`ctrefine.anatomy`.
+Thresholds have no gradient, so all of it is computed without one, in float32.
 """
 from __future__ import annotations
 
