@@ -122,7 +122,8 @@ ROWS = {
     "defaults_mse5_wide": _row("today's defaults (mse 5), hidden channels 32", {**S14, "mse": 5.0},
                                dc_weighting="density", fusion="views+product", extra=("model.hidden_channels=32",)),
     # the lung weighed more: the blurred rib correction spills rib density one voxel into the lung
-    **{f"defaults_mse5_lung{w:g}": _row(f"today's defaults (mse 5) + lung_mse {w:g}", {**S14, "mse": 5.0, "lung_mse": w},
+    **{f"defaults_mse5_lung{w:g}": _row(f"today's defaults (mse 5) + lung_mse {w:g}",
+                                        {**S14, "mse": 5.0, "lung_mse": w},
                                         dc_weighting="density", fusion="views+product") for w in (5, 20)},
     # ... only at the lung's rim in the chest wall (where the ribs are), the deep lung and its vessels left to mse
     **{f"defaults_mse5_lungrim{w:g}": _row(f"today's defaults (mse 5) + lung_rim_mse {w:g}",

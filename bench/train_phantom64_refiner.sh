@@ -23,7 +23,8 @@ MSE=${MSE:-0.0}
 LUNG=${LUNG:-0.0}
 RIM=${RIM:-0.0}
 SHIP=${SHIP:-$OUT/ship}
-if [ -z "${INIT:-}" ]; then  # the first leg's start, made once; a given INIT (a file or pretrained:NAME) is used as it is
+# the first leg's start, made once; a given INIT (a file or pretrained:NAME) is used as it is
+if [ -z "${INIT:-}" ]; then
   INIT=$OUT/init_refiner_product.pt
   if [ ! -f "$INIT" ]; then
     mkdir -p "$(dirname "$INIT")"

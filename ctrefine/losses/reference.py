@@ -56,7 +56,8 @@ ENERGY_BANDS = 8  # radial bands over [0, sqrt(3)/2] cycles/voxel for band_energ
 ENERGY_MIN_F = 0.1  # cycles/voxel: bands below this are left to the pointwise terms (they carry position)
 CONSISTENCY_POOL = 4  # low-pass factor for the coarse-consistency term (5 mm voxels -> 20 mm blobs at 64^3)
 
-__all__ = ["laplacian3d", "l1", "mse", "lung_mse", "lung_rim_mse", "laplacian_l1", "spectral_weight", "spectral_l1", "local_stats_loss", "consistency_l1",
+__all__ = ["laplacian3d", "l1", "mse", "lung_mse", "lung_rim_mse", "laplacian_l1", "spectral_weight", "spectral_l1",
+           "local_stats_loss", "consistency_l1",
            "band_energy_l1", "gradient_distribution_l1", "streak_excess"]
 
 
@@ -70,17 +71,23 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).mean()
 
 
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mean mask (pred - target)^2`` over all voxels (float32): the mean is over the whole volume, so a weight on
+    it adds to ``mse``'s weight inside the mask."""
+    return (mask * (pred.float() - target.float()).pow(2)).mean()
+
+
 def lung_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mean m (pred - target)^2`` over all voxels, ``m`` = :func:`ctrefine.anatomy.lung_dense` of the
     truth (no gradient; float32): a weight ``w`` on it adds ``w`` to ``mse``'s weight in the lung."""
-    return (lung_dense(target.detach()) * (pred.float() - target.float()).pow(2)).mean()
+    return _masked_mse(pred, target, lung_dense(target.detach()))
 
 
 def lung_rim_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """:func:`lung_mse` with ``m`` also 0 below the chest wall's shell (:func:`ctrefine.anatomy.chest_wall` of the
     truth's body depth): the lung's rim beside the ribs and the wall, not the deep lung (float32)."""
     inside, depth = body_depth(target.detach())
-    return (lung_dense(target.detach(), inside) * chest_wall(depth) * (pred.float() - target.float()).pow(2)).mean()
+    return _masked_mse(pred, target, lung_dense(target.detach(), inside) * chest_wall(depth))
 
 
 def laplacian_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ here (and its reference in :mod:`ctrefine.losses.reference`), nothing else.
 The five core terms (L1, frequency, gradient, texture, consistency) and their weights: L1 anchors intensities; the frequency and
 gradient terms reward high frequencies; the texture term matches local contrast; a light consistency
 term keeps the base's anatomy. The terms added since (X-ray consistency, band energy, gradient
-distribution, streak, mse, lung_mse, lung_rim_mse) carry the defaults the 64^3 ablations support (below, and bench/RESULTS-history.md section 10).
+distribution, streak, mse, lung_mse, lung_rim_mse) carry the defaults the 64^3 ablations support (below, and
+bench/RESULTS-history.md section 10).
 
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
 need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
@@ -49,9 +50,9 @@ STREAK_WEIGHT = 0.002
 MSE_WEIGHT = 5.0
 # lung_rim_mse 30 counts the squared error again in the lung's rim inside the chest wall, where the refiner's
 # blurred rib correction spills rib density into the lung: on the shipped split the lung's squared error falls from
-# 0.864x to 0.785x the coarse volume's at the same PSNR (-0.005 dB), the vessel Dice above the mean volume's. Weighing the whole lung
-# instead (lung_mse, off) fades the vessels deep in it: at 10, vessel Dice 0.114 -> 0.097, below the mean volume's
-# (bench/RESULTS.md, "Detail in place: the lung weighed more").
+# 0.864x to 0.785x the coarse volume's at the same PSNR (-0.005 dB), the vessel Dice above the mean volume's.
+# Weighing the whole lung instead (lung_mse, off) fades the vessels deep in it: at 10, vessel Dice 0.114 -> 0.097,
+# below the mean volume's (bench/RESULTS.md, "Detail in place: the lung weighed more").
 LUNG_MSE_WEIGHT = 0.0
 LUNG_RIM_MSE_WEIGHT = 30.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
@@ -117,7 +118,7 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("lung_mse", LUNG_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_mse(r, t),
              "mean (refined - truth)^2 where the truth is lung-dense inside the body (the lung weighed more)"),
     LossTerm("lung_rim_mse", LUNG_RIM_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_rim_mse(r, t),
-             "lung_mse counted only in the chest wall's shell (the lung's rim beside ribs and wall; deep lung left alone)"),
+             "lung_mse counted only in the chest wall's shell (the lung's rim beside ribs and wall, not the deep lung)"),
     LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t, x.kernels),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
     LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t, x.kernels),
