@@ -37,12 +37,14 @@ import numpy as np
 import torch
 
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
-NEW = {"mse": 0.0, "lung_mse": 0.0, "lung_rim_mse": 0.0, "xray_consistency": 1.0, "band_energy": 0.005,
-       "gradient_distribution": 0.05, "streak": 0.0, "adversarial": 0.0}
+NEW = {"mse": 0.0, "lung_mse": 0.0, "lung_rim_mse": 0.0, "lung_detail_mse": 0.0, "xray_consistency": 1.0,
+       "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "streak_match": 0.0, "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
 SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)
 DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # session 13's defaults: with the depth cues below
-S14 = {**DEPTH, "band_energy": 0.005, "streak": 0.002}  # session 14's defaults (+ mse 5: today's)
+S14 = {**DEPTH, "band_energy": 0.005, "streak": 0.002}  # session 14's defaults (+ mse 5: session 16's)
+S19 = {**S14, "mse": 5.0, "lung_rim_mse": 30.0}  # session 19's defaults
+MATCH = {**S19, "streak": 0.0, "streak_match": 0.002}  # the streak share matched both ways
 
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
@@ -129,6 +131,13 @@ ROWS = {
     **{f"defaults_mse5_lungrim{w:g}": _row(f"today's defaults (mse 5) + lung_rim_mse {w:g}",
                                            {**S14, "mse": 5.0, "lung_rim_mse": w},
                                            dc_weighting="density", fusion="views+product") for w in (20, 30, 40)},
+    # the streak share held to the truth's from below as well as above, and the structures inside the deep lung
+    # (vessels, nodules) weighed more
+    "s19_match": _row("session 19's defaults, streak -> streak_match 0.002", MATCH,
+                      dc_weighting="density", fusion="views+product"),
+    **{f"s19_match_detail{w:g}": _row(f"session 19's defaults, streak -> streak_match 0.002, + lung_detail_mse {w:g}",
+                                      {**MATCH, "lung_detail_mse": w}, dc_weighting="density", fusion="views+product")
+       for w in (30, 60)},
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

@@ -77,6 +77,25 @@ def test_lung_rim_mse_counts_the_lung_in_the_chest_wall_not_the_deep_lung():
     assert R.lung_mse(deep, truth).item() == pytest.approx(n * 0.01 / n**3)  # the whole-lung term counts both
 
 
+def test_lung_detail_mse_counts_the_vessels_inside_the_deep_lung_not_the_heart_or_the_wall():
+    from ctrefine.conventions import hu_to_model
+
+    n, soft = 32, float(hu_to_model(40.0))
+    truth = torch.zeros(1, 1, n, n, n)
+    truth[..., 4:28, 4:28] = soft  # the body: the chest wall's shell is W / H index 4 to 6, the deep lung from 7
+    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))  # lung from depth 3 inwards
+    truth[..., 16, 12] = soft  # a vessel through the deep lung, one voxel thick (n voxels)
+    truth[..., 6, 16] = soft  # a vessel on the lung's rim, in the chest wall: lung_rim_mse's region
+    truth[..., 14:22, 18:24] = soft  # a heart deep in the lung: its border voxels are half lung
+    errors = {"vessel": (16, 12), "rim vessel": (6, 16), "heart border": (14, 20), "lung": (10, 10)}
+    cost = {}
+    for name, (h, w) in errors.items():
+        moved = truth.clone()
+        moved[..., h, w] -= 0.1
+        cost[name] = R.lung_detail_mse(moved, truth).item()
+    assert cost == {"vessel": pytest.approx(n * 0.01 / n**3), "rim vessel": 0.0, "heart border": 0.0, "lung": 0.0}
+
+
 def test_spectral_weight_values():
     w = R.spectral_weight((8, 8, 8))
     assert w[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())
@@ -169,6 +188,30 @@ def test_streak_term_charges_only_detail_smeared_along_the_rays():
     assert cost.item() > 1.0 and 0 < partly < cost.item()  # the PA share: ~1 smeared against the truth's ~0.1
     cost.backward()
     assert R.streak_excess((p - 0.1 * p.grad / p.grad.abs().max()).detach(), truth, coarse) < cost
+
+
+def test_streak_match_charges_too_little_ray_constant_detail_as_well_as_too_much():
+    """The two-sided term: zero at the truth's correction; a correction with none of the truth's ray-constant
+    part (the same detail with each ray's mean taken out) costs, and so does a smeared one; each with a
+    gradient that lowers it. The one-sided term lets the first pass free."""
+    g = torch.Generator().manual_seed(2)
+    n = 24
+    coarse = torch.rand(1, 1, n, n, n, generator=g) * 0.1
+    blobs = torch.zeros(1, 1, n, n, n)
+    for d, h, w in torch.randint(2, n - 2, (30, 3), generator=g).tolist():
+        blobs[0, 0, d - 1:d + 2, h - 1:h + 2, w - 1:w + 2] += 0.3
+    band = torch.linspace(0, 1, n).sin()[None, None, :, None, None].expand_as(blobs) * 0.2  # constant along H and W
+    truth = coarse + blobs + band * torch.rand(1, 1, n, 1, n, generator=g)  # part of it constant along the PA rays
+    flat = truth - (truth - coarse).mean(dim=3, keepdim=True) - (truth - coarse).mean(dim=4, keepdim=True)
+    smeared = coarse + (truth - coarse).mean(dim=3, keepdim=True).expand_as(blobs)
+    assert R.streak_mismatch(truth, truth, coarse).item() == pytest.approx(0.0, abs=1e-6)
+    assert R.streak_excess(flat, truth, coarse).item() == pytest.approx(0.0, abs=1e-6)  # under the truth: free
+    for wrong in (flat, smeared):
+        p = wrong.clone().requires_grad_(True)
+        cost = R.streak_mismatch(p, truth, coarse)
+        assert cost.item() > 0.5
+        cost.backward()
+        assert R.streak_mismatch((p - 0.01 * p.grad / p.grad.abs().max()).detach(), truth, coarse) < cost
 
 
 def test_adversarial_critic_tells_truth_from_blur_and_trains_only_itself():

@@ -44,7 +44,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..anatomy import body_depth, chest_wall, lung_dense
+from ..anatomy import body_depth, chest_wall, lung_dense, lung_structures
 from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
 from ..stencil import highpass, laplacian3d, ray_constant_energy
 
@@ -88,6 +88,14 @@ def lung_rim_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     truth's body depth): the lung's rim beside the ribs and the wall, not the deep lung (float32)."""
     inside, depth = body_depth(target.detach())
     return _masked_mse(pred, target, lung_dense(target.detach(), inside) * chest_wall(depth))
+
+
+def lung_detail_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`lung_mse`'s form on the truth's structures inside the deep lung (:func:`ctrefine.anatomy.lung_structures`:
+    vessels, nodules): a squared-error optimum puts a thin structure unsure of its place below the lung's
+    threshold everywhere; weighed more, it shows where it is likely (float32)."""
+    inside, depth = body_depth(target.detach())
+    return _masked_mse(pred, target, lung_structures(target.detach(), inside, depth))
 
 
 def laplacian_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -164,16 +172,26 @@ def band_energy_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (torch.log(energy(pred) + 1e-8) - torch.log(energy(target) + 1e-8)).abs().mean()
 
 
-def streak_excess(pred: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-    """Mean over volumes and the two views of ``relu(log S(pred - coarse) - log S(target - coarse))``, ``S`` the
-    share of the high-passed correction's energy that is constant along the view's rays (the streak index's
-    share, :func:`ctrefine.metrics.streak_index`). A correction smeared along the rays has the truth's ray
-    means but none of its depth structure, so its share is higher; only the excess costs (float32)."""
-    def share(v):
-        hp = highpass(v.float() - coarse.float())
-        return (ray_constant_energy(hp) + 1e-12) / ((hp * hp).flatten(1).sum(1, keepdim=True) + 1e-12)
+def _ray_share_log(v: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``log S(v - coarse)`` per volume and view: ``S`` the share of the high-passed correction's energy that is
+    constant along the view's rays (the streak index's share, :func:`ctrefine.metrics.streak_index`)."""
+    hp = highpass(v.float() - coarse.float())
+    return torch.log((ray_constant_energy(hp) + 1e-12) / ((hp * hp).flatten(1).sum(1, keepdim=True) + 1e-12))
 
-    return F.relu(torch.log(share(pred)) - torch.log(share(target))).mean()
+
+def streak_excess(pred: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """Mean over volumes and the two views of ``relu(log S(pred - coarse) - log S(target - coarse))``
+    (:func:`_ray_share_log`). A correction smeared along the rays has the truth's ray means but none of its depth
+    structure, so its share is higher; only the excess costs (float32)."""
+    return F.relu(_ray_share_log(pred, coarse) - _ray_share_log(target, coarse)).mean()
+
+
+def streak_mismatch(pred: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """Mean over volumes and the two views of ``|log S(pred - coarse) - log S(target - coarse)|``: the
+    two-sided :func:`streak_excess`. A correction with less ray-constant detail than the truth's costs too --
+    the truth's correction has some (a structure the coarse volume missed along its whole depth), and a
+    refiner kept below it has dropped that part (float32)."""
+    return (_ray_share_log(pred, coarse) - _ray_share_log(target, coarse)).abs().mean()
 
 
 def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:

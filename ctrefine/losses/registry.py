@@ -4,11 +4,11 @@ The config's ``loss`` section, :class:`~ctrefine.losses.loss.DetailRefinementLos
 benchmark's ablation list are all derived from :data:`TERMS`; adding a term means adding one entry
 here (and its reference in :mod:`ctrefine.losses.reference`), nothing else.
 
-The five core terms (L1, frequency, gradient, texture, consistency) and their weights: L1 anchors intensities; the frequency and
-gradient terms reward high frequencies; the texture term matches local contrast; a light consistency
-term keeps the base's anatomy. The terms added since (X-ray consistency, band energy, gradient
-distribution, streak, mse, lung_mse, lung_rim_mse) carry the defaults the 64^3 ablations support (below, and
-bench/RESULTS-history.md section 10).
+The five core terms (L1, frequency, gradient, texture, consistency) and their weights: L1 anchors
+intensities; the frequency and gradient terms reward high frequencies; the texture term matches local
+contrast; a light consistency term keeps the base's anatomy. The terms added since (X-ray consistency,
+band energy, gradient distribution, streak, streak_match, mse, lung_mse, lung_rim_mse, lung_detail_mse)
+carry the defaults the 64^3 ablations support (below, and bench/RESULTS-history.md section 10).
 
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
 need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
@@ -47,6 +47,7 @@ XRAY_CONSISTENCY_WEIGHT = 0.3
 BAND_ENERGY_WEIGHT = 0.005
 GRADIENT_DISTRIBUTION_WEIGHT = 0.0
 STREAK_WEIGHT = 0.002
+STREAK_MATCH_WEIGHT = 0.0
 MSE_WEIGHT = 5.0
 # lung_rim_mse 30 counts the squared error again in the lung's rim inside the chest wall, where the refiner's
 # blurred rib correction spills rib density into the lung: on the shipped split the lung's squared error falls from
@@ -55,6 +56,7 @@ MSE_WEIGHT = 5.0
 # below the mean volume's (bench/RESULTS.md, "Detail in place: the lung weighed more").
 LUNG_MSE_WEIGHT = 0.0
 LUNG_RIM_MSE_WEIGHT = 30.0
+LUNG_DETAIL_MSE_WEIGHT = 0.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
@@ -119,6 +121,8 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
              "mean (refined - truth)^2 where the truth is lung-dense inside the body (the lung weighed more)"),
     LossTerm("lung_rim_mse", LUNG_RIM_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_rim_mse(r, t),
              "lung_mse counted only in the chest wall's shell (the lung's rim beside ribs and wall, not the deep lung)"),
+    LossTerm("lung_detail_mse", LUNG_DETAIL_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_detail_mse(r, t),
+             "lung_mse counted only on the dense structures inside the deep lung (vessels, nodules)"),
     LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t, x.kernels),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
     LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t, x.kernels),
@@ -137,6 +141,8 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
              "L1 between sorted gradient magnitudes (phase-free: as many sharp edges as the truth)"),
     LossTerm("streak", STREAK_WEIGHT, lambda r, t, c, x: _reference().streak_excess(r, t, c),
              "log-excess of the correction's ray-constant share of detail over the truth's (no smearing along the rays)"),
+    LossTerm("streak_match", STREAK_MATCH_WEIGHT, lambda r, t, c, x: _reference().streak_mismatch(r, t, c),
+             "|log| ratio of the correction's ray-constant share of detail to the truth's (as much as the truth's)"),
     LossTerm("adversarial", ADVERSARIAL_WEIGHT, lambda r, t, c, x: _adversarial(r, c, x),
              "softplus(-critic(refined | coarse)): a 3D patch critic's verdict that the correction looks true"),
 )}
