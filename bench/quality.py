@@ -138,6 +138,11 @@ ROWS = {
     **{f"s19_match_detail{w:g}": _row(f"session 19's defaults, streak -> streak_match 0.002, + lung_detail_mse {w:g}",
                                       {**MATCH, "lung_detail_mse": w}, dc_weighting="density", fusion="views+product")
        for w in (30, 60)},
+    # ... with band_energy raised a little to keep the top band at least the coarse volume's
+    **{f"s19_match_detail{w:g}_band{b:g}".replace(".", ""): _row(
+        f"session 19's defaults, streak -> streak_match 0.002, + lung_detail_mse {w:g}, band_energy {b:g}",
+        {**MATCH, "lung_detail_mse": w, "band_energy": b}, dc_weighting="density", fusion="views+product")
+       for w in (0, 30, 60) for b in (0.0075, 0.01)},
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
