@@ -143,6 +143,12 @@ ROWS = {
         f"session 19's defaults, streak -> streak_match 0.002, + lung_detail_mse {w:g}, band_energy {b:g}",
         {**MATCH, "lung_detail_mse": w, "band_energy": b}, dc_weighting="density", fusion="views+product")
        for w in (0, 30, 60) for b in (0.0075, 0.01)},
+    # ... and the whole lung weighed again: the vessels' weight lifts the lung around them
+    **{f"s19_match_detail60_band00075_lung{w:g}": _row(
+        f"session 19's defaults, streak -> streak_match 0.002, + lung_detail_mse 60, band_energy 0.0075, "
+        f"lung_mse {w:g}",
+        {**MATCH, "lung_detail_mse": 60.0, "band_energy": 0.0075, "lung_mse": w}, dc_weighting="density",
+        fusion="views+product") for w in (5, 10)},
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

@@ -21,8 +21,8 @@ SHIPPED: dict[str, tuple[str, str]] = {
     # 64^3 from 128^2, cpu-medium base (0.96M), calibrated (version-3) phantoms of seed family 64; card: phantom-64.md
     "phantom-64": ("phantom-64.pt", "0a132eec4630a18162e82876be26c4a5d2ed63cac6bac547835b7741da8d01c9"),
     # its refiner (hidden 16, 0.2M, re-projection guidance + 2 DC steps, an uncertainty head), same data:
-    # +1.24 dB, 26/26 on its test split; card: phantom-64-refiner.md
-    "phantom-64-refiner": ("phantom-64-refiner.pt", "b610072fb64c4d34a6b5f00d9f8da86e94d06a8d36d235c4456948145795a132"),
+    # +1.26 dB, 26/26 on its test split; card: phantom-64-refiner.md
+    "phantom-64-refiner": ("phantom-64-refiner.pt", "f1cb6adb8572ab631fc21fa6e99981736027fa6a9204e39fe7457840256eed80"),
 }
 
 
