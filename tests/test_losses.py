@@ -168,16 +168,21 @@ def test_phase_free_terms_reward_detail_not_its_position():
     assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
-def test_streak_term_charges_only_detail_smeared_along_the_rays():
-    """A correction placed in depth (the truth's blobs, at any strength) costs nothing; the same blobs' PA
-    projection copied along the PA rays -- the radiograph's pattern lifted through the body: the truth's ray
-    means without its depth structure -- costs, more the more of it there is, with a gradient that lowers it."""
-    g = torch.Generator().manual_seed(1)
-    n = 24
+def _blob_scene(seed: int, n: int = 24):
+    """A random coarse volume (0-0.1) and 30 dense 3^3 blobs of the truth's correction; the generator goes on."""
+    g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(1, 1, n, n, n, generator=g) * 0.1
     blobs = torch.zeros(1, 1, n, n, n)
     for d, h, w in torch.randint(2, n - 2, (30, 3), generator=g).tolist():
         blobs[0, 0, d - 1:d + 2, h - 1:h + 2, w - 1:w + 2] += 0.3
+    return g, coarse, blobs
+
+
+def test_streak_term_charges_only_detail_smeared_along_the_rays():
+    """A correction placed in depth (the truth's blobs, at any strength) costs nothing; the same blobs' PA
+    projection copied along the PA rays -- the radiograph's pattern lifted through the body: the truth's ray
+    means without its depth structure -- costs, more the more of it there is, with a gradient that lowers it."""
+    _, coarse, blobs = _blob_scene(1)
     truth = coarse + blobs
     smeared = coarse + blobs.mean(dim=3, keepdim=True).expand_as(blobs)  # same PA projection, no depth
     assert R.streak_excess(truth, truth, coarse).item() == pytest.approx(0.0, abs=1e-6)
@@ -194,12 +199,8 @@ def test_streak_match_charges_too_little_ray_constant_detail_as_well_as_too_much
     """The two-sided term: zero at the truth's correction; a correction with none of the truth's ray-constant
     part (the same detail with each ray's mean taken out) costs, and so does a smeared one; each with a
     gradient that lowers it. The one-sided term lets the first pass free."""
-    g = torch.Generator().manual_seed(2)
-    n = 24
-    coarse = torch.rand(1, 1, n, n, n, generator=g) * 0.1
-    blobs = torch.zeros(1, 1, n, n, n)
-    for d, h, w in torch.randint(2, n - 2, (30, 3), generator=g).tolist():
-        blobs[0, 0, d - 1:d + 2, h - 1:h + 2, w - 1:w + 2] += 0.3
+    g, coarse, blobs = _blob_scene(2)
+    n = coarse.shape[-1]
     band = torch.linspace(0, 1, n).sin()[None, None, :, None, None].expand_as(blobs) * 0.2  # constant along H and W
     truth = coarse + blobs + band * torch.rand(1, 1, n, 1, n, generator=g)  # part of it constant along the PA rays
     flat = truth - (truth - coarse).mean(dim=3, keepdim=True) - (truth - coarse).mean(dim=4, keepdim=True)
