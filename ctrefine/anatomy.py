@@ -23,9 +23,12 @@ SHELL_MM = 40.0
 # and 5 % nodule voxels and holds two thirds of the vessel voxels (the heart's and the wall's borders, about half
 # lung, fall out).
 LUNG_SURROUND = 0.6
+# The soft-tissue window: fat (about -100 HU), muscle, organs and blood (0-80 HU), costal cartilage (150 HU); the lung
+# and the bone lie outside it.
+SOFT_HU = (-200.0, 200.0)
 
-__all__ = ["LUNG", "LUNG_SURROUND", "SHELL_MM", "TISSUE", "body_depth", "body_inside", "chest_wall", "lung_dense",
-           "lung_structures", "shell_voxels"]
+__all__ = ["LUNG", "LUNG_SURROUND", "SHELL_MM", "SOFT_HU", "TISSUE", "body_depth", "body_inside", "chest_wall",
+           "lung_dense", "lung_structures", "shell_voxels", "soft_core"]
 
 
 def _inside_along(tissue: torch.Tensor, dim: int) -> torch.Tensor:
@@ -61,6 +64,14 @@ def lung_dense(volume: torch.Tensor, inside: torch.Tensor | None = None) -> torc
     else 0 (float32). ``inside``: the volume's :func:`body_inside`, when the caller has it already."""
     inside = body_inside(volume) if inside is None else inside
     return inside * (volume.float() < LUNG).float()
+
+
+def soft_core(volume: torch.Tensor) -> torch.Tensor:
+    """1 at the voxels inside the body whose whole 3^3 neighbourhood lies in :data:`SOFT_HU` -- the flat fat,
+    muscle, organs and blood, their borders with the lung, the bone and the air left out -- else 0 (float32)."""
+    v = volume.float()
+    soft = body_inside(volume) * ((v >= hu_to_model(SOFT_HU[0])) & (v <= hu_to_model(SOFT_HU[1]))).float()
+    return -F.max_pool3d(-soft, 3, 1, 1)
 
 
 def body_depth(volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,9 +192,9 @@ def test_loss_registry_is_the_one_source():
     assert DetailRefinementLoss().weights == DEFAULT_WEIGHTS
     seed = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}
     assert {k: DEFAULT_WEIGHTS[k] for k in seed} == seed  # the seed's five keep the seed's weights
-    assert set(DEFAULT_WEIGHTS) - set(seed) == {"mse", "lung_mse", "lung_rim_mse", "lung_detail_mse", "xray_consistency",
-                                                "band_energy", "gradient_distribution", "streak", "streak_match",
-                                                "adversarial"}
+    assert set(DEFAULT_WEIGHTS) - set(seed) == {"mse", "lung_mse", "lung_rim_mse", "lung_detail_mse", "soft_l1",
+                                                "xray_consistency", "band_energy", "gradient_distribution", "streak",
+                                                "streak_match", "adversarial"}
 
 
 def test_perceptual_is_an_alias_of_texture(tmp_path):

@@ -60,6 +60,26 @@ def test_lung_mse_counts_only_lung_dense_voxels_inside_the_body():
     assert R.mse(outside, truth).item() > 0
 
 
+def test_soft_l1_counts_flat_fat_and_muscle_not_their_borders_lung_bone_or_air():
+    from ctrefine.conventions import hu_to_model
+
+    n = 16
+    truth = torch.zeros(1, 1, n, n, n)  # air around the body
+    truth[..., 2:14, 2:14] = float(hu_to_model(40.0))  # muscle ...
+    truth[..., 2:5, 2:14] = float(hu_to_model(-100.0))  # ... under a layer of fat ...
+    truth[..., 8:11, 8:11] = float(hu_to_model(-850.0))  # ... with lung in it ...
+    truth[..., 5, 12] = float(hu_to_model(700.0))  # ... and a bone
+    where = {"muscle": (6, 4), "fat": (3, 6), "muscle beside the lung": (7, 9), "muscle beside the bone": (5, 11),
+             "muscle at the skin": (13, 6), "lung": (9, 9), "bone": (5, 12), "air": (0, 0)}
+    cost = {}
+    for name, (h, w) in where.items():
+        moved = truth.clone()
+        moved[..., h, w] += 0.1
+        cost[name] = R.soft_l1(moved, truth).item()
+    flat = pytest.approx(n * 0.1 / n**3)
+    assert cost == {"muscle": flat, "fat": flat, **{k: 0.0 for k in list(where)[2:]}}
+
+
 def test_lung_rim_mse_counts_the_lung_in_the_chest_wall_not_the_deep_lung():
     from ctrefine.anatomy import shell_voxels
     from ctrefine.conventions import hu_to_model

@@ -12,6 +12,8 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
 * :func:`mse`: ``mean (pred - target)^2`` -- what PSNR and the per-structure squared errors measure. L1's pull
   on a voxel is the same for every error size; this one grows with the error, so it weighs the large errors
   at boundaries (the lung's rim beside ribs and chest wall) that L1 lets stand.
+* :func:`soft_l1`: ``l1`` counted again inside flat soft tissue (fat, muscle, organs, blood: an intensity window
+  inside the body, its borders left out), against the squared-error terms' habit of spreading small errors over flat tissue.
 * :func:`lung_mse`: the same squared error counted only where the truth is lung-dense inside the body (lung and
   airways, found from the truth's intensities, not from labels, so it applies to ingested CTs alike). Added to
   ``mse``, it weighs the lung more: the refiner's rib correction is a blur that spills rib density one voxel into the
@@ -44,7 +46,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..anatomy import body_depth, chest_wall, lung_dense, lung_structures
+from ..anatomy import body_depth, chest_wall, lung_dense, lung_structures, soft_core
 from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
 from ..stencil import highpass, laplacian3d, ray_constant_energy
 
@@ -57,7 +59,7 @@ ENERGY_MIN_F = 0.1  # cycles/voxel: bands below this are left to the pointwise t
 CONSISTENCY_POOL = 4  # low-pass factor for the coarse-consistency term (5 mm voxels -> 20 mm blobs at 64^3)
 
 __all__ = ["laplacian3d", "l1", "mse", "lung_mse", "lung_rim_mse", "laplacian_l1", "spectral_weight", "spectral_l1",
-           "local_stats_loss", "consistency_l1",
+           "local_stats_loss", "consistency_l1", "soft_l1",
            "band_energy_l1", "gradient_distribution_l1", "streak_excess"]
 
 
@@ -75,6 +77,15 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     """``mean mask (pred - target)^2`` over all voxels (float32): the mean is over the whole volume, so a weight on
     it adds to ``mse``'s weight inside the mask."""
     return (mask * (pred.float() - target.float()).pow(2)).mean()
+
+
+def soft_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean m |pred - target|`` over all voxels, ``m`` = :func:`ctrefine.anatomy.soft_core` of the truth (no
+    gradient; float32): a weight ``w`` on it adds ``w`` to ``l1``'s weight inside flat fat, muscle, organs and blood.
+    The squared-error terms trade many small errors for a few large ones; in flat soft tissue that trade raises the
+    absolute error, and this term prices it back. Borders are left to the squared-error terms (the lung's rim and the
+    ribs' edges are where those terms earn their keep)."""
+    return (soft_core(target.detach()) * (pred.float() - target.float()).abs()).mean()
 
 
 def lung_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

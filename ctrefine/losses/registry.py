@@ -67,6 +67,7 @@ MSE_WEIGHT = 10.0
 LUNG_MSE_WEIGHT = 10.0
 LUNG_RIM_MSE_WEIGHT = 30.0
 LUNG_DETAIL_MSE_WEIGHT = 60.0
+SOFT_L1_WEIGHT = 0.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
@@ -127,6 +128,8 @@ class LossTerm:
 TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("l1", 1.0, lambda r, t, c, x: _reference().l1(r, t), "mean |refined - truth|"),
     LossTerm("mse", MSE_WEIGHT, lambda r, t, c, x: _reference().mse(r, t), "mean (refined - truth)^2"),
+    LossTerm("soft_l1", SOFT_L1_WEIGHT, lambda r, t, c, x: _reference().soft_l1(r, t),
+             "mean |refined - truth| where the truth is soft tissue inside the body (fat, muscle, organs, blood)"),
     LossTerm("lung_mse", LUNG_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_mse(r, t),
              "mean (refined - truth)^2 where the truth is lung-dense inside the body (the lung weighed more)"),
     LossTerm("lung_rim_mse", LUNG_RIM_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_rim_mse(r, t),
