@@ -7,11 +7,12 @@
 # starts from the refiner shipped at commit ca5d210 (per-view residuals, uniform SIRT steps), widened by
 # bench/widen_refiner.py (the product channel enters with zero weights). INIT=FILE starts from another model
 # file, SHIP=DIR trains into another checkpoint.dir, BUDGET=SECONDS fits the schedule into a wall-clock budget
-# (training.time_budget_s). BAND=W / STREAK=W / MATCH=W / MSE=W / LUNG=W / RIM=W / DETAIL=W / SOFT=W set the band-energy,
-# streak, streak_match, mse, lung_mse, lung_rim_mse, lung_detail_mse and soft_l1 terms, 0 unless set: the first two legs
-# ran with them off, the third with the defaults of its day (before the lung terms), the fourth with those of
-# session 19, the fifth (the card's command) with today's. WIDTH=N trains a refiner of model.hidden_channels N
-# (the INIT file must have it: bench/widen_refiner.py --double-width).
+# (training.time_budget_s). BAND=W / STREAK=W / MATCH=W / MSE=W / LUNG=W / RIM=W / DETAIL=W / SOFT=W / LSTREAK=W set
+# the band-energy, streak, streak_match, mse, lung_mse, lung_rim_mse, lung_detail_mse, soft_l1 and lung_streak_match
+# terms, 0 unless set: the first two legs ran with them off, the third with the defaults of its day (before the lung
+# terms), the fourth with those of session 19, the fifth with those of session 21, the sixth (the card's command)
+# with today's. WIDTH=N trains a refiner of model.hidden_channels N (the INIT file must have it:
+# bench/widen_refiner.py --double-width).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
@@ -26,6 +27,7 @@ RIM=${RIM:-0.0}
 MATCH=${MATCH:-0.0}
 DETAIL=${DETAIL:-0.0}
 SOFT=${SOFT:-0.0}
+LSTREAK=${LSTREAK:-0.0}
 SHIP=${SHIP:-$OUT/ship}
 # the first leg's start, made once; a given INIT (a file or pretrained:NAME) is used as it is
 if [ -z "${INIT:-}" ]; then
@@ -41,7 +43,7 @@ OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine -
     --set model.base_model_checkpoint=pretrained:phantom-64 \
     --set loss.band_energy="$BAND" --set loss.streak="$STREAK" --set loss.mse="$MSE" --set loss.lung_mse="$LUNG" \
     --set loss.lung_rim_mse="$RIM" --set loss.streak_match="$MATCH" --set loss.lung_detail_mse="$DETAIL" \
-    --set loss.soft_l1="$SOFT" \
+    --set loss.soft_l1="$SOFT" --set loss.lung_streak_match="$LSTREAK" \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
     ${WIDTH:+--set model.hidden_channels=$WIDTH} \
     --no-progress

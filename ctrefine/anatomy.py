@@ -28,7 +28,7 @@ LUNG_SURROUND = 0.6
 SOFT_HU = (-200.0, 200.0)
 
 __all__ = ["LUNG", "LUNG_SURROUND", "SHELL_MM", "SOFT_HU", "TISSUE", "body_depth", "body_inside", "chest_wall",
-           "lung_dense", "lung_structures", "shell_voxels", "soft_core"]
+           "lung_dense", "lung_region", "lung_structures", "shell_voxels", "soft_core"]
 
 
 def _inside_along(tissue: torch.Tensor, dim: int) -> torch.Tensor:
@@ -66,6 +66,12 @@ def lung_dense(volume: torch.Tensor, inside: torch.Tensor | None = None) -> torc
     return inside * (volume.float() < LUNG).float()
 
 
+def lung_region(volume: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
+    """1 where more than :data:`LUNG_SURROUND` of a voxel's 5^3 neighbourhood is lung-dense -- the lung with the vessels
+    and nodules inside it, its borders with the wall and the heart left out -- else 0 (float32)."""
+    return (F.avg_pool3d(lung_dense(volume, inside), 5, 1, 2, count_include_pad=False) > LUNG_SURROUND).float()
+
+
 def soft_core(volume: torch.Tensor) -> torch.Tensor:
     """1 at the voxels inside the body whose whole 3^3 neighbourhood lies in :data:`SOFT_HU` -- the flat fat,
     muscle, organs and blood, their borders with the lung, the bone and the air left out -- else 0 (float32)."""
@@ -90,6 +96,5 @@ def lung_structures(volume: torch.Tensor, inside: torch.Tensor, depth: torch.Ten
     """1 at the dense voxels (at least :data:`LUNG`) below the chest wall with more than :data:`LUNG_SURROUND` of
     their 5^3 neighbourhood lung-dense -- the vessels and nodules inside the lung -- else 0 (float32).
     ``inside``, ``depth``: the volume's :func:`body_depth`."""
-    around = F.avg_pool3d(lung_dense(volume, inside), 5, 1, 2, count_include_pad=False)
     deep = depth > shell_voxels(volume.shape[-1]) - 1
-    return (deep & (volume.float() >= LUNG) & (around > LUNG_SURROUND)).float()
+    return (deep & (volume.float() >= LUNG) & (lung_region(volume, inside) > 0)).float()

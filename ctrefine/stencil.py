@@ -95,3 +95,16 @@ def ray_constant_energy(x: torch.Tensor) -> torch.Tensor:
     """``(B, 1, D, H, W)`` -> ``(B, 2)``: per view (PA, lateral), the energy of ``x``'s mean along that view's
     rays spread back along them -- the part of ``x`` a radiograph's pattern copied through the body explains."""
     return torch.stack([(x.mean(dim=d, keepdim=True) ** 2).flatten(1).sum(1) * x.shape[d] for d in RAY_DIMS], dim=1)
+
+
+def ray_segment_energy(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` -> ``(B, 2)``: per view (PA, lateral), the energy of ``x``'s running mean over ``length``
+    voxels along that view's rays (zero beyond the volume) -- :func:`ray_constant_energy` on segments: a streak
+    across one lung, not the whole ray, keeps its energy under it, detail a voxel or two deep along the ray loses it."""
+    out = []
+    for d in RAY_DIMS:
+        size = [1, 1, 1]
+        size[d - 2] = length
+        m = F.avg_pool3d(x, tuple(size), 1, tuple(s // 2 for s in size), count_include_pad=True)
+        out.append((m * m).flatten(1).sum(1))
+    return torch.stack(out, dim=1)

@@ -46,9 +46,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..anatomy import body_depth, chest_wall, lung_dense, lung_structures, soft_core
+from ..anatomy import body_depth, chest_wall, lung_dense, lung_region, lung_structures, soft_core
+from ..conventions import FOV_MM
 from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
-from ..stencil import highpass, laplacian3d, ray_constant_energy
+from ..stencil import highpass, laplacian3d, ray_constant_energy, ray_segment_energy
 
 SPECTRAL_SHARPNESS = 10.0  # slope of the high-pass weight's sigmoid
 SPECTRAL_CUTOFF = 0.1  # cycles/voxel where the weight is 0.5
@@ -203,6 +204,28 @@ def streak_mismatch(pred: torch.Tensor, target: torch.Tensor, coarse: torch.Tens
     the truth's correction has some (a structure the coarse volume missed along its whole depth), and a
     refiner kept below it has dropped that part (float32)."""
     return (_ray_share_log(pred, coarse) - _ray_share_log(target, coarse)).abs().mean()
+
+
+# Segment length of lung_streak_mismatch: 45 mm, a third of a lung's width (9 voxels at 64^3, 5 at 32^3).
+LUNG_STREAK_MM = 45.0
+
+
+def _lung_segment_share_log(v: torch.Tensor, coarse: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
+    """``log`` of the share of the high-passed correction's energy inside ``lung`` that stays under a running mean of
+    :data:`LUNG_STREAK_MM` along each view's rays, ``(B, 2)``."""
+    n = v.shape[-1]
+    length = max(3, 2 * round(LUNG_STREAK_MM * n / FOV_MM / 2) + 1)
+    hp = highpass(v.float() - coarse.float()) * lung
+    total = (hp * hp).flatten(1).sum(1, keepdim=True)
+    return torch.log((ray_segment_energy(hp, length) + 1e-12) / (total + 1e-12))
+
+
+def lung_streak_mismatch(pred: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """:func:`streak_mismatch` inside the lung (:func:`ctrefine.anatomy.lung_region` of the truth) on segments of the
+    rays, not whole rays: a streak fanning from the hilum across one lung is a small share of a whole ray's detail
+    but most of a segment's; the truth's vessels branch, a few voxels along any ray (float32)."""
+    lung = lung_region(target.detach())
+    return (_lung_segment_share_log(pred, coarse, lung) - _lung_segment_share_log(target, coarse, lung)).abs().mean()
 
 
 def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:

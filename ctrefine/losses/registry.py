@@ -68,6 +68,7 @@ LUNG_MSE_WEIGHT = 10.0
 LUNG_RIM_MSE_WEIGHT = 30.0
 LUNG_DETAIL_MSE_WEIGHT = 60.0
 SOFT_L1_WEIGHT = 0.0
+LUNG_STREAK_MATCH_WEIGHT = 0.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
@@ -156,6 +157,9 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
              "log-excess of the correction's ray-constant share of detail over the truth's (no smearing along the rays)"),
     LossTerm("streak_match", STREAK_MATCH_WEIGHT, lambda r, t, c, x: _reference().streak_mismatch(r, t, c),
              "|log| ratio of the correction's ray-constant share of detail to the truth's (as much as the truth's)"),
+    LossTerm("lung_streak_match", LUNG_STREAK_MATCH_WEIGHT,
+             lambda r, t, c, x: _reference().lung_streak_mismatch(r, t, c),
+             "streak_match inside the lung on 45 mm segments of the rays (no streak fanning across one lung)"),
     LossTerm("adversarial", ADVERSARIAL_WEIGHT, lambda r, t, c, x: _adversarial(r, c, x),
              "softplus(-critic(refined | coarse)): a 3D patch critic's verdict that the correction looks true"),
 )}
