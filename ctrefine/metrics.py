@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .device import metrics_dtype
 from .fourier import frequency_magnitude
-from .stencil import highpass, laplacian3d, ray_constant_energy
+from .stencil import highpass, laplacian3d, ray_constant_energy, ray_segment_share
 
 SSIM_WIN = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -204,6 +204,19 @@ def streak_index(correction: torch.Tensor) -> torch.Tensor:
     hp = highpass(_as_batch(correction, "correction").to(metrics_dtype(correction.device)))
     total = (hp * hp).flatten(1).sum(1).clamp_min(1e-20)
     return ray_constant_energy(hp).mean(dim=1) / total
+
+
+def lung_streak_index(correction: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """How much of a correction's detail *inside the lung* is smeared along 45 mm segments of the rays: ``(B, 1, D,
+    H, W)`` -> ``(B,)`` in [0, 1]. :func:`streak_index` on ray segments (:func:`ctrefine.stencil.ray_segment_share`)
+    and only inside the truth's lung (:func:`ctrefine.anatomy.lung_region`, from its intensities): a streak fanning
+    from the hilum across one lung is a small share of a whole ray's detail, where the ribs' arcs dominate, but most
+    of a segment's in the lung. Read against the truth's own correction, whose vessels branch across the rays."""
+    from .anatomy import lung_region
+
+    dtype = metrics_dtype(correction.device)
+    lung = lung_region(_as_batch(truth, "truth").to(dtype))
+    return ray_segment_share(highpass(_as_batch(correction, "correction").to(dtype)) * lung).mean(dim=1)
 
 
 def error_by_class(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:

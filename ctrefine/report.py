@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .conventions import model_to_hu
-from .metrics import STRUCTURES, all_metrics, error_by_class, label_metrics, streak_index
+from .metrics import STRUCTURES, all_metrics, error_by_class, label_metrics, lung_streak_index, streak_index
 
 # key -> label, in report order; label metrics appear when the dataset has labels.
 METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSNR (dB)", "hf_ratio": "HF-energy ratio",
@@ -27,7 +27,7 @@ METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSN
            **{f"dice_{c}": f"{c.replace('_', ' ')} Dice" for c in STRUCTURES},
            **{f"edge_{c}": f"{c.replace('_', ' ')} edge ratio" for c in STRUCTURES},
            "spine_profile_corr": "spine profile corr.", "body_psnr": "PSNR in the body (dB)",
-           "streak": "streak index of the correction"}
+           "streak": "streak index of the correction", "lung_streak": "lung streak index of the correction"}
 METRIC_KEYS = tuple(METRICS)
 STAGES = ("mean", "coarse", "refined")
 STAGE_NAMES = {"mean": "mean baseline", "coarse": "coarse", "refined": "refined"}
@@ -53,8 +53,10 @@ def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> 
     if "coarse" in vols:  # how much of each correction is smeared along the rays; the truth's own as reference
         coarse = vols["coarse"].to(truth.device)
         for stage, vol in [(k, vols[k]) for k in ("refined",) if k in vols] + [("truth", truth)]:
-            for i, v in enumerate(streak_index(vol.to(truth.device).float() - coarse.float()).tolist()):
-                out[i].setdefault(stage, {})["streak"] = v
+            correction = vol.to(truth.device).float() - coarse.float()
+            for i, (v, lung) in enumerate(zip(streak_index(correction).tolist(),
+                                              lung_streak_index(correction, truth.float()).tolist())):
+                out[i].setdefault(stage, {}).update(streak=v, lung_streak=lung)
     if labels is not None and table:
         truth_hu = model_to_hu(truth.double() if truth.device.type == "cpu" else truth.float())
         for stage, vol in vols.items():
@@ -103,8 +105,9 @@ def summarize(per_patient: dict) -> dict:
     if budget:
         s["error_budget"] = budget
     if "truth" in first:  # the truth's own correction (truth - coarse): what a refiner's streak index is read against
-        s["truth_streak_mean"], s["truth_streak_std"], s["truth_streak_n"] = _stats(
-            m["truth"]["streak"] for m in per_patient.values())
+        for k in ("streak", "lung_streak"):
+            s[f"truth_{k}_mean"], s[f"truth_{k}_std"], s[f"truth_{k}_n"] = _stats(
+                m["truth"][k] for m in per_patient.values() if k in m["truth"])
     gains = np.array([m["refined"]["psnr"] - m["coarse"]["psnr"] for m in per_patient.values()])
     s.update({"gain_db_mean": float(gains.mean()), "gain_db_std": float(gains.std()),
               "refined_wins": int((gains > 0).sum())})
@@ -136,9 +139,10 @@ def _rows(s: dict, pm: str) -> list[tuple[str, ...]]:
             mean, std, n = s[f"{st}_{k}_mean"], s[f"{st}_{k}_std"], s[f"{st}_{k}_n"]
             cells.append("n/a" if n == 0 else f"{mean:.4f}{pm}{std:.4f}" + ("" if n == s["num_patients"] else f" (n={n})"))
         rows.append((label, *cells))
+        if f"truth_{k}_mean" in s:  # what a refiner's streak indices are read against: the truth's own correction
+            rows.append((label.replace(" of the correction", ", truth - coarse"), *("",) * (len(stages) - 1),
+                         f"{s[f'truth_{k}_mean']:.4f}{pm}{s[f'truth_{k}_std']:.4f}"))
     blank = ("",) * (len(stages) - 1)
-    if "truth_streak_mean" in s:
-        rows.append(("streak index, truth - coarse", *blank, f"{s['truth_streak_mean']:.4f}{pm}{s['truth_streak_std']:.4f}"))
     rows.append(("gain (refined - coarse)", *blank, f"{s['gain_db_mean']:+.3f} dB{pm}{s['gain_db_std']:.3f}"))
     if "refined_skill_db_mean" in s:
         rows.append(("skill over mean baseline", *("",) * (len(stages) - 2),

@@ -1,6 +1,7 @@
 """The local operators of ctrefine, one home each: the 3D Laplacian (below), the Gaussian high-pass that
 defines a volume's *detail* for the metrics and the losses (:func:`highpass`), and the part of that detail
-that is constant along the radiographs' rays (:func:`ray_constant_energy`: the streak index and the streak loss).
+that is constant along the radiographs' rays (:func:`ray_constant_energy`: the streak index and the streak loss) or
+along 45 mm segments of them (:func:`ray_segment_share`: the lung streak index and its loss).
 
 The one 3D Laplacian is shared by the refiner's high-pass branch, the gradient loss, the HF-energy metric
 and the Triton kernel (which must match it exactly).
@@ -97,6 +98,11 @@ def ray_constant_energy(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([(x.mean(dim=d, keepdim=True) ** 2).flatten(1).sum(1) * x.shape[d] for d in RAY_DIMS], dim=1)
 
 
+# A ray segment's share of the ray: about a third of a lung's width, 9 voxels (45 mm) at 64^3 over the 320 mm field
+# of view, 5 at 32^3.
+RAY_SEGMENT = 0.14
+
+
 def ray_segment_energy(x: torch.Tensor, length: int) -> torch.Tensor:
     """``(B, 1, D, H, W)`` -> ``(B, 2)``: per view (PA, lateral), the energy of ``x``'s running mean over ``length``
     voxels along that view's rays (zero beyond the volume) -- :func:`ray_constant_energy` on segments: a streak
@@ -108,3 +114,11 @@ def ray_segment_energy(x: torch.Tensor, length: int) -> torch.Tensor:
         m = F.avg_pool3d(x, tuple(size), 1, tuple(s // 2 for s in size), count_include_pad=True)
         out.append((m * m).flatten(1).sum(1))
     return torch.stack(out, dim=1)
+
+
+def ray_segment_share(detail: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` -> ``(B, 2)``: per view, the share of ``detail``'s energy under the running mean over
+    :data:`RAY_SEGMENT` of its rays' length (an odd number of voxels, at least 3; :func:`ray_segment_energy`)."""
+    half = round(RAY_SEGMENT * detail.shape[-1] / 2)
+    total = (detail * detail).flatten(1).sum(1, keepdim=True)
+    return (ray_segment_energy(detail, max(3, 2 * half + 1)) + 1e-12) / (total + 1e-12)

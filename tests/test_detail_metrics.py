@@ -155,7 +155,9 @@ def test_infer_reports_baseline_and_detail_metrics(tiny_dataset, tmp_path):
                 "refined_mae_hu_lung_mean", "refined_skill_db_mean"):
         assert key in s, key
     assert all(set(m) == {"mean", "coarse", "refined", "truth", "gate"} for m in data["patients"].values())
-    assert all(set(m["truth"]) == {"streak"} and "streak" in m["refined"] for m in data["patients"].values())
+    assert all(set(m["truth"]) == {"streak", "lung_streak"} and {"streak", "lung_streak"} <= set(m["refined"])
+               for m in data["patients"].values())
+    assert "lung streak index, truth - coarse" in r.stdout
     skill = [m["refined"]["psnr"] - m["mean"]["psnr"] for m in data["patients"].values()]
     assert s["refined_skill_db_mean"] == pytest.approx(np.mean(skill))
     text = (out / "metrics.txt").read_text()
@@ -266,6 +268,32 @@ def test_streak_index_flags_detail_copied_along_the_rays_not_anatomy():
     assert streak_index(3.0 * blobs).item() == pytest.approx(s_blobs, rel=1e-6)  # a share, not an energy
     both = torch.cat([streak, blobs])
     assert torch.allclose(streak_index(both), torch.tensor([s_streak, s_blobs], dtype=torch.float64), rtol=1e-6)
+
+
+def test_lung_streak_index_flags_a_streak_across_the_lung_that_the_whole_ray_index_misses():
+    """A chest whose correction holds rib arcs along the lateral rays in the wall and short vessels in the lung: a
+    13-voxel streak across the lung doubles the lung index and leaves the whole-ray index as it was; the same
+    streak in the wall leaves the lung index as it was."""
+    from ctrefine.conventions import hu_to_model
+    from ctrefine.metrics import lung_streak_index, streak_index
+
+    n, g = 32, torch.Generator().manual_seed(3)
+    truth = torch.zeros(1, 1, n, n, n)
+    truth[..., 2:30, 2:30] = float(hu_to_model(40.0))
+    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))
+    detail = torch.zeros_like(truth)
+    for d, h, w in torch.randint(8, 24, (20, 3), generator=g).tolist():
+        detail[0, 0, d - 1:d + 2, h, w] += 0.15
+    for d in range(4, 28, 4):
+        detail[0, 0, d, (3, 28), 3:29] += 0.3
+    lung_streak, wall_streak = detail.clone(), detail.clone()
+    lung_streak[0, 0, 16, 12, 8:21] += 0.3
+    wall_streak[0, 0, 18, 4, 8:21] += 0.3
+    lung = {k: lung_streak_index(v, truth).item() for k, v in
+            {"anatomy": detail, "lung streak": lung_streak, "wall streak": wall_streak}.items()}
+    assert lung["lung streak"] > 1.8 * lung["anatomy"] and lung["wall streak"] == pytest.approx(lung["anatomy"], rel=0.01)
+    assert streak_index(lung_streak).item() < 1.05 * streak_index(detail).item()
+    assert lung_streak_index(3.0 * detail, truth).item() == pytest.approx(lung["anatomy"], rel=1e-5)  # a share
 
 
 def test_body_psnr_and_the_error_budget():

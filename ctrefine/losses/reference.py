@@ -47,9 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from ..anatomy import body_depth, chest_wall, lung_dense, lung_region, lung_structures, soft_core
-from ..conventions import FOV_MM
 from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
-from ..stencil import highpass, laplacian3d, ray_constant_energy, ray_segment_energy
+from ..stencil import highpass, laplacian3d, ray_constant_energy, ray_segment_share
 
 SPECTRAL_SHARPNESS = 10.0  # slope of the high-pass weight's sigmoid
 SPECTRAL_CUTOFF = 0.1  # cycles/voxel where the weight is 0.5
@@ -206,18 +205,10 @@ def streak_mismatch(pred: torch.Tensor, target: torch.Tensor, coarse: torch.Tens
     return (_ray_share_log(pred, coarse) - _ray_share_log(target, coarse)).abs().mean()
 
 
-# Segment length of lung_streak_mismatch: 45 mm, a third of a lung's width (9 voxels at 64^3, 5 at 32^3).
-LUNG_STREAK_MM = 45.0
-
-
 def _lung_segment_share_log(v: torch.Tensor, coarse: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
-    """``log`` of the share of the high-passed correction's energy inside ``lung`` that stays under a running mean of
-    :data:`LUNG_STREAK_MM` along each view's rays, ``(B, 2)``."""
-    n = v.shape[-1]
-    length = max(3, 2 * round(LUNG_STREAK_MM * n / FOV_MM / 2) + 1)
-    hp = highpass(v.float() - coarse.float()) * lung
-    total = (hp * hp).flatten(1).sum(1, keepdim=True)
-    return torch.log((ray_segment_energy(hp, length) + 1e-12) / (total + 1e-12))
+    """``log`` of the high-passed correction's share of energy inside ``lung`` that stays under a running mean over
+    45 mm segments of each view's rays (:func:`ctrefine.stencil.ray_segment_share`), ``(B, 2)``."""
+    return torch.log(ray_segment_share(highpass(v.float() - coarse.float()) * lung))
 
 
 def lung_streak_mismatch(pred: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
