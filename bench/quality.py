@@ -45,6 +45,7 @@ DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # session 13's defaults: with the 
 S14 = {**DEPTH, "band_energy": 0.005, "streak": 0.002}  # session 14's defaults (+ mse 5: session 16's)
 S19 = {**S14, "mse": 5.0, "lung_rim_mse": 30.0}  # session 19's defaults
 MATCH = {**S19, "streak": 0.0, "streak_match": 0.002}  # the streak share matched both ways
+S21 = {**MATCH, "lung_detail_mse": 60.0, "band_energy": 0.0075, "lung_mse": 10.0, "mse": 10.0}  # session 21's defaults
 
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
@@ -149,6 +150,13 @@ ROWS = {
         f"lung_mse {w:g}",
         {**MATCH, "lung_detail_mse": 60.0, "band_energy": 0.0075, "lung_mse": w}, dc_weighting="density",
         fusion="views+product") for w in (5, 10)},
+    # session 21's defaults (the rows above with lung_mse 10, mse 10), then the absolute error counted again in flat
+    # soft tissue and the lung's streak share on ray segments held to the truth's
+    "s21": _row("session 21's defaults", S21, dc_weighting="density", fusion="views+product"),
+    "s21_soft2_lstreak0005_match0001": _row(
+        "session 21's defaults + soft_l1 2, lung_streak_match 0.005, streak_match 0.001 (session 22's defaults)",
+        {**S21, "soft_l1": 2.0, "lung_streak_match": 0.005, "streak_match": 0.001}, dc_weighting="density",
+        fusion="views+product"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
