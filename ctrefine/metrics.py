@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .anatomy import lung_region
 from .device import metrics_dtype
 from .fourier import frequency_magnitude
 from .stencil import highpass, laplacian3d, ray_constant_energy, ray_segment_share
@@ -212,8 +213,6 @@ def lung_streak_index(correction: torch.Tensor, truth: torch.Tensor) -> torch.Te
     and only inside the truth's lung (:func:`ctrefine.anatomy.lung_region`, from its intensities): a streak fanning
     from the hilum across one lung is a small share of a whole ray's detail, where the ribs' arcs dominate, but most
     of a segment's in the lung. Read against the truth's own correction, whose vessels branch across the rays."""
-    from .anatomy import lung_region
-
     dtype = metrics_dtype(correction.device)
     lung = lung_region(_as_batch(truth, "truth").to(dtype))
     return ray_segment_share(highpass(_as_batch(correction, "correction").to(dtype)) * lung).mean(dim=1)
