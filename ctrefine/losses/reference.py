@@ -34,7 +34,9 @@ All terms take ``(B, C, D, H, W)`` model-space volumes and return a scalar mean.
 * :func:`streak_excess`: the other side of not knowing where -- detail seen in one radiograph but not
   placed in depth is cheapest spread along the rays (a band through the lungs at every rib level). It
   compares the share of the correction's detail that is constant along each view's rays with the share in
-  the truth's own correction, and charges only the excess.
+  the truth's own correction, and charges only the excess. :func:`lung_streak_mismatch` compares the same share inside
+  the lung on 45 mm segments of the rays, from both sides: a streak from the hilum across one lung is a small part of
+  a whole ray's detail, which the ribs' arcs dominate, but most of a segment's.
 * :func:`consistency_l1`: L1 between the 4x-down-sampled (low-pass) refined and coarse volumes. It
   keeps the refiner's anatomy that of the base -- the refiner may add detail, not move organs --
   without penalising the high frequencies it exists to add.
@@ -59,7 +61,7 @@ ENERGY_MIN_F = 0.1  # cycles/voxel: bands below this are left to the pointwise t
 CONSISTENCY_POOL = 4  # low-pass factor for the coarse-consistency term (5 mm voxels -> 20 mm blobs at 64^3)
 
 __all__ = ["laplacian3d", "l1", "mse", "lung_mse", "lung_rim_mse", "laplacian_l1", "spectral_weight", "spectral_l1",
-           "local_stats_loss", "consistency_l1", "soft_l1",
+           "local_stats_loss", "consistency_l1", "soft_l1", "lung_streak_mismatch",
            "band_energy_l1", "gradient_distribution_l1", "streak_excess"]
 
 
