@@ -52,8 +52,9 @@ GRADIENT_DISTRIBUTION_WEIGHT = 0.0
 # split); streak_match holds it to the truth's from both sides (bench/RESULTS.md, "Detail in place: the vessels
 # and the streak share"), so streak is off. Its |log| ratio pulls each correction towards the truth's share in log
 # terms -- their geometric mean, below the arithmetic one the report compares (the truth's shares are right-skewed) --
-# so beside lung_streak_match it is 0.001: at 0.002 the whole-ray index ends at 0.90x the truth's, at 0.003 at 0.87x,
-# at 0.001 at 0.92x (bench/RESULTS.md, "Detail in place: the soft tissue's absolute error, and streaks across one lung").
+# so beside lung_streak_match it is 0.001: at 0.002 the whole-ray index ends at 0.90x the truth's, at 0.003 at 0.87x
+# (with soft_l1 4), at 0.001 at 0.92x (bench/RESULTS.md, "Detail in place: the soft tissue's absolute error, and
+# streaks across one lung").
 STREAK_WEIGHT = 0.0
 STREAK_MATCH_WEIGHT = 0.001
 # lung_streak_match 0.005 holds the share of the lung's detail along 45 mm ray segments to the truth's: a streak from
