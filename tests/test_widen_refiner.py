@@ -12,6 +12,7 @@ from ctrefine.models import build_refiner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import widen_refiner  # noqa: E402
 
+ROUNDING = 5e-6  # the widened refiner computes the same volume up to this (float32 rounding)
 SMALL = ["model.hidden_channels=8", "model.guidance_channels=4", "model.mid_blocks=1"]
 
 
@@ -31,7 +32,9 @@ def test_widened_refiner_computes_the_same_volume(tmp_path):
     with torch.no_grad():
         before, after = refiner.eval()(c, x), wide.build().eval()(c, x)
     assert not torch.equal(before, c)  # a refiner that does something, so the identity is not trivial
-    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    # float32 rounding of sums over twice the channels, in another order: up to ~1.1e-6 on AVX-512 EPYC (the volume is
+    # in [0, 1]); a wrong split of a weight moves voxels by orders of magnitude more
+    torch.testing.assert_close(after, before, rtol=0, atol=ROUNDING)
     # a file that has the cue but not the product: the product's channel goes before the cue's
     cfg_cue = load_config("cpu-small", ['model.residual_fusion="views"', 'model.wall_cue="depth+detail"',
                                         "model.hidden_channels=8", "model.guidance_channels=4", "model.mid_blocks=1"])
@@ -43,7 +46,7 @@ def test_widened_refiner_computes_the_same_volume(tmp_path):
     assert widen_refiner.main([str(tmp_path / "cued.pt"), str(tmp_path / "cued_wide.pt"), "--product"]) == 0
     with torch.no_grad():
         torch.testing.assert_close(load_model_file(tmp_path / "cued_wide.pt", stage="refine").build().eval()(c, x),
-                                   cued.eval()(c, x), rtol=0, atol=1e-6)
+                                   cued.eval()(c, x), rtol=0, atol=ROUNDING)
     with pytest.raises(SystemExit, match="already reads the chest-wall cue"):
         widen_refiner.main([str(tmp_path / "wide.pt"), str(tmp_path / "again.pt"), "--wall-cue"])
     assert not (tmp_path / "again.pt").exists()
