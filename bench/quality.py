@@ -157,6 +157,9 @@ ROWS = {
         "session 21's defaults + soft_l1 2, lung_streak_match 0.005, streak_match 0.001 (session 22's defaults)",
         {**S21, "soft_l1": 2.0, "lung_streak_match": 0.005, "streak_match": 0.001}, dc_weighting="density",
         fusion="views+product"),
+    "s22_band001": _row("session 22's defaults with band_energy 0.01 (from 0.0075)",
+                        {**S21, "soft_l1": 2.0, "lung_streak_match": 0.005, "streak_match": 0.001, "band_energy": 0.01},
+                        dc_weighting="density", fusion="views+product"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
