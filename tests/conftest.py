@@ -55,3 +55,36 @@ def random_pair(tmp_path_factory):
     for stage, model in zip(("base", "refine"), build_models(cfg)):
         save_model_file(root / f"{stage}.pt", stage, model.state_dict(), cfg)
     return root / "base.pt", root / "refine.pt"
+
+
+class _ChestScene:
+    """A 32^3 model-space chest for the lung streak measures: ``tissue`` is a soft-tissue body (40 HU) with a lung
+    (-850 HU) inside; ``detail(g, vessels, branches)`` a correction of short vessels in the lung (along D, with a
+    branch along H when ``branches``) and rib arcs across the front and back walls, along the lateral rays."""
+
+    n = 32
+
+    @property
+    def tissue(self) -> torch.Tensor:
+        from ctrefine.conventions import hu_to_model
+
+        t = torch.zeros(1, 1, self.n, self.n, self.n)
+        t[..., 2:30, 2:30] = float(hu_to_model(40.0))
+        t[..., 6:26, 6:26] = float(hu_to_model(-850.0))
+        return t
+
+    def detail(self, g: torch.Generator, vessels: int, branches: bool) -> torch.Tensor:
+        d = torch.zeros(1, 1, self.n, self.n, self.n)
+        for z, h, w in torch.randint(8, 24, (vessels, 3), generator=g).tolist():
+            d[0, 0, z - 1:z + 2, h, w] += 0.15
+            if branches:
+                d[0, 0, z, h - 1:h + 2, w] += 0.1
+        for z in range(4, 28, 4):
+            d[0, 0, z, (3, 28), 3:29] += 0.3
+        return d
+
+
+@pytest.fixture
+def chest_scene():
+    """:class:`_ChestScene`: the chest both lung streak tests (the metric and the loss term) are read on."""
+    return _ChestScene()

@@ -270,22 +270,14 @@ def test_streak_index_flags_detail_copied_along_the_rays_not_anatomy():
     assert torch.allclose(streak_index(both), torch.tensor([s_streak, s_blobs], dtype=torch.float64), rtol=1e-6)
 
 
-def test_lung_streak_index_flags_a_streak_across_the_lung_that_the_whole_ray_index_misses():
+def test_lung_streak_index_flags_a_streak_across_the_lung_that_the_whole_ray_index_misses(chest_scene):
     """A chest whose correction holds rib arcs along the lateral rays in the wall and short vessels in the lung: a
     13-voxel streak across the lung doubles the lung index and leaves the whole-ray index as it was; the same
     streak in the wall leaves the lung index as it was."""
-    from ctrefine.conventions import hu_to_model
     from ctrefine.metrics import lung_streak_index, streak_index
 
-    n, g = 32, torch.Generator().manual_seed(3)
-    truth = torch.zeros(1, 1, n, n, n)
-    truth[..., 2:30, 2:30] = float(hu_to_model(40.0))
-    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))
-    detail = torch.zeros_like(truth)
-    for d, h, w in torch.randint(8, 24, (20, 3), generator=g).tolist():
-        detail[0, 0, d - 1:d + 2, h, w] += 0.15
-    for d in range(4, 28, 4):
-        detail[0, 0, d, (3, 28), 3:29] += 0.3
+    truth = chest_scene.tissue
+    detail = chest_scene.detail(torch.Generator().manual_seed(3), vessels=20, branches=False)
     lung_streak, wall_streak = detail.clone(), detail.clone()
     lung_streak[0, 0, 16, 12, 8:21] += 0.3
     wall_streak[0, 0, 18, 4, 8:21] += 0.3

@@ -235,25 +235,15 @@ def test_streak_match_charges_too_little_ray_constant_detail_as_well_as_too_much
         assert R.streak_mismatch((p - 0.01 * p.grad / p.grad.abs().max()).detach(), truth, coarse) < cost
 
 
-def test_lung_streak_match_sees_a_streak_across_the_lung_that_the_whole_rays_dilute():
+def test_lung_streak_match_sees_a_streak_across_the_lung_that_the_whole_rays_dilute(chest_scene):
     """Inside a chest whose truth correction has ribs in the wall (long along the lateral rays) and short vessels in
     the lung, a 13-voxel streak across the lung along the lateral rays costs the lung term ten times what it costs the
     whole-ray streak_match (the ribs dominate whole rays); the same streak in the wall costs the lung term next to nothing;
     its gradient lowers it."""
-    from ctrefine.conventions import hu_to_model
-
-    n, g = 32, torch.Generator().manual_seed(3)
-    coarse = torch.zeros(1, 1, n, n, n)
-    coarse[..., 2:30, 2:30] = float(hu_to_model(40.0))
-    coarse[..., 6:26, 6:26] = float(hu_to_model(-850.0))
-    coarse = coarse + torch.rand(coarse.shape, generator=g) * 0.01
-    detail = torch.zeros_like(coarse)
-    for d, h, w in torch.randint(8, 24, (40, 3), generator=g).tolist():  # short vessels in the lung
-        detail[0, 0, d - 1:d + 2, h, w] += 0.15
-        detail[0, 0, d, h - 1:h + 2, w] += 0.1
-    for d in range(4, 28, 4):  # ribs across the front and back walls
-        detail[0, 0, d, (3, 28), 3:29] += 0.3
-    truth = coarse + detail
+    g = torch.Generator().manual_seed(3)
+    tissue = chest_scene.tissue
+    coarse = tissue + torch.rand(tissue.shape, generator=g) * 0.01
+    truth = coarse + chest_scene.detail(g, vessels=40, branches=True)
     lung_streak, wall_streak = torch.zeros_like(coarse), torch.zeros_like(coarse)
     lung_streak[0, 0, 16, 12, 8:21] = 0.15
     wall_streak[0, 0, 18, 4, 8:21] = 0.15
