@@ -218,6 +218,20 @@ def lung_streak_index(correction: torch.Tensor, truth: torch.Tensor) -> torch.Te
     return ray_segment_share(highpass(_as_batch(correction, "correction").to(dtype)) * lung).mean(dim=1)
 
 
+def lung_detail_alignment(correction: torch.Tensor, truth_correction: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Whether a correction's detail *inside the lung* lies where the truth's does: ``(B, 1, D, H, W)`` -> ``(B,)`` in
+    [-1, 1], the cosine between the two corrections' high-passed detail (:func:`highpass`) over the truth's lung
+    (:func:`ctrefine.anatomy.lung_region`). 1: the truth's own pattern (at any strength); ~0: detail at the wrong
+    place or depth -- the same vessel tree a few voxels off along the rays already scores near 0, so it separates
+    detail placed in depth from detail that only matches the radiographs; NaN where either has no detail there."""
+    dtype = metrics_dtype(correction.device)
+    lung = lung_region(_as_batch(truth, "truth").to(dtype))
+    a = (highpass(_as_batch(correction, "correction").to(dtype)) * lung).flatten(1)
+    b = (highpass(_as_batch(truth_correction, "truth_correction").to(dtype)) * lung).flatten(1)
+    norm = torch.sqrt((a * a).sum(1) * (b * b).sum(1))
+    return torch.where(norm > 0, (a * b).sum(1) / norm.clamp_min(1e-30), torch.full_like(norm, float("nan")))
+
+
 def error_by_class(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
     """``sse_<class>``: the squared error (model units) summed over each labelled class, for the error budget
     of a report (each class's share of a volume's error, and refined over coarse); one host transfer."""

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .conventions import model_to_hu
-from .metrics import STRUCTURES, all_metrics, error_by_class, label_metrics, lung_streak_index, streak_index
+from .metrics import (STRUCTURES, all_metrics, error_by_class, label_metrics, lung_detail_alignment, lung_streak_index,
+                      streak_index)
 
 # key -> label, in report order; label metrics appear when the dataset has labels.
 METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSNR (dB)", "hf_ratio": "HF-energy ratio",
@@ -27,7 +28,8 @@ METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSN
            **{f"dice_{c}": f"{c.replace('_', ' ')} Dice" for c in STRUCTURES},
            **{f"edge_{c}": f"{c.replace('_', ' ')} edge ratio" for c in STRUCTURES},
            "spine_profile_corr": "spine profile corr.", "body_psnr": "PSNR in the body (dB)",
-           "streak": "streak index of the correction", "lung_streak": "lung streak index of the correction"}
+           "streak": "streak index of the correction", "lung_streak": "lung streak index of the correction",
+           "lung_alignment": "lung detail alignment with the truth's"}
 METRIC_KEYS = tuple(METRICS)
 STAGES = ("mean", "coarse", "refined")
 STAGE_NAMES = {"mean": "mean baseline", "coarse": "coarse", "refined": "refined"}
@@ -57,6 +59,11 @@ def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> 
             for i, (v, lung) in enumerate(zip(streak_index(correction).tolist(),
                                               lung_streak_index(correction, truth.float()).tolist())):
                 out[i].setdefault(stage, {}).update(streak=v, lung_streak=lung)
+        if "refined" in vols:  # is the refiner's lung detail where the truth's is (the truth's own would read 1)
+            truth_correction = truth.float() - coarse.float()
+            refined_correction = vols["refined"].to(truth.device).float() - coarse.float()
+            for i, v in enumerate(lung_detail_alignment(refined_correction, truth_correction, truth.float()).tolist()):
+                out[i]["refined"]["lung_alignment"] = v
     if labels is not None and table:
         truth_hu = model_to_hu(truth.double() if truth.device.type == "cpu" else truth.float())
         for stage, vol in vols.items():

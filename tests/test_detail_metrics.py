@@ -1,6 +1,7 @@
 """Detail you can measure: phantom labels, HF-PSNR, band energies, label metrics and the mean baseline,
 each checked against an independent computation (numpy / scipy / skimage, not the package's code path)."""
 import json
+import math
 import subprocess
 import sys
 
@@ -155,7 +156,7 @@ def test_infer_reports_baseline_and_detail_metrics(tiny_dataset, tmp_path):
                 "refined_mae_hu_lung_mean", "refined_skill_db_mean"):
         assert key in s, key
     assert all(set(m) == {"mean", "coarse", "refined", "truth", "gate"} for m in data["patients"].values())
-    assert all(set(m["truth"]) == {"streak", "lung_streak"} and {"streak", "lung_streak"} <= set(m["refined"])
+    assert all(set(m["truth"]) == {"streak", "lung_streak"} and {"streak", "lung_streak", "lung_alignment"} <= set(m["refined"])
                for m in data["patients"].values())
     assert "lung streak index, truth - coarse" in r.stdout
     skill = [m["refined"]["psnr"] - m["mean"]["psnr"] for m in data["patients"].values()]
@@ -286,6 +287,30 @@ def test_lung_streak_index_flags_a_streak_across_the_lung_that_the_whole_ray_ind
     assert lung["lung streak"] > 1.8 * lung["anatomy"] and lung["wall streak"] == pytest.approx(lung["anatomy"], rel=0.01)
     assert streak_index(lung_streak).item() < 1.05 * streak_index(detail).item()
     assert lung_streak_index(3.0 * detail, truth).item() == pytest.approx(lung["anatomy"], rel=1e-5)  # a share
+
+
+def test_lung_detail_alignment_reads_where_the_detail_lies_in_depth(chest_scene):
+    """The truth's own lung detail reads 1 at any strength; the same vessels 4 voxels off along the PA rays (what
+    matches the PA radiograph without placing anything in depth) read near 0, the vessels' pattern smeared along
+    those rays low (each vessel keeps its own voxels' share); half the vessels drawn reads between; a correction with
+    no detail reads NaN."""
+    from ctrefine.metrics import lung_detail_alignment
+
+    truth = chest_scene.tissue
+    vessels = chest_scene.detail(torch.Generator().manual_seed(5), vessels=30, branches=True)
+    vessels[..., (3, 28), :] = 0.0  # the lung's detail alone (the rib arcs lie in the wall, outside the lung)
+    lung = (slice(None), slice(None), slice(6, 26), slice(6, 26), slice(6, 26))
+    smeared = torch.zeros_like(vessels)
+    smeared[lung] = vessels[lung].mean(dim=3, keepdim=True).expand_as(vessels[lung])
+    half = chest_scene.detail(torch.Generator().manual_seed(5), vessels=15, branches=True)
+    half[..., (3, 28), :] = 0.0
+    a = {k: lung_detail_alignment(v, vessels, truth).item() for k, v in {
+        "same": vessels, "stronger": 2.5 * vessels, "off in depth": torch.roll(vessels, 4, dims=3),
+        "smeared": smeared, "half": half}.items()}
+    assert a["same"] == pytest.approx(1.0, abs=1e-6) and a["stronger"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(a["off in depth"]) < 0.1 and abs(a["smeared"]) < 0.35
+    assert a["smeared"] + 0.2 < a["half"] < 0.9
+    assert math.isnan(lung_detail_alignment(torch.zeros_like(vessels), vessels, truth).item())
 
 
 def test_body_psnr_and_the_error_budget():
