@@ -47,6 +47,7 @@ S19 = {**S14, "mse": 5.0, "lung_rim_mse": 30.0}  # session 19's defaults
 MATCH = {**S19, "streak": 0.0, "streak_match": 0.002}  # the streak share matched both ways
 S21 = {**MATCH, "lung_detail_mse": 60.0, "band_energy": 0.0075, "lung_mse": 10.0, "mse": 10.0}  # session 21's defaults
 S22 = {**S21, "soft_l1": 2.0, "lung_streak_match": 0.005, "streak_match": 0.001}  # session 22's defaults
+S23 = {**S22, "band_energy": 0.01, "lung_detail_mse": 30.0, "soft_l1": 3.0}  # session 23's defaults
 
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
@@ -160,6 +161,8 @@ ROWS = {
     "s22_band001": _row("session 22's defaults with band_energy 0.01 (from 0.0075)",
                         {**S22, "band_energy": 0.01},
                         dc_weighting="density", fusion="views+product"),
+    "s23": _row("session 22's defaults with band_energy 0.01, lung_detail_mse 30, soft_l1 3 (session 23's defaults)",
+                S23, dc_weighting="density", fusion="views+product"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 
