@@ -53,16 +53,16 @@ def batch_metrics(vols: dict, truth, labels=None, table: dict | None = None) -> 
         per_stage[stage] = {k: val.double().cpu().tolist() for k, val in all_metrics(v, truth).items()}
     out = [{stage: {k: vals[i] for k, vals in m.items()} for stage, m in per_stage.items()} for i in range(b)]
     if "coarse" in vols:  # how much of each correction is smeared along the rays; the truth's own as reference
-        coarse = vols["coarse"].to(truth.device)
-        for stage, vol in [(k, vols[k]) for k in ("refined",) if k in vols] + [("truth", truth)]:
-            correction = vol.to(truth.device).float() - coarse.float()
+        coarse = vols["coarse"].to(truth.device).float()
+        corrections = {stage: vol.to(truth.device).float() - coarse
+                       for stage, vol in [(k, vols[k]) for k in ("refined",) if k in vols] + [("truth", truth)]}
+        for stage, correction in corrections.items():
             for i, (v, lung) in enumerate(zip(streak_index(correction).tolist(),
                                               lung_streak_index(correction, truth.float()).tolist())):
                 out[i].setdefault(stage, {}).update(streak=v, lung_streak=lung)
-        if "refined" in vols:  # is the refiner's lung detail where the truth's is (the truth's own would read 1)
-            truth_correction = truth.float() - coarse.float()
-            refined_correction = vols["refined"].to(truth.device).float() - coarse.float()
-            for i, v in enumerate(lung_detail_alignment(refined_correction, truth_correction, truth.float()).tolist()):
+        if "refined" in corrections:  # is the refiner's lung detail where the truth's is (the truth's own would read 1)
+            aligned = lung_detail_alignment(corrections["refined"], corrections["truth"], truth.float())
+            for i, v in enumerate(aligned.tolist()):
                 out[i]["refined"]["lung_alignment"] = v
     if labels is not None and table:
         truth_hu = model_to_hu(truth.double() if truth.device.type == "cpu" else truth.float())

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # +0.037 dB on the shipped split (24 of 26) and takes back two thirds of the soft-tissue MAE lung_mse costs
 # (bench/RESULTS.md, "Detail in place: the vessels and the streak share"). band_energy 0.01 (from 0.0075) holds the
 # demo's top band above the coarse volume's on either inference path (0.598 against 0.576 in fp32; at 0.0075 the two
-# were within a thousandth and OpenVINO's bf16 put the refined one below) for 0.035 dB on the shipped split
+# were within a thousandth and OpenVINO's bf16 put the refined one below) for 0.037 dB on the shipped split
 # (bench/RESULTS.md, "Detail in place: the top band's margin, and the vessels drawn where they are likely").
 XRAY_CONSISTENCY_WEIGHT = 0.3
 BAND_ENERGY_WEIGHT = 0.01
