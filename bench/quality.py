@@ -38,7 +38,8 @@ import torch
 
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
 NEW = {"mse": 0.0, "lung_mse": 0.0, "lung_rim_mse": 0.0, "lung_detail_mse": 0.0, "soft_l1": 0.0, "lung_streak_match": 0.0,
-       "xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "streak_match": 0.0, "adversarial": 0.0}
+       "xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "streak_match": 0.0, "placement": 0.0,
+       "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
 SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)
 DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # session 13's defaults: with the depth cues below
@@ -51,11 +52,12 @@ S23 = {**S22, "band_energy": 0.01, "lung_detail_mse": 30.0, "soft_l1": 3.0}  # s
 
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
-         dc_weighting: str = "uniform", fusion: str = "views", wall_cue: str = "off") -> dict:
+         dc_weighting: str = "uniform", fusion: str = "views", wall_cue: str = "off",
+         guidance_depth: str = "along-rays") -> dict:
     """One refiner; the model settings the registry's defaults may change later are written out too."""
     return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc,
             "extra": [f'model.dc_weighting="{dc_weighting}"', f'model.residual_fusion="{fusion}"',
-                      f'model.wall_cue="{wall_cue}"', *extra]}
+                      f'model.wall_cue="{wall_cue}"', f'model.guidance_depth="{guidance_depth}"', *extra]}
 
 
 ROWS = {
@@ -163,6 +165,10 @@ ROWS = {
                         dc_weighting="density", fusion="views+product"),
     "s23": _row("session 22's defaults with band_energy 0.01, lung_detail_mse 30, soft_l1 3 (session 23's defaults)",
                 S23, dc_weighting="density", fusion="views+product"),
+    # each lifted radiograph feature placed in depth (models/ray_placement.py), taught by the placement term
+    "s23_ray_placement": _row("session 23's defaults + the cross-view ray placement, placement 0.01",
+                              {**S23, "placement": 0.01}, dc_weighting="density", fusion="views+product",
+                              guidance_depth="cross-view"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

@@ -12,7 +12,9 @@
 # terms, 0 unless set: the first two legs ran with them off, the third with the defaults of its day (before the lung
 # terms), the fourth with those of session 19, the fifth with those of session 21, the sixth (the card's command)
 # with today's. WIDTH=N trains a refiner of model.hidden_channels N (the INIT file must have it:
-# bench/widen_refiner.py --double-width).
+# bench/widen_refiner.py --double-width); DEPTH=cross-view one whose lifted radiograph features are placed in depth
+# (model.guidance_depth; the INIT file must have it: bench/widen_refiner.py --ray-placement), PLACE=W the
+# placement term's weight (loss.placement, its default unless set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
@@ -43,7 +45,7 @@ OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine -
     --set model.base_model_checkpoint=pretrained:phantom-64 \
     --set loss.band_energy="$BAND" --set loss.streak="$STREAK" --set loss.mse="$MSE" --set loss.lung_mse="$LUNG" \
     --set loss.lung_rim_mse="$RIM" --set loss.streak_match="$MATCH" --set loss.lung_detail_mse="$DETAIL" \
-    --set loss.soft_l1="$SOFT" --set loss.lung_streak_match="$LSTREAK" \
+    --set loss.soft_l1="$SOFT" --set loss.lung_streak_match="$LSTREAK" ${PLACE:+--set loss.placement=$PLACE} \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
-    ${WIDTH:+--set model.hidden_channels=$WIDTH} \
+    ${WIDTH:+--set model.hidden_channels=$WIDTH} ${DEPTH:+--set model.guidance_depth=$DEPTH} \
     --no-progress

@@ -1,13 +1,16 @@
 """Warm start for a larger refiner: a model file becomes one that also reads the two views' residual product
 (``--product``: ``model.residual_fusion="views+product"``) and/or the chest-wall cue (``--wall-cue``:
 ``model.wall_cue="depth+detail"``), and/or has twice the U-Net's channels (``--double-width``:
-``model.hidden_channels`` x2), and computes exactly the same volume, ready for ``training.init_checkpoint``.
-Every new input channel enters the convolutions that read it with zero weights. Doubling splits every hidden channel
+``model.hidden_channels`` x2), and/or places its lifted radiograph features in depth (``--ray-placement``:
+``model.guidance_depth="cross-view"``), and computes exactly the same volume, ready for
+``training.init_checkpoint``. Every new input channel enters the convolutions that read it with zero weights;
+the ray placement's logits start at zero (even weights along every ray: the plain lifting). Doubling splits every hidden channel
 into two copies (:func:`double_channels`). ``--dc-weighting`` also switches its SIRT steps; that one changes the
 output, and fine-tuning adapts to it.
 
     python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s17/init_wall.pt --wall-cue
     python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s18/init_wide.pt --double-width
+    python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s24/init_place.pt --ray-placement
 
 Checks the identity on random inputs (same DC weighting) and writes the file atomically; no uncertainty head is
 carried over (re-fit it after fine-tuning: ``ctrefine fit-uncertainty``).
@@ -62,7 +65,8 @@ def double_channels(old: dict, new_shapes: dict, block: dict, seed: int = 0) -> 
     return out
 
 
-def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, double_width: bool = False):
+def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, double_width: bool = False,
+          ray_placement: bool = False):
     """``(the source model file, the widened model, its config)``; a SystemExit naming ``src`` when it cannot be."""
     mf = load_model_file(src, stage="refine")
     m = mf.config.model
@@ -72,11 +76,16 @@ def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, dou
         raise SystemExit(f"{src}: already reads the residual product")
     if wall_cue and m.wall_cue != "off":
         raise SystemExit(f"{src}: already reads the chest-wall cue")
-    if not (product or wall_cue or double_width):
-        raise SystemExit("nothing to add: give --product, --wall-cue and/or --double-width")
+    if ray_placement and (m.xray_guidance == "off" or m.guidance_depth != "along-rays"):
+        raise SystemExit(f"{src}: has no lifted radiograph features to place, or places them already")
+    if ray_placement and double_width:
+        raise SystemExit("--ray-placement and --double-width: widen first, then add the placement")
+    if not (product or wall_cue or double_width or ray_placement):
+        raise SystemExit("nothing to add: give --product, --wall-cue, --double-width and/or --ray-placement")
     update = {**({"residual_fusion": "views+product"} if product else {}),
               **({"hidden_channels": 2 * m.hidden_channels} if double_width else {}),
               **({"wall_cue": "depth+detail"} if wall_cue else {}),
+              **({"guidance_depth": "cross-view"} if ray_placement else {}),
               **({"dc_weighting": dc_weighting} if dc_weighting else {})}
     cfg = mf.config.model_copy(update={"model": m.model_copy(update=update)})
     new = build_refiner(cfg)
@@ -91,6 +100,8 @@ def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, dou
         bands = {f"{n}.cond.2.{p}": mod.n_bins for n, mod in new.named_modules() if isinstance(mod, FrequencyAttention)
                  for p in ("weight", "bias")}
         state = double_channels(state, {k: v.shape for k, v in new.state_dict().items()}, bands)
+    if ray_placement:  # the placement's own parameters as initialised: zero logits
+        state.update({k: v for k, v in new.state_dict().items() if k.startswith("guidance.place.")})
     new.load_state_dict(state)
     return mf, new.eval(), cfg
 
@@ -102,9 +113,11 @@ def main(argv=None) -> int:
     p.add_argument("--product", action="store_true", help="add the two views' residual product")
     p.add_argument("--wall-cue", action="store_true", help="add the chest-wall cue (ctrefine.models.chest_wall)")
     p.add_argument("--double-width", action="store_true", help="twice the U-Net's channels (model.hidden_channels)")
+    p.add_argument("--ray-placement", action="store_true",
+                   help="place the lifted radiograph features in depth (ctrefine.models.ray_placement)")
     p.add_argument("--dc-weighting", choices=("uniform", "density"), default=None, help="also switch the SIRT steps")
     a = p.parse_args(argv)
-    mf, new, cfg = widen(a.src, a.product, a.wall_cue, a.dc_weighting, a.double_width)
+    mf, new, cfg = widen(a.src, a.product, a.wall_cue, a.dc_weighting, a.double_width, a.ray_placement)
     same_dc = a.dc_weighting in (None, mf.config.model.dc_weighting)
     v, s = cfg.model.volume_size, cfg.model.xray_size
     g = torch.Generator().manual_seed(0)
@@ -117,7 +130,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"widened refiner differs from {a.src} by {diff:.2e}: not the identity")
     save_model_file(a.dst, "refine", new.state_dict(), cfg, metrics=mf.metrics)
     added = " and ".join(n for n, on in (("residual product", a.product), ("chest-wall cue", a.wall_cue),
-                                         (f"width {cfg.model.hidden_channels}", a.double_width)) if on)
+                                         (f"width {cfg.model.hidden_channels}", a.double_width),
+                                         ("ray placement", a.ray_placement)) if on)
     print(f"wrote {a.dst}: {added} added ({'identical output' if same_dc else 'SIRT weighting changed'}; "
           f"max |change| {diff:.2e})")
     return 0

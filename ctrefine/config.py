@@ -66,6 +66,10 @@ class ModelConfig(_Section):
         "off", description="refiner: four parameter-free channels that say where the chest wall is and put each "
                            "radiograph's rib edges there only (ctrefine.models.chest_wall; the ablation in "
                            "bench/RESULTS.md)")
+    guidance_depth: Literal["along-rays", "cross-view"] = Field(
+        "along-rays", description="refiner: each radiograph's lifted detail features spread evenly along their rays, "
+                                  "or placed in depth by weights read from both views and the coarse volume "
+                                  "(ctrefine.models.ray_placement)")
     base_model_checkpoint: str | None = Field(None, description="refine stage: the trained base's best_model.pt; "
                                                                 "null = <checkpoint.dir>/base/best_model.pt")
 
@@ -73,7 +77,8 @@ class ModelConfig(_Section):
 # model-section keys added after model files and runs existed, and the value that describes those older ones
 # (today's defaults differ): read wherever a stored config is (model files, resumed runs)
 MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0, "xray_guidance": "image+laplacian",
-                    "dc_weighting": "uniform", "residual_fusion": "views", "wall_cue": "off"}
+                    "dc_weighting": "uniform", "residual_fusion": "views", "wall_cue": "off",
+                    "guidance_depth": "along-rays"}
 
 
 def upgrade_stored(raw: dict) -> dict:

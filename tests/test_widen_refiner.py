@@ -92,3 +92,25 @@ def test_doubled_width_computes_the_same_volume_and_its_copies_can_part(tmp_path
 def test_a_width_that_cannot_double_is_refused():
     with pytest.raises(SystemExit, match="does not double"):
         widen_refiner.double_channels({"w": torch.zeros(3, 4)}, {"w": (5, 4)}, {})
+
+
+def test_ray_placement_joins_a_trained_refiner_without_changing_its_volume_and_then_learns(tmp_path):
+    """--ray-placement: the same volume at first (even weights along every ray), and a gradient that reaches the
+    placement's logits, so fine-tuning can move features in depth."""
+    cfg = load_config("cpu-small", SMALL)
+    refiner = _trained_like(cfg)
+    save_model_file(tmp_path / "src.pt", "refine", refiner.state_dict(), cfg, {}, epoch=1)
+    assert widen_refiner.main([str(tmp_path / "src.pt"), str(tmp_path / "placed.pt"), "--ray-placement"]) == 0
+    placed = load_model_file(tmp_path / "placed.pt", stage="refine")
+    assert placed.config.model.guidance_depth == "cross-view"
+    net = placed.build().eval()
+    c, x = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 2, 1, 64, 64)
+    with torch.no_grad():
+        before = refiner(c, x)
+    assert float((before - c).abs().max()) > 1e-2
+    torch.testing.assert_close(net(c, x), before, rtol=0, atol=1e-6)
+    net(c, x).square().mean().backward()
+    assert float(net.guidance.place.logits.weight.grad.abs().max()) > 0
+    with pytest.raises(SystemExit, match="places them already"):
+        widen_refiner.main([str(tmp_path / "placed.pt"), str(tmp_path / "again.pt"), "--ray-placement"])
+    assert not (tmp_path / "again.pt").exists()

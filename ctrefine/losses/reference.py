@@ -221,6 +221,23 @@ def lung_streak_mismatch(pred: torch.Tensor, target: torch.Tensor, coarse: torch
     return (_lung_segment_share_log(pred, coarse, lung) - _lung_segment_share_log(target, coarse, lung)).abs().mean()
 
 
+def placement_kl(weights: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor,
+                 coarse: torch.Tensor) -> torch.Tensor:
+    """How far the refiner's ray placement (:class:`~ctrefine.models.ray_placement.RayPlacement`; per view
+    ``(B, G, D, H, W)`` weights summing to the ray's length along its axis, PA along H, lateral along W) is from
+    where the detail the coarse volume lacks truly lies: ``e = highpass(target - coarse)^2``, normalised along each
+    ray, against the mean of the groups' weights, as ``KL(e's share || placement)`` per ray, summed with each ray
+    weighed by its ``e``, mean over the two views (0: every feature placed where the missing detail is; float32).
+    Rays without missing detail cost nothing."""
+    e = highpass(target.float() - coarse.float()).square()[:, 0]
+    kl = []
+    for w, axis in zip(weights, (2, 3)):  # (B, D, H, W) after the groups' mean: H is axis 2, W axis 3
+        p = w.float().mean(1) / w.shape[axis + 1]
+        share = e / (e.sum(axis, keepdim=True) + 1e-20)
+        kl.append((torch.xlogy(e, share) - e * torch.log(p.clamp_min(1e-12))).sum() / (e.sum() + 1e-20))
+    return (kl[0] + kl[1]) / 2
+
+
 def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
     """Forward-difference gradient magnitude over (D, H, W) (replicate border: zero at the far faces)."""
     g = [torch.diff(x, dim=d, append=x.narrow(d, x.shape[d] - 1, 1)) for d in (-3, -2, -1)]

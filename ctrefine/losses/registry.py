@@ -90,6 +90,11 @@ LUNG_DETAIL_MSE_WEIGHT = 30.0
 # window, borders included, it costs the rib Dice (0.320 -> 0.283) and the lung's squared error (0.782x -> 0.814x).
 # With band_energy 0.01 the soft-tissue MAE is back at the coarse volume's (71.37 against 71.39 HU); at 3 it is 71.05.
 SOFT_L1_WEIGHT = 3.0
+# placement teaches model.guidance_depth="cross-view" where along each ray the detail the coarse volume lacks lies.
+# Off: at 0.01 the placement learns the PA depths (KL 1.66 -> 1.09 nats; lateral 1.66 -> 1.40), but the refined
+# volume loses 0.02-0.03 dB and the lung detail alignment 0.516 -> 0.510 on the shipped split, and the hilar fan
+# stays (bench/RESULTS.md, "Detail in place: each lifted feature placed in depth").
+PLACEMENT_WEIGHT = 0.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
@@ -106,6 +111,7 @@ class TermContext:
     projector: SliceProjector | None = None
     critic: AdversarialCritic | None = None
     kernels: bool = False  # the Triton loss kernels instead of their references (the run's device.Kernels.loss)
+    placement: tuple[torch.Tensor, torch.Tensor] | None = None  # the refiner's ray-placement weights of this batch
 
 
 # term(refined, target, coarse, context) -> scalar tensor
@@ -130,6 +136,12 @@ def _consistency_with(r: torch.Tensor, ctx: TermContext) -> torch.Tensor:
     if ctx.images is None or ctx.projector is None:
         raise ValueError("the xray_consistency term needs the batch's radiographs")
     return xray_consistency(ctx.projector, r, ctx.images).mean()
+
+
+def _placement(r: torch.Tensor, t: torch.Tensor, c: torch.Tensor, ctx: TermContext) -> torch.Tensor:
+    if ctx.placement is None:  # a refiner that spreads its lifted features evenly has no placement to teach
+        return r.new_zeros(()).float()
+    return _reference().placement_kl(ctx.placement, t, c)
 
 
 def _adversarial(r: torch.Tensor, c: torch.Tensor, ctx: TermContext) -> torch.Tensor:
@@ -181,6 +193,9 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("lung_streak_match", LUNG_STREAK_MATCH_WEIGHT,
              lambda r, t, c, x: _reference().lung_streak_mismatch(r, t, c),
              "streak_match inside the lung on 45 mm segments of the rays (no streak fanning across one lung)"),
+    LossTerm("placement", PLACEMENT_WEIGHT, lambda r, t, c, x: _placement(r, t, c, x),
+             "KL from where along each ray the detail the coarse volume lacks lies to the refiner's ray placement "
+             "(model.guidance_depth=cross-view; 0 without it)"),
     LossTerm("adversarial", ADVERSARIAL_WEIGHT, lambda r, t, c, x: _adversarial(r, c, x),
              "softplus(-critic(refined | coarse)): a 3D patch critic's verdict that the correction looks true"),
 )}

@@ -14,7 +14,9 @@ from a small 3D U-Net fed with four things about that starting volume (five with
    volume already has edges;
 3. :class:`XrayDetailGuidance` -- detail cues from each radiograph (the image and its 2D Laplacian),
    encoded in 2D, lifted along each view's ray axis and fused across views, i.e. where the radiographs
-   say edges are that the coarse volume lacks;
+   say edges are that the coarse volume lacks; with ``guidance_depth="cross-view"`` each feature is placed
+   along its ray by weights read from both views and the coarse volume (:mod:`~ctrefine.models.ray_placement`)
+   instead of spread evenly;
 4. the re-projection residual (:mod:`ctrefine.reprojection`): each normalised input radiograph minus
    the fitted re-projection of the coarse volume, back-projected along the rays it came from, i.e.
    *how much* attenuation the coarse volume lacks or has in excess along each ray, in the acquisition's
@@ -39,6 +41,7 @@ from ..reprojection import SliceProjector, pool_to, sirt_step, xray_residual
 from ..stencil import laplacian2d, laplacian3d
 from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fuse_views
 from .chest_wall import CHANNELS as WALL_CHANNELS, ChestWallCue
+from .ray_placement import RayPlacement
 
 HIGHPASS_GAIN = 4.0  # Laplacian of a [0, 1] volume is small (|L| << 1 in soft tissue); scale it to O(1) inputs
 # The coarse volume's re-projection residual is ~0.02 (mean |r|, normalised radiograph units, shipped 64^3 base,
@@ -57,10 +60,15 @@ class HighPassBranch(nn.Module):
 
 
 class XrayDetailGuidance(nn.Module):
-    """Per-view 2D detail encoders, lifted along each view's rays and fused across views."""
+    """Per-view 2D detail encoders, lifted along each view's rays and fused across views; ``placement``:
+    spread evenly along the rays (``"along-rays"``) or placed in depth from both views and the coarse volume
+    (``"cross-view"``, :class:`~ctrefine.models.ray_placement.RayPlacement`)."""
 
-    def __init__(self, channels: int = 16, laplacian: bool = True):
+    def __init__(self, channels: int = 16, laplacian: bool = True, placement: str = "along-rays"):
         super().__init__()
+        if placement not in ("along-rays", "cross-view"):
+            raise ValueError(f"guidance_depth must be along-rays or cross-view, got {placement!r}")
+        self.place = RayPlacement(channels) if placement == "cross-view" else None
         self.laplacian = laplacian  # the 2D high-pass beside the image (off: the image alone, an ablation)
         cues = 2 if laplacian else 1
         self.enc = nn.ModuleDict({v: nn.Sequential(conv_norm_act(cues, channels, 2), conv_norm_act(channels, channels, 2),
@@ -71,14 +79,17 @@ class XrayDetailGuidance(nn.Module):
         """The image and its 2D high-pass (edges of ribs, vessels, nodules)."""
         return torch.cat([img, HIGHPASS_GAIN * laplacian2d(img)], dim=1) if self.laplacian else img
 
-    def forward(self, xrays: torch.Tensor, volume_size: int) -> torch.Tensor:
+    def forward(self, xrays: torch.Tensor, volume_size: int, coarse: torch.Tensor,
+                highpass: torch.Tensor) -> torch.Tensor:
         feats = []
         for i, v in enumerate(("pa", "lateral")):
             f = self.enc[v](self.cues(xrays[:, i]))
             if f.shape[-1] != volume_size:
                 f = F.adaptive_avg_pool2d(f, volume_size)
             feats.append(f)
-        return self.fuse(fuse_views(*feats))
+        if self.place is None:
+            return self.fuse(fuse_views(*feats))
+        return self.fuse(self.place(*feats, coarse, highpass))
 
 
 class DetailRefinementNetwork(nn.Module):
@@ -87,7 +98,7 @@ class DetailRefinementNetwork(nn.Module):
     def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
                  freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone", data_consistency_steps: int = 0,
                  xray_guidance: str = "image+laplacian", dc_weighting: str = "uniform", residual_fusion: str = "views",
-                 wall_cue: str = "off"):
+                 wall_cue: str = "off", guidance_depth: str = "along-rays"):
         super().__init__()
         if volume_size % 4:
             raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
@@ -99,7 +110,7 @@ class DetailRefinementNetwork(nn.Module):
             raise ValueError(f"xray_guidance must be image+laplacian, image or off, got {xray_guidance!r}")
         # "off": no lifted radiograph cues at all (the re-projection residual still brings the radiographs in)
         self.guidance = None if xray_guidance == "off" else \
-            XrayDetailGuidance(guidance_channels, laplacian=xray_guidance == "image+laplacian")
+            XrayDetailGuidance(guidance_channels, xray_guidance == "image+laplacian", guidance_depth)
         g = 0 if self.guidance is None else guidance_channels
         # "off": no re-projection guidance (models trained before it existed, and the ablation)
         self.projector = None if reprojection == "off" else SliceProjector(v, v, reprojection)
@@ -163,7 +174,7 @@ class DetailRefinementNetwork(nn.Module):
         """The correction of ``coarse``; ``pooled``: the radiographs at the re-projection size, if at hand."""
         inputs = [coarse, self.highpass(coarse)]
         if self.guidance is not None:
-            inputs.append(self.guidance(xrays, self.volume_size))
+            inputs.append(self.guidance(xrays, self.volume_size, *inputs))
         if pooled is None and self.projector is not None:
             pooled = pool_to(xrays, self.projector.image_size)
         bp = None if self.projector is None else self.reprojection_guidance(coarse, pooled)
@@ -185,6 +196,12 @@ class DetailRefinementNetwork(nn.Module):
         x = self.up0(self.upsample(x))
         x = self.dec0(torch.cat([x, x0], dim=1))
         return self.head(x)
+
+    def placement_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ray placement's weights of the last forward pass in training mode (for the ``placement`` loss
+        term); None in eval mode or without a placement."""
+        place = None if self.guidance is None else self.guidance.place
+        return None if place is None else place.last_weights
 
     def start_and_refined(self, coarse: torch.Tensor, xrays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(start, refined)``: the coarse volume after the SIRT steps, and the refiner's output from it."""

@@ -202,7 +202,8 @@ class RefineStage(Stage):
         x, target = xrays.to(self.device, self.dtype), ct.to(self.device)
         refined = model(c, x)
         critic_loss = self.criterion.train_critic(refined, target, c)  # None unless loss.adversarial > 0
-        total, terms = self.criterion(refined, target, c, x)
+        placement = getattr(model, "module", model).placement_weights()  # the engine wraps the refiner
+        total, terms = self.criterion(refined, target, c, x, placement)
         if critic_loss is not None:
             terms["critic"] = critic_loss
         return total, terms
