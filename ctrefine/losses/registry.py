@@ -76,11 +76,11 @@ MSE_WEIGHT = 10.0
 # it (0.574 -> 0.603, coarse 0.576) for 0.04 dB. On the shipped split that pair lifts the lung around the vessels
 # (lung squared error 0.785x -> 0.826x the coarse volume's); lung_mse 10 beside it takes that back (0.779x) with the
 # vessel Dice still 0.170 (bench/RESULTS.md, "Detail in place: the vessels and the streak share"). Weighed 60 against
-# the lung's 10, a vessel missed costs 70 and a vessel drawn where there is none 20, so the refiner draws one wherever
-# it is more than 2/9 likely (20 / 90): lines across the lung around the hilum. At 30 the lung MAE falls 1.9 HU (on
+# the lung's 10, a vessel missed costs 70 and a vessel drawn where there is none 20. At 30 the lung MAE falls 1.9 HU (on
 # all 26 of the shipped split) and the lung's squared error 0.788x -> 0.772x the coarse volume's, for vessel Dice
 # 0.163 -> 0.138 (the mean volume's 0.101) (bench/RESULTS.md, "Detail in place: the top band's margin, and the
-# vessels drawn where they are likely").
+# vessels drawn where they are likely"). It does not draw the hilar fan: at 0 the fan stays and the vessel Dice
+# falls to 0.105 (bench/RESULTS.md, "Detail in place: each lifted feature placed in depth").
 LUNG_MSE_WEIGHT = 10.0
 LUNG_RIM_MSE_WEIGHT = 30.0
 LUNG_DETAIL_MSE_WEIGHT = 30.0
