@@ -53,11 +53,12 @@ S23 = {**S22, "band_energy": 0.01, "lung_detail_mse": 30.0, "soft_l1": 3.0}  # s
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
          dc_weighting: str = "uniform", fusion: str = "views", wall_cue: str = "off",
-         guidance_depth: str = "along-rays") -> dict:
+         guidance_depth: str = "along-rays", residual_weighting: str = "uniform") -> dict:
     """One refiner; the model settings the registry's defaults may change later are written out too."""
     return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc,
             "extra": [f'model.dc_weighting="{dc_weighting}"', f'model.residual_fusion="{fusion}"',
-                      f'model.wall_cue="{wall_cue}"', f'model.guidance_depth="{guidance_depth}"', *extra]}
+                      f'model.wall_cue="{wall_cue}"', f'model.guidance_depth="{guidance_depth}"',
+                      f'model.residual_weighting="{residual_weighting}"', *extra]}
 
 
 ROWS = {
@@ -169,6 +170,9 @@ ROWS = {
     "s23_ray_placement": _row("session 23's defaults + the cross-view ray placement, placement 0.01",
                               {**S23, "placement": 0.01}, dc_weighting="density", fusion="views+product",
                               guidance_depth="cross-view"),
+    # the re-projection residual spread along its rays by the coarse volume's attenuation
+    "s23_residual_density": _row("session 23's defaults, the residual back-projected by density", S23,
+                                 dc_weighting="density", fusion="views+product", residual_weighting="density"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

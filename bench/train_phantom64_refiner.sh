@@ -14,7 +14,8 @@
 # with today's. WIDTH=N trains a refiner of model.hidden_channels N (the INIT file must have it:
 # bench/widen_refiner.py --double-width); DEPTH=cross-view one whose lifted radiograph features are placed in depth
 # (model.guidance_depth; the INIT file must have it: bench/widen_refiner.py --ray-placement), PLACE=W the
-# placement term's weight (loss.placement, its default unless set).
+# placement term's weight (loss.placement, its default unless set), RESIDUAL=density a refiner that spreads its
+# re-projection residual along the rays by the coarse volume's attenuation (model.residual_weighting).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
@@ -48,4 +49,5 @@ OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine -
     --set loss.soft_l1="$SOFT" --set loss.lung_streak_match="$LSTREAK" ${PLACE:+--set loss.placement=$PLACE} \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
     ${WIDTH:+--set model.hidden_channels=$WIDTH} ${DEPTH:+--set model.guidance_depth=$DEPTH} \
+    ${RESIDUAL:+--set model.residual_weighting=$RESIDUAL} \
     --no-progress

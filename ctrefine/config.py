@@ -70,6 +70,9 @@ class ModelConfig(_Section):
         "along-rays", description="refiner: each radiograph's lifted detail features spread evenly along their rays, "
                                   "or placed in depth by weights read from both views and the coarse volume "
                                   "(ctrefine.models.ray_placement)")
+    residual_weighting: Literal["uniform", "density"] = Field(
+        "uniform", description="refiner: the re-projection residual spread back along each ray evenly, or in "
+                               "proportion to the coarse volume's attenuation (as dc_weighting's density)")
     base_model_checkpoint: str | None = Field(None, description="refine stage: the trained base's best_model.pt; "
                                                                 "null = <checkpoint.dir>/base/best_model.pt")
 
@@ -78,7 +81,7 @@ class ModelConfig(_Section):
 # (today's defaults differ): read wherever a stored config is (model files, resumed runs)
 MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0, "xray_guidance": "image+laplacian",
                     "dc_weighting": "uniform", "residual_fusion": "views", "wall_cue": "off",
-                    "guidance_depth": "along-rays"}
+                    "guidance_depth": "along-rays", "residual_weighting": "uniform"}
 
 
 def upgrade_stored(raw: dict) -> dict:

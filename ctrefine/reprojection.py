@@ -159,6 +159,24 @@ def xray_residual(projector: SliceProjector, volume: torch.Tensor, xrays: torch.
     return target - fit_affine(projector(volume), target)
 
 
+def backproject_residual(projector: SliceProjector, volume: torch.Tensor, xrays: torch.Tensor,
+                         weighting: str = "uniform") -> torch.Tensor:
+    """:func:`xray_residual` of ``volume`` spread back along the rays it came from, ``(B, 2, N, N, N)``.
+
+    ``weighting="uniform"``: each ray's residual lands evenly on every voxel it crossed. ``"density"``: in
+    proportion to the volume's own attenuation along the ray (as :func:`sirt_step`'s density weighting; a volume of
+    ones gets the uniform spread exactly), so lung and air receive little of it and tissue most."""
+    if weighting not in ("uniform", "density"):
+        raise ValueError(f"weighting must be 'uniform' or 'density', got {weighting!r}")
+    target = pool_to(xrays, projector.image_size)
+    proj = projector(volume)
+    residual = target - fit_affine(proj, target)
+    if weighting == "uniform":
+        return projector.backproject(residual)
+    along = proj.clamp_min(1e-3 * projector.ray_sum)
+    return volume.float() * projector.backproject(residual * projector.ray_sum / along)
+
+
 def sirt_step(projector: SliceProjector, volume: torch.Tensor, xrays: torch.Tensor,
               weighting: str = "uniform") -> torch.Tensor:
     """One SIRT update ``(B, 1, N, N, N)`` (model-space units) towards explaining both radiographs.

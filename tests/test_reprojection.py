@@ -117,6 +117,25 @@ def test_density_weighted_step_places_the_deficit_where_the_attenuation_is(tiny_
         sirt_step(p, start, xr, "random")
 
 
+def test_density_weighted_residual_lands_where_the_attenuation_is(tiny_dataset):
+    """backproject_residual: uniform is the plain back-projection of the residual; density gives a volume of ones
+    the same, and on a patient puts a smaller share of the residual into the lung and air."""
+    from ctrefine.reprojection import backproject_residual
+
+    p = SliceProjector(32, 32, "cone")
+    vol, xr = _patient(tiny_dataset, "patient_0004")
+    start = 0.9 * vol
+    torch.testing.assert_close(backproject_residual(p, start, xr), p.backproject(xray_residual(p, start, xr)))
+    ones = torch.ones_like(vol)
+    torch.testing.assert_close(backproject_residual(p, ones, xr, "density"), backproject_residual(p, ones, xr))
+    low = (start < float(hu_to_model(-500.0))).expand(-1, 2, -1, -1, -1)  # air and lung
+    share = {w: float(backproject_residual(p, start, xr, w).abs()[low].sum()
+                      / backproject_residual(p, start, xr, w).abs().sum()) for w in ("uniform", "density")}
+    assert share["density"] < 0.5 * share["uniform"], share
+    with pytest.raises(ValueError, match="weighting"):
+        backproject_residual(p, start, xr, "random")
+
+
 @pytest.mark.parametrize("variant", [{}, {"dc_weighting": "density", "residual_fusion": "views+product"}])
 def test_refiner_data_consistency_starts_as_the_identity_and_learns(variant):
     from ctrefine.models.refiner import DetailRefinementNetwork

@@ -20,7 +20,8 @@ def build_refiner(cfg):
     m = cfg.model
     return DetailRefinementNetwork(m.volume_size, m.hidden_channels, m.guidance_channels, m.freq_bins, m.mid_blocks,
                                    m.reprojection, m.data_consistency_steps, m.xray_guidance,
-                                   m.dc_weighting, m.residual_fusion, m.wall_cue, m.guidance_depth)
+                                   m.dc_weighting, m.residual_fusion, m.wall_cue, m.guidance_depth,
+                                   m.residual_weighting)
 
 
 BUILDERS = {"base": build_base, "refine": build_refiner}

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reprojection import SliceProjector, pool_to, sirt_step, xray_residual
+from ..reprojection import SliceProjector, backproject_residual, pool_to, sirt_step
 from ..stencil import laplacian2d, laplacian3d
 from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fuse_views
 from .chest_wall import CHANNELS as WALL_CHANNELS, ChestWallCue
@@ -98,7 +98,7 @@ class DetailRefinementNetwork(nn.Module):
     def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
                  freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone", data_consistency_steps: int = 0,
                  xray_guidance: str = "image+laplacian", dc_weighting: str = "uniform", residual_fusion: str = "views",
-                 wall_cue: str = "off", guidance_depth: str = "along-rays"):
+                 wall_cue: str = "off", guidance_depth: str = "along-rays", residual_weighting: str = "uniform"):
         super().__init__()
         if volume_size % 4:
             raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
@@ -123,6 +123,9 @@ class DetailRefinementNetwork(nn.Module):
         if residual_fusion not in ("views", "views+product"):
             raise ValueError(f"residual_fusion must be views or views+product, got {residual_fusion!r}")
         self.dc_weighting, self.residual_product = dc_weighting, residual_fusion == "views+product"
+        if residual_weighting not in ("uniform", "density"):
+            raise ValueError(f"residual_weighting must be uniform or density, got {residual_weighting!r}")
+        self.residual_weighting = residual_weighting  # how the re-projection residual is spread along its rays
         n_res = 0 if self.projector is None else 2 + self.residual_product
         if wall_cue not in ("off", "depth+detail"):
             raise ValueError(f"wall_cue must be off or depth+detail, got {wall_cue!r}")
@@ -165,7 +168,7 @@ class DetailRefinementNetwork(nn.Module):
         ``residual_fusion="views+product"`` a third channel, the two back-projections' product. A PA ray and
         a lateral ray at the same height cross at one voxel, so the product is large only where *both* views
         miss attenuation: where along each ray the deficit lies, which neither view says alone."""
-        bp = RESIDUAL_GAIN * self.projector.backproject(xray_residual(self.projector, coarse.float(), xrays))
+        bp = RESIDUAL_GAIN * backproject_residual(self.projector, coarse.float(), xrays, self.residual_weighting)
         if self.residual_product:
             bp = torch.cat([bp, bp[:, :1] * bp[:, 1:]], dim=1)
         return [v.to(coarse.dtype) for v in (bp, F.avg_pool3d(bp, 2), F.avg_pool3d(bp, 4))]
