@@ -63,6 +63,17 @@ def _trained_like(cfg) -> torch.nn.Module:
     return refiner.eval()
 
 
+def _same_volume(refiner: torch.nn.Module, widened: torch.nn.Module, atol: float):
+    """``(coarse, xrays, refiner's volume)`` on random inputs the refiner corrects by more than 0.01 (so the
+    identity is not trivial), after checking that ``widened`` computes the same volume to ``atol``."""
+    c, x = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 2, 1, 64, 64)
+    with torch.no_grad():
+        before = refiner(c, x)
+        assert float((before - c).abs().max()) > 1e-2
+        torch.testing.assert_close(widened(c, x), before, rtol=0, atol=atol)
+    return c, x, before
+
+
 def test_doubled_width_computes_the_same_volume_and_its_copies_can_part(tmp_path):
     cfg = load_config("cpu-small", ['model.residual_fusion="views+product"', *SMALL])
     refiner = _trained_like(cfg)
@@ -72,11 +83,7 @@ def test_doubled_width_computes_the_same_volume_and_its_copies_can_part(tmp_path
     assert wide.config.model.hidden_channels == 16
     wide_net = wide.build().eval()
     assert sum(p.numel() for p in wide_net.parameters()) > 3 * sum(p.numel() for p in refiner.parameters())
-    c, x = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 2, 1, 64, 64)
-    with torch.no_grad():
-        before = refiner(c, x)
-    assert float((before - c).abs().max()) > 1e-2
-    torch.testing.assert_close(wide_net(c, x), before, rtol=0, atol=1e-5)
+    c, x, before = _same_volume(refiner, wide_net, atol=1e-5)
     # the two copies of a channel get different gradients (an equal split would keep them equal forever)
     wide_net(c, x).square().mean().backward()
     g = wide_net.stem[0].weight.grad
@@ -104,11 +111,7 @@ def test_ray_placement_joins_a_trained_refiner_without_changing_its_volume_and_t
     placed = load_model_file(tmp_path / "placed.pt", stage="refine")
     assert placed.config.model.guidance_depth == "cross-view"
     net = placed.build().eval()
-    c, x = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 2, 1, 64, 64)
-    with torch.no_grad():
-        before = refiner(c, x)
-    assert float((before - c).abs().max()) > 1e-2
-    torch.testing.assert_close(net(c, x), before, rtol=0, atol=1e-6)
+    c, x, _ = _same_volume(refiner, net, atol=1e-6)
     net(c, x).square().mean().backward()
     assert float(net.guidance.place.logits.weight.grad.abs().max()) > 0
     with pytest.raises(SystemExit, match="places them already"):
