@@ -1,9 +1,8 @@
 """Where along its ray each lifted radiograph feature goes (issue "detail in place", step 2).
 
 Lifting a view's 2D features along its rays (:func:`~ctrefine.models.blocks.lift_view`) copies each pixel to
-every voxel the ray crossed: a vessel seen on the PA radiograph is drawn at every depth, and what the network
-downstream makes of it is a guess at the depth. On the demo that guess is the hilum's for every lifted line,
-and the lung shows a fan of vessels drawn in the wrong coronal plane.
+every voxel the ray crossed: a vessel seen on the PA radiograph is offered at every depth, and the network
+downstream has to find its depth itself.
 
 :class:`RayPlacement` spreads each feature along its ray with learned weights instead of evenly. For every
 voxel it reads the coarse volume, its high-pass, both views' lifted features and their product -- for a PA
@@ -13,9 +12,12 @@ axis, times the ray's length, makes the weights: they sum along the ray to what 
 the feature keeps its strength and only moves in depth. The loss term ``placement``
 (:func:`ctrefine.losses.reference.placement_kl`) can teach the weights where along each ray the detail the
 coarse volume lacks truly lies; they read the features detached, so it teaches the placement alone. The last
-convolution starts at zero: even weights,
-exactly the plain lifting, so a trained refiner can be given it without changing its output
-(``bench/widen_refiner.py --ray-placement``).
+convolution starts at zero: even weights, exactly the plain lifting, so a trained refiner can be given it without
+changing its output (``bench/widen_refiner.py --ray-placement``).
+
+Off by default (``model.guidance_depth="along-rays"``): on the shipped split the placement learns the PA depths
+when taught, and the refined volume loses 0.02-0.03 dB for it; the hilar fan it was built against comes from the
+re-projection residual instead (bench/RESULTS.md, "Detail in place: each lifted feature placed in depth").
 """
 from __future__ import annotations
 
