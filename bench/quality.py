@@ -173,6 +173,10 @@ ROWS = {
     # the re-projection residual spread along its rays by the coarse volume's attenuation
     "s23_residual_density": _row("session 23's defaults, the residual back-projected by density", S23,
                                  dc_weighting="density", fusion="views+product", residual_weighting="density"),
+    # the re-projection residual placed along its rays by learned weights, taught by the placement term
+    "s23_residual_placement": _row("session 23's defaults, the residual placed along its rays, placement 0.01",
+                                   {**S23, "placement": 0.01}, dc_weighting="density", fusion="views+product",
+                                   residual_weighting="learned"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

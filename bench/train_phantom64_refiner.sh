@@ -15,7 +15,9 @@
 # bench/widen_refiner.py --double-width); DEPTH=cross-view one whose lifted radiograph features are placed in depth
 # (model.guidance_depth; the INIT file must have it: bench/widen_refiner.py --ray-placement), PLACE=W the
 # placement term's weight (loss.placement, its default unless set), RESIDUAL=density a refiner that spreads its
-# re-projection residual along the rays by the coarse volume's attenuation (model.residual_weighting).
+# re-projection residual along the rays by the coarse volume's attenuation (model.residual_weighting), RESIDUAL=learned
+# one that places it by learned weights (the INIT file must have them: bench/widen_refiner.py --residual-placement).
+# INIT=null trains the refiner from zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}

@@ -70,9 +70,10 @@ class ModelConfig(_Section):
         "along-rays", description="refiner: each radiograph's lifted detail features spread evenly along their rays, "
                                   "or placed in depth by weights read from both views and the coarse volume "
                                   "(ctrefine.models.ray_placement)")
-    residual_weighting: Literal["uniform", "density"] = Field(
-        "uniform", description="refiner: the re-projection residual spread back along each ray evenly, or in "
-                               "proportion to the coarse volume's attenuation (as dc_weighting's density)")
+    residual_weighting: Literal["uniform", "density", "learned"] = Field(
+        "uniform", description="refiner: the re-projection residual spread back along each ray evenly, in "
+                               "proportion to the coarse volume's attenuation (as dc_weighting's density), or "
+                               "placed along it by learned weights (ctrefine.models.ray_placement)")
     base_model_checkpoint: str | None = Field(None, description="refine stage: the trained base's best_model.pt; "
                                                                 "null = <checkpoint.dir>/base/best_model.pt")
 

@@ -100,3 +100,30 @@ def test_the_placement_loss_is_zero_where_the_missing_detail_is_and_positive_whe
     total.backward()
     assert float(terms["placement"]) > 1.0 and float(place.logits.weight.grad.abs().max()) > 0
     assert float(DetailRefinementLoss(only)(target, target, coarse)[1]["placement"]) == 0.0
+
+
+def test_a_refiner_that_places_its_residual_hands_those_weights_to_the_placement_loss():
+    """model.residual_weighting="learned": the back-projected residuals go through a one-group placement; in training
+    mode its weights join the guidance placement's (one more group per view) for the ``placement`` term, whose
+    gradient reaches the residual placement's logits; in eval mode nothing is kept."""
+    from ctrefine.config import load_config
+    from ctrefine.losses.reference import placement_kl
+    from ctrefine.models import build_refiner
+
+    cfg = load_config("cpu-small", ["model.hidden_channels=8", "model.guidance_channels=4", "model.mid_blocks=1",
+                                    'model.guidance_depth="cross-view"', 'model.residual_weighting="learned"'])
+    torch.manual_seed(0)
+    net = build_refiner(cfg).train()
+    g = torch.Generator().manual_seed(6)
+    coarse, xrays = torch.rand(1, 1, 32, 32, 32, generator=g), torch.rand(1, 2, 1, 64, 64, generator=g)
+    net(coarse, xrays)
+    w_pa, w_lat = net.placement_weights()
+    assert w_pa.shape == w_lat.shape == (1, GROUPS + 1, 32, 32, 32)  # the guidance's groups, then the residual's
+    target = coarse.clone()
+    target[:, :, 10:12, 7, 5:20] += 0.5
+    placement_kl((w_pa, w_lat), target, coarse).backward()
+    assert float(net.residual_place.logits.weight.grad.abs().max()) > 0
+    net.eval()
+    with torch.no_grad():
+        net(coarse, xrays)
+    assert net.placement_weights() is None

@@ -117,3 +117,21 @@ def test_ray_placement_joins_a_trained_refiner_without_changing_its_volume_and_t
     with pytest.raises(SystemExit, match="places them already"):
         widen_refiner.main([str(tmp_path / "placed.pt"), str(tmp_path / "again.pt"), "--ray-placement"])
     assert not (tmp_path / "again.pt").exists()
+
+
+def test_residual_placement_joins_a_trained_refiner_without_changing_its_volume_and_then_learns(tmp_path):
+    """--residual-placement: the same volume at first (the residual still spread evenly), a gradient that reaches
+    the residual placement's logits, and a refusal to add it twice or to a density-spread residual."""
+    cfg = load_config("cpu-small", SMALL)
+    refiner = _trained_like(cfg)
+    save_model_file(tmp_path / "src.pt", "refine", refiner.state_dict(), cfg, {}, epoch=1)
+    assert widen_refiner.main([str(tmp_path / "src.pt"), str(tmp_path / "placed.pt"), "--residual-placement"]) == 0
+    placed = load_model_file(tmp_path / "placed.pt", stage="refine")
+    assert placed.config.model.residual_weighting == "learned"
+    net = placed.build().eval()
+    c, x, _ = _same_volume(refiner, net, atol=1e-6)
+    net(c, x).square().mean().backward()
+    assert float(net.residual_place.logits.weight.grad.abs().max()) > 0
+    with pytest.raises(SystemExit, match="nothing to place"):
+        widen_refiner.main([str(tmp_path / "placed.pt"), str(tmp_path / "again.pt"), "--residual-placement"])
+    assert not (tmp_path / "again.pt").exists()

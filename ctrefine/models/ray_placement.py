@@ -61,11 +61,17 @@ class RayPlacement(nn.Module):
         g = lifted.reshape(b, self.groups, c // self.groups, *lifted.shape[2:]) * w.to(lifted.dtype).unsqueeze(2)
         return g.reshape(lifted.shape)
 
-    def forward(self, pa: torch.Tensor, lat: torch.Tensor, coarse: torch.Tensor,
-                highpass: torch.Tensor) -> torch.Tensor:
-        p, l_ = lift_view(pa, "pa", lat.shape[-1]), lift_view(lat, "lateral", pa.shape[-1])
+    def place_lifted(self, p: torch.Tensor, l_: torch.Tensor, coarse: torch.Tensor,
+                     highpass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features already spread evenly along their rays (PA ``p`` constant along H, lateral ``l_`` along W,
+        ``(B, C, D, H, W)`` each) -> the same features placed along the rays by the learned weights."""
         # the features are read detached: the placement loss teaches where to put them, not what they say
         w_pa, w_lat = self.weights(torch.cat([coarse, highpass, p, l_, p * l_], dim=1).detach())
         self.last_weights = (w_pa, w_lat) if self.training else None
-        p, l_ = self._place(p, w_pa), self._place(l_, w_lat)
+        return self._place(p, w_pa), self._place(l_, w_lat)
+
+    def forward(self, pa: torch.Tensor, lat: torch.Tensor, coarse: torch.Tensor,
+                highpass: torch.Tensor) -> torch.Tensor:
+        p, l_ = self.place_lifted(lift_view(pa, "pa", lat.shape[-1]), lift_view(lat, "lateral", pa.shape[-1]),
+                                  coarse, highpass)
         return torch.cat([p, l_, p * l_], dim=1)

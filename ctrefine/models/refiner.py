@@ -123,9 +123,12 @@ class DetailRefinementNetwork(nn.Module):
         if residual_fusion not in ("views", "views+product"):
             raise ValueError(f"residual_fusion must be views or views+product, got {residual_fusion!r}")
         self.dc_weighting, self.residual_product = dc_weighting, residual_fusion == "views+product"
-        if residual_weighting not in ("uniform", "density"):
-            raise ValueError(f"residual_weighting must be uniform or density, got {residual_weighting!r}")
+        if residual_weighting not in ("uniform", "density", "learned"):
+            raise ValueError(f"residual_weighting must be uniform, density or learned, got {residual_weighting!r}")
         self.residual_weighting = residual_weighting  # how the re-projection residual is spread along its rays
+        # "learned": spread evenly, then placed along each ray as the lifted features can be (one group per view)
+        self.residual_place = RayPlacement(1, groups=1) \
+            if residual_weighting == "learned" and self.projector is not None else None
         n_res = 0 if self.projector is None else 2 + self.residual_product
         if wall_cue not in ("off", "depth+detail"):
             raise ValueError(f"wall_cue must be off or depth+detail, got {wall_cue!r}")
@@ -162,13 +165,23 @@ class DetailRefinementNetwork(nn.Module):
                                                                                    self.dc_weighting), 0.0, 1.0)
         return x.to(coarse.dtype)
 
-    def reprojection_guidance(self, coarse: torch.Tensor, xrays: torch.Tensor) -> list[torch.Tensor]:
+    def reprojection_guidance(self, coarse: torch.Tensor, xrays: torch.Tensor,
+                              highpass: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Each view's re-projection residual of ``coarse`` back along its rays, ``(B, 2, V, V, V)`` at full,
         half and quarter resolution (computed in float32: CPU pooling has no bf16 kernel); with
         ``residual_fusion="views+product"`` a third channel, the two back-projections' product. A PA ray and
         a lateral ray at the same height cross at one voxel, so the product is large only where *both* views
-        miss attenuation: where along each ray the deficit lies, which neither view says alone."""
-        bp = RESIDUAL_GAIN * backproject_residual(self.projector, coarse.float(), xrays, self.residual_weighting)
+        miss attenuation: where along each ray the deficit lies, which neither view says alone. With
+        ``residual_weighting="learned"`` each view's even spread is then placed along its rays
+        (:class:`~ctrefine.models.ray_placement.RayPlacement`, reading ``coarse`` and its ``highpass``)."""
+        learned = self.residual_place is not None
+        bp = RESIDUAL_GAIN * backproject_residual(self.projector, coarse.float(), xrays,
+                                                  "uniform" if learned else self.residual_weighting)
+        if learned:
+            hp = self.highpass(coarse) if highpass is None else highpass
+            placed = self.residual_place.place_lifted(bp[:, :1].to(coarse.dtype), bp[:, 1:].to(coarse.dtype),
+                                                      coarse, hp)
+            bp = torch.cat(placed, dim=1).float()
         if self.residual_product:
             bp = torch.cat([bp, bp[:, :1] * bp[:, 1:]], dim=1)
         return [v.to(coarse.dtype) for v in (bp, F.avg_pool3d(bp, 2), F.avg_pool3d(bp, 4))]
@@ -180,7 +193,7 @@ class DetailRefinementNetwork(nn.Module):
             inputs.append(self.guidance(xrays, self.volume_size, *inputs))
         if pooled is None and self.projector is not None:
             pooled = pool_to(xrays, self.projector.image_size)
-        bp = None if self.projector is None else self.reprojection_guidance(coarse, pooled)
+        bp = None if self.projector is None else self.reprojection_guidance(coarse, pooled, inputs[1])
         if bp is not None:
             inputs.append(bp[0])
         if self.wall is not None:
@@ -203,8 +216,10 @@ class DetailRefinementNetwork(nn.Module):
     def placement_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ray placement's weights of the last forward pass in training mode (for the ``placement`` loss
         term); None in eval mode or without a placement."""
-        place = None if self.guidance is None else self.guidance.place
-        return None if place is None else place.last_weights
+        places = (None if self.guidance is None else self.guidance.place, self.residual_place)
+        found = [p.last_weights for p in places if p is not None and p.last_weights is not None]
+        # both placements learn the same thing (where along each ray the missing detail lies): one set of groups
+        return tuple(torch.cat(views, dim=1) for views in zip(*found)) if found else None
 
     def start_and_refined(self, coarse: torch.Tensor, xrays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(start, refined)``: the coarse volume after the SIRT steps, and the refiner's output from it."""
