@@ -116,6 +116,30 @@ def test_lung_detail_mse_counts_the_vessels_inside_the_deep_lung_not_the_heart_o
     assert cost == {"vessel": pytest.approx(n * 0.01 / n**3), "rim vessel": 0.0, "heart border": 0.0, "lung": 0.0}
 
 
+def test_lung_l1_leaves_out_a_vessel_unsure_of_its_place_where_the_squared_error_draws_it_faintly():
+    """One vessel deep in the lung, at one of five places along a row. The squared error prefers the mean of the five
+    guesses (a fifth of the vessel at each) to leaving it out; lung_l1 prefers leaving it out (the median), counts
+    the vessel's own voxels, and not the soft tissue around the lung."""
+    from ctrefine.conventions import hu_to_model
+
+    n, soft = 32, float(hu_to_model(40.0))
+    truth = torch.zeros(1, 1, n, n, n)
+    truth[..., 4:28, 4:28] = soft
+    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))
+    lung = truth.clone()
+    truth[..., 16, 12] = soft  # the vessel, one voxel thick through every depth slab
+    places = (8, 10, 12, 14, 16)
+    hedge = lung.clone()
+    for w in places:
+        hedge[..., 16, w] += (soft - float(lung[0, 0, 0, 16, 12])) / len(places)
+    assert R.mse(hedge, truth).item() < R.mse(lung, truth).item()
+    assert R.lung_l1(lung, truth).item() < R.lung_l1(hedge, truth).item()
+    assert R.lung_l1(lung, truth).item() > 0 and R.lung_l1(truth, truth).item() == 0.0
+    wall = truth.clone()
+    wall[..., 4, 10] += 0.3  # soft tissue of the chest wall: not the lung's
+    assert R.lung_l1(wall, truth).item() == 0.0
+
+
 def test_spectral_weight_values():
     w = R.spectral_weight((8, 8, 8))
     assert w[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())

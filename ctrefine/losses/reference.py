@@ -96,6 +96,14 @@ def lung_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _masked_mse(pred, target, lung_dense(target.detach()))
 
 
+def lung_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean m |pred - target|`` over all voxels, ``m`` = :func:`ctrefine.anatomy.lung_region` of the truth (the lung
+    with its vessels and nodules; no gradient; float32). The absolute error's optimum is the conditional median: a
+    vessel likelier absent than present at a voxel is left out there, where the squared error's optimum (the mean)
+    draws it faintly at every place it may be -- around the hilum, a fan of every direction a vessel may take."""
+    return (lung_region(target.detach()) * (pred.float() - target.float()).abs()).mean()
+
+
 def lung_rim_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """:func:`lung_mse` with ``m`` also 0 below the chest wall's shell (:func:`ctrefine.anatomy.chest_wall` of the
     truth's body depth): the lung's rim beside the ribs and the wall, not the deep lung (float32)."""

@@ -8,7 +8,7 @@ The five core terms (L1, frequency, gradient, texture, consistency) and their we
 intensities; the frequency and gradient terms reward high frequencies; the texture term matches local
 contrast; a light consistency term keeps the base's anatomy. The terms added since (X-ray consistency,
 band energy, gradient distribution, streak, streak_match, lung_streak_match, mse, soft_l1, lung_mse, lung_rim_mse,
-lung_detail_mse) carry the defaults the 64^3 ablations support (below, and bench/RESULTS-history.md section 10).
+lung_detail_mse, lung_l1, placement, adversarial) carry the defaults the 64^3 ablations support (below, and bench/RESULTS-history.md section 10).
 
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
 need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
@@ -90,6 +90,10 @@ LUNG_DETAIL_MSE_WEIGHT = 30.0
 # window, borders included, it costs the rib Dice (0.320 -> 0.283) and the lung's squared error (0.782x -> 0.814x).
 # With band_energy 0.01 the soft-tissue MAE is back at the coarse volume's (71.37 against 71.39 HU); at 3 it is 71.05.
 SOFT_L1_WEIGHT = 3.0
+# lung_l1 counts the absolute error again inside the lung with its vessels (ctrefine.anatomy.lung_region): there the
+# squared-error terms' optimum is the mean, which draws a vessel faintly wherever it may be; weighed above them, the
+# optimum is the median, which leaves out a vessel likelier absent than present. Off by default.
+LUNG_L1_WEIGHT = 0.0
 # placement teaches model.guidance_depth="cross-view" where along each ray the detail the coarse volume lacks lies.
 # Off: at 0.01 the placement learns the PA depths (KL 1.66 -> 1.09 nats; lateral 1.66 -> 1.40), but the refined
 # volume loses 0.02-0.03 dB and the lung detail alignment 0.516 -> 0.510 on the shipped split, and the hilar fan
@@ -170,6 +174,9 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
              "lung_mse counted only in the chest wall's shell (the lung's rim beside ribs and wall, not the deep lung)"),
     LossTerm("lung_detail_mse", LUNG_DETAIL_MSE_WEIGHT, lambda r, t, c, x: _reference().lung_detail_mse(r, t),
              "lung_mse counted only on the dense structures inside the deep lung (vessels, nodules)"),
+    LossTerm("lung_l1", LUNG_L1_WEIGHT, lambda r, t, c, x: _reference().lung_l1(r, t),
+             "mean |refined - truth| in the lung with its vessels (its optimum the median: no vessel drawn faintly "
+             "wherever it may be)"),
     LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t, x.kernels),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
     LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t, x.kernels),
