@@ -18,6 +18,9 @@ changing its output (``bench/widen_refiner.py --ray-placement``).
 Off by default (``model.guidance_depth="along-rays"``): on the shipped split the placement learns the PA depths
 when taught, and the refined volume loses 0.02-0.03 dB for it; the hilar fan it was built against comes from the
 re-projection residual instead (bench/RESULTS.md, "Detail in place: each lifted feature placed in depth").
+The refiner's ``residual_weighting="learned"`` places that residual with a one-group placement of its own
+(:meth:`RayPlacement.place_lifted`), also off: -0.020 dB, and the fan stays (bench/RESULTS.md, "Detail in place: a
+refiner that never drew the fan").
 """
 from __future__ import annotations
 
