@@ -101,37 +101,23 @@ def test_a_width_that_cannot_double_is_refused():
         widen_refiner.double_channels({"w": torch.zeros(3, 4)}, {"w": (5, 4)}, {})
 
 
-def test_ray_placement_joins_a_trained_refiner_without_changing_its_volume_and_then_learns(tmp_path):
-    """--ray-placement: the same volume at first (even weights along every ray), and a gradient that reaches the
-    placement's logits, so fine-tuning can move features in depth."""
+@pytest.mark.parametrize("flag, setting, module, refusal", [
+    ("--ray-placement", ("guidance_depth", "cross-view"), "guidance.place", "places them already"),
+    ("--residual-placement", ("residual_weighting", "learned"), "residual_place", "nothing to place")])
+def test_a_placement_joins_a_trained_refiner_without_changing_its_volume_and_then_learns(tmp_path, flag, setting,
+                                                                                       module, refusal):
+    """--ray-placement / --residual-placement: the same volume at first (even weights along every ray), a gradient
+    that reaches the placement's logits, so fine-tuning can move features in depth, and a refusal to add it twice."""
     cfg = load_config("cpu-small", SMALL)
     refiner = _trained_like(cfg)
     save_model_file(tmp_path / "src.pt", "refine", refiner.state_dict(), cfg, {}, epoch=1)
-    assert widen_refiner.main([str(tmp_path / "src.pt"), str(tmp_path / "placed.pt"), "--ray-placement"]) == 0
+    assert widen_refiner.main([str(tmp_path / "src.pt"), str(tmp_path / "placed.pt"), flag]) == 0
     placed = load_model_file(tmp_path / "placed.pt", stage="refine")
-    assert placed.config.model.guidance_depth == "cross-view"
+    assert getattr(placed.config.model, setting[0]) == setting[1]
     net = placed.build().eval()
     c, x, _ = _same_volume(refiner, net, atol=1e-6)
     net(c, x).square().mean().backward()
-    assert float(net.guidance.place.logits.weight.grad.abs().max()) > 0
-    with pytest.raises(SystemExit, match="places them already"):
-        widen_refiner.main([str(tmp_path / "placed.pt"), str(tmp_path / "again.pt"), "--ray-placement"])
-    assert not (tmp_path / "again.pt").exists()
-
-
-def test_residual_placement_joins_a_trained_refiner_without_changing_its_volume_and_then_learns(tmp_path):
-    """--residual-placement: the same volume at first (the residual still spread evenly), a gradient that reaches
-    the residual placement's logits, and a refusal to add it twice or to a density-spread residual."""
-    cfg = load_config("cpu-small", SMALL)
-    refiner = _trained_like(cfg)
-    save_model_file(tmp_path / "src.pt", "refine", refiner.state_dict(), cfg, {}, epoch=1)
-    assert widen_refiner.main([str(tmp_path / "src.pt"), str(tmp_path / "placed.pt"), "--residual-placement"]) == 0
-    placed = load_model_file(tmp_path / "placed.pt", stage="refine")
-    assert placed.config.model.residual_weighting == "learned"
-    net = placed.build().eval()
-    c, x, _ = _same_volume(refiner, net, atol=1e-6)
-    net(c, x).square().mean().backward()
-    assert float(net.residual_place.logits.weight.grad.abs().max()) > 0
-    with pytest.raises(SystemExit, match="nothing to place"):
-        widen_refiner.main([str(tmp_path / "placed.pt"), str(tmp_path / "again.pt"), "--residual-placement"])
+    assert float(net.get_submodule(module).logits.weight.grad.abs().max()) > 0
+    with pytest.raises(SystemExit, match=refusal):
+        widen_refiner.main([str(tmp_path / "placed.pt"), str(tmp_path / "again.pt"), flag])
     assert not (tmp_path / "again.pt").exists()
