@@ -108,7 +108,7 @@ def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, dou
         state = double_channels(state, {k: v.shape for k, v in new.state_dict().items()}, bands)
     added = ("guidance.place.",) * ray_placement + ("residual_place.",) * residual_placement
     # the placements' own parameters as initialised: zero logits
-    state.update({k: v for k, v in new.state_dict().items() if k.startswith(added)} if added else {})
+    state.update({k: v for k, v in new.state_dict().items() if k.startswith(added)})
     new.load_state_dict(state)
     return mf, new.eval(), cfg
 

@@ -8,7 +8,8 @@ The five core terms (L1, frequency, gradient, texture, consistency) and their we
 intensities; the frequency and gradient terms reward high frequencies; the texture term matches local
 contrast; a light consistency term keeps the base's anatomy. The terms added since (X-ray consistency,
 band energy, gradient distribution, streak, streak_match, lung_streak_match, mse, soft_l1, lung_mse, lung_rim_mse,
-lung_detail_mse, lung_l1, placement, adversarial) carry the defaults the 64^3 ablations support (below, and bench/RESULTS-history.md section 10).
+lung_detail_mse, lung_l1, placement, adversarial) carry the defaults the 64^3 ablations support (below, and
+bench/RESULTS-history.md section 10).
 
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
 need beyond the three volumes (the batch's normalised radiographs and the re-projector of the
