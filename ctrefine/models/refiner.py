@@ -166,7 +166,7 @@ class DetailRefinementNetwork(nn.Module):
         return x.to(coarse.dtype)
 
     def reprojection_guidance(self, coarse: torch.Tensor, xrays: torch.Tensor,
-                              highpass: torch.Tensor | None = None) -> list[torch.Tensor]:
+                              highpass: torch.Tensor) -> list[torch.Tensor]:
         """Each view's re-projection residual of ``coarse`` back along its rays, ``(B, 2, V, V, V)`` at full,
         half and quarter resolution (computed in float32: CPU pooling has no bf16 kernel); with
         ``residual_fusion="views+product"`` a third channel, the two back-projections' product. A PA ray and
@@ -178,9 +178,8 @@ class DetailRefinementNetwork(nn.Module):
         bp = RESIDUAL_GAIN * backproject_residual(self.projector, coarse.float(), xrays,
                                                   "uniform" if learned else self.residual_weighting)
         if learned:
-            hp = self.highpass(coarse) if highpass is None else highpass
             placed = self.residual_place.place_lifted(bp[:, :1].to(coarse.dtype), bp[:, 1:].to(coarse.dtype),
-                                                      coarse, hp)
+                                                      coarse, highpass)
             bp = torch.cat(placed, dim=1).float()
         if self.residual_product:
             bp = torch.cat([bp, bp[:, :1] * bp[:, 1:]], dim=1)
