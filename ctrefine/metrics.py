@@ -17,7 +17,8 @@ With a label map (``ctrefine.data.phantoms.LABELS``) :func:`label_metrics` adds,
 ``bone_dice`` (prediction > 200 HU vs the rib, vertebra and other-bone labels), ``bone_edge_ratio``
 (mean gradient magnitude on the bone boundary band, prediction / truth), ``nodule_contrast_ratio``
 (nodule minus surrounding-lung mean, prediction / truth) and the mean absolute HU error inside the
-lung, vessel, bone and soft-tissue labels. A metric whose structure is absent is NaN, never faked.
+lung, vessel, bone and soft-tissue labels, and :func:`ghost_lift` (density drawn where the two views' vessel shadows
+cross but no vessel is). A metric whose structure is absent is NaN, never faked.
 
 Each function takes ``(B, 1, D, H, W)`` (or ``(D, H, W)``) tensors and returns one value per volume.
 """
@@ -280,8 +281,26 @@ def label_metrics(pred_hu, truth_hu, labels, table: dict) -> dict[str, float]:
     out.update(structure_metrics(pred_hu, labels, grads, mask))
     out["spine_profile_corr"] = spine_profile_corr(pred_hu, truth_hu, mask(("vertebra",)))
     out["body_psnr"] = body_psnr(pred_hu, truth_hu, labels, table)
+    out["ghost_lift"] = ghost_lift(pred_hu, truth_hu, mask(GHOST_SOURCES), mask(GHOST_LUNG))
     values = torch.stack([v.to(pred_hu.dtype) for v in out.values()]).tolist()
     return dict(zip(out, values))
+
+
+GHOST_LUNG = ("lung", "airway", "vessel", "nodule")  # the lung with everything inside it
+GHOST_SOURCES = ("vessel", "nodule")  # the lung's dense structures, whose shadows both radiographs carry
+
+
+def ghost_lift(pred_hu: torch.Tensor, truth_hu: torch.Tensor, sources: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
+    """Density drawn at the two-view ghosts of the lung's vessels: mean ``pred - truth`` (HU) over the lung voxels
+    that are not a vessel (or its one-voxel rim) but whose PA ray (along H) and lateral ray (along W) both cross one.
+
+    Intersecting the two radiographs' vessel shadows at each height puts a vessel at every crossing of a PA shadow
+    with a lateral one; only some crossings hold one. A refiner that cannot tell which draws the others faintly --
+    the fan of lines from the hilum. The truth reads 0; a refiner should not read above the coarse volume. NaN
+    where the set is empty."""
+    on = _cross_dilate(sources) & lung
+    pa_ray, lat_ray = sources.any(dim=1, keepdim=True), sources.any(dim=2, keepdim=True)
+    return _masked_mean(pred_hu - truth_hu, lung & ~on & pa_ray & lat_ray)
 
 
 def _edge_ratio(truth: torch.Tensor, grads) -> torch.Tensor:

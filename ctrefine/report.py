@@ -28,6 +28,7 @@ METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mae": "MAE", "hf_psnr": "HF-PSN
            **{f"dice_{c}": f"{c.replace('_', ' ')} Dice" for c in STRUCTURES},
            **{f"edge_{c}": f"{c.replace('_', ' ')} edge ratio" for c in STRUCTURES},
            "spine_profile_corr": "spine profile corr.", "body_psnr": "PSNR in the body (dB)",
+           "ghost_lift": "vessel ghost lift (HU)",
            "streak": "streak index of the correction", "lung_streak": "lung streak index of the correction",
            "lung_alignment": "lung detail alignment with the truth's"}
 METRIC_KEYS = tuple(METRICS)

@@ -336,6 +336,32 @@ def test_body_psnr_and_the_error_budget():
     assert budget["background"]["refined_over_coarse"] == pytest.approx(0.25)  # (0.1 / 0.2)^2
 
 
+def test_ghost_lift_reads_density_at_shadow_crossings_not_on_vessels():
+    """Two vessels in one axial slab, at (h, w) = (4, 4) and (11, 11): the PA shadows (w 4 and 11) and the lateral ones
+    (h 4 and 11) also cross at (4, 11) and (11, 4), where no vessel is. Density there is the fan; on the vessels it
+    is not; the truth reads 0. Checked against scipy's dilation, not the package's."""
+    from ctrefine.metrics import ghost_lift
+
+    labels = np.full((6, 16, 16), ID["lung"], np.uint8)
+    labels[2:4, 4, 4] = labels[2:4, 11, 11] = ID["vessel"]
+    truth = np.where(labels == ID["vessel"], 40.0, -850.0)
+    ghosts = np.zeros_like(labels, bool)
+    ghosts[2:4, 4, 11] = ghosts[2:4, 11, 4] = True
+    on = ndimage.binary_dilation(labels == ID["vessel"])
+    assert not (ghosts & on).any()
+
+    def lift(pred):
+        lab = torch.as_tensor(labels)
+        return ghost_lift(torch.as_tensor(pred), torch.as_tensor(truth), lab == ID["vessel"], lab > 0).item()
+
+    assert lift(truth) == 0.0
+    assert lift(np.where(ghosts, truth + 300.0, truth)) == pytest.approx(300.0)  # a ghost vessel drawn
+    assert lift(np.where(on, truth + 300.0, truth)) == 0.0  # the real vessels thickened: not a ghost
+    assert lift(truth + 50.0) == pytest.approx(50.0)  # a lifted lung lifts its ghosts too
+    assert math.isnan(ghost_lift(torch.as_tensor(truth), torch.as_tensor(truth), torch.zeros(6, 16, 16, dtype=torch.bool),
+                                 torch.ones(6, 16, 16, dtype=torch.bool)).item())
+
+
 def test_lung_error_split_names_the_structure_beside_each_lung_voxel(tmp_path):
     """bench/lung_error.py: an error placed on a lung voxel beside a rib is the rib's; one deep inside the lung is
     the interior's; the refined / coarse ratios are those of the planted errors."""
