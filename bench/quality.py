@@ -38,7 +38,7 @@ import torch
 
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
 NEW = {"mse": 0.0, "lung_mse": 0.0, "lung_rim_mse": 0.0, "lung_detail_mse": 0.0, "soft_l1": 0.0, "lung_streak_match": 0.0,
-       "xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "streak_match": 0.0, "placement": 0.0, "lung_l1": 0.0,
+       "xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "streak_match": 0.0, "placement": 0.0, "lung_l1": 0.0, "ghost_mse": 0.0,
        "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
 SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)

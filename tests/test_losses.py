@@ -116,6 +116,28 @@ def test_lung_detail_mse_counts_the_vessels_inside_the_deep_lung_not_the_heart_o
     assert cost == {"vessel": pytest.approx(n * 0.01 / n**3), "rim vessel": 0.0, "heart border": 0.0, "lung": 0.0}
 
 
+def test_ghost_mse_counts_where_the_two_views_shadows_cross_but_no_vessel_is():
+    """Two vessels through the deep lung at (h, w) = (10, 10) and (20, 20): their PA and lateral shadows also cross at
+    (10, 20) and (20, 10). An error there counts; on a vessel, beside one, or where only one view's shadow falls, not."""
+    from ctrefine.conventions import hu_to_model
+
+    n, soft = 32, float(hu_to_model(40.0))
+    truth = torch.zeros(1, 1, n, n, n)
+    truth[..., 4:28, 4:28] = soft
+    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))
+    truth[..., 10, 10] = truth[..., 20, 20] = soft  # two vessels, one voxel thick, through every depth slab
+    errors = {"ghost": (10, 20), "other ghost": (20, 10), "vessel": (10, 10), "beside a vessel": (11, 10),
+              "one shadow": (10, 15), "no shadow": (15, 15)}
+    cost = {}
+    for name, (h, w) in errors.items():
+        moved = truth.clone()
+        moved[..., h, w] += 0.1
+        cost[name] = R.ghost_mse(moved, truth).item()
+    one_line = pytest.approx(n * 0.01 / n**3)
+    assert cost == {"ghost": one_line, "other ghost": one_line, "vessel": 0.0, "beside a vessel": 0.0,
+                    "one shadow": 0.0, "no shadow": 0.0}
+
+
 def test_lung_l1_leaves_out_a_vessel_unsure_of_its_place_where_the_squared_error_draws_it_faintly():
     """One vessel deep in the lung, at one of five places along a row. The squared error prefers the mean of the five
     guesses (a fifth of the vessel at each) to leaving it out; lung_l1 prefers leaving it out (the median), counts

@@ -48,7 +48,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..anatomy import body_depth, chest_wall, lung_dense, lung_region, lung_structures, soft_core
+from ..anatomy import body_depth, chest_wall, lung_dense, lung_region, lung_structures, soft_core, vessel_ghosts
 from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
 from ..stencil import highpass, laplacian3d, ray_constant_energy, ray_segment_share
 
@@ -102,6 +102,15 @@ def lung_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     vessel likelier absent than present at a voxel is left out there, where the squared error's optimum (the mean)
     draws it faintly at every place it may be -- around the hilum, a fan of every direction a vessel may take."""
     return (lung_region(target.detach()) * (pred.float() - target.float()).abs()).mean()
+
+
+def ghost_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`lung_mse`'s form on the truth's two-view ghosts (:func:`ctrefine.anatomy.vessel_ghosts`): the lung voxels
+    where a PA shadow of a vessel crosses a lateral one but no vessel is. A refiner that intersects the two views'
+    shadows draws a vessel faintly at each crossing; weighed more there, drawing one where it is not costs more
+    (float32)."""
+    inside, depth = body_depth(target.detach())
+    return _masked_mse(pred, target, vessel_ghosts(target.detach(), inside, depth))
 
 
 def lung_rim_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

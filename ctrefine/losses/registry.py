@@ -8,7 +8,7 @@ The five core terms (L1, frequency, gradient, texture, consistency) and their we
 intensities; the frequency and gradient terms reward high frequencies; the texture term matches local
 contrast; a light consistency term keeps the base's anatomy. The terms added since (X-ray consistency,
 band energy, gradient distribution, streak, streak_match, lung_streak_match, mse, soft_l1, lung_mse, lung_rim_mse,
-lung_detail_mse, lung_l1, placement, adversarial) carry the defaults the 64^3 ablations support (below, and
+lung_detail_mse, lung_l1, ghost_mse, placement, adversarial) carry the defaults the 64^3 ablations support (below, and
 bench/RESULTS-history.md section 10).
 
 A term is ``fn(refined, target, coarse, ctx)``; ``ctx`` is a :class:`TermContext`: what some terms
@@ -98,6 +98,10 @@ SOFT_L1_WEIGHT = 3.0
 # but -0.034 dB (+1.187) and vessel Dice 0.137 -> 0.110, and the hilar fan stays (bench/RESULTS.md, "Detail in
 # place: a refiner that never drew the fan, the residual placed in depth, and the lung's median").
 LUNG_L1_WEIGHT = 0.0
+# ghost_mse counts the squared error again at the lung voxels where a PA shadow of a vessel crosses a lateral one but
+# no vessel is (ctrefine.anatomy.vessel_ghosts): where intersecting the two views draws the hilar fan. Off: see
+# bench/RESULTS.md, "Detail in place: the fan measured as the two views' ghosts".
+GHOST_MSE_WEIGHT = 0.0
 # placement teaches model.guidance_depth="cross-view" where along each ray the detail the coarse volume lacks lies.
 # Off: at 0.01 the placement learns the PA depths (KL 1.66 -> 1.09 nats; lateral 1.66 -> 1.40), but the refined
 # volume loses 0.02-0.03 dB and the lung detail alignment 0.516 -> 0.510 on the shipped split, and the hilar fan
@@ -181,6 +185,8 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("lung_l1", LUNG_L1_WEIGHT, lambda r, t, c, x: _reference().lung_l1(r, t),
              "mean |refined - truth| in the lung with its vessels (its optimum the median: no vessel drawn faintly "
              "wherever it may be)"),
+    LossTerm("ghost_mse", GHOST_MSE_WEIGHT, lambda r, t, c, x: _reference().ghost_mse(r, t),
+             "lung_mse counted only where both views' vessel shadows cross but no vessel is (the two views' ghosts)"),
     LossTerm("frequency", 0.5, lambda r, t, c, x: _functional().spectral_l1(r, t, x.kernels),
              "high-pass-weighted spectral L1 (Triton kernel on CUDA)"),
     LossTerm("gradient", 0.3, lambda r, t, c, x: _functional().laplacian_l1(r, t, x.kernels),
