@@ -11,6 +11,27 @@ def grid(n=12):
     return torch.meshgrid(i, i, i, indexing="ij")
 
 
+def _chest(n=32):
+    """``(1, 1, n, n, n)`` model space, the same on every depth slab: a body of soft tissue (H / W index 4 to 27,
+    its chest wall's shell 4 to 6) around lung from depth 3 inwards (index 6 to 25): the deep lung from index 7."""
+    from ctrefine.conventions import hu_to_model
+
+    truth = torch.zeros(1, 1, n, n, n)
+    truth[..., 4:28, 4:28] = float(hu_to_model(40.0))
+    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))
+    return truth
+
+
+def _costs(term, truth, where: dict, delta: float) -> dict:
+    """``term(moved, truth)`` for each named ``(h, w)``: ``delta`` added there on every depth slab."""
+    cost = {}
+    for name, (h, w) in where.items():
+        moved = truth.clone()
+        moved[..., h, w] += delta
+        cost[name] = term(moved, truth).item()
+    return cost
+
+
 def test_laplacian_hand_values():
     d, h, w = grid()
     ramp = (2 * d - 3 * h + 0.5 * w)[None, None]
@@ -71,24 +92,17 @@ def test_soft_l1_counts_flat_fat_and_muscle_not_their_borders_lung_bone_or_air()
     truth[..., 5, 12] = float(hu_to_model(700.0))  # ... and a bone
     where = {"muscle": (6, 4), "fat": (3, 6), "muscle beside the lung": (7, 9), "muscle beside the bone": (5, 11),
              "muscle at the skin": (13, 6), "lung": (9, 9), "bone": (5, 12), "air": (0, 0)}
-    cost = {}
-    for name, (h, w) in where.items():
-        moved = truth.clone()
-        moved[..., h, w] += 0.1
-        cost[name] = R.soft_l1(moved, truth).item()
+    cost = _costs(R.soft_l1, truth, where, 0.1)
     flat = pytest.approx(n * 0.1 / n**3)
     assert cost == {"muscle": flat, "fat": flat, **{k: 0.0 for k in list(where)[2:]}}
 
 
 def test_lung_rim_mse_counts_the_lung_in_the_chest_wall_not_the_deep_lung():
     from ctrefine.anatomy import shell_voxels
-    from ctrefine.conventions import hu_to_model
 
     n = 32
     assert shell_voxels(n) == 4  # the chest wall: the body's outer 3 voxels
-    truth = torch.zeros(1, 1, n, n, n)
-    truth[..., 4:28, 4:28] = float(hu_to_model(40.0))  # the body: depth 1 at index 4, 3 at index 6
-    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))  # lung from depth 3 inwards
+    truth = _chest(n)  # the body: depth 1 at index 4, 3 at index 6; lung from depth 3 inwards
     rim, deep = truth.clone(), truth.clone()
     rim[..., 6, 16] += 0.1  # lung at depth 3: in the wall
     deep[..., 16, 16] += 0.1  # lung 12 voxels deep
@@ -101,18 +115,12 @@ def test_lung_detail_mse_counts_the_vessels_inside_the_deep_lung_not_the_heart_o
     from ctrefine.conventions import hu_to_model
 
     n, soft = 32, float(hu_to_model(40.0))
-    truth = torch.zeros(1, 1, n, n, n)
-    truth[..., 4:28, 4:28] = soft  # the body: the chest wall's shell is W / H index 4 to 6, the deep lung from 7
-    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))  # lung from depth 3 inwards
+    truth = _chest(n)
     truth[..., 16, 12] = soft  # a vessel through the deep lung, one voxel thick (n voxels)
     truth[..., 6, 16] = soft  # a vessel on the lung's rim, in the chest wall: lung_rim_mse's region
     truth[..., 14:22, 18:24] = soft  # a heart deep in the lung: its border voxels are half lung
     errors = {"vessel": (16, 12), "rim vessel": (6, 16), "heart border": (14, 20), "lung": (10, 10)}
-    cost = {}
-    for name, (h, w) in errors.items():
-        moved = truth.clone()
-        moved[..., h, w] -= 0.1
-        cost[name] = R.lung_detail_mse(moved, truth).item()
+    cost = _costs(R.lung_detail_mse, truth, errors, -0.1)
     assert cost == {"vessel": pytest.approx(n * 0.01 / n**3), "rim vessel": 0.0, "heart border": 0.0, "lung": 0.0}
 
 
@@ -122,17 +130,11 @@ def test_ghost_mse_counts_where_the_two_views_shadows_cross_but_no_vessel_is():
     from ctrefine.conventions import hu_to_model
 
     n, soft = 32, float(hu_to_model(40.0))
-    truth = torch.zeros(1, 1, n, n, n)
-    truth[..., 4:28, 4:28] = soft
-    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))
+    truth = _chest(n)
     truth[..., 10, 10] = truth[..., 20, 20] = soft  # two vessels, one voxel thick, through every depth slab
     errors = {"ghost": (10, 20), "other ghost": (20, 10), "vessel": (10, 10), "beside a vessel": (11, 10),
               "one shadow": (10, 15), "no shadow": (15, 15)}
-    cost = {}
-    for name, (h, w) in errors.items():
-        moved = truth.clone()
-        moved[..., h, w] += 0.1
-        cost[name] = R.ghost_mse(moved, truth).item()
+    cost = _costs(R.ghost_mse, truth, errors, 0.1)
     one_line = pytest.approx(n * 0.01 / n**3)
     assert cost == {"ghost": one_line, "other ghost": one_line, "vessel": 0.0, "beside a vessel": 0.0,
                     "one shadow": 0.0, "no shadow": 0.0}
@@ -145,9 +147,7 @@ def test_lung_l1_leaves_out_a_vessel_unsure_of_its_place_where_the_squared_error
     from ctrefine.conventions import hu_to_model
 
     n, soft = 32, float(hu_to_model(40.0))
-    truth = torch.zeros(1, 1, n, n, n)
-    truth[..., 4:28, 4:28] = soft
-    truth[..., 6:26, 6:26] = float(hu_to_model(-850.0))
+    truth = _chest(n)
     lung = truth.clone()
     truth[..., 16, 12] = soft  # the vessel, one voxel thick through every depth slab
     places = (8, 10, 12, 14, 16)
