@@ -21,8 +21,8 @@ SHIPPED: dict[str, tuple[str, str]] = {
     # 64^3 from 128^2, cpu-medium base (0.96M), calibrated (version-3) phantoms of seed family 64; card: phantom-64.md
     "phantom-64": ("phantom-64.pt", "0a132eec4630a18162e82876be26c4a5d2ed63cac6bac547835b7741da8d01c9"),
     # its refiner (hidden 16, 0.2M, re-projection guidance + 2 DC steps, an uncertainty head), same data:
-    # +1.22 dB, 26/26 on its test split; card: phantom-64-refiner.md
-    "phantom-64-refiner": ("phantom-64-refiner.pt", "6593073f408b245470071e7fc65b315f388c6a8853dc2e52ab69dc807c7910c3"),
+    # +1.24 dB, 26/26 on its test split; card: phantom-64-refiner.md
+    "phantom-64-refiner": ("phantom-64-refiner.pt", "c9d2a68fd0ac8e93c578ee38c4d935d80a51a60819f30c75488e8f6adbd644dd"),
 }
 
 
