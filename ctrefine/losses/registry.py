@@ -99,7 +99,9 @@ SOFT_L1_WEIGHT = 3.0
 # place: a refiner that never drew the fan, the residual placed in depth, and the lung's median").
 LUNG_L1_WEIGHT = 0.0
 # ghost_mse counts the squared error again at the lung voxels where a PA shadow of a vessel crosses a lateral one but
-# no vessel is (ctrefine.anatomy.vessel_ghosts): where intersecting the two views draws the hilar fan. Off: see
+# no vessel is (ctrefine.anatomy.vessel_ghosts): where intersecting the two views draws the hilar fan. Off: at 300 on
+# the shipped split it cuts the refined volume's vessel ghost lift by a third (+45.0 -> +30.3 HU; coarse +8.6) for
+# -0.003 dB, but vessel Dice 0.139 -> 0.106 (the mean volume's 0.101); at 30 it barely moves it (+42.7). See
 # bench/RESULTS.md, "Detail in place: the fan measured as the two views' ghosts".
 GHOST_MSE_WEIGHT = 0.0
 # placement teaches model.guidance_depth="cross-view" where along each ray the detail the coarse volume lacks lies.
