@@ -28,7 +28,8 @@ LUNG_SURROUND = 0.6
 SOFT_HU = (-200.0, 200.0)
 
 __all__ = ["LUNG", "LUNG_SURROUND", "SHELL_MM", "SOFT_HU", "TISSUE", "body_depth", "body_inside", "chest_wall",
-           "lung_dense", "lung_region", "lung_structures", "shell_voxels", "soft_core", "vessel_ghosts"]
+           "lung_dense", "lung_region", "lung_structures", "shadow_crossings", "shell_voxels", "soft_core",
+           "vessel_ghosts"]
 
 
 def _inside_along(tissue: torch.Tensor, dim: int) -> torch.Tensor:
@@ -100,13 +101,21 @@ def lung_structures(volume: torch.Tensor, inside: torch.Tensor, depth: torch.Ten
     return (deep & (volume.float() >= LUNG) & (lung_region(volume, inside) > 0)).float()
 
 
+def shadow_crossings(structures: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
+    """1 where both radiographs' shadows of ``structures`` cross but none is, else 0 (float32): the ``lung`` voxels off
+    the structures and their 6-neighbour rim with a structure on the voxel's PA ray (along H) and on its lateral ray
+    (along W). At each height every PA shadow crosses every lateral one, and only some crossings hold a structure:
+    intersecting the two views draws one at the others (the two views' ghosts). ``structures``, ``lung``: masks of
+    the same shape ``(..., D, H, W)``."""
+    s = structures.float()
+    x = s.reshape(-1, 1, *s.shape[-3:])
+    rim = torch.maximum(torch.maximum(F.max_pool3d(x, (3, 1, 1), 1, (1, 0, 0)), F.max_pool3d(x, (1, 3, 1), 1, (0, 1, 0))),
+                        F.max_pool3d(x, (1, 1, 3), 1, (0, 0, 1))).reshape(s.shape)
+    crossing = s.amax(dim=-2, keepdim=True) * s.amax(dim=-1, keepdim=True)
+    return lung.float() * (1 - rim) * crossing
+
+
 def vessel_ghosts(volume: torch.Tensor, inside: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-    """1 at the lung voxels where both radiographs' shadows of the lung's structures cross but none is: off
-    :func:`lung_structures` and its 6-neighbour rim, with a structure on the voxel's PA ray (along H) and on its
-    lateral ray (along W) -- where intersecting the two views would draw a vessel that is not there -- else 0
-    (float32; ``(B, 1, D, H, W)``, ``inside``, ``depth``: the volume's :func:`body_depth`)."""
-    s = lung_structures(volume, inside, depth)
-    rim = torch.maximum(torch.maximum(F.max_pool3d(s, (3, 1, 1), 1, (1, 0, 0)), F.max_pool3d(s, (1, 3, 1), 1, (0, 1, 0))),
-                        F.max_pool3d(s, (1, 1, 3), 1, (0, 0, 1)))
-    crossing = s.amax(dim=3, keepdim=True) * s.amax(dim=4, keepdim=True)
-    return (lung_region(volume, inside) > 0).float() * (1 - rim) * crossing
+    """:func:`shadow_crossings` of the lung's structures (:func:`lung_structures`) in the lung (:func:`lung_region`),
+    found from the volume's intensities (float32; ``(B, 1, D, H, W)``; ``inside``, ``depth``: its :func:`body_depth`)."""
+    return shadow_crossings(lung_structures(volume, inside, depth), lung_region(volume, inside) > 0)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .anatomy import lung_region
+from .anatomy import lung_region, shadow_crossings
 from .device import metrics_dtype
 from .fourier import frequency_magnitude
 from .stencil import highpass, laplacian3d, ray_constant_energy, ray_segment_share
@@ -291,16 +291,12 @@ GHOST_SOURCES = ("vessel", "nodule")  # the lung's dense structures, whose shado
 
 
 def ghost_lift(pred_hu: torch.Tensor, truth_hu: torch.Tensor, sources: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
-    """Density drawn at the two-view ghosts of the lung's vessels: mean ``pred - truth`` (HU) over the lung voxels
-    that are not a vessel (or its one-voxel rim) but whose PA ray (along H) and lateral ray (along W) both cross one.
-
-    Intersecting the two radiographs' vessel shadows at each height puts a vessel at every crossing of a PA shadow
-    with a lateral one; only some crossings hold one. A refiner that cannot tell which draws the others faintly --
-    the fan of lines from the hilum. The truth reads 0; a refiner should not read above the coarse volume. NaN
-    where the set is empty."""
-    on = _cross_dilate(sources) & lung
-    pa_ray, lat_ray = sources.any(dim=1, keepdim=True), sources.any(dim=2, keepdim=True)
-    return _masked_mean(pred_hu - truth_hu, lung & ~on & pa_ray & lat_ray)
+    """Density drawn at the two-view ghosts of the lung's vessels: mean ``pred - truth`` (HU) over
+    :func:`ctrefine.anatomy.shadow_crossings` of ``sources`` in ``lung`` (the lung voxels off every vessel and its
+    one-voxel rim whose PA ray and lateral ray both cross one). A refiner that cannot tell which crossings hold a
+    vessel draws the others faintly -- the fan of lines from the hilum. The truth reads 0; a refiner should not read
+    above the coarse volume. NaN where the set is empty."""
+    return _masked_mean(pred_hu - truth_hu, shadow_crossings(sources, lung) > 0)
 
 
 def _edge_ratio(truth: torch.Tensor, grads) -> torch.Tensor:
