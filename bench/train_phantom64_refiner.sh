@@ -17,8 +17,9 @@
 # placement term's weight (loss.placement, its default unless set), RESIDUAL=density a refiner that spreads its
 # re-projection residual along the rays by the coarse volume's attenuation (model.residual_weighting), RESIDUAL=learned
 # one that places it by learned weights (the INIT file must have them: bench/widen_refiner.py --residual-placement).
-# LUNGL1=W the lung_l1 term's weight, GHOST=W the ghost_mse term's (each its default unless set). INIT=null trains the
-# refiner from zero.
+# LUNGL1=W the lung_l1 term's weight, GHOST=W the ghost_mse term's (each its default unless set). CROSSING=mlp a
+# refiner that reads both views' neighbourhoods together at each voxel (model.guidance_crossing; the INIT file must
+# have it: bench/widen_refiner.py --crossing-reader). INIT=null trains the refiner from zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
@@ -53,5 +54,5 @@ OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine -
     ${LUNGL1:+--set loss.lung_l1=$LUNGL1} ${GHOST:+--set loss.ghost_mse=$GHOST} \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
     ${WIDTH:+--set model.hidden_channels=$WIDTH} ${DEPTH:+--set model.guidance_depth=$DEPTH} \
-    ${RESIDUAL:+--set model.residual_weighting=$RESIDUAL} \
+    ${RESIDUAL:+--set model.residual_weighting=$RESIDUAL} ${CROSSING:+--set model.guidance_crossing=$CROSSING} \
     --no-progress

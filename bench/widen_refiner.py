@@ -3,9 +3,11 @@
 ``model.wall_cue="depth+detail"``), and/or has twice the U-Net's channels (``--double-width``:
 ``model.hidden_channels`` x2), and/or places its lifted radiograph features in depth (``--ray-placement``:
 ``model.guidance_depth="cross-view"``) or its back-projected re-projection residuals (``--residual-placement``:
-``model.residual_weighting="learned"``), and computes exactly the same volume, ready for
+``model.residual_weighting="learned"``), and/or reads both views' neighbourhoods together at each voxel
+(``--crossing-reader``: ``model.guidance_crossing="mlp"``), and computes exactly the same volume, ready for
 ``training.init_checkpoint``. Every new input channel enters the convolutions that read it with zero weights;
-each ray placement's logits start at zero (even weights along every ray: the plain lifting). Doubling splits every hidden channel
+each ray placement's logits start at zero (even weights along every ray: the plain lifting); the crossing reader's
+last layer starts at zero. Doubling splits every hidden channel
 into two copies (:func:`double_channels`). ``--dc-weighting`` also switches its SIRT steps; that one changes the
 output, and fine-tuning adapts to it.
 
@@ -13,6 +15,7 @@ output, and fine-tuning adapts to it.
     python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s18/init_wide.pt --double-width
     python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s24/init_place.pt --ray-placement
     python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s25/init_rplace.pt --residual-placement
+    python bench/widen_refiner.py pretrained:phantom-64-refiner runs/s27/init_cross.pt --crossing-reader
 
 Checks the identity on random inputs (same DC weighting) and writes the file atomically; no uncertainty head is
 carried over (re-fit it after fine-tuning: ``ctrefine fit-uncertainty``).
@@ -68,7 +71,7 @@ def double_channels(old: dict, new_shapes: dict, block: dict, seed: int = 0) -> 
 
 
 def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, double_width: bool = False,
-          ray_placement: bool = False, residual_placement: bool = False):
+          ray_placement: bool = False, residual_placement: bool = False, crossing_reader: bool = False):
     """``(the source model file, the widened model, its config)``; a SystemExit naming ``src`` when it cannot be."""
     mf = load_model_file(src, stage="refine")
     m = mf.config.model
@@ -82,16 +85,19 @@ def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, dou
         raise SystemExit(f"{src}: has no lifted radiograph features to place, or places them already")
     if residual_placement and m.residual_weighting != "uniform":
         raise SystemExit(f"{src}: spreads its residual by {m.residual_weighting!r}, not evenly: nothing to place")
-    if (ray_placement or residual_placement) and double_width:
-        raise SystemExit("a placement and --double-width: widen first, then add the placement")
-    if not (product or wall_cue or double_width or ray_placement or residual_placement):
-        raise SystemExit("nothing to add: give --product, --wall-cue, --double-width, --ray-placement and/or "
-                         "--residual-placement")
+    if crossing_reader and (m.xray_guidance == "off" or m.guidance_crossing != "off"):
+        raise SystemExit(f"{src}: has no radiograph guidance to read, or reads the crossings already")
+    if (ray_placement or residual_placement or crossing_reader) and double_width:
+        raise SystemExit("a placement or reader and --double-width: widen first, then add the module")
+    if not (product or wall_cue or double_width or ray_placement or residual_placement or crossing_reader):
+        raise SystemExit("nothing to add: give --product, --wall-cue, --double-width, --ray-placement, "
+                         "--residual-placement and/or --crossing-reader")
     update = {**({"residual_fusion": "views+product"} if product else {}),
               **({"hidden_channels": 2 * m.hidden_channels} if double_width else {}),
               **({"wall_cue": "depth+detail"} if wall_cue else {}),
               **({"guidance_depth": "cross-view"} if ray_placement else {}),
               **({"residual_weighting": "learned"} if residual_placement else {}),
+              **({"guidance_crossing": "mlp"} if crossing_reader else {}),
               **({"dc_weighting": dc_weighting} if dc_weighting else {})}
     cfg = mf.config.model_copy(update={"model": m.model_copy(update=update)})
     new = build_refiner(cfg)
@@ -106,8 +112,9 @@ def widen(src: str, product: bool, wall_cue: bool, dc_weighting: str | None, dou
         bands = {f"{n}.cond.2.{p}": mod.n_bins for n, mod in new.named_modules() if isinstance(mod, FrequencyAttention)
                  for p in ("weight", "bias")}
         state = double_channels(state, {k: v.shape for k, v in new.state_dict().items()}, bands)
-    added = ("guidance.place.",) * ray_placement + ("residual_place.",) * residual_placement
-    # the placements' own parameters as initialised: zero logits
+    added = ("guidance.place.",) * ray_placement + ("residual_place.",) * residual_placement \
+        + ("guidance.crossing.",) * crossing_reader
+    # the new modules' own parameters as initialised: zero logits, a zero last layer
     state.update({k: v for k, v in new.state_dict().items() if k.startswith(added)})
     new.load_state_dict(state)
     return mf, new.eval(), cfg
@@ -124,10 +131,12 @@ def main(argv=None) -> int:
                    help="place the lifted radiograph features in depth (ctrefine.models.ray_placement)")
     p.add_argument("--residual-placement", action="store_true",
                    help="place the back-projected re-projection residuals along their rays (model.residual_weighting)")
+    p.add_argument("--crossing-reader", action="store_true",
+                   help="read both views' neighbourhoods together at each voxel (ctrefine.models.crossing_reader)")
     p.add_argument("--dc-weighting", choices=("uniform", "density"), default=None, help="also switch the SIRT steps")
     a = p.parse_args(argv)
     mf, new, cfg = widen(a.src, a.product, a.wall_cue, a.dc_weighting, a.double_width, a.ray_placement,
-                          a.residual_placement)
+                          a.residual_placement, a.crossing_reader)
     same_dc = a.dc_weighting in (None, mf.config.model.dc_weighting)
     v, s = cfg.model.volume_size, cfg.model.xray_size
     g = torch.Generator().manual_seed(0)
@@ -142,7 +151,8 @@ def main(argv=None) -> int:
     added = " and ".join(n for n, on in (("residual product", a.product), ("chest-wall cue", a.wall_cue),
                                          (f"width {cfg.model.hidden_channels}", a.double_width),
                                          ("ray placement", a.ray_placement),
-                                         ("residual placement", a.residual_placement)) if on)
+                                         ("residual placement", a.residual_placement),
+                                         ("crossing reader", a.crossing_reader)) if on)
     print(f"wrote {a.dst}: {added} added ({'identical output' if same_dc else 'SIRT weighting changed'}; "
           f"max |change| {diff:.2e})")
     return 0

@@ -74,6 +74,9 @@ class ModelConfig(_Section):
         "uniform", description="refiner: the re-projection residual spread back along each ray evenly, in "
                                "proportion to the coarse volume's attenuation (as dc_weighting's density), or "
                                "placed along it by learned weights (ctrefine.models.ray_placement)")
+    guidance_crossing: Literal["off", "mlp"] = Field(
+        "off", description="refiner: also read both radiographs' neighbourhoods together at every voxel (a small "
+                           "per-voxel MLP: a vessel, or two shadows crossing; ctrefine.models.crossing_reader)")
     base_model_checkpoint: str | None = Field(None, description="refine stage: the trained base's best_model.pt; "
                                                                 "null = <checkpoint.dir>/base/best_model.pt")
 
@@ -82,7 +85,7 @@ class ModelConfig(_Section):
 # (today's defaults differ): read wherever a stored config is (model files, resumed runs)
 MODEL_KEYS_ADDED = {"reprojection": "off", "data_consistency_steps": 0, "xray_guidance": "image+laplacian",
                     "dc_weighting": "uniform", "residual_fusion": "views", "wall_cue": "off",
-                    "guidance_depth": "along-rays", "residual_weighting": "uniform"}
+                    "guidance_depth": "along-rays", "residual_weighting": "uniform", "guidance_crossing": "off"}
 
 
 def upgrade_stored(raw: dict) -> dict:

@@ -121,3 +121,21 @@ def test_a_placement_joins_a_trained_refiner_without_changing_its_volume_and_the
     with pytest.raises(SystemExit, match=refusal):
         widen_refiner.main([str(tmp_path / "placed.pt"), str(tmp_path / "again.pt"), flag])
     assert not (tmp_path / "again.pt").exists()
+
+
+def test_a_crossing_reader_joins_a_trained_refiner_without_changing_its_volume_and_then_learns(tmp_path):
+    """--crossing-reader: the same volume at first (its last layer zero), a gradient that reaches that layer, and a
+    refusal to add it twice."""
+    cfg = load_config("cpu-small", SMALL)
+    refiner = _trained_like(cfg)
+    save_model_file(tmp_path / "src.pt", "refine", refiner.state_dict(), cfg, {}, epoch=1)
+    assert widen_refiner.main([str(tmp_path / "src.pt"), str(tmp_path / "read.pt"), "--crossing-reader"]) == 0
+    read = load_model_file(tmp_path / "read.pt", stage="refine")
+    assert read.config.model.guidance_crossing == "mlp"
+    net = read.build().eval()
+    c, x, _ = _same_volume(refiner, net, atol=1e-6)
+    net(c, x).square().mean().backward()
+    assert float(net.guidance.crossing.read[-1].weight.grad.abs().max()) > 0
+    with pytest.raises(SystemExit, match="reads the crossings already"):
+        widen_refiner.main([str(tmp_path / "read.pt"), str(tmp_path / "again.pt"), "--crossing-reader"])
+    assert not (tmp_path / "again.pt").exists()

@@ -21,7 +21,7 @@ def build_refiner(cfg):
     return DetailRefinementNetwork(m.volume_size, m.hidden_channels, m.guidance_channels, m.freq_bins, m.mid_blocks,
                                    m.reprojection, m.data_consistency_steps, m.xray_guidance,
                                    m.dc_weighting, m.residual_fusion, m.wall_cue, m.guidance_depth,
-                                   m.residual_weighting)
+                                   m.residual_weighting, m.guidance_crossing)
 
 
 BUILDERS = {"base": build_base, "refine": build_refiner}

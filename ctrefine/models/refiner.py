@@ -16,7 +16,8 @@ from a small 3D U-Net fed with four things about that starting volume (five with
    encoded in 2D, lifted along each view's ray axis and fused across views, i.e. where the radiographs
    say edges are that the coarse volume lacks; with ``guidance_depth="cross-view"`` each feature is placed
    along its ray by weights read from both views and the coarse volume (:mod:`~ctrefine.models.ray_placement`)
-   instead of spread evenly;
+   instead of spread evenly; with ``guidance_crossing="mlp"`` both views' neighbourhoods are also read together
+   at each voxel (:mod:`~ctrefine.models.crossing_reader`): a vessel, or two shadows crossing;
 4. the re-projection residual (:mod:`ctrefine.reprojection`): each normalised input radiograph minus
    the fitted re-projection of the coarse volume, back-projected along the rays it came from, i.e.
    *how much* attenuation the coarse volume lacks or has in excess along each ray, in the acquisition's
@@ -41,6 +42,7 @@ from ..reprojection import SliceProjector, backproject_residual, pool_to, sirt_s
 from ..stencil import laplacian2d, laplacian3d
 from .blocks import FrequencyAttention, ResBlock, Upsample2x, conv_norm_act, fuse_views
 from .chest_wall import CHANNELS as WALL_CHANNELS, ChestWallCue
+from .crossing_reader import CrossingReader
 from .ray_placement import RayPlacement
 
 HIGHPASS_GAIN = 4.0  # Laplacian of a [0, 1] volume is small (|L| << 1 in soft tissue); scale it to O(1) inputs
@@ -62,15 +64,20 @@ class HighPassBranch(nn.Module):
 class XrayDetailGuidance(nn.Module):
     """Per-view 2D detail encoders, lifted along each view's rays and fused across views; ``placement``:
     spread evenly along the rays (``"along-rays"``) or placed in depth from both views and the coarse volume
-    (``"cross-view"``, :class:`~ctrefine.models.ray_placement.RayPlacement`)."""
+    (``"cross-view"``, :class:`~ctrefine.models.ray_placement.RayPlacement`); ``crossing="mlp"`` adds a per-voxel
+    reading of both views' neighbourhoods together (:class:`~ctrefine.models.crossing_reader.CrossingReader`)."""
 
-    def __init__(self, channels: int = 16, laplacian: bool = True, placement: str = "along-rays"):
+    def __init__(self, channels: int = 16, laplacian: bool = True, placement: str = "along-rays",
+                 crossing: str = "off"):
         super().__init__()
         if placement not in ("along-rays", "cross-view"):
             raise ValueError(f"guidance_depth must be along-rays or cross-view, got {placement!r}")
+        if crossing not in ("off", "mlp"):
+            raise ValueError(f"guidance_crossing must be off or mlp, got {crossing!r}")
         self.place = RayPlacement(channels) if placement == "cross-view" else None
         self.laplacian = laplacian  # the 2D high-pass beside the image (off: the image alone, an ablation)
         cues = 2 if laplacian else 1
+        self.crossing = CrossingReader(cues, channels) if crossing == "mlp" else None
         self.enc = nn.ModuleDict({v: nn.Sequential(conv_norm_act(cues, channels, 2), conv_norm_act(channels, channels, 2),
                                                    ResBlock(channels, dim=2)) for v in ("pa", "lateral")})
         self.fuse = conv_norm_act(3 * channels, channels, dim=3, k=1)
@@ -81,15 +88,17 @@ class XrayDetailGuidance(nn.Module):
 
     def forward(self, xrays: torch.Tensor, volume_size: int, coarse: torch.Tensor,
                 highpass: torch.Tensor) -> torch.Tensor:
-        feats = []
+        feats, cues = [], []
         for i, v in enumerate(("pa", "lateral")):
-            f = self.enc[v](self.cues(xrays[:, i]))
+            c = self.cues(xrays[:, i])
+            f = self.enc[v](c)
             if f.shape[-1] != volume_size:
                 f = F.adaptive_avg_pool2d(f, volume_size)
             feats.append(f)
-        if self.place is None:
-            return self.fuse(fuse_views(*feats))
-        return self.fuse(self.place(*feats, coarse, highpass))
+            if self.crossing is not None:
+                cues.append(c if c.shape[-1] == volume_size else F.adaptive_avg_pool2d(c, volume_size))
+        out = self.fuse(fuse_views(*feats) if self.place is None else self.place(*feats, coarse, highpass))
+        return out if self.crossing is None else out + self.crossing(*cues)
 
 
 class DetailRefinementNetwork(nn.Module):
@@ -98,7 +107,8 @@ class DetailRefinementNetwork(nn.Module):
     def __init__(self, volume_size: int = 64, hidden_channels: int = 64, guidance_channels: int = 16,
                  freq_bins: int = 16, mid_blocks: int = 4, reprojection: str = "cone", data_consistency_steps: int = 0,
                  xray_guidance: str = "image+laplacian", dc_weighting: str = "uniform", residual_fusion: str = "views",
-                 wall_cue: str = "off", guidance_depth: str = "along-rays", residual_weighting: str = "uniform"):
+                 wall_cue: str = "off", guidance_depth: str = "along-rays", residual_weighting: str = "uniform",
+                 guidance_crossing: str = "off"):
         super().__init__()
         if volume_size % 4:
             raise ValueError(f"volume_size must be divisible by 4, got {volume_size}")
@@ -110,7 +120,7 @@ class DetailRefinementNetwork(nn.Module):
             raise ValueError(f"xray_guidance must be image+laplacian, image or off, got {xray_guidance!r}")
         # "off": no lifted radiograph cues at all (the re-projection residual still brings the radiographs in)
         self.guidance = None if xray_guidance == "off" else \
-            XrayDetailGuidance(guidance_channels, xray_guidance == "image+laplacian", guidance_depth)
+            XrayDetailGuidance(guidance_channels, xray_guidance == "image+laplacian", guidance_depth, guidance_crossing)
         g = 0 if self.guidance is None else guidance_channels
         # "off": no re-projection guidance (models trained before it existed, and the ablation)
         self.projector = None if reprojection == "off" else SliceProjector(v, v, reprojection)
