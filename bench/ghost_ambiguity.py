@@ -10,7 +10,9 @@ under the ROC curve on the test split is set beside the AUC of the refiner's own
 same voxels (``--eval``: an ``infer`` result on the test split).
 
 It also reports the mean probability the MLP gives vessels and ghosts: a refiner that predicted the expected
-density from that evidence (what a squared error rewards) would lift ghosts by their ratio of its vessel lift.
+density from that evidence (what a squared error rewards) would lift ghosts by their ratio of its vessel lift; and
+the share of the crossing vessels it could draw while drawing one ghost in ten (the true-positive rate at a 10 %
+false-positive rate): what a refiner that keeps the fan away could keep of the vessels.
 
     python bench/ghost_ambiguity.py --data runs/p64v3/data --eval runs/s27/eval_ship
 """
@@ -91,6 +93,11 @@ def auc(score: np.ndarray, y: np.ndarray) -> float:
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def tpr_at(score: np.ndarray, y: np.ndarray, fpr: float) -> float:
+    """The share of positives scored above the threshold that passes ``fpr`` of the negatives."""
+    return float((score[y == 1] > np.quantile(score[y == 0], 1 - fpr)).mean())
+
+
 def train_mlp(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Dropout(0.2),
@@ -138,6 +145,8 @@ def main(argv=None) -> int:
     print(json.dumps({
         "crossing_voxels": {"train": len(ytr), "test": len(y), "vessel_share": round(float(y.mean()), 3)},
         "auc": {"local_evidence_mlp": round(auc(prob, y), 3), "refiner_lift": round(auc(lift, y), 3)},
+        "vessels_drawn_at_one_ghost_in_ten": {"local_evidence_mlp": round(tpr_at(prob, y, 0.1), 3),
+                                              "refiner_lift": round(tpr_at(lift, y, 0.1), 3)},
         "mlp_probability": {"vessel": round(float(prob[ves].mean()), 3), "ghost": round(float(prob[~ves].mean()), 3)},
         "refiner_lift_hu": {"vessel": round(float(lift[ves].mean()), 1), "ghost": round(float(lift[~ves].mean()), 1)},
     }, indent=1))

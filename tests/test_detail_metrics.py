@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,7 +366,6 @@ def test_ghost_lift_reads_density_at_shadow_crossings_not_on_vessels():
 def test_lung_error_split_names_the_structure_beside_each_lung_voxel(tmp_path):
     """bench/lung_error.py: an error placed on a lung voxel beside a rib is the rib's; one deep inside the lung is
     the interior's; the refined / coarse ratios are those of the planted errors."""
-    from pathlib import Path
 
     import nibabel as nib
 
@@ -407,7 +407,6 @@ def test_lung_error_split_names_the_structure_beside_each_lung_voxel(tmp_path):
 def test_lung_error_says_which_voxels_lie_in_the_chest_wall(tmp_path):
     """bench/lung_error.py: the ribs on the body wall and the lung beside them count in the chest wall (as the
     refiner's cue sees the coarse volume); the lung's deep interior does not."""
-    from pathlib import Path
 
     import nibabel as nib
 
@@ -435,7 +434,6 @@ def test_lung_error_says_which_voxels_lie_in_the_chest_wall(tmp_path):
 def test_correction_split_separates_the_sirt_steps_from_the_unet(tiny_dataset, random_pair, tmp_path):
     """bench/correction_split.py: an untrained refiner moves nothing (both parts 0: the coarse volume); one whose
     head and steps are set moves every group, and its two parts add up to its whole change (no clamp reached)."""
-    from pathlib import Path
 
     from ctrefine.checkpoint import load_model_file, save_model_file
 
@@ -466,3 +464,25 @@ def test_correction_split_separates_the_sirt_steps_from_the_unet(tiny_dataset, r
     (tmp_path / "bare").mkdir()
     assert correction_split.main(["--base", str(random_pair[0]), "--refiner", str(random_pair[1]),
                                   "--data", str(tmp_path / "bare")]) == 2
+
+
+def test_ghost_ambiguity_labels_the_crossings_and_scores_them():
+    """bench/ghost_ambiguity.py: the same two vessels as the ghost-lift test. Their crossings are the two vessels
+    (label 1) and the two ghosts (label 0); a score that ranks every vessel above every ghost has AUC 1 and draws
+    every vessel at one ghost in ten, its reverse AUC 0; and the features read each voxel's own PA and lateral
+    pixels."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import ghost_ambiguity as ga
+
+    labels = np.full((6, 16, 16), ID["lung"], np.uint8)
+    labels[2:4, 4, 4] = labels[2:4, 11, 11] = ID["vessel"]
+    idx, y = ga.crossings(labels)
+    got = {tuple(i): v for i, v in zip(idx.tolist(), y.tolist())}
+    want = {(d, h, w): float(h == w) for d in (2, 3) for h in (4, 11) for w in (4, 11)}
+    assert got == want
+    assert ga.auc(y, y) == 1.0 and ga.auc(-y, y) == 0.0 and ga.tpr_at(y, y, 0.1) == 1.0
+    xrays = torch.zeros(2, 32, 32)  # the radiographs at twice the volume's size, as the datasets have them
+    xrays[0, 4:8, 8:10] = 1.0  # PA: heights 2-3 (of 16), width 4
+    f = ga.features(xrays, idx, k=0, coarse=None)  # k = 0: each voxel's own pixel of each view
+    pa_own = f[:, 0] - f[:, 0].min()
+    assert torch.equal(pa_own > 0, torch.from_numpy(idx[:, 2] == 4))
