@@ -39,7 +39,7 @@ import torch
 FIVE = {"l1": 1.0, "frequency": 0.5, "gradient": 0.3, "texture": 0.2, "consistency": 0.1}  # the seed's weights
 NEW = {"mse": 0.0, "lung_mse": 0.0, "lung_rim_mse": 0.0, "lung_detail_mse": 0.0, "soft_l1": 0.0, "lung_streak_match": 0.0,
        "xray_consistency": 1.0, "band_energy": 0.005, "gradient_distribution": 0.05, "streak": 0.0, "streak_match": 0.0, "placement": 0.0, "lung_l1": 0.0, "ghost_mse": 0.0,
-       "adversarial": 0.0}
+       "crossing_bce": 0.0, "adversarial": 0.0}
 OFF = {k: 0.0 for k in NEW}
 SHIPPED = {**FIVE, **NEW, "band_energy": 0.0, "gradient_distribution": 0.0}  # session 12's defaults (no_phase_free)
 DEPTH = {**SHIPPED, "xray_consistency": 0.3}  # session 13's defaults: with the depth cues below
@@ -53,12 +53,13 @@ S23 = {**S22, "band_energy": 0.01, "lung_detail_mse": 30.0, "soft_l1": 3.0}  # s
 
 def _row(label: str, weights: dict, reprojection: str = "cone", dc: int = 2, extra: tuple = (),
          dc_weighting: str = "uniform", fusion: str = "views", wall_cue: str = "off",
-         guidance_depth: str = "along-rays", residual_weighting: str = "uniform") -> dict:
+         guidance_depth: str = "along-rays", residual_weighting: str = "uniform", crossing: str = "off") -> dict:
     """One refiner; the model settings the registry's defaults may change later are written out too."""
     return {"label": label, "weights": weights, "reprojection": reprojection, "dc": dc,
             "extra": [f'model.dc_weighting="{dc_weighting}"', f'model.residual_fusion="{fusion}"',
                       f'model.wall_cue="{wall_cue}"', f'model.guidance_depth="{guidance_depth}"',
-                      f'model.residual_weighting="{residual_weighting}"', *extra]}
+                      f'model.residual_weighting="{residual_weighting}"', f'model.guidance_crossing="{crossing}"',
+                      *extra]}
 
 
 ROWS = {
@@ -183,6 +184,13 @@ ROWS = {
     # the squared error counted again where both views' vessel shadows cross but no vessel is (the hilar fan)
     "s23_ghost_mse": _row("session 23's defaults + ghost_mse 300", {**S23, "ghost_mse": 300.0}, dc_weighting="density",
                           fusion="views+product"),
+    # both views' neighbourhoods read together at every voxel (models/crossing_reader.py), taught or not which
+    # crossings of the vessel shadows hold a vessel
+    "s23_crossing_reader": _row("session 23's defaults + the crossing reader", S23, dc_weighting="density",
+                                fusion="views+product", crossing="mlp"),
+    "s23_crossing_bce": _row("session 23's defaults + the crossing reader, crossing_bce 0.01",
+                             {**S23, "crossing_bce": 0.01}, dc_weighting="density", fusion="views+product",
+                             crossing="mlp"),
 }
 COLUMNS = ("psnr", "ssim", "hf_psnr", "band_high", "bone_edge_ratio")
 

@@ -19,7 +19,8 @@
 # one that places it by learned weights (the INIT file must have them: bench/widen_refiner.py --residual-placement).
 # LUNGL1=W the lung_l1 term's weight, GHOST=W the ghost_mse term's (each its default unless set). CROSSING=mlp a
 # refiner that reads both views' neighbourhoods together at each voxel (model.guidance_crossing; the INIT file must
-# have it: bench/widen_refiner.py --crossing-reader). INIT=null trains the refiner from zero.
+# have it: bench/widen_refiner.py --crossing-reader), CROSSBCE=W the crossing_bce term's weight (its default unless
+# set). INIT=null trains the refiner from zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/p64v3}
@@ -52,6 +53,7 @@ OMP_NUM_THREADS=1 "$BIN/deepspeed" --num_gpus 2 --module ctrefine.train refine -
     --set loss.lung_rim_mse="$RIM" --set loss.streak_match="$MATCH" --set loss.lung_detail_mse="$DETAIL" \
     --set loss.soft_l1="$SOFT" --set loss.lung_streak_match="$LSTREAK" ${PLACE:+--set loss.placement=$PLACE} \
     ${LUNGL1:+--set loss.lung_l1=$LUNGL1} ${GHOST:+--set loss.ghost_mse=$GHOST} \
+    ${CROSSBCE:+--set loss.crossing_bce=$CROSSBCE} \
     --set training.num_epochs="$EPOCHS" --set training.learning_rate="$LR" ${BUDGET:+--set training.time_budget_s=$BUDGET} \
     ${WIDTH:+--set model.hidden_channels=$WIDTH} ${DEPTH:+--set model.guidance_depth=$DEPTH} \
     ${RESIDUAL:+--set model.residual_weighting=$RESIDUAL} ${CROSSING:+--set model.guidance_crossing=$CROSSING} \

@@ -43,3 +43,32 @@ def test_each_voxel_reads_its_own_pa_and_lateral_neighbourhood():
         diff = (reader(pa2, lat) - reader(pa, lat)).abs().sum(1)[0]  # (D, H, W)
     assert float(diff[16, :, 10].min()) > 0  # every depth of the ray
     assert float(diff[:16 - 8].max()) == 0 and float(diff[16 + 8:].max()) == 0  # reach: 7 pixels each way
+
+
+def test_the_vessel_logit_is_kept_in_training_only_and_the_loss_term_reaches_the_reader():
+    """crossing_logits(): the reader's vessel logits of the last training pass (None in eval mode, or without a
+    reader); the crossing_bce term's gradient reaches the reader's 2D descriptors, and an untrained reader's volume
+    is the same whatever the logit says."""
+    from ctrefine.config import load_config
+    from ctrefine.losses.loss import DetailRefinementLoss
+    from ctrefine.models import build_refiner
+
+    cfg = load_config("cpu-small", ["model.hidden_channels=8", "model.guidance_channels=4", "model.mid_blocks=1",
+                                    'model.guidance_crossing="mlp"'])
+    torch.manual_seed(0)
+    net = build_refiner(cfg)
+    c, x = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 2, 1, 64, 64)
+    refined = net.train()(c, x)
+    logits = net.crossing_logits()
+    assert logits.shape == (1, 1, 32, 32, 32)
+    truth = c.clone()
+    truth[..., 8:24, 8:24] = 0.1  # lung
+    truth[..., 12, 12] = truth[..., 18, 18] = 0.55  # two vessels: two ghosts
+    loss = DetailRefinementLoss({"crossing_bce": 1.0})
+    total, terms = loss(refined, truth, c, x, None, logits)
+    assert terms["crossing_bce"].item() > 0
+    total.backward()
+    assert float(net.guidance.crossing.describe["pa"][0].weight.grad.abs().max()) > 0
+    net.eval()(c, x)
+    assert net.crossing_logits() is None
+    assert build_refiner(load_config("cpu-small", ["model.hidden_channels=8"])).crossing_logits() is None

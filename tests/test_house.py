@@ -195,7 +195,7 @@ def test_loss_registry_is_the_one_source():
     assert set(DEFAULT_WEIGHTS) - set(seed) == {"mse", "lung_mse", "lung_rim_mse", "lung_detail_mse", "soft_l1",
                                                 "xray_consistency", "band_energy", "gradient_distribution", "streak",
                                                 "streak_match", "lung_streak_match", "placement", "adversarial",
-                                                "lung_l1", "ghost_mse"}
+                                                "lung_l1", "ghost_mse", "crossing_bce"}
 
 
 def test_perceptual_is_an_alias_of_texture(tmp_path):

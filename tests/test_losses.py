@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -138,6 +140,27 @@ def test_ghost_mse_counts_where_the_two_views_shadows_cross_but_no_vessel_is():
     one_line = pytest.approx(n * 0.01 / n**3)
     assert cost == {"ghost": one_line, "other ghost": one_line, "vessel": 0.0, "beside a vessel": 0.0,
                     "one shadow": 0.0, "no shadow": 0.0}
+
+
+def test_crossing_bce_teaches_which_crossings_hold_a_vessel():
+    """The same two vessels: their crossings are the vessels (label 1) and the two ghosts (label 0). Logits that say so
+    cost less than their reverse; a logit anywhere else (beside a vessel, under one shadow) costs nothing; each class
+    weighs half, however few its voxels."""
+    from ctrefine.conventions import hu_to_model
+
+    n, soft = 32, float(hu_to_model(40.0))
+    truth = _chest(n)
+    truth[..., 10, 10] = truth[..., 20, 20] = soft
+    vessel, ghost = torch.zeros_like(truth, dtype=torch.bool), torch.zeros_like(truth, dtype=torch.bool)
+    vessel[..., 10, 10] = vessel[..., 20, 20] = True
+    ghost[..., 10, 20] = ghost[..., 20, 10] = True
+    right = torch.where(vessel, 5.0, torch.where(ghost, -5.0, 0.0))
+    assert R.crossing_bce(right, truth).item() < 0.01 < R.crossing_bce(-right, truth).item()
+    elsewhere = right.clone()
+    elsewhere[..., 11, 10] = elsewhere[..., 10, 15] = elsewhere[..., 15, 15] = 50.0
+    assert R.crossing_bce(elsewhere, truth).item() == pytest.approx(R.crossing_bce(right, truth).item())
+    half = torch.where(ghost, -5.0, 0.0)  # the vessels left at logit 0: half of the loss is ln 2
+    assert R.crossing_bce(half, truth).item() == pytest.approx(math.log(2) / 2, rel=1e-2)
 
 
 def test_lung_l1_leaves_out_a_vessel_unsure_of_its_place_where_the_squared_error_draws_it_faintly():

@@ -30,11 +30,12 @@ class ReconstructionLoss(nn.Module):
 
 
 class DetailRefinementLoss(nn.Module):
-    """``forward(refined, target, coarse, xrays=None, placement=None) -> (total, {term: value})``; zero-weight
+    """``forward(refined, target, coarse, xrays=None, placement=None, crossing=None) -> (total, {term: value})``; zero-weight
     terms are skipped. ``xrays`` (normalised, ``(B, 2, 1, S, S)``) is needed only by ``xray_consistency``, which
     re-projects in ``geometry`` (the dataset's: ``cone`` or ``parallel``); ``placement`` (the refiner's
     :meth:`~ctrefine.models.refiner.DetailRefinementNetwork.placement_weights` of this batch) only by
-    ``placement``. ``kernels``: the Triton loss kernels instead of their references (the run's
+    ``placement``, ``crossing`` (its :meth:`~ctrefine.models.refiner.DetailRefinementNetwork.crossing_logits`) only
+    by ``crossing_bce``. ``kernels``: the Triton loss kernels instead of their references (the run's
     :class:`ctrefine.device.Kernels`, decided once).
 
     With ``adversarial`` > 0 the loss owns an :class:`~ctrefine.losses.adversarial.AdversarialCritic`
@@ -75,9 +76,10 @@ class DetailRefinementLoss(nn.Module):
         return self._projectors[key]
 
     def forward(self, refined: torch.Tensor, target: torch.Tensor, coarse: torch.Tensor,
-                xrays: torch.Tensor | None = None, placement: tuple[torch.Tensor, torch.Tensor] | None = None):
+                xrays: torch.Tensor | None = None, placement: tuple[torch.Tensor, torch.Tensor] | None = None,
+                crossing: torch.Tensor | None = None):
         ctx = TermContext(xrays, None if xrays is None else self.projector(refined), self.critic, self.kernels,
-                          placement)
+                          placement, crossing)
         terms = {k: TERMS[k].fn(refined, target, coarse, ctx) for k, w in self.weights.items() if w > 0}
         total = sum(self.weights[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}

@@ -92,6 +92,12 @@ LUNG_DETAIL_MSE_WEIGHT = 30.0
 # With band_energy 0.01 the soft-tissue MAE is back at the coarse volume's (71.37 against 71.39 HU); at 3 it is 71.05.
 SOFT_L1_WEIGHT = 3.0
 # lung_l1 counts the absolute error again inside the lung with its vessels (ctrefine.anatomy.lung_region): there the
+def _crossing_bce(r: torch.Tensor, t: torch.Tensor, ctx: TermContext) -> torch.Tensor:
+    if ctx.crossing is None:  # a refiner without a crossing reader has no vessel logits to teach
+        return r.new_zeros(()).float()
+    return _reference().crossing_bce(ctx.crossing, t)
+
+
 # squared-error terms' optimum is the mean, which draws a vessel faintly wherever it may be; weighed above them, the
 # optimum is the median, which leaves out a vessel likelier absent than present. Off: at 20 on the shipped split the
 # lung parenchyma far from vessels is no longer lifted (+10.2 -> -2.7 HU against the truth), lung MAE 88.9 -> 85.7 HU,
@@ -109,6 +115,9 @@ GHOST_MSE_WEIGHT = 0.0
 # volume loses 0.02-0.03 dB and the lung detail alignment 0.516 -> 0.510 on the shipped split, and the hilar fan
 # stays (bench/RESULTS.md, "Detail in place: each lifted feature placed in depth").
 PLACEMENT_WEIGHT = 0.0
+# crossing_bce teaches model.guidance_crossing="mlp"'s vessel logit which crossings of the two views' vessel shadows
+# hold a vessel. Off (bench/RESULTS.md, "Detail in place: how far two views can tell a vessel from a ghost").
+CROSSING_BCE_WEIGHT = 0.0
 # Off by default: the optional knob between fidelity and sharpness (a GAN critic trained alongside). 64^3
 # ablation (bench/RESULTS-history.md section 10): 0.01 -> bone edge ratio 0.48 -> 0.63 and high band
 # +0.15 for -0.35 dB; 0.1 does not train stably in 12 epochs (+0.09 dB, 18/26 wins).
@@ -126,6 +135,7 @@ class TermContext:
     critic: AdversarialCritic | None = None
     kernels: bool = False  # the Triton loss kernels instead of their references (the run's device.Kernels.loss)
     placement: tuple[torch.Tensor, torch.Tensor] | None = None  # the refiner's ray-placement weights of this batch
+    crossing: torch.Tensor | None = None  # the refiner's crossing-reader vessel logits of this batch
 
 
 # term(refined, target, coarse, context) -> scalar tensor
@@ -212,6 +222,9 @@ TERMS: dict[str, LossTerm] = {t.name: t for t in (
     LossTerm("lung_streak_match", LUNG_STREAK_MATCH_WEIGHT,
              lambda r, t, c, x: _reference().lung_streak_mismatch(r, t, c),
              "streak_match inside the lung on 45 mm segments of the rays (no streak fanning across one lung)"),
+    LossTerm("crossing_bce", CROSSING_BCE_WEIGHT, lambda r, t, c, x: _crossing_bce(r, t, x),
+             "cross-entropy of the crossing reader's vessel logit where both views' vessel shadows cross: a vessel or "
+             "a ghost (model.guidance_crossing=mlp; 0 without it)"),
     LossTerm("placement", PLACEMENT_WEIGHT, lambda r, t, c, x: _placement(r, t, c, x),
              "KL from where along each ray the detail the coarse volume lacks lies to the refiner's ray placement "
              "(model.guidance_depth=cross-view; 0 without it)"),

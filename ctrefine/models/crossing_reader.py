@@ -13,6 +13,10 @@ the sum with two 1x1x1 layers. A small multilayer perceptron per voxel over both
 layer starts at zero, so a trained refiner given one computes the same volume
 (``bench/widen_refiner.py --crossing-reader``).
 
+Beside its output the reader reads one more channel from the same hidden layer: a logit that a vessel is at the
+voxel, kept in training mode (:attr:`CrossingReader.last_logits`) for the loss term ``crossing_bce``, which teaches
+it directly which crossings hold a vessel (``ctrefine.losses.reference.crossing_bce``). The volume never reads it.
+
 The reader's inputs are the same cues the refiner's guidance encoders read (each radiograph and its 2D high-pass),
 at the volume's size. Off by default (``model.guidance_crossing="off"``); bench/RESULTS.md, "Detail in place: how far
 two views can tell a vessel from a ghost", has what it measured.
@@ -41,8 +45,12 @@ class CrossingReader(nn.Module):
         self.read = nn.Sequential(nn.SiLU(), nn.Conv3d(hidden, hidden, 1), nn.SiLU(), nn.Conv3d(hidden, out_channels, 1))
         nn.init.zeros_(self.read[-1].weight)  # a refiner given the reader computes the same volume at first
         nn.init.zeros_(self.read[-1].bias)
+        self.vessel = nn.Conv3d(hidden, 1, 1)  # the vessel logit, for the crossing_bce term only
+        self.last_logits: torch.Tensor | None = None  # kept in training mode for the loss
 
     def forward(self, pa: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
         first = lift_view(self.describe["pa"](pa), "pa", lateral.shape[-1]) \
             + lift_view(self.describe["lateral"](lateral), "lateral", pa.shape[-1])
-        return self.read(first)
+        hidden = self.read[:-1](first)
+        self.last_logits = self.vessel(hidden) if self.training else None
+        return self.read[-1](hidden)

@@ -230,6 +230,12 @@ class DetailRefinementNetwork(nn.Module):
         # both placements learn the same thing (where along each ray the missing detail lies): one set of groups
         return tuple(torch.cat(views, dim=1) for views in zip(*found)) if found else None
 
+    def crossing_logits(self) -> torch.Tensor | None:
+        """The crossing reader's vessel logits ``(B, 1, D, H, W)`` of the last forward pass in training mode (for the
+        ``crossing_bce`` loss term); None in eval mode or without a reader."""
+        reader = None if self.guidance is None else self.guidance.crossing
+        return None if reader is None else reader.last_logits
+
     def start_and_refined(self, coarse: torch.Tensor, xrays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(start, refined)``: the coarse volume after the SIRT steps, and the refiner's output from it."""
         # the radiographs at the re-projection size, reduced once for every SIRT step and the guidance

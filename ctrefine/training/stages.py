@@ -202,8 +202,8 @@ class RefineStage(Stage):
         x, target = xrays.to(self.device, self.dtype), ct.to(self.device)
         refined = model(c, x)
         critic_loss = self.criterion.train_critic(refined, target, c)  # None unless loss.adversarial > 0
-        placement = getattr(model, "module", model).placement_weights()  # the engine wraps the refiner
-        total, terms = self.criterion(refined, target, c, x, placement)
+        net = getattr(model, "module", model)  # the engine wraps the refiner
+        total, terms = self.criterion(refined, target, c, x, net.placement_weights(), net.crossing_logits())
         if critic_loss is not None:
             terms["critic"] = critic_loss
         return total, terms
