@@ -85,7 +85,9 @@ def split_set(data: Path, split: str, k: int, coarse_dir: Path | None, limit: in
 
 
 def auc(score: np.ndarray, y: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney), ``y`` 1 / 0."""
+    """Area under the ROC curve (Mann-Whitney), ``y`` 1 / 0; NaN without both classes."""
+    if y.min() == y.max():
+        return float("nan")
     ranks = np.empty(len(score))
     ranks[np.argsort(score, kind="stable")] = np.arange(1, len(score) + 1)
     pos = y == 1

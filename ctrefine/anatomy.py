@@ -115,6 +115,18 @@ def shadow_crossings(structures: torch.Tensor, lung: torch.Tensor) -> torch.Tens
     return lung.float() * (1 - rim) * crossing
 
 
+def vessel_crossings(volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vessel, ghost)`` masks (float32, ``(B, 1, D, H, W)``) of the lung voxels where a PA shadow of the lung's
+    structures (:func:`lung_structures`, from the volume's intensities) crosses a lateral one: on a structure, or a
+    ghost (:func:`shadow_crossings`). A structure's rim is neither."""
+    v = volume.detach().float()
+    inside, depth = body_depth(v)
+    structures = lung_structures(v, inside, depth)
+    lung = lung_region(v, inside) > 0
+    vessel = lung * structures * structures.amax(dim=-2, keepdim=True) * structures.amax(dim=-1, keepdim=True)
+    return vessel, shadow_crossings(structures, lung)
+
+
 def vessel_ghosts(volume: torch.Tensor, inside: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     """:func:`shadow_crossings` of the lung's structures (:func:`lung_structures`) in the lung (:func:`lung_region`),
     found from the volume's intensities (float32; ``(B, 1, D, H, W)``; ``inside``, ``depth``: its :func:`body_depth`)."""

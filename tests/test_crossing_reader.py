@@ -72,3 +72,37 @@ def test_the_vessel_logit_is_kept_in_training_only_and_the_loss_term_reaches_the
     net.eval()(c, x)
     assert net.crossing_logits() is None
     assert build_refiner(load_config("cpu-small", ["model.hidden_channels=8"])).crossing_logits() is None
+
+
+def test_pretraining_teaches_the_reader_alone_and_leaves_the_volume(tmp_path, tiny_dataset, random_pair):
+    """bench/pretrain_crossing_reader.py: its logits gathered at the crossings are the reader's own 3D logits there;
+    it changes the reader's descriptors, not the refined volume, and writes a file a leg can start from."""
+    import sys
+    from pathlib import Path
+
+    from ctrefine.checkpoint import load_model_file
+    from ctrefine.data.dataset import CTDataset
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    import pretrain_crossing_reader as pre
+    import widen_refiner
+
+    assert widen_refiner.main([str(random_pair[1]), str(tmp_path / "read.pt"), "--crossing-reader"]) == 0
+    src = load_model_file(tmp_path / "read.pt", stage="refine").build()
+    ds = CTDataset(tiny_dataset, "train", cache=False)
+    p = max((pre.patient_crossings(ds, i, src.guidance) for i in range(len(ds))), key=lambda q: len(q["y"]))
+    assert len(p["y"]) > 0
+    reader = src.guidance.crossing.train()
+    reader(p["pa"], p["lateral"])
+    d, h, w = p["idx"].T
+    with torch.no_grad():
+        torch.testing.assert_close(pre.logits(reader, p), reader.last_logits[0, 0, d, h, w], rtol=1e-4, atol=1e-5)
+    assert pre.main([str(tmp_path / "read.pt"), str(tmp_path / "taught.pt"), "--data", str(tiny_dataset),
+                     "--epochs", "1", "--batch", "2"]) == 0
+    taught = load_model_file(tmp_path / "taught.pt", stage="refine").build().eval()
+    before = src.eval()
+    assert not torch.equal(taught.guidance.crossing.describe["pa"][0].weight, before.guidance.crossing.describe["pa"][0].weight)
+    c, x = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(taught(c, x), before(c, x), rtol=0, atol=0)

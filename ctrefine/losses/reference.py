@@ -48,7 +48,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..anatomy import (body_depth, chest_wall, lung_dense, lung_region, lung_structures, shadow_crossings, soft_core,
+from ..anatomy import (body_depth, chest_wall, lung_dense, lung_region, lung_structures, soft_core, vessel_crossings,
                        vessel_ghosts)
 from ..fourier import NYQUIST_3D, frequency_magnitude, hermitian_multiplicity, radial_bins
 from ..stencil import highpass, laplacian3d, ray_constant_energy, ray_segment_share
@@ -116,15 +116,10 @@ def ghost_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def crossing_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of vessel ``logits`` ``(B, 1, D, H, W)`` at the truth's crossings: the lung voxels where a PA
-    shadow of the lung's structures (:func:`ctrefine.anatomy.lung_structures`) crosses a lateral one. 1 on a structure,
-    0 on a ghost (:func:`ctrefine.anatomy.shadow_crossings`); a structure's rim is neither. Each class is averaged
-    alone and the two means averaged, so the many ghosts do not outvote the vessels (0 with no crossing; float32)."""
-    t = target.detach().float()
-    inside, depth = body_depth(t)
-    structures = lung_structures(t, inside, depth)
-    lung = lung_region(t, inside) > 0
-    vessel = lung * structures * structures.amax(dim=-2, keepdim=True) * structures.amax(dim=-1, keepdim=True)
-    ghost = shadow_crossings(structures, lung)
+    shadow of the lung's structures crosses a lateral one (:func:`ctrefine.anatomy.vessel_crossings`): 1 on a
+    structure, 0 on a ghost. Each class is averaged alone and the two means averaged, so the many ghosts do not
+    outvote the vessels (0 with no crossing; float32)."""
+    vessel, ghost = vessel_crossings(target)
     z = logits.float()
     loss = z.new_zeros(())
     for mask, label in ((vessel, 1.0), (ghost, 0.0)):
