@@ -30,8 +30,8 @@ class ReconstructionLoss(nn.Module):
 
 
 class DetailRefinementLoss(nn.Module):
-    """``forward(refined, target, coarse, xrays=None, placement=None, crossing=None) -> (total, {term: value})``; zero-weight
-    terms are skipped. ``xrays`` (normalised, ``(B, 2, 1, S, S)``) is needed only by ``xray_consistency``, which
+    """``forward(refined, target, coarse, xrays=None, placement=None, crossing=None) -> (total, {term: value})``;
+    zero-weight terms are skipped. ``xrays`` (normalised, ``(B, 2, 1, S, S)``) is needed only by ``xray_consistency``, which
     re-projects in ``geometry`` (the dataset's: ``cone`` or ``parallel``); ``placement`` (the refiner's
     :meth:`~ctrefine.models.refiner.DetailRefinementNetwork.placement_weights` of this batch) only by
     ``placement``, ``crossing`` (its :meth:`~ctrefine.models.refiner.DetailRefinementNetwork.crossing_logits`) only

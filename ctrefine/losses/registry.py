@@ -92,12 +92,6 @@ LUNG_DETAIL_MSE_WEIGHT = 30.0
 # With band_energy 0.01 the soft-tissue MAE is back at the coarse volume's (71.37 against 71.39 HU); at 3 it is 71.05.
 SOFT_L1_WEIGHT = 3.0
 # lung_l1 counts the absolute error again inside the lung with its vessels (ctrefine.anatomy.lung_region): there the
-def _crossing_bce(r: torch.Tensor, t: torch.Tensor, ctx: TermContext) -> torch.Tensor:
-    if ctx.crossing is None:  # a refiner without a crossing reader has no vessel logits to teach
-        return r.new_zeros(()).float()
-    return _reference().crossing_bce(ctx.crossing, t)
-
-
 # squared-error terms' optimum is the mean, which draws a vessel faintly wherever it may be; weighed above them, the
 # optimum is the median, which leaves out a vessel likelier absent than present. Off: at 20 on the shipped split the
 # lung parenchyma far from vessels is no longer lifted (+10.2 -> -2.7 HU against the truth), lung MAE 88.9 -> 85.7 HU,
@@ -169,6 +163,12 @@ def _placement(r: torch.Tensor, t: torch.Tensor, c: torch.Tensor, ctx: TermConte
     if ctx.placement is None:  # a refiner that spreads its lifted features evenly has no placement to teach
         return r.new_zeros(()).float()
     return _reference().placement_kl(ctx.placement, t, c)
+
+
+def _crossing_bce(r: torch.Tensor, t: torch.Tensor, ctx: TermContext) -> torch.Tensor:
+    if ctx.crossing is None:  # a refiner without a crossing reader has no vessel logits to teach
+        return r.new_zeros(()).float()
+    return _reference().crossing_bce(ctx.crossing, t)
 
 
 def _adversarial(r: torch.Tensor, c: torch.Tensor, ctx: TermContext) -> torch.Tensor:
