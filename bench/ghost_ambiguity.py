@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ctrefine.anatomy import shadow_crossings
-from ctrefine.data.dataset import CTDataset
-
-LUNG_LABELS, VESSEL_LABELS = (1, 2, 3, 4), (3, 4)
+from ctrefine.data.dataset import CTDataset, DatasetHeader
+from ctrefine.data.phantoms import LABELS
+from ctrefine.metrics import GHOST_LUNG, GHOST_SOURCES
 
 
 def _load(path) -> np.ndarray:
@@ -43,10 +43,12 @@ def _patches(img: torch.Tensor, k: int) -> torch.Tensor:
     return F.unfold(p, 2 * k + 1).reshape(-1, *img.shape).permute(1, 2, 0)
 
 
-def crossings(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices (N, 3) of the crossing voxels, 1 on a vessel / 0 on a ghost)``; the ghosts are
-    :func:`ctrefine.anatomy.shadow_crossings`' set."""
-    lung, ves = np.isin(labels, LUNG_LABELS), np.isin(labels, VESSEL_LABELS)
+def crossings(labels: np.ndarray, table: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices (N, 3) of the crossing voxels, 1 on a vessel / 0 on a ghost)``; the lung and its vessels are the
+    vessel ghost lift metric's (``ctrefine.metrics``: GHOST_LUNG, GHOST_SOURCES), named in ``table`` (label id ->
+    name; default the phantoms'), and the ghosts :func:`ctrefine.anatomy.shadow_crossings`' set."""
+    ids = {name: int(k) for k, name in (table or LABELS).items()}
+    lung, ves = (np.isin(labels, [ids[n] for n in names if n in ids]) for names in (GHOST_LUNG, GHOST_SOURCES))
     cross = lung & ves.any(1, keepdims=True) & ves.any(2, keepdims=True)
     ghost = shadow_crossings(torch.from_numpy(ves), torch.from_numpy(lung)).numpy() > 0
     return np.argwhere(cross), (~ghost[cross]).astype(np.float32)
@@ -74,9 +76,10 @@ def features(xrays: torch.Tensor, idx: np.ndarray, k: int, coarse: np.ndarray | 
 def split_set(data: Path, split: str, k: int, coarse_dir: Path | None, limit: int | None = None):
     """``(features, labels, [(patient, indices)])`` over a split's patients."""
     ds = CTDataset(data, split, cache=False).nonempty(f"the {split} split")
+    table = DatasetHeader.read(data).labels
     xs, ys, where = [], [], []
     for i, name in enumerate(ds.names[:limit]):
-        idx, y = crossings(_load(data / name / "labels.nii.gz").astype(int))
+        idx, y = crossings(_load(data / name / "labels.nii.gz").astype(int), table)
         coarse = None if coarse_dir is None else _load(coarse_dir / name / "coarse.nii.gz")
         xs.append(features(ds.load(i)["xrays"][:, 0].float(), idx, k, coarse))
         ys.append(torch.from_numpy(y))
